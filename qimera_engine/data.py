@@ -1,0 +1,192 @@
+"""Real data: only ever for evaluation, real features, teacher training and the real-data baseline.
+
+Specs: ``digits`` (embedded, offline); ``cifar10[:ROOT]`` / ``cifar100[:ROOT]`` through torchvision
+(ROOT defaults to $QIMERA_HOME/data; downloaded only on request); ``folder:PATH`` (or a bare
+directory path) in ImageFolder layout; ``imagenet:PATH`` an ImageNet validation folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .runs import atomic_path, qimera_home
+
+
+class DataError(ValueError):
+    """A data set that cannot be found, read, or does not fit the teacher."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a teacher wants its images: size, channels and normalisation."""
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, teacher) -> "InputSpec":
+        return cls(teacher.image_size, teacher.channels, tuple(teacher.mean), tuple(teacher.std))
+
+
+class ImageData:
+    """Labelled images in a teacher's input space, held in memory as uint8 (small sets) or read lazily."""
+
+    def __init__(self, name: str, spec: InputSpec, classes: list[str], images: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None, dataset=None):
+        self.name, self.spec, self.classes = name, spec, list(classes)
+        self.images, self.labels, self.dataset = images, labels, dataset  # images: (N, C, H, W) uint8
+
+    def __len__(self) -> int:
+        return len(self.labels) if self.labels is not None else len(self.dataset)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def normalise(self, images_u8: torch.Tensor) -> torch.Tensor:
+        x = images_u8.float().div_(255.0)
+        s = self.spec
+        if x.shape[1] != s.channels:
+            x = x.mean(dim=1, keepdim=True) if s.channels == 1 else x.expand(-1, s.channels, -1, -1)
+        if x.shape[-1] != s.image_size or x.shape[-2] != s.image_size:
+            x = F.interpolate(x, size=(s.image_size, s.image_size), mode="bilinear", align_corners=False,
+                              antialias=True)
+        mean = torch.tensor(s.mean, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(s.std, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def batches(self, batch_size: int, device="cpu"):
+        """(x, y) in order, normalised for the teacher."""
+        if self.images is not None:
+            for i in range(0, len(self), batch_size):
+                yield (self.normalise(self.images[i:i + batch_size]).to(device),
+                       self.labels[i:i + batch_size].to(device))
+            return
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, num_workers=min(4, os.cpu_count() or 1))
+        for x, y in loader:
+            yield self.normalise(x).to(device), y.to(device)
+
+    def subset(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """n images drawn without replacement (a fixed draw per seed), normalised; (x, y)."""
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        if self.images is not None:
+            return self.normalise(self.images[idx]), self.labels[idx]
+        items = [self.dataset[int(i)] for i in idx]
+        return self.normalise(torch.stack([x for x, _ in items])), torch.tensor([y for _, y in items])
+
+    def raw(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """n uint8 images as stored (for showing them), with labels."""
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        if self.images is not None:
+            return self.images[idx], self.labels[idx]
+        items = [self.dataset[int(i)] for i in idx]
+        return (torch.stack([(x * 255).round().to(torch.uint8) for x, _ in items]),
+                torch.tensor([y for _, y in items]))
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    spec = (spec or "").strip()
+    if not spec:
+        raise DataError("empty data spec; use digits, cifar10[:ROOT], cifar100[:ROOT], folder:PATH or imagenet:PATH")
+    kind, sep, arg = spec.partition(":")
+    if kind in ("digits", "cifar10", "cifar100", "folder", "imagefolder", "imagenet") and (sep or kind != "folder"):
+        return ("folder" if kind == "imagefolder" else kind), (arg or None)
+    if Path(spec).expanduser().is_dir():
+        return "folder", spec
+    raise DataError(f"unknown data spec {spec!r}: use digits, cifar10[:ROOT], cifar100[:ROOT], "
+                    f"folder:PATH, imagenet:PATH, or an existing image folder")
+
+
+def load_data(spec: str, input_spec: InputSpec, split: str = "test", download: bool = False) -> ImageData:
+    """Load a data set for a teacher's input convention. ``split`` is train or test."""
+    kind, arg = parse_spec(spec)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be train or test, got {split!r}")
+    if kind == "digits":
+        return _digits(input_spec, split)
+    if kind in ("cifar10", "cifar100"):
+        return _cifar(kind, arg, input_spec, split, download)
+    if arg is None:
+        raise DataError(f"{kind} needs a path: {kind}:PATH")
+    return _folder(kind, arg, input_spec)
+
+# --------------------------------------------------------------------------- digits
+
+
+def digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's 1,797 8x8 digits, fixed split: 1,347 train / 450 test (stratified, seed 0)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    xtr, xte, ytr, yte = train_test_split(d.images, d.target, test_size=0.25, random_state=0, stratify=d.target)
+    return (xtr, ytr) if split == "train" else (xte, yte)
+
+
+def _digits(spec: InputSpec, split: str) -> ImageData:
+    x, y = digits_arrays(split)
+    images = torch.from_numpy(np.round(x * 255.0 / 16.0).astype(np.uint8))[:, None]  # (N, 1, 8, 8)
+    return ImageData(f"digits-{split}", spec, [str(i) for i in range(10)], images, torch.from_numpy(y).long())
+
+# --------------------------------------------------------------------------- CIFAR
+
+
+def _cifar(kind: str, root: str | None, spec: InputSpec, split: str, download: bool) -> ImageData:
+    import torchvision
+    root_path = Path(root).expanduser() if root else qimera_home() / "data"
+    cls = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
+    name = "CIFAR-10" if kind == "cifar10" else "CIFAR-100"
+    try:
+        ds = cls(str(root_path), train=(split == "train"), download=download)
+    except RuntimeError as e:
+        raise DataError(f"{name} not found under {root_path} ({e}). Pass download=True "
+                        f"(--set download=true) to fetch it, or point to a folder that has it.") from None
+    except OSError as e:  # URLError and socket errors are OSErrors
+        raise DataError(f"could not download {name} to {root_path}: {e}. Are you offline? "
+                        f"Copy the data set there by hand, or use an image folder (folder:PATH).") from None
+    images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+    return ImageData(f"{kind}-{split}", spec, list(ds.classes), images, torch.tensor(ds.targets).long())
+
+# --------------------------------------------------------------------------- image folders
+
+
+def _folder(kind: str, path: str, spec: InputSpec) -> ImageData:
+    import torchvision
+    from torchvision import transforms as T
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    big = spec.image_size > 64
+    tf = (T.Compose([T.Resize(int(spec.image_size * 256 / 224)), T.CenterCrop(spec.image_size), T.ToTensor()])
+          if big else T.Compose([T.Resize((spec.image_size, spec.image_size)), T.PILToTensor()]))
+    try:
+        ds = torchvision.datasets.ImageFolder(str(root), transform=tf)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"{root} is not an image folder (expected ROOT/<class>/<image>): {e}") from None
+    if big:
+        return ImageData(f"{kind}:{root.name}", spec, ds.classes, dataset=ds)
+    images, labels = _cached_folder(root, ds, spec.image_size)
+    return ImageData(f"{kind}:{root.name}", spec, ds.classes, images, labels)
+
+
+def _cached_folder(root: Path, ds, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a small-image folder once and keep the uint8 tensor in $QIMERA_HOME/cache."""
+    stamp = f"{root.resolve()}|{len(ds)}|{size}|{max(os.path.getmtime(p) for p, _ in ds.samples)}"
+    cache = qimera_home() / "cache" / f"folder-{hashlib.sha1(stamp.encode()).hexdigest()[:16]}.pt"
+    if cache.exists():
+        try:
+            d = torch.load(cache, weights_only=True)
+            return d["images"], d["labels"]
+        except Exception:
+            pass  # a damaged cache is rebuilt
+    images = torch.stack([ds[i][0] for i in range(len(ds))])  # ImageFolder's loader gives RGB
+    labels = torch.tensor(ds.targets).long()
+    with atomic_path(cache) as tmp:
+        torch.save({"images": images, "labels": labels}, tmp)
+    return images, labels

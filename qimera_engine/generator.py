@@ -1,0 +1,220 @@
+"""The Qimera generator: superposed class embeddings, the disentanglement mapping, soft targets.
+
+METHOD.md sections 3-6. The superposition itself is ``superpose``; its targets ``soft_targets``.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def sample_coefficients(batch: int, k: int, sampler: str = "softmax", *, alpha: float = 1.0,
+                        fixed: list[float] | None = None, device=None, generator=None) -> torch.Tensor:
+    """Mixing coefficients lambda, (B, K), each row on the simplex.
+
+    softmax: softmax(g), g ~ N(0, I_K) (the paper); dirichlet: Dirichlet(alpha);
+    fixed: the same given coefficients for every sample.
+    """
+    if sampler == "softmax":
+        return torch.randn(batch, k, device=device, generator=generator).softmax(dim=1)
+    if sampler == "dirichlet":
+        gamma = torch._standard_gamma(torch.full((batch, k), float(alpha), device=device))
+        return gamma / gamma.sum(dim=1, keepdim=True)
+    if sampler == "fixed":
+        c = torch.as_tensor(fixed, dtype=torch.float32, device=device)
+        if c.numel() != k:
+            raise ValueError(f"fixed coefficients need {k} values, got {c.numel()}")
+        return c.expand(batch, k).clone()
+    raise ValueError(f"unknown coefficient sampler {sampler!r}")
+
+
+def standardise(v: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Zero mean, unit variance over the last dimension, no learnable parameters."""
+    mean = v.mean(dim=-1, keepdim=True)
+    var = v.var(dim=-1, unbiased=False, keepdim=True)
+    return (v - mean) * torch.rsqrt(var + eps)
+
+
+def superpose(vectors: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """sum_k lambda_k * v_k: (B, K, D) x (B, K) -> (B, D)."""
+    return torch.einsum("bkd,bk->bd", vectors, coeffs)
+
+
+def soft_targets(labels: torch.Tensor, coeffs: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """t = sum_k lambda_k * onehot(y_k), (B, C); repeated labels add up."""
+    t = torch.zeros(labels.shape[0], num_classes, device=coeffs.device, dtype=coeffs.dtype)
+    return t.scatter_add_(1, labels, coeffs)
+
+
+@dataclass
+class LatentBatch:
+    labels: torch.Tensor   # (B, K) class indices
+    coeffs: torch.Tensor   # (B, K) mixing coefficients, rows sum to 1
+    noise: torch.Tensor    # (B, K, D) z ~ N(0, I)
+    targets: torch.Tensor  # (B, C) soft labels
+
+    @property
+    def superposed(self) -> bool:
+        return self.labels.shape[1] > 1
+
+
+def sample_latents(batch: int, num_classes: int, embed_dim: int, *, k: int = 1, sampler: str = "softmax",
+                   alpha: float = 1.0, fixed: list[float] | None = None, device=None) -> LatentBatch:
+    """Labels uniform with replacement, K per sample; K = 1 gives a plain batch."""
+    labels = torch.randint(num_classes, (batch, k), device=device)
+    if k == 1:
+        coeffs = torch.ones(batch, 1, device=device)
+    else:
+        coeffs = sample_coefficients(batch, k, sampler, alpha=alpha, fixed=fixed, device=device)
+    noise = torch.randn(batch, k, embed_dim, device=device)
+    return LatentBatch(labels, coeffs, noise, soft_targets(labels, coeffs, num_classes))
+
+
+class BatchSampler:
+    """Draws each training batch: superposed with probability p (METHOD 4), else plain."""
+
+    def __init__(self, num_classes: int, embed_dim: int, p: float, k: int, sampler: str = "softmax",
+                 alpha: float = 1.0, fixed: list[float] | None = None, seed: int = 0):
+        self.num_classes, self.embed_dim, self.p, self.k = num_classes, embed_dim, p, k
+        self.sampler, self.alpha, self.fixed = sampler, alpha, fixed
+        self.rng = random.Random(seed)  # host-side coin, so no device sync per batch
+
+    def __call__(self, batch: int, device=None) -> LatentBatch:
+        k = self.k if self.k > 1 and self.rng.random() < self.p else 1
+        return sample_latents(batch, self.num_classes, self.embed_dim, k=k, sampler=self.sampler,
+                              alpha=self.alpha, fixed=self.fixed, device=device)
+
+# --------------------------------------------------------------------------- modules
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm with per-class affine parameters, mixed with the embeddings' coefficients."""
+
+    def __init__(self, num_features: int, num_classes: int, eps: float = 1e-5):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(num_features, eps=eps, affine=False)
+        self.weight = nn.Parameter(torch.ones(num_classes, num_features))
+        self.bias = nn.Parameter(torch.zeros(num_classes, num_features))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+        gamma = torch.einsum("bkf,bk->bf", self.weight[labels], coeffs)  # (B, F)
+        beta = torch.einsum("bkf,bk->bf", self.bias[labels], coeffs)
+        return self.bn(x) * gamma[:, :, None, None] + beta[:, :, None, None]
+
+
+class Generator(nn.Module):
+    """Class-conditional generator for (channels, size, size) images in the teacher's input space.
+
+    Body (METHOD 3): Linear -> (W, s/4, s/4), BN; up x2, conv W->W, BN, LeakyReLU(0.2);
+    up x2, conv W->W/2, BN, LeakyReLU(0.2); conv W/2->channels; tanh; BN without affine.
+    ``input_mode`` "qimera": sum_k lambda_k M(standardise(E[y_k] + sigma z_k));
+    "gdfq": E[y] * z (GDFQ's input, no mixing).
+    """
+
+    def __init__(self, num_classes: int, image_size: int, channels: int, embed_dim: int, *,
+                 input_mode: str = "qimera", noise_scale: float = 1.0, dm: bool = False, dm_width: int = 100,
+                 width: int = 128, bn_eps: float = 0.8, conditional_bn: bool | None = None):
+        super().__init__()
+        if image_size % 4:
+            raise ValueError(f"image size must be a multiple of 4, got {image_size}")
+        self.num_classes, self.image_size, self.channels = num_classes, image_size, channels
+        self.embed_dim, self.input_mode, self.noise_scale = embed_dim, input_mode, noise_scale
+        self.init_size = image_size // 4
+        self.conditional_bn = image_size >= 128 if conditional_bn is None else conditional_bn
+        self.embedding = nn.Embedding(num_classes, embed_dim)
+        # The disentanglement mapping M: one linear layer before superposition (METHOD 5).
+        self.disentanglement_mapping = nn.Linear(embed_dim, dm_width) if dm else nn.Identity()
+        in_dim = dm_width if dm else embed_dim
+        self.fc = nn.Linear(in_dim, width * self.init_size ** 2)
+        half = width // 2
+
+        def bn(n, eps=1e-5):
+            return ConditionalBatchNorm2d(n, num_classes, eps) if self.conditional_bn else nn.BatchNorm2d(n, eps=eps)
+        self.bn0, self.bn1, self.bn2 = bn(width), bn(width, bn_eps), bn(half, bn_eps)
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, half, 3, padding=1)
+        self.conv3 = nn.Conv2d(half, channels, 3, padding=1)
+        self.bn_out = nn.BatchNorm2d(channels, affine=False)
+        self.width = width
+
+    def init_embeddings_from(self, classifier_weight: torch.Tensor, freeze: bool = False) -> None:
+        """Initialise E from the teacher's final linear layer, (C, D) (METHOD 6)."""
+        if tuple(classifier_weight.shape) != tuple(self.embedding.weight.shape):
+            raise ValueError(f"teacher classifier is {tuple(classifier_weight.shape)}, embeddings are "
+                             f"{tuple(self.embedding.weight.shape)}: embed_dim must be the teacher's feature width")
+        with torch.no_grad():
+            self.embedding.weight.copy_(classifier_weight)
+        self.embedding.weight.requires_grad_(not freeze)
+
+    def latent(self, labels: torch.Tensor, coeffs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The generator's input vector, (B, D_in)."""
+        if self.input_mode == "gdfq":
+            return self.embedding(labels[:, 0]) * noise[:, 0]
+        e = standardise(self.embedding(labels) + self.noise_scale * noise)  # (B, K, D)
+        return superpose(self.disentanglement_mapping(e), coeffs)           # (B, D_in)
+
+    def _bn(self, layer, x, labels, coeffs):
+        return layer(x, labels, coeffs) if self.conditional_bn else layer(x)
+
+    def forward(self, labels: torch.Tensor, coeffs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        z = self.latent(labels, coeffs, noise)
+        x = self.fc(z).view(z.shape[0], self.width, self.init_size, self.init_size)
+        x = self._bn(self.bn0, x, labels, coeffs)
+        x = F.interpolate(x, scale_factor=2)
+        x = F.leaky_relu(self._bn(self.bn1, self.conv1(x), labels, coeffs), 0.2)
+        x = F.interpolate(x, scale_factor=2)
+        x = F.leaky_relu(self._bn(self.bn2, self.conv2(x), labels, coeffs), 0.2)
+        return self.bn_out(torch.tanh(self.conv3(x)))  # (B, channels, size, size)
+
+    def config(self) -> dict:
+        """What rebuilds this generator (stored beside its weights)."""
+        return dict(num_classes=self.num_classes, image_size=self.image_size, channels=self.channels,
+                    embed_dim=self.embed_dim, input_mode=self.input_mode, noise_scale=self.noise_scale,
+                    dm=not isinstance(self.disentanglement_mapping, nn.Identity),
+                    dm_width=getattr(self.disentanglement_mapping, "out_features", 100), width=self.width,
+                    bn_eps=self.bn1.eps if not self.conditional_bn else self.bn1.bn.eps,
+                    conditional_bn=self.conditional_bn)
+
+
+def seeded_noise(seeds, k: int, embed_dim: int, device=None) -> torch.Tensor:
+    """(B, K, D) noise where sample i depends on seeds[i] alone."""
+    rows = [torch.randn(k, embed_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(rows).to(device)
+
+
+@torch.no_grad()
+def generate_images(generator: Generator, labels, coeffs, seeds) -> torch.Tensor:
+    """Images for explicit labels (B, K), coefficients (B, K) and seeds (B,).
+
+    The generator runs in eval mode (BatchNorm running statistics), so each image depends
+    only on its own labels, coefficients and seed; no training state is touched.
+    """
+    device = next(generator.parameters()).device
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+    coeffs = torch.as_tensor(coeffs, dtype=torch.float32, device=device)
+    if labels.dim() == 1:
+        labels = labels[:, None]
+    if coeffs.dim() == 1:
+        coeffs = coeffs.expand(labels.shape[0], -1) if coeffs.numel() == labels.shape[1] else coeffs[:, None]
+    if labels.shape != coeffs.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} and coefficients {tuple(coeffs.shape)} must match")
+    if labels.min() < 0 or labels.max() >= generator.num_classes:
+        raise ValueError(f"labels must be in [0, {generator.num_classes})")
+    seeds = list(seeds)
+    if len(seeds) != labels.shape[0]:
+        raise ValueError(f"need one seed per sample ({labels.shape[0]}), got {len(seeds)}")
+    if generator.input_mode == "gdfq" and labels.shape[1] > 1:
+        raise ValueError("a GDFQ generator takes one class per sample (no superposition)")
+    noise = seeded_noise(seeds, labels.shape[1], generator.embed_dim, device)
+    was_training = generator.training
+    generator.eval()
+    try:
+        return generator(labels, coeffs, noise)
+    finally:
+        generator.train(was_training)

@@ -1,0 +1,76 @@
+"""Losses of METHOD.md section 7: soft cross-entropy, distillation, BN-statistics matching."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """mean over the batch of -sum_c t_c * log_softmax(logits)_c."""
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 20.0,
+            reduction: str = "mean") -> torch.Tensor:
+    """tau^2 * KL(softmax(T/tau) || softmax(Q/tau)).
+
+    reduction "mean" averages over batch x classes (the reference code, C times smaller
+    than the per-sample KL); "batchmean" is the per-sample KL.
+    """
+    if reduction not in ("mean", "batchmean"):
+        raise ValueError(f"reduction must be mean or batchmean, got {reduction!r}")
+    log_q = F.log_softmax(student_logits / tau, dim=1)
+    log_p = F.log_softmax(teacher_logits / tau, dim=1)
+    pointwise = log_p.exp() * (log_p - log_q)  # (B, C)
+    kl = pointwise.mean() if reduction == "mean" else pointwise.sum() / pointwise.shape[0]
+    return kl * tau ** 2
+
+
+def bn_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance of a BN layer's input over (N, H, W), each (C,)."""
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    return mean, var
+
+
+class BNStatisticsLoss:
+    """L_BNS through forward hooks on every BatchNorm2d of the teacher.
+
+    While ``active``, each BN layer adds MSE(mu_B, running_mean) + MSE(var_B, running_var)
+    of its input; ``pop()`` returns the average over layers and clears the record.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.active = False
+        self._terms: list[torch.Tensor] = []
+        self.layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        if not self.layers:
+            raise ValueError("the teacher has no BatchNorm2d layer: Qimera needs its running statistics")
+        self._handles = [m.register_forward_pre_hook(self._hook) for m in self.layers]
+
+    def _hook(self, module: nn.BatchNorm2d, args) -> None:
+        if self.active:
+            mean, var = bn_statistics(args[0])
+            self._terms.append(F.mse_loss(mean, module.running_mean) + F.mse_loss(var, module.running_var))
+
+    def pop(self) -> torch.Tensor:
+        if not self._terms:
+            raise RuntimeError("no BatchNorm statistics were recorded; run the teacher while active")
+        loss = torch.stack(self._terms).mean()
+        self._terms = []
+        return loss
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def bn_statistics_loss(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of ``model`` on ``x``: (logits, L_BNS). Convenient outside the training loop."""
+    hooks = BNStatisticsLoss(model)
+    hooks.active = True
+    try:
+        logits = model(x)
+        return logits, hooks.pop()
+    finally:
+        hooks.remove()

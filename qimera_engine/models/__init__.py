@@ -1,0 +1,113 @@
+"""Teacher models: the registry, their input conventions, and their penultimate features."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import CheckpointError, load_state_dict_file, load_weights, save_state_dict
+from .cifar_resnet import CifarResNet
+from .digits_cnn import DigitsCNN
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+DIGITS_MEAN, DIGITS_STD = (0.3051,), (0.3756,)  # of sklearn's digits / 16
+
+
+@dataclass
+class Teacher:
+    """A frozen FP classifier and the input convention it was trained with."""
+    name: str
+    model: nn.Module
+    num_classes: int
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    info: dict = field(default_factory=dict)  # e.g. where the weights came from
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return classifier_layer(self.model)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.classifier.in_features
+
+
+TEACHERS = {
+    # name: (builder(num_classes), image size, channels, mean, std, default classes)
+    "digits-cnn": (lambda c: DigitsCNN(c), 8, 1, DIGITS_MEAN, DIGITS_STD, 10),
+    **{f"resnet{d}": ((lambda c, d=d: CifarResNet(d, c)), 32, 3, IMAGENET_MEAN, IMAGENET_STD, 10)
+       for d in (20, 32, 44, 56)},
+    "resnet20_cifar10": (lambda c: _pytorchcv("resnet20_cifar10"), 32, 3, CIFAR_MEAN, CIFAR_STD, 10),
+    "resnet20_cifar100": (lambda c: _pytorchcv("resnet20_cifar100"), 32, 3, CIFAR_MEAN, CIFAR_STD, 100),
+    "resnet18": (lambda c: _torchvision("resnet18", c), 224, 3, IMAGENET_MEAN, IMAGENET_STD, 1000),
+    "resnet50": (lambda c: _torchvision("resnet50", c), 224, 3, IMAGENET_MEAN, IMAGENET_STD, 1000),
+    "mobilenet_v2": (lambda c: _torchvision("mobilenet_v2", c), 224, 3, IMAGENET_MEAN, IMAGENET_STD, 1000),
+}
+
+
+def _torchvision(name: str, num_classes: int, pretrained: bool = False) -> nn.Module:
+    import torchvision
+    weights = "DEFAULT" if pretrained else None
+    return getattr(torchvision.models, name)(weights=weights, num_classes=num_classes)
+
+
+def _pytorchcv(name: str, pretrained: bool = False) -> nn.Module:
+    try:
+        from pytorchcv.model_provider import get_model
+    except ImportError:
+        raise ValueError(f"teacher {name!r} needs the optional package pytorchcv (pip install pytorchcv)") from None
+    return get_model(name, pretrained=pretrained)
+
+
+def build_teacher(name: str, num_classes: int | None = None, checkpoint: str | None = None,
+                  pretrained: bool = False) -> Teacher:
+    """Build a teacher by name; load ``checkpoint`` (weights_only) or the zoo's weights if asked.
+
+    ``pretrained`` downloads the public weights of torchvision / pytorchcv models (needs
+    internet); a checkpoint file is the offline way.
+    """
+    if name not in TEACHERS:
+        raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
+    builder, size, channels, mean, std, default_classes = TEACHERS[name]
+    classes = int(num_classes or default_classes)
+    if pretrained and name in ("resnet18", "resnet50", "mobilenet_v2"):
+        model = _torchvision(name, 1000, pretrained=True)
+    elif pretrained and name.startswith("resnet20_cifar"):
+        model = _pytorchcv(name, pretrained=True)
+    else:
+        model = builder(classes)
+    if checkpoint:
+        load_weights(model, checkpoint)
+    model.eval().requires_grad_(False)
+    classes = classifier_layer(model).out_features
+    source = checkpoint or ("pretrained" if pretrained else "random init")
+    return Teacher(name, model, classes, size, channels, tuple(mean), tuple(std), {"weights": str(source)})
+
+
+def classifier_layer(model: nn.Module) -> nn.Linear:
+    """The final linear layer: its input is the penultimate feature vector."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no final nn.Linear layer")
+    return linears[-1]
+
+
+@torch.no_grad()
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate features (B, D) and logits (B, C) in one forward pass (works for students too)."""
+    captured = []
+    handle = classifier_layer(model).register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    return captured[-1].flatten(1), logits
+
+
+__all__ = ["TEACHERS", "CheckpointError", "CifarResNet", "DigitsCNN", "Teacher", "build_teacher",
+           "classifier_layer", "features_and_logits", "load_state_dict_file", "load_weights",
+           "save_state_dict"]

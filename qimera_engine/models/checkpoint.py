@@ -1,0 +1,80 @@
+"""Loading weights: our own files (safetensors) and checkpoints a user supplies (weights_only)."""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or does not fit the model."""
+
+
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "student", "teacher")
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``path`` without running any code from the file.
+
+    Accepts safetensors files and ``torch.save`` files (loaded with ``weights_only=True``),
+    either a bare state dict or one wrapped under a usual key such as ``state_dict``;
+    a DataParallel ``module.`` prefix is removed.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
+            AttributeError, KeyError, TypeError, ImportError) as e:
+        why = ("the file is not in PyTorch's format, or it holds objects other than tensors"
+               if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: {str(e)[:200]}")
+        raise CheckpointError(
+            f"{path} is not a valid checkpoint: expected a PyTorch state dict (read with "
+            f"weights_only=True) or a .safetensors file; {why}") from None
+    if isinstance(obj, dict):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors (found {type(obj).__name__})")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a checkpoint into ``model`` strictly, with a readable error when it does not fit."""
+    state = load_state_dict_file(path)
+    own = model.state_dict()
+    # checkpoints from older PyTorch releases lack BatchNorm's step counter: keep ours
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        def show(keys):
+            return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+        parts = [f"{len(missing)} missing key(s): {show(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected key(s): {show(unexpected)}" if unexpected else "",
+                 "shape mismatch at " + show([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                                              for k in wrong]) if wrong else ""]
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def save_state_dict(module_or_state, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Save tensors as safetensors, atomically (write a temporary file, then rename)."""
+    from safetensors.torch import save_file
+
+    from ..runs import atomic_path
+    state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)

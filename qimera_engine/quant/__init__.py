@@ -1,0 +1,8 @@
+"""Fake quantization: pure functions, modules, and the model converter."""
+from .convert import act_quantizers, count_quantized, quantize_model, reset_calibration, set_calibration
+from .functional import FULL_PRECISION, affine_qparams, fake_quantize, fake_quantize_weight
+from .modules import ActQuantizer, QuantAct, QuantConv2d, QuantLinear
+
+__all__ = ["FULL_PRECISION", "ActQuantizer", "QuantAct", "QuantConv2d", "QuantLinear", "act_quantizers",
+           "affine_qparams", "count_quantized", "fake_quantize", "fake_quantize_weight", "quantize_model",
+           "reset_calibration", "set_calibration"]

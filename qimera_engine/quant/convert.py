@@ -1,0 +1,101 @@
+"""Turn any PyTorch classifier into its fake-quantized student (torchao's "swap by filter" tier)."""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from .functional import FULL_PRECISION
+from .modules import ActQuantizer, QuantAct, QuantConv2d, QuantLinear, _check_bits
+
+ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+
+
+def _count_call_sites(model: nn.Module, example_input: torch.Tensor | None) -> Counter:
+    """How many times each activation module is called in one forward pass, by module name."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+        names = {name for name, m in model.named_modules() if isinstance(m, ACTIVATIONS)}
+        return Counter(node.target for node in graph.nodes if node.op == "call_module" and node.target in names)
+    except Exception:  # models fx cannot trace: count calls on a real forward when we can
+        if example_input is None:
+            return Counter({name: 1 for name, m in model.named_modules() if isinstance(m, ACTIVATIONS)})
+    counts: Counter = Counter()
+    handles = [m.register_forward_hook(lambda mod, i, o, n=name: counts.update([n]))
+               for name, m in model.named_modules() if isinstance(m, ACTIVATIONS)]
+    try:
+        with torch.no_grad():
+            model.eval()(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def _reset_call_counters(root: nn.Module, args) -> None:
+    for site in root._qimera_act_sites:
+        site.calls = 0
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def quantize_model(model: nn.Module, wbits: int, abits: int, *, keep_first_last_8bit: bool = False,
+                   beta: float = 0.9, example_input: torch.Tensor | None = None,
+                   inplace: bool = False) -> nn.Module:
+    """Return the fake-quantized student of ``model``.
+
+    Every Conv2d and Linear gets ``wbits``-bit per-channel weights (the first and last
+    layer 8-bit when ``keep_first_last_8bit``), and every ReLU/ReLU6 call site a
+    ``abits``-bit activation quantizer. Bits of 32 mean full precision. Parameter and
+    buffer names stay those of ``model``, so a teacher's state dict loads into its student.
+    """
+    wbits, abits = _check_bits(wbits), _check_bits(abits)
+    student = model if inplace else copy.deepcopy(model)
+    sites = _count_call_sites(student, example_input)
+    layers = [name for name, m in student.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not layers:
+        raise ValueError("model has no Conv2d or Linear layer to quantize")
+    edge = {layers[0], layers[-1]} if keep_first_last_8bit else set()
+    act_sites = []
+    for name, m in list(student.named_modules()):
+        bits = min(wbits, 8) if name in edge else wbits
+        if type(m) is nn.Conv2d:
+            _set_submodule(student, name, QuantConv2d.from_float(m, bits))
+        elif type(m) is nn.Linear:
+            _set_submodule(student, name, QuantLinear.from_float(m, bits))
+        elif isinstance(m, ACTIVATIONS) and name:
+            wrapped = QuantAct(m, abits, call_sites=sites.get(name, 1), beta=beta)
+            _set_submodule(student, name, wrapped)
+            act_sites.append(wrapped)
+    student._qimera_act_sites = act_sites
+    student.register_forward_pre_hook(_reset_call_counters)
+    return student
+
+
+def act_quantizers(model: nn.Module) -> Iterable[ActQuantizer]:
+    return (m for m in model.modules() if isinstance(m, ActQuantizer))
+
+
+def set_calibration(model: nn.Module, on: bool) -> None:
+    """Start (``on``) or freeze the activation-range calibration of every quantizer."""
+    for q in act_quantizers(model):
+        q.calibrating = bool(on)
+
+
+def reset_calibration(model: nn.Module) -> None:
+    for q in act_quantizers(model):
+        q.ema_lo.zero_(), q.ema_hi.zero_(), q.steps.zero_()
+
+
+def count_quantized(model: nn.Module) -> dict[str, int]:
+    """How many weight layers and activation call sites are quantized below 32 bits."""
+    weights = sum(1 for m in model.modules()
+                  if isinstance(m, (QuantConv2d, QuantLinear)) and m.wbits < FULL_PRECISION)
+    acts = sum(1 for q in act_quantizers(model) if q.bits < FULL_PRECISION)
+    return {"weight_layers": weights, "activation_sites": acts}

@@ -1,0 +1,68 @@
+"""Pure tensor functions of the quantizer (METHOD.md section 2).
+
+Uniform asymmetric ("affine") quantization with b bits over a range [lo, hi]:
+
+    scale = max(hi - lo, 1e-8) / (2^b - 1)
+    zero_point = -round(lo / scale) - 2^(b-1)
+    q = clamp(round(x / scale + zero_point), -2^(b-1), 2^(b-1) - 1)
+    x_hat = (q - zero_point) * scale
+
+which is METHOD.md's form with s = 1 / scale, written the way
+``torch.fake_quantize_per_channel_affine`` writes it so the two can be compared exactly.
+Gradients pass straight through the rounding and the clamp (straight-through estimator).
+"""
+from __future__ import annotations
+
+import torch
+
+FULL_PRECISION = 32
+
+
+def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and (integer-valued, float) zero point for a range; broadcasts over channels."""
+    levels = 2**bits - 1
+    scale = torch.clamp(hi - lo, min=1e-8) / levels
+    zero_point = -torch.round(lo / scale) - 2 ** (bits - 1)
+    return scale, zero_point
+
+
+def _fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    inv_scale = 1.0 / scale
+    q = torch.clamp(torch.round(x * inv_scale + zero_point), qmin, qmax)
+    return (q - zero_point) * scale
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """Fake quantization whose backward is the identity (the reference code's STE)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, bits):  # noqa: D401 - autograd signature
+        return _fake_quantize(x, scale, zero_point, bits)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None, None, None
+
+
+def fake_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize-dequantize ``x`` to ``bits`` over [lo, hi] (broadcast), straight-through gradient."""
+    if bits >= FULL_PRECISION:
+        return x
+    scale, zero_point = affine_qparams(lo.to(x.dtype), hi.to(x.dtype), bits)
+    return _FakeQuantizeSTE.apply(x, scale, zero_point, bits)
+
+
+def per_channel_range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of each output channel (dim 0), shaped to broadcast against ``w``."""
+    lo, hi = torch.aminmax(w.detach().reshape(w.shape[0], -1), dim=1)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    return lo.reshape(shape), hi.reshape(shape)
+
+
+def fake_quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel asymmetric fake quantization; the range is the weights' current min/max."""
+    if bits >= FULL_PRECISION:
+        return w
+    lo, hi = per_channel_range(w)
+    return fake_quantize(w, lo, hi, bits)

@@ -1,0 +1,116 @@
+"""Teachers from weights, from the cache, or trained on the spot (digits always; CIFAR on a GPU)."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .data import ImageData, InputSpec, load_data, parse_spec
+from .evaluate import evaluate
+from .models import TEACHERS, Teacher, build_teacher, load_weights, save_state_dict
+from .runs import qimera_home, read_json, write_json
+
+
+def cached_teacher_path(name: str, data_spec: str):
+    kind, _ = parse_spec(data_spec)
+    return qimera_home() / "teachers" / f"{name}-{kind}.safetensors"
+
+
+def train_teacher(teacher: Teacher, train: ImageData, *, epochs: int = 40, batch_size: int = 64, lr: float = 3e-3,
+                  seed: int = 0, device="cpu", augment: bool = True,
+                  on_epoch: Callable[[int, float], None] | None = None) -> Teacher:
+    """Train ``teacher.model`` on real images with Adam + cosine schedule (random shifts of 1/8 image)."""
+    torch.manual_seed(seed)
+    model = teacher.model.to(device).requires_grad_(True).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * ((len(train) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    x_all, y_all = train.subset(len(train), seed=seed)
+    pad = max(1, teacher.image_size // 8)
+    for epoch in range(epochs):
+        perm = torch.randperm(len(x_all))
+        total = 0.0
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i:i + batch_size]
+            if len(idx) < 2:
+                continue
+            x, y = x_all[idx].to(device), y_all[idx].to(device)
+            if augment:
+                x = _random_shift(x, pad)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.detach()
+        if on_epoch:
+            on_epoch(epoch, float(total) / max(1, len(perm) // batch_size))
+    model.eval().requires_grad_(False)
+    return teacher
+
+
+def _random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Shift each batch by up to ``pad`` pixels (one shift per batch keeps it cheap), flip for RGB."""
+    dx, dy = torch.randint(-pad, pad + 1, (2,)).tolist()
+    x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    if x.shape[1] == 3 and torch.rand(()) < 0.5:
+        x = x.flip(3)
+    return x
+
+
+def get_teacher(name: str, data_spec: str, checkpoint: str | None = None, pretrained: bool = False,
+                num_classes: int | None = None, device="cpu", log: Callable[[str], None] | None = None) -> Teacher:
+    """The teacher for a run: from ``checkpoint``, the zoo, or the cache (training digits on a miss)."""
+    if checkpoint or pretrained:
+        return build_teacher(name, num_classes, checkpoint=checkpoint, pretrained=pretrained)
+    path = cached_teacher_path(name, data_spec)
+    if path.exists():
+        teacher = build_teacher(name, num_classes)
+        load_weights(teacher.model, path)
+        teacher.info = {"weights": str(path), **_read_info(path)}
+        return teacher
+    if name == "digits-cnn" and parse_spec(data_spec)[0] == "digits":
+        return train_and_cache(name, data_spec, device=device, log=log)
+    raise ValueError(f"teacher {name!r} has no weights: give a checkpoint (--checkpoint PATH), "
+                     f"pretrained=True for zoo weights, or train one first (python -m qimera_engine "
+                     f"train-teacher --teacher {name} --data SPEC)")
+
+
+def _read_info(path) -> dict:
+    info = path.with_suffix(".json")
+    return read_json(info) if info.exists() else {}
+
+
+def train_and_cache(name: str, data_spec: str, *, epochs: int | None = None, device="cpu", seed: int = 0,
+                    log: Callable[[str], None] | None = None) -> Teacher:
+    """Train a teacher on the data set's train split, evaluate it, and cache it under $QIMERA_HOME/teachers."""
+    kind, _ = parse_spec(data_spec)
+    if name not in TEACHERS:
+        raise ValueError(f"unknown teacher {name!r}")
+    if kind not in ("digits", "cifar10", "cifar100"):
+        raise ValueError("teachers are trained on digits, cifar10 or cifar100 (their train split)")
+    if kind != "digits" and not str(device).startswith("cuda"):
+        raise ValueError("training a CIFAR teacher needs a GPU; on a CPU use a checkpoint (--checkpoint PATH)")
+    torch.manual_seed(seed)  # the initial weights too, so the cached teacher is reproducible
+    teacher = build_teacher(name, 100 if kind == "cifar100" else 10)
+    spec = InputSpec.of(teacher)
+    train, test = load_data(data_spec, spec, "train"), load_data(data_spec, spec, "test")
+    epochs = epochs or (30 if kind == "digits" else 60)
+    start = time.perf_counter()
+    if log:
+        log(f"training teacher {name} on {kind} ({len(train)} images, {epochs} epochs)")
+    train_teacher(teacher, train, epochs=epochs, seed=seed, device=device,
+                  batch_size=64 if kind == "digits" else 256, lr=3e-3 if kind == "digits" else 0.05)
+    top1 = evaluate(teacher.model, test, device=device)["top1"]
+    teacher.model.cpu()
+    path = cached_teacher_path(name, data_spec)
+    info = {"teacher": name, "data": kind, "epochs": epochs, "seed": seed, "test_top1": top1,
+            "seconds": round(time.perf_counter() - start, 2)}
+    save_state_dict(teacher.model, path)
+    write_json(path.with_suffix(".json"), info)
+    teacher.info = {"weights": str(path), **info}
+    if log:
+        log(f"teacher {name}: {top1:.2f}% top-1 on {kind} test, cached at {path}")
+    return teacher

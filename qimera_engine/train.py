@@ -1,0 +1,318 @@
+"""The runner: one function that executes a run and yields progress events (METHOD.md 7-8).
+
+Each iteration: generate one batch; step G on L_G = CE_soft(T(x), t) + w * L_BNS; then step
+the student on the same, detached batch with the teacher's logits from before G's step.
+A run saves its state after every epoch, so an interrupted run resumes from the last
+completed epoch and, on the CPU, ends exactly where an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .config import RunConfig
+from .data import ImageData, InputSpec, load_data
+from .evaluate import evaluate
+from .events import EpochEnd, Evaluated, Event, Finished, Log, Started, Step
+from .generator import BatchSampler, Generator, LatentBatch
+from .losses import BNStatisticsLoss, kd_loss, soft_cross_entropy
+from .models import Teacher, save_state_dict
+from .quant import quantize_model, set_calibration
+from .runs import Run, atomic_path, new_run_dir, open_run, write_csv, write_json
+from .teachers import _random_shift, get_teacher
+
+StopFlag = threading.Event | Callable[[], bool] | None
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_generator(cfg: RunConfig, teacher: Teacher) -> Generator:
+    embed_dim = cfg.embed_dim or teacher.feature_dim
+    g = Generator(teacher.num_classes, teacher.image_size, teacher.channels, embed_dim,
+                  input_mode=cfg.gen_input, noise_scale=cfg.noise_scale, dm=cfg.dm, dm_width=cfg.dm_width,
+                  width=cfg.gen_width, bn_eps=cfg.gen_bn_eps)
+    if cfg.embed_init == "teacher":
+        g.init_embeddings_from(teacher.classifier.weight.detach().cpu(), freeze=cfg.embed_freeze)
+    elif cfg.embed_freeze:
+        g.embedding.weight.requires_grad_(False)
+    return g
+
+
+@dataclass
+class Parts:
+    """Everything a run trains or reads, built from its config."""
+    cfg: RunConfig
+    device: torch.device
+    teacher: Teacher
+    test: ImageData
+    student: nn.Module
+    generator: Generator | None
+    train: ImageData | None  # real images, for the real-data baseline only
+
+    @classmethod
+    def build(cls, cfg: RunConfig, log: Callable[[str], None] = lambda s: None) -> "Parts":
+        device = pick_device(cfg.device)
+        teacher = get_teacher(cfg.teacher, cfg.train_data or cfg.test_data, cfg.checkpoint, cfg.pretrained,
+                              device=device, log=log)
+        spec = InputSpec.of(teacher)
+        test = load_data(cfg.test_data, spec, "test", cfg.download)
+        if test.num_classes != teacher.num_classes:
+            raise ValueError(f"the test data has {test.num_classes} classes but the teacher {teacher.num_classes}")
+        train = None
+        if cfg.method == "real-data":
+            train = load_data(cfg.train_data or cfg.test_data, spec, "train", cfg.download)
+        teacher.model.to(device).eval().requires_grad_(False)
+        student = quantize_model(teacher.model, cfg.wbits, cfg.abits, keep_first_last_8bit=cfg.keep_first_last_8bit,
+                                 beta=cfg.ema_beta).requires_grad_(True)
+        student.train(cfg.student_train_mode)
+        generator = None if cfg.method == "real-data" else build_generator(cfg, teacher).to(device)
+        return cls(cfg, device, teacher, test, student, generator, train)
+
+
+def run(config: RunConfig, *, out: str | Path | None = None, resume: str | Path | None = None,
+        stop: StopFlag = None) -> Iterator[Event]:
+    """Execute a run (new, or ``resume`` an interrupted one) and yield its events.
+
+    ``stop`` (a threading.Event or a callable) ends the run after the current iteration;
+    everything up to the last completed epoch stays on disk and can be resumed.
+    """
+    if resume is not None:
+        run_folder = open_run(resume)
+        cfg = run_folder.config.resolved()
+    else:
+        cfg = config.resolved()
+        run_folder = Run(new_run_dir(cfg.method, cfg.wbits, cfg.abits, out))
+        write_json(run_folder.path / Run.CONFIG, cfg.to_dict())
+    should_stop = (stop.is_set if isinstance(stop, threading.Event) else stop) or (lambda: False)
+    run_folder.set_status("running")
+    try:
+        yield from _execute(cfg, run_folder, should_stop)
+    except GeneratorExit:
+        run_folder.set_status("cancelled", reason="the caller stopped reading events")
+        raise
+    except BaseException as e:
+        run_folder.set_status("failed", error=f"{type(e).__name__}: {e}")
+        raise
+
+
+def run_to_end(config: RunConfig, on_event: Callable[[Event], None] | None = None, **kw) -> dict:
+    """Run to the end and return the summary (the events go to ``on_event``)."""
+    summary = {}
+    for ev in run(config, **kw):
+        if on_event:
+            on_event(ev)
+        if isinstance(ev, Finished):
+            summary = ev.summary
+    return summary
+
+
+def _execute(cfg: RunConfig, folder: Run, should_stop: Callable[[], bool]) -> Iterator[Event]:
+    t_start = time.perf_counter()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    logs: list[str] = []
+    parts = Parts.build(cfg, logs.append)
+    for text in logs:
+        yield Log(text)
+    dev, teacher, student, gen = parts.device, parts.teacher.model, parts.student, parts.generator
+
+    opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr_s, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                            weight_decay=cfg.weight_decay)
+    sched_s = torch.optim.lr_scheduler.MultiStepLR(opt_s, cfg.milestones, cfg.lr_gamma)
+    opt_g = sched_g = None
+    if gen is not None:
+        opt_g = torch.optim.Adam([p for p in gen.parameters() if p.requires_grad], lr=cfg.lr_g,
+                                 betas=tuple(cfg.g_betas))
+        sched_g = torch.optim.lr_scheduler.MultiStepLR(opt_g, cfg.milestones, cfg.lr_gamma)
+    sampler = BatchSampler(parts.teacher.num_classes, gen.embed_dim if gen else 1, cfg.superpose_p,
+                           cfg.superpose_k, cfg.coeff_sampler, cfg.dirichlet_alpha, cfg.fixed_coeffs, seed=cfg.seed)
+
+    state_path = folder.path / Run.STATE
+    rows: list[dict] = []
+    start_epoch, best, fp_top1, elapsed_before = 0, -1.0, None, 0.0
+    if state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        student.load_state_dict(st["student"])
+        opt_s.load_state_dict(st["opt_s"])
+        sched_s.load_state_dict(st["sched_s"])
+        if gen is not None:
+            gen.load_state_dict(st["generator"])
+            opt_g.load_state_dict(st["opt_g"])
+            sched_g.load_state_dict(st["sched_g"])
+        torch.set_rng_state(st["rng_cpu"])
+        if dev.type == "cuda" and "rng_cuda" in st:
+            torch.cuda.set_rng_state(st["rng_cuda"], dev)
+        sampler.rng.setstate(_tuples(st["rng_sampler"]))
+        start_epoch, best, fp_top1 = int(st["epoch"]) + 1, float(st["best"]), float(st["fp_top1"])
+        elapsed_before = float(st["seconds"])
+        rows = folder.metrics[:start_epoch]
+    if fp_top1 is None:
+        fp_top1 = evaluate(teacher, parts.test, batch_size=cfg.eval_batch_size, device=dev)["top1"]
+    total = cfg.epochs * cfg.iters_per_epoch
+    yield Started(str(folder.path), cfg.to_dict(), str(dev), total, start_epoch, fp_top1)
+
+    bns = BNStatisticsLoss(teacher) if gen is not None else None
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and dev.type == "cuda"
+           else contextlib.nullcontext())
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t_epoch = time.perf_counter()
+            calibrating = epoch < cfg.calib_epochs
+            train_student = epoch >= cfg.warmup_epochs and cfg.method != "ptq"
+            set_calibration(student, calibrating)
+            sums = torch.zeros(6, device=dev)  # loss_g, ce_g, bns, loss_s, kd, ce_s
+            window, t_window = torch.zeros(6, device=dev), time.perf_counter()
+            for it in range(cfg.iters_per_epoch):
+                if should_stop():
+                    folder.set_status("cancelled", epoch=epoch, completed_epochs=epoch)
+                    yield Finished(str(folder.path), "cancelled", _summary(cfg, folder, rows, fp_top1, elapsed_before + time.perf_counter() - t_start))
+                    return
+                with amp:
+                    if gen is not None:
+                        x, targets, t_logits, g_losses = _generator_step(cfg, gen, teacher, bns, opt_g, sampler, dev)
+                    else:
+                        x, targets, t_logits, g_losses = _real_batch(cfg, parts, teacher, dev)
+                    s_losses = _student_step(cfg, student, opt_s, x, targets, t_logits, train_student, calibrating)
+                vec = torch.stack([*g_losses, *s_losses]).float()
+                sums += vec
+                window += vec
+                step = epoch * cfg.iters_per_epoch + it + 1
+                if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iters_per_epoch:
+                    n = (it % cfg.log_every) + 1
+                    vals = (window / n).tolist()  # the one host sync per log interval
+                    rate = n * cfg.batch_size / max(time.perf_counter() - t_window, 1e-9)
+                    yield Step(epoch, it, step, total, dict(zip(_LOSS_NAMES, vals)), rate)
+                    window.zero_()
+                    t_window = time.perf_counter()
+            with warnings.catch_warnings():  # warm-up epochs never step the student's optimizer
+                warnings.simplefilter("ignore", UserWarning)
+                sched_s.step()
+            if sched_g is not None:
+                sched_g.step()
+            set_calibration(student, False)
+            acc = evaluate(student, parts.test, batch_size=cfg.eval_batch_size, device=dev)["top1"]
+            best = max(best, acc)
+            seconds = time.perf_counter() - t_epoch
+            means = (sums / cfg.iters_per_epoch).tolist()
+            row = {"epoch": epoch, "top1": round(acc, 4), "best_top1": round(best, 4),
+                   **{k: round(v, 6) for k, v in zip(_LOSS_NAMES, means)},
+                   "lr_g": opt_g.param_groups[0]["lr"] if opt_g else 0.0, "lr_s": opt_s.param_groups[0]["lr"],
+                   "calibrating": int(calibrating), "student_trained": int(train_student),
+                   "seconds": round(seconds, 3), "images_per_s": round(cfg.iters_per_epoch * cfg.batch_size / seconds, 1)}
+            rows.append(row)
+            elapsed = elapsed_before + time.perf_counter() - t_start
+            _save_epoch(folder, parts, epoch, best, fp_top1, elapsed, rows, opt_s, sched_s, opt_g, sched_g, sampler)
+            yield Evaluated(epoch, acc, best)
+            yield EpochEnd(epoch, row)
+    finally:
+        if bns is not None:
+            bns.remove()
+    summary = _summary(cfg, folder, rows, fp_top1, elapsed_before + time.perf_counter() - t_start)
+    write_json(folder.path / Run.SUMMARY, summary)
+    folder.set_status("finished")
+    yield Finished(str(folder.path), "finished", summary)
+
+
+_LOSS_NAMES = ("loss_g", "ce_g", "bns", "loss_s", "kd", "ce_s")
+
+
+def _generator_step(cfg, gen, teacher, bns, opt_g, sampler, dev):
+    batch: LatentBatch = sampler(cfg.batch_size, dev)
+    x = gen(batch.labels, batch.coeffs, batch.noise)
+    bns.active = True
+    t_logits = teacher(x)
+    bns.active = False
+    l_bns = bns.pop()
+    ce_g = soft_cross_entropy(t_logits.float(), batch.targets)
+    loss_g = ce_g + cfg.bns_weight * l_bns
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    return x.detach(), batch.targets, t_logits.detach(), (loss_g.detach(), ce_g.detach(), l_bns.detach())
+
+
+def _real_batch(cfg, parts, teacher, dev):
+    """The real-data baseline's batch: real training images, one-hot targets."""
+    data = parts.train
+    idx = torch.randint(len(data), (cfg.batch_size,))
+    x = data.normalise(data.images[idx]).to(dev) if data.images is not None else \
+        torch.stack([data.normalise(data.dataset[int(i)][0][None])[0] for i in idx]).to(dev)
+    y = data.labels[idx].to(dev) if data.labels is not None else torch.tensor([data.dataset[int(i)][1] for i in idx], device=dev)
+    x = _random_shift(x, max(1, parts.teacher.image_size // 8))
+    with torch.no_grad():
+        t_logits = teacher(x)
+    targets = torch.nn.functional.one_hot(y, parts.teacher.num_classes).float()
+    zero = torch.zeros((), device=dev)
+    return x, targets, t_logits, (zero, zero, zero)
+
+
+def _student_step(cfg, student, opt_s, x, targets, t_logits, train_student: bool, calibrating: bool):
+    zero = torch.zeros((), device=x.device)
+    if not train_student:
+        if calibrating:  # the forward pass calibrates the activation ranges
+            with torch.no_grad():
+                student(x)
+        return zero, zero, zero
+    s_logits = student(x).float()
+    kd = kd_loss(s_logits, t_logits.float(), cfg.kd_tau, cfg.kd_reduction)
+    ce = soft_cross_entropy(s_logits, targets)
+    loss = cfg.kd_alpha * kd + cfg.ce_weight * ce
+    opt_s.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_s.step()
+    return loss.detach(), kd.detach(), ce.detach()
+
+
+def _tuples(x):
+    """Python's random state comes back from torch.load with lists where it had tuples."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _save_epoch(folder, parts, epoch, best, fp_top1, seconds, rows, opt_s, sched_s, opt_g, sched_g, sampler):
+    state = {"epoch": epoch, "best": best, "fp_top1": fp_top1, "seconds": seconds,
+             "student": parts.student.state_dict(), "opt_s": opt_s.state_dict(), "sched_s": sched_s.state_dict(),
+             "rng_cpu": torch.get_rng_state(), "rng_sampler": sampler.rng.getstate()}
+    if parts.device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(parts.device)
+    if parts.generator is not None:
+        state.update(generator=parts.generator.state_dict(), opt_g=opt_g.state_dict(), sched_g=sched_g.state_dict())
+        save_state_dict(parts.generator, folder.path / Run.GENERATOR)
+        write_json(folder.path / "generator.json", parts.generator.config())
+    save_state_dict(parts.student, folder.path / Run.STUDENT)
+    write_csv(folder.path / Run.METRICS, rows)
+    with atomic_path(folder.path / Run.STATE) as tmp:
+        torch.save(state, tmp)
+
+
+def _summary(cfg: RunConfig, folder: Run, rows: list[dict], fp_top1: float, seconds: float) -> dict:
+    last = rows[-1] if rows else {}
+    best_row = max(rows, key=lambda r: r["top1"]) if rows else {}
+    images = len(rows) * cfg.iters_per_epoch * cfg.batch_size
+    return {"run": folder.id, "method": cfg.method, "teacher": cfg.teacher, "test_data": cfg.test_data,
+            "wbits": cfg.wbits, "abits": cfg.abits, "seed": cfg.seed, "fp_top1": round(fp_top1, 4),
+            "quant_top1": last.get("top1"), "best_top1": best_row.get("top1"), "best_epoch": best_row.get("epoch"),
+            "epochs_done": len(rows), "epochs": cfg.epochs, "images": images, "seconds": round(seconds, 2),
+            "images_per_s": round(images / seconds, 1) if seconds > 0 else None}
