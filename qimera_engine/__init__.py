@@ -1,0 +1,32 @@
+"""Qimera Explorer's engine: data-free quantization by the Qimera method (NeurIPS 2021).
+
+One run API serves the app, the command line and the tests::
+
+    from qimera_engine import preset, run
+    for event in run(preset("digits", wbits=4, abits=4)):
+        print(event)
+
+This package never imports Streamlit.
+"""
+from .artifacts import load_generator, load_student, load_teacher
+from .config import METHODS, PRESETS, ConfigError, RunConfig, parse_overrides, preset
+from .data import DataError, ImageData, InputSpec, load_data
+from .evaluate import collect_features, evaluate
+from .events import EpochEnd, Evaluated, Event, Finished, Log, Started, Step
+from .generator import Generator, generate_images, sample_coefficients, soft_targets, superpose
+from .losses import bn_statistics_loss, kd_loss, soft_cross_entropy
+from .models import TEACHERS, CheckpointError, Teacher, build_teacher
+from .quant import quantize_model, set_calibration
+from .runs import Run, list_runs, open_run, qimera_home
+from .teachers import get_teacher, train_and_cache
+from .train import pick_device, run, run_to_end
+
+__version__ = "0.1.0"
+
+__all__ = ["METHODS", "PRESETS", "TEACHERS", "CheckpointError", "ConfigError", "DataError", "EpochEnd",
+           "Evaluated", "Event", "Finished", "Generator", "ImageData", "InputSpec", "Log", "Run", "RunConfig",
+           "Started", "Step", "Teacher", "bn_statistics_loss", "build_teacher", "collect_features", "evaluate",
+           "generate_images", "get_teacher", "kd_loss", "list_runs", "load_data", "load_generator",
+           "load_student", "load_teacher", "open_run", "parse_overrides", "pick_device", "preset",
+           "qimera_home", "quantize_model", "run", "run_to_end", "sample_coefficients", "set_calibration",
+           "soft_cross_entropy", "soft_targets", "superpose", "train_and_cache"]

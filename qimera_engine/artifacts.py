@@ -1,0 +1,41 @@
+"""Rebuild a finished (or interrupted) run's networks from its folder alone."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from .generator import Generator
+from .models import Teacher, load_weights
+from .quant import quantize_model
+from .runs import Run, open_run, read_json
+from .teachers import get_teacher
+
+
+def load_teacher(run: Run | str | Path, device="cpu") -> Teacher:
+    run = run if isinstance(run, Run) else open_run(run)
+    cfg = run.config
+    teacher = get_teacher(cfg.teacher, cfg.train_data or cfg.test_data, cfg.checkpoint, cfg.pretrained, device=device)
+    teacher.model.to(device)
+    return teacher
+
+
+def load_generator(run: Run | str | Path, device="cpu") -> Generator:
+    """The run's generator in eval mode; FileNotFoundError when the run has none (real-data)."""
+    run = run if isinstance(run, Run) else open_run(run)
+    if not run.has_generator:
+        raise FileNotFoundError(f"run {run.id} has no generator (method {run.config.method}, or no epoch done yet)")
+    gen = Generator(**read_json(run.path / "generator.json"))
+    load_weights(gen, run.path / Run.GENERATOR)
+    return gen.to(device).eval().requires_grad_(False)
+
+
+def load_student(run: Run | str | Path, teacher: Teacher | None = None, device="cpu") -> nn.Module:
+    """The run's quantized student in eval mode with its frozen activation ranges."""
+    run = run if isinstance(run, Run) else open_run(run)
+    cfg = run.config
+    teacher = teacher or load_teacher(run, device)
+    student = quantize_model(teacher.model, cfg.wbits, cfg.abits, keep_first_last_8bit=cfg.keep_first_last_8bit,
+                             beta=cfg.ema_beta)
+    load_weights(student, run.path / Run.STUDENT)
+    return student.to(device).eval().requires_grad_(False)

@@ -1,0 +1,208 @@
+"""Command line: python -m qimera_engine {quantize, evaluate, train-teacher, sweep, runs}."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from .config import METHODS, PRESETS, ConfigError, parse_overrides, preset
+from .data import DataError, InputSpec, load_data
+from .evaluate import evaluate
+from .events import Evaluated, Finished, Log, Started, Step
+from .models import TEACHERS, CheckpointError
+from .runs import list_runs, write_csv
+from .train import pick_device, run
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError, ValueError, RuntimeError)
+
+
+def _progress(events, quiet: bool = False):
+    """Consume a run's events with a progress bar on stderr; return the Finished event."""
+    from tqdm import tqdm
+    bar, finished, last_top1 = None, None, None
+    for ev in events:
+        if isinstance(ev, Log) and not quiet:
+            tqdm.write(ev.text, file=sys.stderr)
+        elif isinstance(ev, Started):
+            bar = tqdm(total=ev.total_steps, initial=ev.start_epoch * ev.config["iters_per_epoch"], unit="it",
+                       file=sys.stderr, disable=quiet, dynamic_ncols=True,
+                       desc=f"{ev.config['method']} W{ev.config['wbits']}A{ev.config['abits']}")
+            if not quiet:
+                tqdm.write(f"run folder: {ev.run_dir}   device: {ev.device}   FP top-1: {ev.fp_top1:.2f}%",
+                           file=sys.stderr)
+        elif isinstance(ev, Step) and bar is not None:
+            bar.update(ev.step - bar.n)
+            post = {"L_G": f"{ev.losses['loss_g']:.3f}", "L_S": f"{ev.losses['loss_s']:.3f}",
+                    "img/s": f"{ev.images_per_s:.0f}"}
+            if last_top1 is not None:
+                post["top1"] = f"{last_top1:.2f}"
+            bar.set_postfix(post, refresh=False)
+        elif isinstance(ev, Evaluated):
+            last_top1 = ev.top1
+        elif isinstance(ev, Finished):
+            finished = ev
+    if bar is not None:
+        bar.close()
+    return finished
+
+
+def _config_from(args):
+    over = parse_overrides(args.set)
+    for key in ("method", "wbits", "abits", "seed", "teacher", "checkpoint", "test_data"):
+        value = getattr(args, key, None)
+        if value is not None:
+            over[key] = value
+    return preset(args.preset, **over)
+
+
+def cmd_quantize(args) -> int:
+    if args.resume:
+        events = run(None, resume=args.resume)
+    else:
+        events = run(_config_from(args), out=args.out)
+    try:
+        fin = _progress(events, args.quiet)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the run keeps its last completed epoch; continue it with "
+              "python -m qimera_engine quantize --resume RUN_FOLDER", file=sys.stderr)
+        return 130
+    s = fin.summary
+    print(json.dumps(s))
+    if not args.quiet:
+        print(f"{s['method']} W{s['wbits']}A{s['abits']}: FP {s['fp_top1']:.2f}%  ->  quantized "
+              f"{s['quant_top1']:.2f}% (final epoch), best {s['best_top1']:.2f}% (epoch {s['best_epoch']}); "
+              f"{s['seconds']:.1f} s; folder {fin.run_dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .teachers import get_teacher
+    device = pick_device(args.device)
+    teacher = get_teacher(args.teacher, args.test_data, args.checkpoint, args.pretrained, device=device)
+    data = load_data(args.test_data, InputSpec.of(teacher), "test", args.download)
+    if data.num_classes != teacher.num_classes:
+        raise DataError(f"the data has {data.num_classes} classes but the teacher {teacher.num_classes}")
+    t0 = time.perf_counter()
+    res = evaluate(teacher.model.to(device), data, batch_size=args.batch_size, device=device)
+    print(json.dumps({"teacher": args.teacher, "test_data": args.test_data, "top1": round(res["top1"], 4),
+                      "n": res["n"], "seconds": round(time.perf_counter() - t0, 2)}))
+    return 0
+
+
+def cmd_train_teacher(args) -> int:
+    from .teachers import train_and_cache
+    teacher = train_and_cache(args.teacher, args.data, epochs=args.epochs, device=pick_device(args.device),
+                              seed=args.seed, log=lambda s: print(s, file=sys.stderr))
+    print(json.dumps(teacher.info))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    bits = [int(b) for b in args.bits.split(",")]
+    methods = args.methods.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"unknown method {m!r}; choose from {METHODS}")
+    base = parse_overrides(args.set)
+    rows = []
+    out = Path(args.out)
+    for b in bits:
+        for m in methods:
+            for s in seeds:
+                cfg = preset(args.preset, **{**base, "method": m, "wbits": b, "abits": b, "seed": s})
+                print(f"[{len(rows) + 1}/{len(bits) * len(methods) * len(seeds)}] {m} W{b}A{b} seed {s}",
+                      file=sys.stderr)
+                fin = _progress(run(cfg), quiet=args.quiet)
+                sm = fin.summary
+                rows.append({k: sm[k] for k in ("method", "wbits", "abits", "seed", "fp_top1", "quant_top1",
+                                                "best_top1", "seconds", "run")})
+                write_csv(out, rows)  # after every run: a crash keeps what is done
+    print(f"wrote {out}", file=sys.stderr)
+    for b in bits:
+        for m in methods:
+            vals = [r["quant_top1"] for r in rows if r["wbits"] == b and r["method"] == m]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            print(f"W{b}A{b} {m:10s} {statistics.mean(vals):6.2f} +- {sd:.2f}  (n={len(vals)})")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    runs = list_runs()
+    if args.json:
+        print(json.dumps([{"run": r.id, "path": str(r.path), **r.status, "summary": r.summary} for r in runs]))
+        return 0
+    if not runs:
+        print("no runs yet: try python -m qimera_engine quantize --preset digits")
+    for r in runs:
+        s = r.summary or {}
+        cfg = r.config
+        top = f"{s['quant_top1']:.2f}%" if s.get("quant_top1") is not None else "-"
+        print(f"{r.id:40s} {r.status.get('status', '?'):9s} {cfg.method:9s} W{cfg.wbits}A{cfg.abits} "
+              f"seed {cfg.seed}  top-1 {top}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m qimera_engine", description="Data-free quantization by Qimera.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="run one quantization; writes DIR/summary.json")
+    q.add_argument("--preset", default="digits", choices=sorted(PRESETS))
+    q.add_argument("--method", choices=METHODS)
+    q.add_argument("--wbits", type=int)
+    q.add_argument("--abits", type=int)
+    q.add_argument("--seed", type=int)
+    q.add_argument("--teacher", choices=sorted(TEACHERS))
+    q.add_argument("--checkpoint", help="teacher weights (state dict or .safetensors)")
+    q.add_argument("--test-data", dest="test_data", help="digits | cifar10[:ROOT] | cifar100[:ROOT] | folder:PATH | imagenet:PATH")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field")
+    q.add_argument("--out", help="run folder (default: $QIMERA_HOME/runs/<time>-<method>-w<b>a<b>)")
+    q.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last completed epoch")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(fn=cmd_quantize)
+
+    e = sub.add_parser("evaluate", help="top-1 of a teacher on a data set (one JSON line)")
+    e.add_argument("--teacher", required=True, choices=sorted(TEACHERS))
+    e.add_argument("--checkpoint")
+    e.add_argument("--pretrained", action="store_true", help="download the zoo's weights")
+    e.add_argument("--test-data", dest="test_data", required=True)
+    e.add_argument("--download", action="store_true")
+    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--device", default="auto")
+    e.set_defaults(fn=cmd_evaluate)
+
+    t = sub.add_parser("train-teacher", help="train a teacher (digits; CIFAR on a GPU) into the cache")
+    t.add_argument("--teacher", default="digits-cnn", choices=sorted(TEACHERS))
+    t.add_argument("--data", default="digits")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.set_defaults(fn=cmd_train_teacher)
+
+    s = sub.add_parser("sweep", help="bit widths x methods x seeds into a CSV table")
+    s.add_argument("--preset", default="digits", choices=sorted(PRESETS))
+    s.add_argument("--bits", default="4,3")
+    s.add_argument("--methods", default="ptq,gdfq,qimera,real-data")
+    s.add_argument("--seeds", default="0,1,2")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--out", default="sweep.csv")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_sweep)
+
+    r = sub.add_parser("runs", help="list runs")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_runs)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
