@@ -1,0 +1,314 @@
+"""Background jobs: runs, sweeps and slow tasks in worker threads, watched by any number of pages.
+
+The app holds one ``JobRegistry`` per server process (Streamlit's ``st.cache_resource``), so a
+job keeps going when a page is left or reloaded, and two browser sessions see the same jobs.
+Workers only consume the engine's event stream and record it; pages read frozen snapshots.
+This module never imports Streamlit.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from .config import RunConfig
+from .events import EpochEnd, Evaluated, Finished, Log, Started, Step
+
+ACTIVE = ("queued", "running")
+_MAX_LOSS_POINTS = 2000  # live loss curve: older points are thinned out beyond this
+
+
+@dataclass
+class RunProgress:
+    """What one run has reported so far."""
+    config: dict
+    run_dir: str | None = None
+    device: str | None = None
+    status: str = "queued"        # queued | running | finished | cancelled | failed
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    fp_top1: float | None = None
+    losses: dict = field(default_factory=dict)       # latest Step's losses
+    images_per_s: float = 0.0
+    loss_history: list = field(default_factory=list)  # [{"step": s, **losses}]
+    metrics: list = field(default_factory=list)       # EpochEnd rows (metrics.csv)
+    summary: dict | None = None
+    error: str | None = None
+
+    @property
+    def fraction(self) -> float:
+        if self.status == "finished":
+            return 1.0
+        return min(1.0, self.step / self.total_steps) if self.total_steps else 0.0
+
+
+@dataclass
+class Job:
+    """A snapshot of a job, safe to read anywhere (a copy; the worker keeps its own)."""
+    id: str
+    kind: str                     # run | sweep | task
+    label: str
+    key: str | None = None        # tasks: the cache key (one result per key)
+    status: str = "queued"
+    created: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    runs: list = field(default_factory=list)   # RunProgress, one per run (sweeps: in order)
+    current: int = 0                            # index of the run in progress
+    fraction: float = 0.0                       # tasks: reported progress
+    message: str = ""
+    log: list = field(default_factory=list)
+    error: str | None = None
+    result: Any = None
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    @property
+    def run(self) -> RunProgress | None:
+        """The run in progress (or the last one)."""
+        return self.runs[min(self.current, len(self.runs) - 1)] if self.runs else None
+
+    @property
+    def progress(self) -> float:
+        """0..1 over the whole job."""
+        if self.status == "finished":
+            return 1.0
+        if self.kind == "task" or not self.runs:
+            return self.fraction
+        done = sum(r.status in ("finished", "failed", "cancelled") for r in self.runs)
+        cur = self.run
+        partial = cur.fraction if cur is not None and cur.status == "running" else 0.0
+        return min(1.0, (done + partial) / len(self.runs))
+
+    def snapshot(self) -> "Job":
+        return copy.deepcopy(self)
+
+
+def sweep_configs(base: RunConfig, bits: Iterable[int | tuple[int, int]], methods: Iterable[str],
+                  seeds: Iterable[int]) -> list[RunConfig]:
+    """The runs of a sweep, bit width outermost: ``bits`` are b (for WbAb) or (w, a) pairs.
+
+    Every config is validated here, so an impossible setting fails before anything starts.
+    """
+    out = []
+    for b, method, seed in itertools.product(list(bits), list(methods), list(seeds)):
+        w, a = (b, b) if isinstance(b, int) else b
+        out.append(base.with_overrides(wbits=int(w), abits=int(a), method=method, seed=int(seed)))
+    return out
+
+
+class JobRegistry:
+    """Thread-safe registry of background jobs. Keeps the newest ``keep`` finished jobs."""
+
+    def __init__(self, keep: int = 100):
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+        self._stops: dict[str, threading.Event] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self._ids = itertools.count(1)
+        self.keep = keep
+
+    # ------------------------------------------------------------------ starting jobs
+    def start_run(self, config: RunConfig | None, *, resume: str | None = None, label: str | None = None) -> str:
+        """Start one run (or resume the run folder ``resume``); returns the job id."""
+        if config is None and resume is None:
+            raise ValueError("start_run needs a config or a run folder to resume")
+        cfg_dict = config.to_dict() if config is not None else {}
+        if label is None:
+            label = (f"resume {resume}" if resume else
+                     f"{config.method} W{config.wbits}A{config.abits} seed {config.seed} ({config.teacher})")
+        job = self._new("run", label, runs=[RunProgress(cfg_dict)])
+        return self._spawn(job, lambda stop: self._do_runs(job.id, [(config, resume)], stop))
+
+    def start_sweep(self, base: RunConfig, bits, methods, seeds, *, label: str | None = None) -> str:
+        """Runs over bit widths x methods x seeds, one after another; returns the job id."""
+        configs = sweep_configs(base, bits, methods, seeds)
+        if not configs:
+            raise ValueError("a sweep needs at least one bit width, one method and one seed")
+        label = label or f"sweep of {len(configs)} runs ({base.teacher})"
+        job = self._new("sweep", label, runs=[RunProgress(c.to_dict()) for c in configs])
+        return self._spawn(job, lambda stop: self._do_runs(job.id, [(c, None) for c in configs], stop))
+
+    def start_task(self, fn: Callable[..., Any], *, label: str, key: str | None = None) -> str:
+        """Run ``fn(report, stop)`` in the background; ``report(fraction, message)`` shows progress.
+
+        With a ``key``, a task that is running or has finished under that key is reused
+        instead of starting again: slow results (teacher training, UMAP) are computed once.
+        """
+        if key is not None:
+            with self._lock:
+                for j in reversed(list(self._jobs.values())):
+                    if j.key == key and j.kind == "task" and j.status in ("queued", "running", "finished"):
+                        return j.id
+        job = self._new("task", label, key=key)
+        return self._spawn(job, lambda stop: self._do_task(job.id, fn, stop))
+
+    # ------------------------------------------------------------------ reading and steering
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            if job_id not in self._jobs:
+                raise KeyError(f"no job {job_id!r}")
+            return self._jobs[job_id].snapshot()
+
+    def find(self, key: str) -> Job | None:
+        """The newest task with this key, if any."""
+        with self._lock:
+            for j in reversed(list(self._jobs.values())):
+                if j.key == key:
+                    return j.snapshot()
+        return None
+
+    def jobs(self, kind: str | None = None) -> list[Job]:
+        """Snapshots, newest first."""
+        with self._lock:
+            js = [j.snapshot() for j in self._jobs.values() if kind is None or j.kind == kind]
+        return js[::-1]
+
+    def active(self, kind: str | None = None) -> list[Job]:
+        return [j for j in self.jobs(kind) if j.active]
+
+    def active_run_dirs(self) -> set[str]:
+        """Run folders that a job of this process is writing to right now."""
+        return {r.run_dir for j in self.active() for r in j.runs if r.run_dir and r.status == "running"}
+
+    def cancel(self, job_id: str) -> bool:
+        """Ask a job to stop (after the current iteration). False if it is not active."""
+        with self._lock:
+            job, stop = self._jobs.get(job_id), self._stops.get(job_id)
+            if job is None or not job.active or stop is None:
+                return False
+            stop.set()
+            job.message = "cancelling..."
+            return True
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Block until the job ends (or ``timeout`` seconds pass); returns its snapshot."""
+        thread = self._threads.get(job_id)
+        if thread is not None:
+            thread.join(timeout)
+        return self.get(job_id)
+
+    # ------------------------------------------------------------------ internals
+    def _new(self, kind: str, label: str, **kw) -> Job:
+        with self._lock:
+            job = Job(id=f"{kind}-{next(self._ids)}", kind=kind, label=label, **kw)
+            self._jobs[job.id] = job
+            self._stops[job.id] = threading.Event()
+            self._forget_old()
+            return job
+
+    def _forget_old(self) -> None:
+        done = [j for j in self._jobs.values() if not j.active]
+        for j in done[:max(0, len(done) - self.keep)]:
+            for d in (self._jobs, self._stops, self._threads):
+                d.pop(j.id, None)
+
+    def _spawn(self, job: Job, target: Callable[[threading.Event], None]) -> str:
+        stop = self._stops[job.id]
+        t = threading.Thread(target=target, args=(stop,), name=f"qimera-{job.id}", daemon=True)
+        self._threads[job.id] = t
+        t.start()
+        return job.id
+
+    def _update(self, job_id: str, fn: Callable[[Job], None]) -> None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                fn(job)
+
+    def _finish(self, job_id: str, status: str, error: str | None = None) -> None:
+        def fin(job: Job):
+            job.status, job.finished_at, job.message = status, time.time(), status
+            if error:
+                job.error = error
+        self._update(job_id, fin)
+
+    def _do_runs(self, job_id: str, items: list[tuple[RunConfig | None, str | None]], stop: threading.Event) -> None:
+        from .train import run  # imported here: the registry itself stays light to import
+        self._update(job_id, lambda j: setattr(j, "status", "running"))
+        errors = []
+        for i, (cfg, resume) in enumerate(items):
+            if stop.is_set():
+                self._update(job_id, lambda j, i=i: [setattr(r, "status", "cancelled") for r in j.runs[i:]])
+                break
+            self._update(job_id, lambda j, i=i: (setattr(j, "current", i), setattr(j.runs[i], "status", "running")))
+            try:
+                for ev in run(cfg, resume=resume, stop=stop):
+                    self._update(job_id, lambda j, ev=ev, i=i: _record(j, j.runs[i], ev))
+            except Exception as e:  # a failed run is reported, and a sweep goes on with the next one
+                msg = f"{type(e).__name__}: {e}"
+                errors.append(msg)
+                tb = traceback.format_exc(limit=4)
+
+                def failed(j, i=i, msg=msg, tb=tb):
+                    j.runs[i].status, j.runs[i].error = "failed", msg
+                    j.log.append(tb)
+                self._update(job_id, failed)
+        cancelled = stop.is_set()
+        if cancelled:
+            status = "cancelled"
+        elif errors and len(errors) == len(items):
+            status = "failed"
+        else:
+            status = "finished"
+        self._finish(job_id, status, "; ".join(errors) or None)
+
+    def _do_task(self, job_id: str, fn: Callable, stop: threading.Event) -> None:
+        self._update(job_id, lambda j: setattr(j, "status", "running"))
+
+        def report(fraction: float, message: str = "") -> None:
+            self._update(job_id, lambda j: (setattr(j, "fraction", float(fraction)), setattr(j, "message", message)))
+        try:
+            result = fn(report, stop)
+        except Exception as e:
+            self._update(job_id, lambda j: j.log.append(traceback.format_exc(limit=4)))
+            self._finish(job_id, "failed", f"{type(e).__name__}: {e}")
+            return
+        self._update(job_id, lambda j: (setattr(j, "result", result), setattr(j, "fraction", 1.0)))
+        self._finish(job_id, "cancelled" if stop.is_set() else "finished")
+
+
+def _record(job: Job, r: RunProgress, ev) -> None:
+    """Fold one engine event into the job's record (called under the registry's lock)."""
+    if isinstance(ev, Started):
+        r.run_dir, r.device, r.total_steps, r.fp_top1 = ev.run_dir, ev.device, ev.total_steps, ev.fp_top1
+        r.config = ev.config
+        r.step = ev.start_epoch * ev.config.get("iters_per_epoch", 0)
+        r.epoch = ev.start_epoch
+        job.message = f"started in {ev.run_dir}"
+    elif isinstance(ev, Log):
+        job.log.append(ev.text)
+        del job.log[:-200]
+    elif isinstance(ev, Step):
+        r.step, r.total_steps, r.epoch, r.losses, r.images_per_s = ev.step, ev.total_steps, ev.epoch, dict(ev.losses), ev.images_per_s
+        r.loss_history.append({"step": ev.step, **ev.losses})
+        if len(r.loss_history) > _MAX_LOSS_POINTS:
+            r.loss_history = r.loss_history[::2]
+        job.message = f"epoch {ev.epoch + 1}, step {ev.step}/{ev.total_steps}"
+    elif isinstance(ev, Evaluated):
+        job.message = f"epoch {ev.epoch + 1}: top-1 {ev.top1:.2f}% (best {ev.best_top1:.2f}%)"
+    elif isinstance(ev, EpochEnd):
+        r.metrics.append(dict(ev.metrics))
+    elif isinstance(ev, Finished):
+        r.status, r.summary = ev.status, dict(ev.summary)
+        if ev.status == "finished":
+            r.step = r.total_steps
+
+
+_shared: JobRegistry | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_registry() -> JobRegistry:
+    """One registry per process (the app wraps this in ``st.cache_resource``)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = JobRegistry()
+        return _shared

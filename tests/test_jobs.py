@@ -1,0 +1,151 @@
+"""JobRegistry: runs, sweeps and tasks in worker threads, recorded from the engine's events."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from qimera_engine import ConfigError, preset, train_and_cache
+from qimera_engine.jobs import JobRegistry, sweep_configs
+
+TINY = dict(epochs=2, iters_per_epoch=3, warmup_epochs=1, calib_epochs=1, batch_size=8, log_every=1,
+            gen_width=16)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A private QIMERA_HOME with a quickly trained digits teacher in its cache."""
+    mp = pytest.MonkeyPatch()
+    path = tmp_path_factory.mktemp("qimera_home")
+    mp.setenv("QIMERA_HOME", str(path))
+    train_and_cache("digits-cnn", "digits", epochs=2)
+    yield path
+    mp.undo()
+
+
+def test_run_job_records_the_event_stream(home):
+    reg = JobRegistry()
+    job_id = reg.start_run(preset("digits", **TINY))
+    job = reg.wait(job_id, timeout=120)
+    assert job.status == "finished", job.error
+    r = job.run
+    assert r.status == "finished" and r.fraction == 1.0 and job.progress == 1.0
+    assert Path(r.run_dir).is_dir() and Path(r.run_dir).parent == home / "runs"
+    assert r.total_steps == 6 and r.step == 6
+    assert [row["epoch"] for row in r.metrics] == [0, 1]
+    assert len(r.loss_history) == 6 and {"loss_g", "loss_s"} <= set(r.loss_history[-1])
+    assert r.summary["epochs_done"] == 2 and r.summary["quant_top1"] == r.metrics[-1]["top1"]
+    assert 0 < r.fp_top1 <= 100
+    # what the job recorded is what the run folder holds
+    assert json.loads((Path(r.run_dir) / "summary.json").read_text()) == r.summary
+
+
+def test_cancel_stops_a_run_and_keeps_its_folder(home):
+    reg = JobRegistry()
+    job_id = reg.start_run(preset("digits", **{**TINY, "epochs": 50, "iters_per_epoch": 50}))
+    deadline = time.time() + 120
+    while reg.get(job_id).run.step < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    assert reg.cancel(job_id)
+    job = reg.wait(job_id, timeout=60)
+    assert job.status == "cancelled" and job.run.status == "cancelled"
+    assert job.run.step < job.run.total_steps
+    assert json.loads((Path(job.run.run_dir) / "status.json").read_text())["status"] == "cancelled"
+    assert not reg.cancel(job_id)  # nothing left to cancel
+    assert reg.active() == []
+
+
+def test_two_runs_at_once_and_snapshots_are_copies(home):
+    reg = JobRegistry()
+    a = reg.start_run(preset("digits", **TINY, seed=1))
+    b = reg.start_run(preset("digits", **TINY, seed=2, method="gdfq"))
+    assert {j.id for j in reg.jobs()} == {a, b}
+    ja, jb = reg.wait(a, 120), reg.wait(b, 120)
+    assert ja.status == jb.status == "finished"
+    assert ja.run.run_dir != jb.run.run_dir
+    assert jb.run.config["method"] == "gdfq" and jb.run.config["gen_input"] == "gdfq"
+    ja.run.metrics.clear()
+    assert len(reg.get(a).run.metrics) == 2
+
+
+def test_sweep_runs_one_after_another(home):
+    reg = JobRegistry()
+    job_id = reg.start_sweep(preset("digits", **{**TINY, "epochs": 1, "warmup_epochs": 0}), bits=[8, 3],
+                             methods=["ptq"], seeds=[0])
+    job = reg.wait(job_id, timeout=120)
+    assert job.kind == "sweep" and job.status == "finished", job.error
+    assert [(r.config["wbits"], r.config["abits"]) for r in job.runs] == [(8, 8), (3, 3)]
+    assert all(r.status == "finished" and r.summary["method"] == "ptq" for r in job.runs)
+    assert job.progress == 1.0 and job.current == 1
+
+
+def test_a_failed_run_reports_its_error(home):
+    reg = JobRegistry()
+    job = reg.wait(reg.start_run(preset("digits", **TINY, test_data="folder:/no/such/folder")), 60)
+    assert job.status == "failed" and job.run.status == "failed"
+    assert job.error and "digits-cnn" in job.error
+
+
+def test_sweep_configs_validate_up_front():
+    base = preset("digits", **TINY)
+    cfgs = sweep_configs(base, [2, (4, 8)], ["qimera", "gdfq"], [0, 1])
+    assert len(cfgs) == 8
+    assert [(c.wbits, c.abits, c.method, c.seed) for c in cfgs[:2]] == [(2, 2, "qimera", 0), (2, 2, "qimera", 1)]
+    assert (cfgs[-1].wbits, cfgs[-1].abits) == (4, 8)
+    with pytest.raises(ConfigError, match="wbits"):
+        sweep_configs(base, [9], ["qimera"], [0])
+    with pytest.raises(ConfigError, match="method"):
+        sweep_configs(base, [4], ["nope"], [0])
+    with pytest.raises(ValueError):
+        JobRegistry().start_sweep(base, [], ["qimera"], [0])
+
+
+def test_tasks_report_progress_and_are_reused_by_key():
+    reg = JobRegistry()
+    gate = threading.Event()
+    calls = []
+
+    def work(report, stop):
+        calls.append(1)
+        report(0.5, "half way")
+        gate.wait(10)
+        return {"answer": 42}
+
+    first = reg.start_task(work, label="demo", key="k1")
+    deadline = time.time() + 10
+    while reg.get(first).fraction < 0.5 and time.time() < deadline:
+        time.sleep(0.01)
+    job = reg.get(first)
+    assert job.active and job.progress == 0.5 and job.message == "half way"
+    assert reg.start_task(work, label="demo", key="k1") == first  # running: reused
+    gate.set()
+    assert reg.wait(first, 10).result == {"answer": 42}
+    assert reg.start_task(work, label="demo", key="k1") == first  # finished: reused
+    assert reg.find("k1").result == {"answer": 42} and calls == [1]
+
+    def broken(report, stop):
+        raise ValueError("no such data set")
+    bad = reg.wait(reg.start_task(broken, label="bad", key="k2"), 10)
+    assert bad.status == "failed" and "no such data set" in bad.error
+    assert reg.start_task(broken, label="bad", key="k2") != bad.id  # failures are retried
+
+
+def test_keeps_only_the_newest_finished_jobs():
+    reg = JobRegistry(keep=3)
+    ids = []
+    for i in range(6):
+        ids.append(reg.start_task(lambda report, stop, i=i: i, label=f"t{i}"))
+        assert reg.wait(ids[-1], 10).result == i
+    reg.start_task(lambda report, stop: None, label="last")
+    assert len(reg.jobs()) <= 4 and ids[0] not in {j.id for j in reg.jobs()}
+
+
+def test_engine_and_jobs_do_not_import_streamlit():
+    code = "import sys, qimera_engine, qimera_engine.jobs; print('streamlit' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
