@@ -64,7 +64,7 @@ def quantize_model(model: nn.Module, wbits: int, abits: int, *, keep_first_last_
     edge = {layers[0], layers[-1]} if keep_first_last_8bit else set()
     act_sites = []
     for name, m in list(student.named_modules()):
-        bits = min(wbits, 8) if name in edge else wbits
+        bits = max(wbits, 8) if name in edge else wbits
         if type(m) is nn.Conv2d:
             _set_submodule(student, name, QuantConv2d.from_float(m, bits))
         elif type(m) is nn.Linear:

@@ -1,0 +1,117 @@
+import pytest
+import torch
+
+from qimera_engine.generator import (BatchSampler, Generator, generate_images, sample_coefficients,
+                                     sample_latents, soft_targets, standardise, superpose)
+
+
+def test_superpose_is_the_coefficient_weighted_sum():
+    v = torch.randn(5, 3, 7)
+    c = torch.rand(5, 3).softmax(1)
+    expected = sum(c[:, k:k + 1] * v[:, k] for k in range(3))
+    torch.testing.assert_close(superpose(v, c), expected)
+
+
+def test_soft_targets_add_up_repeated_labels():
+    labels = torch.tensor([[1, 1], [0, 2]])
+    coeffs = torch.tensor([[0.3, 0.7], [0.25, 0.75]])
+    t = soft_targets(labels, coeffs, 3)
+    torch.testing.assert_close(t, torch.tensor([[0.0, 1.0, 0.0], [0.25, 0.0, 0.75]]))
+    assert torch.allclose(t.sum(1), torch.ones(2))
+
+
+@pytest.mark.parametrize("sampler", ["softmax", "dirichlet", "fixed"])
+def test_coefficients_lie_on_the_simplex(sampler):
+    torch.manual_seed(0)
+    c = sample_coefficients(500, 4, sampler, alpha=0.5, fixed=[0.1, 0.2, 0.3, 0.4])
+    assert c.shape == (500, 4) and (c >= 0).all()
+    torch.testing.assert_close(c.sum(1), torch.ones(500))
+    if sampler == "fixed":
+        assert torch.equal(c[0], torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    else:
+        assert c.std(0).min() > 0.05  # random, not constant
+
+
+def test_softmax_coefficients_follow_the_paper():
+    # softmax of K standard normals: for K=2 the mean coefficient is 1/2 and both extremes occur
+    torch.manual_seed(1)
+    c = sample_coefficients(20000, 2, "softmax")
+    assert abs(float(c[:, 0].mean()) - 0.5) < 0.01
+    assert float(c.max()) > 0.9
+
+
+def test_standardise_has_zero_mean_unit_variance():
+    v = standardise(torch.randn(6, 4, 32) * 5 + 3)
+    assert v.mean(-1).abs().max() < 1e-5
+    assert (v.var(-1, unbiased=False) - 1).abs().max() < 1e-3
+
+
+def test_batch_sampler_superposes_with_probability_p():
+    s = BatchSampler(10, 8, p=0.4, k=3, seed=0)
+    batches = [s(4) for _ in range(2000)]
+    share = sum(b.superposed for b in batches) / len(batches)
+    assert 0.36 < share < 0.44
+    plain = next(b for b in batches if not b.superposed)
+    assert plain.coeffs.eq(1).all() and plain.targets.sum(1).eq(1).all()
+    sup = next(b for b in batches if b.superposed)
+    assert sup.labels.shape == (4, 3) and sup.noise.shape == (4, 3, 8)
+
+
+@pytest.mark.parametrize("size,channels,cond", [(8, 1, False), (32, 3, False), (224, 3, True)])
+@pytest.mark.parametrize("dm", [False, True])
+def test_generator_at_all_image_sizes(size, channels, cond, dm):
+    g = Generator(10, size, channels, 16, dm=dm, dm_width=12, width=16)
+    assert g.conditional_bn is cond
+    b = sample_latents(3, 10, 16, k=2)
+    x = g(b.labels, b.coeffs, b.noise)
+    assert x.shape == (3, channels, size, size) and torch.isfinite(x).all()
+    x.sum().backward()
+    assert g.embedding.weight.grad is not None
+    if dm:
+        assert g.disentanglement_mapping.weight.grad is not None
+
+
+def test_dm_is_applied_before_superposition():
+    g = Generator(4, 8, 1, 6, dm=True, dm_width=5, width=8)
+    labels, coeffs = torch.tensor([[0, 1]]), torch.tensor([[0.3, 0.7]])
+    noise = torch.randn(1, 2, 6)
+    e = standardise(g.embedding(labels) + noise)
+    expected = 0.3 * g.disentanglement_mapping(e[:, 0]) + 0.7 * g.disentanglement_mapping(e[:, 1])
+    torch.testing.assert_close(g.latent(labels, coeffs, noise), expected)
+
+
+def test_gdfq_input_is_embedding_times_noise():
+    g = Generator(4, 8, 1, 6, input_mode="gdfq", width=8)
+    labels, noise = torch.tensor([[2]]), torch.randn(1, 1, 6)
+    torch.testing.assert_close(g.latent(labels, torch.ones(1, 1), noise), (g.embedding.weight[2] * noise[0, 0])[None])
+
+
+def test_embedding_init_from_teacher_and_freeze():
+    g = Generator(10, 8, 1, 64, width=8)
+    w = torch.randn(10, 64)
+    g.init_embeddings_from(w, freeze=True)
+    assert torch.equal(g.embedding.weight, w) and not g.embedding.weight.requires_grad
+    with pytest.raises(ValueError, match="embed_dim"):
+        g.init_embeddings_from(torch.randn(10, 32))
+
+
+def test_generate_images_is_deterministic_and_touches_no_state():
+    g = Generator(10, 8, 1, 16, width=8).train()
+    b = sample_latents(8, 10, 16, k=2)
+    g(b.labels, b.coeffs, b.noise)  # some running statistics
+    before = {k: v.clone() for k, v in g.state_dict().items()}
+    a = generate_images(g, [[1, 2], [1, 2]], [[0.5, 0.5], [0.5, 0.5]], [7, 7])
+    c = generate_images(g, [[1, 2]], [[0.5, 0.5]], [7])
+    torch.testing.assert_close(a[0], a[1])
+    torch.testing.assert_close(a[0], c[0])  # independent of the rest of the batch
+    assert g.training
+    assert all(torch.equal(v, g.state_dict()[k]) for k, v in before.items())
+    assert not torch.equal(generate_images(g, [[1, 2]], [[0.2, 0.8]], [7]), c)
+
+
+def test_generate_images_rejects_bad_input():
+    g = Generator(10, 8, 1, 16, width=8)
+    with pytest.raises(ValueError, match="labels"):
+        generate_images(g, [[10, 1]], [[0.5, 0.5]], [0])
+    with pytest.raises(ValueError, match="seed"):
+        generate_images(g, [[1, 2]], [[0.5, 0.5]], [0, 1])

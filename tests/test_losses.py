@@ -1,0 +1,70 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qimera_engine.losses import BNStatisticsLoss, bn_statistics_loss, kd_loss, soft_cross_entropy
+
+
+def test_soft_cross_entropy_equals_hard_ce_on_one_hot():
+    logits = torch.randn(6, 5)
+    y = torch.randint(5, (6,))
+    torch.testing.assert_close(soft_cross_entropy(logits, F.one_hot(y, 5).float()), F.cross_entropy(logits, y))
+
+
+def test_soft_cross_entropy_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    t = torch.tensor([[0.25, 0.75, 0.0]])
+    expected = -(t * torch.log_softmax(logits, 1)).sum()
+    torch.testing.assert_close(soft_cross_entropy(logits, t), expected)
+
+
+def test_kd_reductions():
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    tau = 20.0
+    p = F.softmax(t / tau, 1)
+    per_sample = (p * (p.log() - F.log_softmax(s / tau, 1))).sum(1)  # KL(p || q) per sample
+    torch.testing.assert_close(kd_loss(s, t, tau, "batchmean"), per_sample.mean() * tau**2)
+    torch.testing.assert_close(kd_loss(s, t, tau, "mean"), per_sample.mean() * tau**2 / 10)  # C times smaller
+    assert float(kd_loss(t, t, tau)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bn_statistics_loss_by_hand():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).eval()
+    for bn in (net[1], net[4]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(8, 3, 6, 6)
+    _, loss = bn_statistics_loss(net, x)
+    h1 = net[0](x)
+    h2 = net[3](net[2](net[1](h1)))
+    terms = []
+    for h, bn in ((h1, net[1]), (h2, net[4])):
+        mu, var = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
+        terms.append(F.mse_loss(mu, bn.running_mean) + F.mse_loss(var, bn.running_var))
+    torch.testing.assert_close(loss, sum(terms) / 2)
+
+
+def test_bn_loss_is_zero_on_matching_statistics_and_gradients_reach_the_input():
+    bn = nn.BatchNorm2d(2).eval()
+    x = torch.randn(64, 2, 4, 4)
+    with torch.no_grad():
+        bn.running_mean.copy_(x.mean((0, 2, 3)))
+        bn.running_var.copy_(x.var((0, 2, 3), unbiased=False))
+    _, loss = bn_statistics_loss(nn.Sequential(bn), x)
+    assert float(loss) < 1e-10
+    x2 = (x * 2).requires_grad_()
+    _, loss2 = bn_statistics_loss(nn.Sequential(bn), x2)
+    loss2.backward()
+    assert x2.grad.abs().sum() > 0
+
+
+def test_bn_hooks_record_only_while_active():
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)).eval()
+    hooks = BNStatisticsLoss(net)
+    net(torch.randn(2, 1, 3, 3))
+    with pytest.raises(RuntimeError):
+        hooks.pop()
+    with pytest.raises(ValueError, match="BatchNorm"):
+        BNStatisticsLoss(nn.Linear(2, 2))

@@ -1,0 +1,130 @@
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from qimera_engine.models import CifarResNet, DigitsCNN
+from qimera_engine.quant import (ActQuantizer, QuantAct, QuantConv2d, QuantLinear, count_quantized,
+                                 fake_quantize, fake_quantize_weight, quantize_model, set_calibration)
+from qimera_engine.quant.functional import affine_qparams, per_channel_range
+
+
+@pytest.mark.parametrize("build", [lambda: DigitsCNN(), lambda: CifarResNet(20),
+                                   lambda: torchvision.models.resnet18(num_classes=10)])
+def test_student_with_quantization_off_equals_teacher_exactly(build):
+    torch.manual_seed(0)
+    teacher = build().eval()
+    student = quantize_model(teacher, 32, 32)
+    size = 8 if isinstance(teacher, DigitsCNN) else 32
+    x = torch.randn(4, 1 if size == 8 else 3, size, size)
+    assert torch.equal(student(x), teacher(x))
+    assert set(student.state_dict()) >= set(teacher.state_dict())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_weight_fake_quant_equals_torch_per_channel(bits):
+    torch.manual_seed(bits)
+    w = torch.randn(16, 8, 3, 3)
+    ours = fake_quantize_weight(w, bits)
+    lo, hi = per_channel_range(w)
+    scale, zp = affine_qparams(lo, hi, bits)
+    ref = torch.fake_quantize_per_channel_affine(w, scale.flatten(), zp.flatten().int(), 0,
+                                                 -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+    assert ours.reshape(16, -1).unique(dim=1).shape[1] <= 2 ** bits * 72  # sanity: it did quantize
+    for c in range(16):
+        assert ours[c].unique().numel() <= 2 ** bits
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_activation_fake_quant_equals_torch_per_tensor(bits):
+    x = torch.randn(1000) * 3
+    lo, hi = torch.tensor(-2.5), torch.tensor(4.0)
+    scale, zp = affine_qparams(lo, hi, bits)
+    ref = torch.fake_quantize_per_tensor_affine(x, float(scale), int(zp), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    torch.testing.assert_close(fake_quantize(x, lo, hi, bits), ref, atol=1e-6, rtol=0)
+
+
+def test_method_formula_and_range_endpoints():
+    # METHOD.md's own form: s = (2^b - 1) / (hi - lo). (Exact ties of s*x may round either way in
+    # the two forms, so the points are random, not on a grid.)
+    x = torch.cat([torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 4 - 1, torch.tensor([-1.0, 3.0])])
+    lo, hi, b = torch.tensor(-1.0), torch.tensor(3.0), 4
+    s = (2**b - 1) / (hi - lo)
+    q = torch.clamp(torch.round(s * x) - torch.round(s * lo) - 2 ** (b - 1), -(2 ** (b - 1)), 2 ** (b - 1) - 1)
+    expected = (q + torch.round(s * lo) + 2 ** (b - 1)) / s
+    torch.testing.assert_close(fake_quantize(x, lo, hi, b), expected, atol=1e-5, rtol=0)
+    assert fake_quantize(x, lo, hi, b).unique().numel() == 2**b
+
+
+def test_straight_through_gradient():
+    w = torch.randn(4, 3, requires_grad=True)
+    fake_quantize_weight(w, 3).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
+def test_ema_calibration_is_bias_corrected_and_freezes():
+    q = ActQuantizer(4, beta=0.9)
+    q.calibrating = True
+    x = torch.tensor([0.0, 2.0])
+    for _ in range(10):
+        q(x)
+    lo, hi = q.range()
+    assert float(lo) == pytest.approx(0.0) and float(hi) == pytest.approx(2.0, rel=1e-5)  # not inflated
+    q.calibrating = False
+    q(torch.tensor([0.0, 100.0]))
+    assert float(q.range()[1]) == pytest.approx(2.0, rel=1e-5)
+
+
+def test_reused_relu_gets_one_quantizer_per_call_site():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    student = quantize_model(model, 4, 4)
+    block = student.layer1[0]
+    assert isinstance(block.relu, QuantAct) and len(block.relu.quantizers) == 2
+    assert len(student.relu.quantizers) == 1  # the stem's ReLU is called once
+    set_calibration(student, True)
+    student(torch.randn(2, 3, 64, 64))
+    student(torch.randn(2, 3, 64, 64))  # counters reset between forwards
+    assert all(int(q.steps) == 2 for q in block.relu.quantizers)
+    r1, r2 = (q.range()[1] for q in block.relu.quantizers)
+    assert not torch.equal(r1, r2)  # two sites, two different ranges
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2"])
+def test_torchvision_models_convert(name):
+    model = getattr(torchvision.models, name)(num_classes=10).eval()
+    student = quantize_model(model, 4, 4)
+    counts = count_quantized(student)
+    n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    assert counts["weight_layers"] == n_layers
+    assert counts["activation_sites"] > 0
+    if name == "mobilenet_v2":
+        assert any(isinstance(m, QuantAct) and isinstance(m.act, nn.ReLU6) for m in student.modules())
+    set_calibration(student, True)
+    out = student(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_keep_first_last_8bit():
+    student = quantize_model(CifarResNet(20), 3, 3, keep_first_last_8bit=True)
+    layers = [m for m in student.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    assert layers[0].wbits == 8 and layers[-1].wbits == 8 and layers[1].wbits == 3
+
+
+@pytest.mark.parametrize("bits", [1, 9, 16])
+def test_bad_bit_widths_are_refused(bits):
+    with pytest.raises(ValueError, match="bit width"):
+        quantize_model(DigitsCNN(), bits, 4)
+
+
+def test_eight_bit_is_close_to_full_precision():
+    torch.manual_seed(0)
+    teacher = CifarResNet(20).eval()
+    x = torch.randn(8, 3, 32, 32)
+    student = quantize_model(teacher, 8, 8)
+    set_calibration(student, True)
+    for _ in range(5):
+        student(x)
+    set_calibration(student, False)
+    ref = teacher(x)
+    assert (student(x) - ref).abs().max() < 0.1 * ref.abs().max()
