@@ -15,7 +15,7 @@ from .teachers import get_teacher
 def load_teacher(run: Run | str | Path, device="cpu") -> Teacher:
     run = run if isinstance(run, Run) else open_run(run)
     cfg = run.config
-    teacher = get_teacher(cfg.teacher, cfg.train_data or cfg.test_data, cfg.checkpoint, cfg.pretrained, device=device)
+    teacher = get_teacher(cfg.teacher, cfg.teacher_data, cfg.checkpoint, cfg.pretrained, device=device)
     teacher.model.to(device)
     return teacher
 

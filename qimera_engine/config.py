@@ -139,8 +139,11 @@ class RunConfig:
         return c
 
     @property
-    def student_starts(self) -> int:
-        return self.warmup_epochs
+    def teacher_data(self) -> str:
+        """The data set whose train split the (cached) teacher was trained on."""
+        if self.train_data:
+            return self.train_data
+        return "digits" if self.teacher == "digits-cnn" else self.test_data
 
     # --- serialisation ---
     def to_dict(self) -> dict:

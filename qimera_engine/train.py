@@ -74,7 +74,7 @@ class Parts:
     @classmethod
     def build(cls, cfg: RunConfig, log: Callable[[str], None] = lambda s: None) -> "Parts":
         device = pick_device(cfg.device)
-        teacher = get_teacher(cfg.teacher, cfg.train_data or cfg.test_data, cfg.checkpoint, cfg.pretrained,
+        teacher = get_teacher(cfg.teacher, cfg.teacher_data, cfg.checkpoint, cfg.pretrained,
                               device=device, log=log)
         spec = InputSpec.of(teacher)
         test = load_data(cfg.test_data, spec, "test", cfg.download)

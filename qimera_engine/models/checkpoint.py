@@ -32,10 +32,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             obj = load_file(str(path))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
-            AttributeError, KeyError, TypeError, ImportError) as e:
+    except Exception as e:  # a damaged file fails in many ways inside the unpickler
         why = ("the file is not in PyTorch's format, or it holds objects other than tensors"
-               if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: {str(e)[:200]}")
+               if isinstance(e, (pickle.UnpicklingError, IndexError, EOFError, zipfile.BadZipFile)) else f"{type(e).__name__}: {str(e)[:200]}")
         raise CheckpointError(
             f"{path} is not a valid checkpoint: expected a PyTorch state dict (read with "
             f"weights_only=True) or a .safetensors file; {why}") from None

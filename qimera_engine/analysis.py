@@ -1,0 +1,343 @@
+"""Looking at synthetic samples through the teacher's eyes (METHOD 4 and 11).
+
+The paper's Figure 3 in numbers: penultimate features of real and synthetic images, their 2-D
+projection, how close each sample sits to the teacher's decision boundary (``margin``), how much of
+the real feature space the synthetic features reach (``knn_coverage``), and a mixing path from
+class A to class B (``path_strip``). Pure functions over tensors and arrays; no Streamlit.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import threading
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from .data import ImageData
+from .evaluate import collect_features
+from .generator import Generator, generate_images, sample_coefficients, seeded_noise
+
+GEN_CHUNK = 500  # images generated per call: bounds memory for large image sizes
+
+# --------------------------------------------------------------------------- features
+
+
+def synthetic_features(generator: Generator, teacher, n: int, superposed: bool, seed: int = 0, k: int = 2,
+                       sampler: str = "softmax", *, fixed: list[float] | None = None,
+                       keep_images: bool = False) -> dict:
+    """Generate ``n`` images and take the teacher's penultimate features and probabilities.
+
+    Plain: one label per sample (K = 1, coefficient 1). Superposed: K labels uniform with replacement
+    and coefficients from ``sample_coefficients(sampler)`` (METHOD 4). Everything (labels,
+    coefficients, noise) follows from ``seed`` alone; the global random state is left untouched.
+    Returns features (N, D) float32, probs (N, C), labels (N, K) int64, coeffs (N, K) float32,
+    and images (N, C, H, W) when ``keep_images``.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if superposed and generator.input_mode == "gdfq":
+        raise ValueError("a GDFQ generator cannot superpose classes; use superposed=False")
+    if superposed and k < 2:
+        raise ValueError(f"superposition mixes k >= 2 classes, got k={k}")
+    k = k if superposed else 1
+    rng = torch.Generator().manual_seed(int(seed))
+    labels = torch.randint(generator.num_classes, (n, k), generator=rng)
+    seeds = torch.randint(2**31 - 1, (n,), generator=rng).tolist()  # one noise seed per sample
+    if k == 1:
+        coeffs = torch.ones(n, 1)
+    else:
+        # The Dirichlet sampler draws from the global generator: fork it so the seed alone decides.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            coeffs = sample_coefficients(n, k, sampler, fixed=fixed, generator=rng)
+    feats, probs, images = [], [], []
+    for i in range(0, n, GEN_CHUNK):
+        x = generate_images(generator, labels[i:i + GEN_CHUNK], coeffs[i:i + GEN_CHUNK], seeds[i:i + GEN_CHUNK])
+        f, p = collect_features(teacher.model, x)
+        feats.append(f)
+        probs.append(p)
+        if keep_images:
+            images.append(x.cpu())
+    out = {"features": torch.cat(feats).numpy().astype(np.float32, copy=False),
+           "probs": torch.cat(probs).numpy().astype(np.float32, copy=False),
+           "labels": labels.numpy(), "coeffs": coeffs.numpy().astype(np.float32, copy=False)}
+    if keep_images:
+        out["images"] = torch.cat(images)
+    return out
+
+
+def real_features(teacher, data: ImageData, n: int, seed: int = 0) -> dict:
+    """Features (N, D), probs (N, C) and labels (N,) of ``n`` real images (a fixed draw per seed)."""
+    x, y = data.subset(n, seed)
+    f, p = collect_features(teacher.model, x)
+    return {"features": f.numpy().astype(np.float32, copy=False),
+            "probs": p.numpy().astype(np.float32, copy=False), "labels": y.numpy().astype(np.int64)}
+
+# --------------------------------------------------------------------------- 2-D projection
+
+_CACHE_SIZE = 32
+_results: OrderedDict[str, dict] = OrderedDict()  # key -> {name: (N, 2)}
+_fitted: OrderedDict[str, object] = OrderedDict()  # key of (real, method, params) -> fitted projector
+_lock = threading.Lock()  # pages of several sessions may project at once
+
+
+def _as_features(x) -> np.ndarray:
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"features must be (N, D), got shape {x.shape}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _digest(*parts) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            h.update(repr(p.shape).encode())
+            h.update(p.tobytes())
+        else:
+            h.update(repr(p).encode())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def _remember(store: OrderedDict, key: str, value, size: int) -> None:
+    with _lock:
+        store[key] = value
+        store.move_to_end(key)
+        while len(store) > size:
+            store.popitem(last=False)
+
+
+def _recall(store: OrderedDict, key: str):
+    with _lock:
+        value = store.get(key)
+        if value is not None:
+            store.move_to_end(key)
+        return value
+
+
+class _PCA:
+    """Two principal axes of the real features; signs fixed so a projection never flips between calls."""
+
+    def fit(self, x: np.ndarray) -> "_PCA":
+        self.mean = x.mean(axis=0, dtype=np.float64)
+        _, _, vt = np.linalg.svd(x - self.mean, full_matrices=False)  # (min(N, D), D)
+        axes = np.zeros((2, x.shape[1]))
+        axes[:min(2, len(vt))] = vt[:2]
+        signs = np.sign(axes[np.arange(2), np.abs(axes).argmax(axis=1)])
+        self.axes = axes * np.where(signs == 0, 1.0, signs)[:, None]
+        self.embedding = self.transform(x)
+        return self
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean) @ self.axes.T).astype(np.float32)
+
+
+class _UMAP:
+    def __init__(self, seed: int, n_neighbors: int, min_dist: float):
+        import umap  # slow to import (numba): only when a UMAP is asked for
+        self.model = umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed)
+
+    def fit(self, x: np.ndarray) -> "_UMAP":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "n_jobs overridden by random_state"
+            self.model.fit(x)
+        self.embedding = np.asarray(self.model.embedding_, dtype=np.float32)
+        return self
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return np.asarray(self.model.transform(x), dtype=np.float32)
+
+
+def project(real, others: dict | None = None, method: str = "pca", seed: int = 0, *,
+            n_neighbors: int = 15, min_dist: float = 0.1) -> dict[str, np.ndarray]:
+    """2-D coordinates of the real features and of each set in ``others``, in one shared space.
+
+    The projection is fitted on the real features only (as in the paper's Figure 3) and the other
+    sets are mapped into it, so synthetic samples are seen where the real data would put them.
+    ``method``: "pca" (exact, centred on the real mean) or "umap" (umap-learn, ``random_state=seed``).
+    Results are cached by a hash of the arrays and arguments; a fitted projection is reused when
+    only ``others`` change. Returns {"real": (N, 2), name: (M, 2), ...} as float32.
+    """
+    if method not in ("pca", "umap"):
+        raise ValueError(f"method must be pca or umap, got {method!r}")
+    others = dict(others or {})
+    if "real" in others:
+        raise ValueError('"real" is reserved for the real features; name the other sets differently')
+    real = _as_features(real)
+    arrays = {name: _as_features(x) for name, x in others.items()}
+    for name, x in arrays.items():
+        if x.shape[1] != real.shape[1]:
+            raise ValueError(f"{name!r} has {x.shape[1]} features, the real set {real.shape[1]}")
+    if method == "umap" and len(real) <= n_neighbors:
+        raise ValueError(f"UMAP needs more than n_neighbors={n_neighbors} real samples, got {len(real)}")
+    params = (method, int(seed), int(n_neighbors), float(min_dist)) if method == "umap" else (method,)
+    fit_key = _digest(real, *params)
+    key = _digest(fit_key, *[p for name in sorted(arrays) for p in (name, arrays[name])])
+    cached = _recall(_results, key)
+    if cached is None:
+        projector = _recall(_fitted, fit_key)
+        if projector is None:
+            projector = (_PCA() if method == "pca" else _UMAP(seed, n_neighbors, min_dist)).fit(real)
+            _remember(_fitted, fit_key, projector, 4)
+        cached = {"real": projector.embedding}
+        cached.update({name: projector.transform(x) if len(x) else np.zeros((0, 2), np.float32)
+                       for name, x in arrays.items()})
+        _remember(_results, key, cached, _CACHE_SIZE)
+    return {"real": cached["real"].copy(), **{name: cached[name].copy() for name in others}}
+
+
+def clear_projection_cache() -> None:
+    with _lock:
+        _results.clear()
+        _fitted.clear()
+
+# --------------------------------------------------------------------------- boundary and coverage
+
+
+def margin(probs) -> np.ndarray:
+    """Top-1 minus top-2 probability per sample, (N,): 0 on the decision boundary, 1 far from it."""
+    p = probs.detach().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"probabilities must be (N, C), got shape {p.shape}")
+    if p.shape[1] == 1:
+        return p[:, 0].copy()
+    top2 = np.partition(p, -2, axis=1)[:, -2:]  # (N, 2): second largest, largest
+    return top2[:, 1] - top2[:, 0]
+
+
+def boundary_share(probs, threshold: float) -> float:
+    """Share of samples whose margin is below ``threshold`` (0.0 for no samples)."""
+    m = margin(probs)
+    return float(np.mean(m < threshold)) if len(m) else 0.0
+
+
+def knn_coverage(real, synthetic, k: int = 5) -> float:
+    """Coverage of Naeem et al. 2020: share of real samples whose k-NN ball holds a synthetic sample.
+
+    The ball around a real sample has the radius of its distance to its k-th nearest other real
+    sample; a synthetic sample on the sphere counts as inside. 1.0: synthetic features reach every
+    region of the real feature space; 0.0: they reach none.
+    """
+    from sklearn.neighbors import NearestNeighbors
+    real, synthetic = _as_features(real), _as_features(synthetic)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if len(real) <= k:
+        raise ValueError(f"coverage with k={k} needs more than {k} real samples, got {len(real)}")
+    if len(synthetic) == 0:
+        return 0.0
+    # k + 1 neighbours of each real sample among the real ones: the first is the sample itself.
+    radius = NearestNeighbors(n_neighbors=k + 1).fit(real).kneighbors(real)[0][:, k]
+    nearest = NearestNeighbors(n_neighbors=1).fit(synthetic).kneighbors(real)[0][:, 0]
+    return float(np.mean(nearest <= radius * (1 + 1e-6)))  # tolerance: float rounding of equal distances
+
+# --------------------------------------------------------------------------- the mixing path
+
+
+@torch.no_grad()
+def generate_from_input(generator: Generator, z: torch.Tensor, labels, coeffs) -> torch.Tensor:
+    """Images from explicit generator input vectors ``z`` (B, D_in) instead of the generator's own latent.
+
+    Runs the generator's forward with its input replaced, in eval mode. ``labels`` and ``coeffs``
+    (B, K) only matter for class-conditional BatchNorms. The generator itself is not changed: a
+    shallow copy (sharing every weight) carries the replaced input.
+    """
+    device = next(generator.parameters()).device
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+    coeffs = torch.as_tensor(coeffs, dtype=torch.float32, device=device)
+    z = z.to(device)
+    was_training = generator.training
+    generator.eval()
+    try:
+        body = copy.copy(generator)
+        body.latent = lambda *_: z
+        return body(labels, coeffs, None)
+    finally:
+        generator.train(was_training)
+
+
+def latent_interpolation(generator: Generator, class_a: int, class_b: int, alphas, seed: int = 0) -> torch.Tensor:
+    """Images along a straight line between the generator inputs of class A and class B.
+
+    This is an interpolation of the input vectors, not Qimera's superposition: for GDFQ's input
+    E[y] * z, (1 - alpha) * E[a] * z + alpha * E[b] * z with one noise vector z for the whole path.
+    Works for either input mode; endpoints are the plain images of class A and class B with that noise.
+    """
+    alphas = torch.as_tensor(np.asarray(alphas, dtype=np.float32))
+    s = len(alphas)
+    device = next(generator.parameters()).device
+    noise = seeded_noise([seed], 1, generator.embed_dim, device).expand(s, 1, -1)  # (S, 1, D)
+    one = torch.ones(s, 1, device=device)
+    za = generator.latent(torch.full((s, 1), class_a, device=device), one, noise)  # (S, D_in)
+    zb = generator.latent(torch.full((s, 1), class_b, device=device), one, noise)
+    a = alphas.to(device)[:, None]
+    z = (1 - a) * za + a * zb
+    labels = torch.tensor([[class_a, class_b]], device=device).expand(s, 2)
+    coeffs = torch.stack([1 - alphas, alphas], dim=1)
+    return generate_from_input(generator, z, labels, coeffs)
+
+
+def crossing_point(alphas, p_a, p_b) -> float | None:
+    """The first alpha where p_b exceeds p_a, linearly interpolated between steps; None if never."""
+    d = np.asarray(p_b, dtype=np.float64) - np.asarray(p_a, dtype=np.float64)
+    alphas = np.asarray(alphas, dtype=np.float64)
+    above = np.flatnonzero(d > 0)
+    if len(above) == 0:
+        return None
+    i = int(above[0])
+    if i == 0:
+        return float(alphas[0])
+    t = -d[i - 1] / (d[i] - d[i - 1])  # d[i - 1] <= 0 < d[i], so t in [0, 1)
+    return float(alphas[i - 1] + t * (alphas[i] - alphas[i - 1]))
+
+
+@torch.no_grad()
+def path_strip(generator: Generator, teacher, student, class_a: int, class_b: int, steps: int = 11,
+               seed: int = 0) -> dict:
+    """Images along the mixing path from class A to class B, and what teacher and student make of them.
+
+    Qimera generator: superposed samples with labels (A, B), coefficients (1 - alpha, alpha) and one
+    fixed seed (METHOD 4). GDFQ generator (no superposition): ``latent_interpolation`` instead, an
+    interpolation of the generator input, not superposition. ``student`` may be None.
+    crossing_alpha: where the teacher's p_b first exceeds p_a (None if it never does).
+    """
+    for c in (class_a, class_b):
+        if not 0 <= c < generator.num_classes:
+            raise ValueError(f"class {c} out of range [0, {generator.num_classes})")
+    if steps < 2:
+        raise ValueError(f"a path needs at least 2 steps, got {steps}")
+    alphas = np.linspace(0.0, 1.0, steps)
+    if generator.input_mode == "gdfq":
+        images = latent_interpolation(generator, class_a, class_b, alphas, seed)
+    else:
+        coeffs = np.stack([1 - alphas, alphas], axis=1)
+        images = generate_images(generator, [[class_a, class_b]] * steps, coeffs, [seed] * steps)
+    images = images.cpu()
+    _, p = collect_features(teacher.model, images)
+    out = {"alphas": alphas, "images": images, "p_a": p[:, class_a].numpy(), "p_b": p[:, class_b].numpy(),
+           "teacher_pred": p.argmax(1).numpy(), "student_p_a": None, "student_p_b": None, "student_pred": None}
+    if student is not None:
+        _, q = collect_features(student, images)
+        out.update(student_p_a=q[:, class_a].numpy(), student_p_b=q[:, class_b].numpy(),
+                   student_pred=q.argmax(1).numpy())
+    out["crossing_alpha"] = crossing_point(alphas, out["p_a"], out["p_b"])
+    return out
+
+# --------------------------------------------------------------------------- display
+
+
+def to_display(images, teacher) -> np.ndarray:
+    """Normalised images (N, C, H, W) back to (N, H, W, C) uint8 with the teacher's mean and std."""
+    x = torch.as_tensor(images).detach().float().cpu()
+    if x.dim() == 3:
+        x = x[None]
+    mean = torch.tensor(teacher.mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(teacher.std, dtype=x.dtype).view(1, -1, 1, 1)
+    x = (x * std + mean).clamp_(0, 1).mul_(255).round_()
+    return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()

@@ -1,0 +1,192 @@
+"""Streamlit helpers shared by the pages: the job registry, cached loaders, sidebar, job panels.
+
+The only module of the package that imports Streamlit. Never call ``st.*`` from worker threads:
+workers record into the JobRegistry, and pages read it from fragments.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+import torch
+
+from ..artifacts import load_generator, load_student, load_teacher
+from ..data import InputSpec, load_data
+from ..jobs import Job, JobRegistry, shared_registry
+from ..runs import Run, list_runs, open_run, qimera_home, runs_dir
+from . import figures
+from .logic import generator_runs, mix_samples, run_label
+
+POLL_SECONDS = 1.0  # how often live panels redraw while a job runs
+
+
+@st.cache_resource
+def registry() -> JobRegistry:
+    """One registry per server: jobs outlive page switches, reloads and sessions."""
+    return shared_registry()
+
+
+def device_description() -> str:
+    if torch.cuda.is_available():
+        return f"GPU: {torch.cuda.get_device_name(0)} (CUDA)"
+    return f"CPU ({torch.get_num_threads()} threads; no CUDA GPU found)"
+
+
+def setup_page(title: str, icon: str = "🧪") -> None:
+    st.set_page_config(page_title=f"{title} · Qimera Explorer", page_icon=icon, layout="wide")
+    with st.sidebar:
+        st.caption(f"**Device:** {device_description()}")
+        st.caption(f"**Runs stored in:** `{runs_dir()}`")
+        active = registry().active()
+        if active:
+            st.caption(f"**{len(active)} job(s) running:** " + "; ".join(f"{j.label} ({j.progress:.0%})" for j in active))
+
+
+def all_runs() -> list[Run]:
+    """Run folders, newest first (read fresh each time: they are small files)."""
+    return list_runs()
+
+
+def pick_run(label: str, runs: list[Run], key: str, help: str | None = None) -> Run | None:
+    """A selectbox over runs that remembers the choice in the URL (?run=ID)."""
+    if not runs:
+        return None
+    ids = [r.id for r in runs]
+    wanted = st.query_params.get("run")
+    index = ids.index(wanted) if wanted in ids else 0
+    chosen = st.selectbox(label, ids, index=index, key=key, help=help,
+                          format_func=lambda i: run_label(runs[ids.index(i)]))
+    return runs[ids.index(chosen)]
+
+
+def _stamp(run: Run) -> float:
+    p = run.path / Run.GENERATOR
+    return p.stat().st_mtime if p.exists() else 0.0
+
+
+@st.cache_resource(max_entries=6, show_spinner="Loading the run's networks...")
+def _networks(run_path: str, stamp: float):
+    run = open_run(run_path)
+    teacher = load_teacher(run)
+    teacher.model.eval()
+    generator = load_generator(run)
+    student = load_student(run, teacher)
+    return teacher, generator, student
+
+
+def run_networks(run: Run):
+    """(teacher, generator, student) of a run, cached until its weights change. Read-only: shared."""
+    return _networks(str(run.path), _stamp(run))
+
+
+@st.cache_data(max_entries=16, show_spinner="Reading real images...")
+def real_images(spec: str, input_spec: InputSpec, n: int, seed: int, home: str) -> tuple[np.ndarray, np.ndarray, list]:
+    """n stored images (uint8, for display) with labels and class names; ``home`` keys the cache."""
+    data = load_data(spec, input_spec, "test")
+    x, y = data.raw(n, seed)
+    return x.numpy(), y.numpy(), data.classes
+
+
+def home_key() -> str:
+    return str(qimera_home())
+
+
+def show_image_grid(images, caption: str = "", ncols: int = 8, **kw) -> None:
+    st.image(figures.image_grid(images, ncols, **kw), caption=caption or None)
+
+
+def job_panel(job: Job, *, curves: bool = True, key: str = "") -> None:
+    """Progress, message, cancel button and (for runs) live loss/accuracy curves of one job."""
+    st.progress(job.progress, text=f"{job.label}: {job.message or job.status}")
+    cols = st.columns([1, 4])
+    if job.active:
+        if cols[0].button("Cancel", key=f"cancel-{job.id}-{key}", help="Stops after the current iteration; "
+                          "finished epochs stay on disk and can be resumed."):
+            registry().cancel(job.id)
+            st.rerun()
+    if job.error:
+        st.error(job.error)
+    run = job.run
+    if run is None:
+        return
+    if run.run_dir:
+        cols[1].caption(f"Run folder: `{run.run_dir}` · device {run.device} · {run.images_per_s:.0f} images/s")
+    if job.kind == "sweep":
+        st.caption(f"Run {job.current + 1} of {len(job.runs)}: "
+                   + ", ".join(f"{r.config.get('method')} W{r.config.get('wbits')}A{r.config.get('abits')}"
+                               f" seed {r.config.get('seed')} [{r.status}]" for r in job.runs))
+    if curves and (run.loss_history or run.metrics):
+        c1, c2 = st.columns(2)
+        c1.plotly_chart(figures.loss_figure(run.loss_history), key=f"loss-{job.id}-{key}")
+        c2.plotly_chart(figures.accuracy_figure(run.metrics, run.fp_top1), key=f"acc-{job.id}-{key}")
+
+
+def jobs_section(kind: str | None = None, *, key: str, limit: int = 3, curves: bool = True) -> None:
+    """The newest jobs of a kind, redrawn every second while any is running (never blocks the page)."""
+    polling = bool(registry().active(kind))
+
+    @st.fragment(run_every=POLL_SECONDS if polling else None)
+    def _live():
+        jobs = registry().jobs(kind)[:limit]
+        for job in jobs:
+            with st.container(border=True):
+                job_panel(job, curves=curves, key=key)
+        if polling and not any(j.active for j in jobs):
+            st.rerun()  # a job just ended: redraw the whole page (run lists, results)
+    _live()
+
+
+def save_upload(uploaded, folder: str = "uploads") -> Path:
+    """Store an uploaded file under $QIMERA_HOME/<folder> and return its path."""
+    dest = qimera_home() / folder / Path(uploaded.name).name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(uploaded.getvalue())
+    return dest
+
+
+def need_runs_message(what: str) -> None:
+    st.info(f"No {what} yet. Start one on the **Quantize** page, or press **Run the demo** on the Home page "
+            f"(digits, about half a minute on a CPU).")
+    st.page_link("pages/2_Quantize.py", label="Go to Quantize", icon="⚙️")
+
+
+__all__ = ["all_runs", "device_description", "generator_runs", "home_key", "job_panel", "jobs_section",
+           "need_runs_message", "pick_run", "real_images", "registry", "run_networks", "save_upload",
+           "setup_page", "show_image_grid"]
+
+
+# --------------------------------------------------------------------------- boundary samples (cached)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def class_names(run_path: str, stamp: float) -> list[str]:
+    """The run's class names from its test set (class indices when the data cannot be read)."""
+    teacher, _, _ = _networks(run_path, stamp)
+    try:
+        return load_data(open_run(run_path).config.test_data, InputSpec.of(teacher), "test").classes
+    except Exception:
+        return [str(i) for i in range(teacher.num_classes)]
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def mixed_samples(run_path: str, stamp: float, classes: tuple, coeffs: tuple, seeds: tuple) -> dict:
+    """logic.mix_samples, cached by (run, classes, rounded coefficients, seeds); images displayable."""
+    teacher, gen, student = _networks(run_path, stamp)
+    out = mix_samples(gen, teacher.model, student, list(classes), list(coeffs), list(seeds))
+    out["grid"] = figures.image_grid(out.pop("images"), 8, mean=teacher.mean, std=teacher.std)
+    return out
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def mixing_path(run_path: str, stamp: float, a: int, b: int, steps: int, seed: int) -> dict:
+    """analysis.path_strip, cached; images as one displayable strip."""
+    from .. import analysis
+    teacher, gen, student = _networks(run_path, stamp)
+    out = analysis.path_strip(gen, teacher, student, a, b, steps, seed)
+    out["strip"] = figures.image_grid(out.pop("images"), steps, mean=teacher.mean, std=teacher.std)
+    return out
+
+
+def stamp(run: Run) -> float:
+    return _stamp(run)

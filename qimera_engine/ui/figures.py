@@ -1,0 +1,205 @@
+"""Figure and image builders for the app: plotly figures and uint8 arrays, no Streamlit.
+
+Each function takes plain arrays and dicts, so tests can check what a chart or image holds.
+"""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+# Colour-blind-safe palette (plotly's qualitative "Safe"), cycled for many classes.
+SAFE = ["#88CCEE", "#CC6677", "#DDCC77", "#117733", "#332288", "#AA4499", "#44AA99", "#999933", "#882255",
+        "#661100", "#6699CC", "#888888"]
+SOURCE_SYMBOLS = {"real": "circle", "plain": "diamond", "superposed": "x", "gdfq": "square"}
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+# --------------------------------------------------------------------------- images
+
+
+def to_display(x, mean, std) -> np.ndarray:
+    """Normalised images (B, C, H, W) -> displayable floats (B, H, W, C) in [0, 1]."""
+    x = _np(x).astype(np.float32)
+    m = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
+    return np.clip(x * s + m, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+
+def image_grid(images, ncols: int = 8, *, mean=None, std=None, scale: int | None = None, pad: int = 1) -> np.ndarray:
+    """A grid of images as one uint8 RGB array (H, W, 3).
+
+    ``images``: uint8 (B, C, H, W) as stored, or normalised floats with ``mean``/``std`` given.
+    Small images are enlarged by an integer ``scale`` (nearest neighbour; default: to ~64 px).
+    """
+    arr = _np(images)
+    if arr.ndim != 4 or len(arr) == 0:
+        raise ValueError(f"expected a (B, C, H, W) batch of at least one image, got shape {arr.shape}")
+    if mean is not None:
+        f = to_display(arr, mean, std)
+    else:
+        f = arr.transpose(0, 2, 3, 1).astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0)
+    if f.shape[-1] == 1:
+        f = np.repeat(f, 3, axis=-1)
+    b, h, w, _ = f.shape
+    scale = scale or max(1, 64 // max(h, w))
+    f = f.repeat(scale, axis=1).repeat(scale, axis=2)
+    h, w = h * scale, w * scale
+    ncols = max(1, min(ncols, b))
+    nrows = -(-b // ncols)
+    grid = np.ones((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), np.float32)
+    for i in range(b):
+        r, c = divmod(i, ncols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = f[i]
+    return (grid * 255).round().astype(np.uint8)
+
+# --------------------------------------------------------------------------- training progress
+
+
+def loss_figure(loss_history: list[dict], keys=("loss_g", "ce_g", "bns", "loss_s", "kd", "ce_s")) -> go.Figure:
+    """Losses against the global step (from the job's live record or metrics rows with ``step``)."""
+    fig = go.Figure()
+    steps = [p["step"] for p in loss_history]
+    for k in keys:
+        ys = [p.get(k) for p in loss_history]
+        if any(y not in (None, 0, 0.0) for y in ys):
+            fig.add_trace(go.Scatter(x=steps, y=ys, mode="lines", name=k))
+    fig.update_layout(title="Losses", xaxis_title="step", yaxis_title="loss", height=300,
+                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h"))
+    return fig
+
+
+def accuracy_figure(metrics: list[dict], fp_top1: float | None = None) -> go.Figure:
+    """The student's top-1 after each epoch, with the FP teacher as a reference line."""
+    fig = go.Figure()
+    epochs = [r["epoch"] + 1 for r in metrics]
+    fig.add_trace(go.Scatter(x=epochs, y=[r["top1"] for r in metrics], mode="lines+markers", name="student top-1"))
+    if metrics and "best_top1" in metrics[0]:
+        fig.add_trace(go.Scatter(x=epochs, y=[r["best_top1"] for r in metrics], mode="lines", name="best so far",
+                                 line=dict(dash="dot")))
+    if fp_top1 is not None:
+        fig.add_hline(y=fp_top1, line_dash="dash", line_color="gray", annotation_text=f"FP teacher {fp_top1:.2f}%")
+    fig.update_layout(title="Test accuracy", xaxis_title="epoch", yaxis_title="top-1 (%)", height=300,
+                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h"))
+    return fig
+
+# --------------------------------------------------------------------------- boundary samples
+
+
+def probability_figure(probs, classes: list[str], row_labels: list[str] | None = None) -> go.Figure:
+    """Teacher's class probabilities, one row per generated image (a heatmap)."""
+    p = _np(probs)
+    rows = row_labels or [f"image {i + 1}" for i in range(len(p))]
+    fig = go.Figure(go.Heatmap(z=p, x=list(classes), y=rows, zmin=0, zmax=1, colorscale="Blues",
+                               text=np.round(p, 2), texttemplate="%{text}", hovertemplate="%{y}, class %{x}: %{z:.3f}<extra></extra>"))
+    fig.update_layout(title="Teacher's class probabilities", height=60 + 28 * len(p), xaxis_title="class",
+                      margin=dict(l=10, r=10, t=40, b=10), yaxis=dict(autorange="reversed"))
+    return fig
+
+
+def path_figure(path: dict, name_a: str, name_b: str) -> go.Figure:
+    """p(A) and p(B) along the path A -> B; the boundary crossing marked; teacher/student disagreement shaded."""
+    alphas = _np(path["alphas"]).astype(float)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=alphas, y=_np(path["p_a"]), mode="lines+markers", name=f"teacher p({name_a})",
+                             line=dict(color=SAFE[1])))
+    fig.add_trace(go.Scatter(x=alphas, y=_np(path["p_b"]), mode="lines+markers", name=f"teacher p({name_b})",
+                             line=dict(color=SAFE[4])))
+    for key, name, color in (("student_p_a", name_a, SAFE[1]), ("student_p_b", name_b, SAFE[4])):
+        if path.get(key) is not None:
+            fig.add_trace(go.Scatter(x=alphas, y=_np(path[key]), mode="lines", name=f"student p({name})",
+                                     line=dict(color=color, dash="dot")))
+    tp, sp = _np(path.get("teacher_pred") if path.get("teacher_pred") is not None else []), \
+        _np(path.get("student_pred") if path.get("student_pred") is not None else [])
+    if len(tp) == len(alphas) and len(sp) == len(alphas):
+        step = (alphas[1] - alphas[0]) / 2 if len(alphas) > 1 else 0.05
+        for a, t, s in zip(alphas, tp, sp):
+            if t != s:
+                fig.add_vrect(x0=a - step, x1=a + step, fillcolor="orange", opacity=0.2, line_width=0)
+    crossing = path.get("crossing_alpha")
+    if crossing is not None:
+        fig.add_vline(x=float(crossing), line_dash="dash", line_color="black",
+                      annotation_text=f"boundary at {float(crossing):.2f}")
+    fig.update_layout(title=f"From {name_a} (0) to {name_b} (1)", xaxis_title=f"coefficient of {name_b}",
+                      yaxis_title="probability", yaxis_range=[0, 1.02], height=320,
+                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h"))
+    return fig
+
+# --------------------------------------------------------------------------- feature space
+
+
+def feature_scatter(coords: dict, labels: dict, classes: list[str], hover: dict | None = None,
+                    title: str = "") -> go.Figure:
+    """2-D projections coloured by class and marked by source.
+
+    ``coords[source]``: (N, 2); ``labels[source]``: (N,) class index (the largest coefficient for
+    superposed samples); ``hover[source]``: (N,) extra text, e.g. the mixing coefficients.
+    One trace per (source, class), so the legend toggles both.
+    """
+    fig = go.Figure()
+    for source, xy in coords.items():
+        xy, lab = _np(xy), _np(labels[source]).astype(int)
+        extra = np.asarray(hover[source]) if hover and source in hover else np.full(len(xy), "", dtype=object)
+        for c in np.unique(lab):
+            m = lab == c
+            fig.add_trace(go.Scattergl(
+                x=xy[m, 0], y=xy[m, 1], mode="markers", name=f"{source}: {classes[c]}", legendgroup=source,
+                marker=dict(color=SAFE[c % len(SAFE)], symbol=SOURCE_SYMBOLS.get(source, "circle"),
+                            size=5 if source == "real" else 7, opacity=0.55 if source == "real" else 0.9,
+                            line=dict(width=0)),
+                customdata=np.stack([np.full(m.sum(), source, dtype=object), np.full(m.sum(), classes[c], dtype=object),
+                                     extra[m]], axis=1),
+                hovertemplate="%{customdata[0]}<br>class %{customdata[1]}<br>%{customdata[2]}<extra></extra>"))
+    fig.update_layout(title=title, height=560, margin=dict(l=10, r=10, t=40, b=10),
+                      legend=dict(itemsizing="constant"), xaxis_title="dim 1", yaxis_title="dim 2")
+    return fig
+
+# --------------------------------------------------------------------------- bit widths
+
+
+def bitwidth_figure(table, fp_top1: float | None = None, value: str = "top1") -> go.Figure:
+    """Mean top-1 (error bars: std over seeds) against bit width, one line per method.
+
+    ``table``: a pandas DataFrame with columns method, bits (e.g. 4 for W4A4), ``value``.
+    """
+    fig = go.Figure()
+    if len(table):
+        g = table.groupby(["method", "bits"])[value].agg(["mean", "std", "count"]).reset_index()
+        for method, part in g.groupby("method"):
+            part = part.sort_values("bits")
+            fig.add_trace(go.Scatter(x=part["bits"], y=part["mean"], mode="lines+markers", name=method,
+                                     error_y=dict(type="data", array=part["std"].fillna(0.0), visible=True),
+                                     customdata=part["count"],
+                                     hovertemplate="%{x} bits: %{y:.2f}% (%{customdata} runs)<extra>" + method + "</extra>"))
+    if fp_top1 is not None:
+        fig.add_hline(y=fp_top1, line_dash="dash", line_color="gray", annotation_text=f"FP {fp_top1:.2f}%")
+    fig.update_layout(title="Top-1 per bit width", xaxis_title="bits (W = A)", yaxis_title="top-1 (%)",
+                      xaxis=dict(dtick=1), height=380, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+# --------------------------------------------------------------------------- the Home picture
+
+
+def method_picture(seed: int = 0) -> go.Figure:
+    """A sketch of the idea: plain samples cluster at class centres; superposed ones fill the gap.
+
+    Drawn from a toy 2-D model (two Gaussian classes, mixing their centres), not from a run.
+    """
+    rng = np.random.default_rng(seed)
+    a, b = np.array([-2.0, 0.0]), np.array([2.0, 0.0])
+    real = np.concatenate([rng.normal(a, 0.9, (120, 2)), rng.normal(b, 0.9, (120, 2))])
+    plain = np.concatenate([rng.normal(a, 0.25, (25, 2)), rng.normal(b, 0.25, (25, 2))])
+    lam = rng.uniform(0, 1, 40)[:, None]
+    mixed = lam * a + (1 - lam) * b + rng.normal(0, 0.25, (40, 2))
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=real[:, 0], y=real[:, 1], mode="markers", name="real data (unseen)",
+                             marker=dict(color="#BBBBBB", size=5)))
+    fig.add_trace(go.Scatter(x=plain[:, 0], y=plain[:, 1], mode="markers", name="plain synthetic (GDFQ)",
+                             marker=dict(color=SAFE[1], symbol="square", size=7)))
+    fig.add_trace(go.Scatter(x=mixed[:, 0], y=mixed[:, 1], mode="markers", name="superposed synthetic (Qimera)",
+                             marker=dict(color=SAFE[4], symbol="x", size=8)))
+    fig.add_vline(x=0.0, line_dash="dash", annotation_text="decision boundary")
+    fig.update_layout(height=300, margin=dict(l=10, r=10, t=10, b=10), xaxis_visible=False, yaxis_visible=False,
+                      legend=dict(orientation="h"))
+    return fig

@@ -1,0 +1,264 @@
+"""What the pages compute, without Streamlit: settings, tables of runs, samples to look at.
+
+The pages only lay these out; tests call them directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..config import METHODS, RunConfig, preset
+from ..generator import generate_images
+from ..models import TEACHERS, features_and_logits
+from ..runs import Run
+
+# --------------------------------------------------------------------------- Quantize settings
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One widget on the Quantize page: a RunConfig field, its label and a one-line explanation."""
+    name: str
+    label: str
+    help: str
+    kind: str                 # int | float | bool | select | floatlog
+    options: tuple = ()
+    lo: float | None = None
+    hi: float | None = None
+    section: str = "Method"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("wbits", "Weight bits (W)", "Bits per weight, every layer incl. first and last; 32 = full precision.",
+            "select", (2, 3, 4, 5, 6, 7, 8, 32)),
+    Setting("abits", "Activation bits (A)", "Bits per activation, after every ReLU; 32 = full precision.",
+            "select", (2, 3, 4, 5, 6, 7, 8, 32)),
+    Setting("method", "Method", "qimera: superposed embeddings; gdfq: plain generator baseline; "
+            "ptq: calibrate only, no fine-tuning; real-data: QAT on real images (upper bound).", "select", METHODS),
+    Setting("superpose_p", "Superposition probability p", "Share of batches whose samples mix K class embeddings "
+            "(paper: 0.4).", "float", lo=0.0, hi=1.0),
+    Setting("superpose_k", "Classes mixed K", "How many class embeddings each superposed sample mixes "
+            "(paper: 2 on CIFAR-10).", "int", lo=1, hi=1000),
+    Setting("coeff_sampler", "Coefficient sampler", "softmax of Gaussian logits (paper), Dirichlet(alpha), "
+            "or fixed coefficients.", "select", ("softmax", "dirichlet", "fixed")),
+    Setting("dirichlet_alpha", "Dirichlet alpha", "Concentration of the Dirichlet sampler (1 = uniform on the "
+            "simplex).", "float", lo=0.01, hi=100.0),
+    Setting("dm", "Disentanglement mapping", "A learnable linear layer applied before mixing (off in the "
+            "released scripts).", "bool", section="Generator"),
+    Setting("dm_width", "Mapping width", "Output width of the disentanglement mapping (paper: 100).", "int",
+            lo=1, hi=4096, section="Generator"),
+    Setting("embed_init", "Embedding init", "random, or the teacher's final linear layer (rows point to the "
+            "class regions).", "select", ("random", "teacher"), section="Generator"),
+    Setting("embed_freeze", "Freeze embeddings", "Keep the class embeddings fixed while the generator trains.",
+            "bool", section="Generator"),
+    Setting("noise_scale", "Noise scale sigma", "Gaussian noise added to each class embedding (paper: 1).",
+            "float", lo=0.0, hi=10.0, section="Generator"),
+    Setting("epochs", "Epochs", "Passes of iterations; the student is evaluated after each (paper: 400).", "int",
+            lo=1, hi=10000, section="Schedule"),
+    Setting("iters_per_epoch", "Iterations per epoch", "Generated batches per epoch (paper: 200).", "int",
+            lo=1, hi=100000, section="Schedule"),
+    Setting("batch_size", "Batch size", "Generated images per iteration (paper: 200 on CIFAR).", "int",
+            lo=2, hi=4096, section="Schedule"),
+    Setting("warmup_epochs", "Warm-up epochs", "Epochs where only the generator trains (paper: 4).", "int",
+            lo=0, hi=10000, section="Schedule"),
+    Setting("calib_epochs", "Calibration epochs", "Epochs where activation ranges are calibrated, then frozen "
+            "(paper: 4).", "int", lo=0, hi=10000, section="Schedule"),
+    Setting("lr_g", "Generator learning rate", "Adam, betas (0.5, 0.999) (paper: 1e-3).", "floatlog",
+            lo=1e-7, hi=1.0, section="Schedule"),
+    Setting("lr_s", "Student learning rate", "SGD with Nesterov momentum 0.9 (paper: 1e-4 on CIFAR).",
+            "floatlog", lo=0.0, hi=1.0, section="Schedule"),
+    Setting("seed", "Seed", "Random seed of the whole run (same seed, same result on the CPU).", "int",
+            lo=0, hi=2**31 - 1, section="Schedule"),
+)
+
+
+def settings_by_section() -> dict[str, list[Setting]]:
+    out: dict[str, list[Setting]] = {}
+    for s in SETTINGS:
+        out.setdefault(s.section, []).append(s)
+    return out
+
+
+def config_from_values(base: RunConfig, values: dict) -> RunConfig:
+    """``base`` with the widget values applied (raises ConfigError with a clear message)."""
+    return base.with_overrides(**values)
+
+
+def start_presets() -> dict[str, str]:
+    """Presets to start the Quantize form from, with a description."""
+    return {"digits": "Fast demo: 8x8 digits, small CNN trained on the spot (seconds on a CPU)",
+            "cifar10-resnet20-cpu": "CIFAR-10 ResNet-20 at a CPU budget (needs the data and teacher weights)",
+            "cifar10-resnet20": "The paper's CIFAR-10 setting (400 x 200 iterations; a GPU job)",
+            "cifar100-resnet20": "The paper's CIFAR-100 setting",
+            "imagenet-resnet18": "ImageNet ResNet-18 (zoo weights, an ImageNet folder)"}
+
+# --------------------------------------------------------------------------- Teacher page
+
+
+DATASETS = {"digits": "Digits (8x8, embedded, offline)", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
+            "folder": "An image folder (ROOT/<class>/<image>)", "imagenet": "ImageNet validation folder"}
+
+
+def data_spec(kind: str, path: str = "") -> str:
+    """The engine's data spec for a data-set choice and an optional folder."""
+    path = (path or "").strip()
+    if kind == "digits":
+        return "digits"
+    if kind in ("cifar10", "cifar100"):
+        return f"{kind}:{path}" if path else kind
+    return f"{kind}:{path}"
+
+
+def teachers_for(kind: str) -> list[str]:
+    """Teacher names that fit a data set (by image size and classes)."""
+    if kind == "digits":
+        return ["digits-cnn"]
+    if kind == "cifar10":
+        return [n for n in TEACHERS if n.startswith("resnet") and TEACHERS[n][1] == 32 and TEACHERS[n][5] == 10]
+    if kind == "cifar100":
+        return [n for n in TEACHERS if TEACHERS[n][1] == 32 and n != "resnet20_cifar10"]
+    return [n for n in TEACHERS if n != "digits-cnn"]
+
+
+def preset_for(kind: str) -> str:
+    return {"digits": "digits", "cifar10": "cifar10-resnet20-cpu", "cifar100": "cifar100-resnet20",
+            "imagenet": "imagenet-resnet18"}.get(kind, "cifar10-resnet20-cpu")
+
+# --------------------------------------------------------------------------- runs
+
+
+def run_label(run: Run) -> str:
+    try:
+        c = run.config
+        return f"{run.id}  ({c.method} W{c.wbits}A{c.abits}, {c.teacher}, seed {c.seed})"
+    except Exception:
+        return run.id
+
+
+def runs_table(runs: list[Run], active_dirs: set[str] | frozenset = frozenset()) -> pd.DataFrame:
+    """One row per run folder: settings, status and results (the newest first)."""
+    rows = []
+    for r in runs:
+        try:
+            c = r.config
+        except Exception as e:  # a damaged folder is listed, not fatal
+            rows.append({"run": r.id, "status": f"unreadable: {e}"})
+            continue
+        s = r.summary or {}
+        status = r.status.get("status", "unknown")
+        if status == "running" and str(r.path) not in active_dirs:
+            status = "interrupted"  # written as running by a process that is gone
+        metrics = r.metrics if not s else []
+        rows.append({"run": r.id, "method": c.method, "W": c.wbits, "A": c.abits, "teacher": c.teacher,
+                     "data": c.test_data, "seed": c.seed, "status": status,
+                     "epochs": f"{s.get('epochs_done', len(metrics))}/{c.epochs}",
+                     "FP top-1": s.get("fp_top1"),
+                     "final top-1": s.get("quant_top1", metrics[-1]["top1"] if metrics else None),
+                     "best top-1": s.get("best_top1", max((m["top1"] for m in metrics), default=None)),
+                     "seconds": s.get("seconds")})
+    return pd.DataFrame(rows)
+
+
+def bitwidth_table(runs: list[Run]) -> pd.DataFrame:
+    """Finished runs with W = A, for the bit-width chart: method, bits, seed, top-1 (final and best)."""
+    rows = []
+    for r in runs:
+        s = r.summary
+        if not s or r.status.get("status") != "finished" or s.get("quant_top1") is None:
+            continue
+        rows.append({"method": s["method"], "bits": s["wbits"] if s["wbits"] == s["abits"] else None,
+                     "W": s["wbits"], "A": s["abits"], "seed": s.get("seed"), "teacher": s.get("teacher"),
+                     "data": s.get("test_data"), "top1": s["quant_top1"], "best_top1": s.get("best_top1"),
+                     "fp_top1": s.get("fp_top1"), "run": r.id})
+    cols = ["method", "bits", "W", "A", "seed", "teacher", "data", "top1", "best_top1", "fp_top1", "run"]
+    df = pd.DataFrame(rows, columns=cols)
+    return df[df["bits"].notna() & df["W"].between(2, 8)].astype({"bits": int}).reset_index(drop=True)
+
+
+def generator_runs(runs: list[Run]) -> list[Run]:
+    """Runs that have saved a generator (at least one epoch done)."""
+    out = []
+    for r in runs:
+        try:
+            if r.has_generator and (r.path / "generator.json").exists():
+                out.append(r)
+        except OSError:
+            continue
+    return out
+
+
+def gdfq_partner(run: Run, runs: list[Run]) -> Run | None:
+    """The newest GDFQ run with the same teacher and data as ``run`` (for side-by-side views)."""
+    c = run.config
+    for r in generator_runs(runs):
+        rc = r.config
+        if r.path != run.path and rc.method == "gdfq" and rc.teacher == c.teacher and rc.test_data == c.test_data:
+            return r
+    return None
+
+# --------------------------------------------------------------------------- boundary samples
+
+
+def normalise_coefficients(weights) -> np.ndarray:
+    """Slider values -> coefficients on the simplex (all zero -> equal weights)."""
+    w = np.clip(np.asarray(weights, dtype=np.float64), 0.0, None)
+    return np.full(len(w), 1.0 / len(w)) if w.sum() <= 0 else w / w.sum()
+
+
+@torch.no_grad()
+def mix_samples(generator, teacher_model, student, classes: list[int], coeffs, seeds: list[int]) -> dict:
+    """Images mixing ``classes`` with ``coeffs`` for each seed; teacher and student read them.
+
+    Returns images (B, C, H, W) normalised, teacher_probs / student_probs (B, num_classes),
+    teacher_pred / student_pred (B,).
+    """
+    coeffs = normalise_coefficients(coeffs)
+    if generator.input_mode == "gdfq" and len(classes) > 1:
+        raise ValueError("a GDFQ generator takes one class per image: it cannot mix classes")
+    b = len(seeds)
+    labels = torch.tensor([list(classes)] * b)
+    lam = torch.tensor(np.tile(coeffs, (b, 1)), dtype=torch.float32)
+    x = generate_images(generator, labels, lam, seeds)
+    t_probs = features_and_logits(teacher_model.eval(), x)[1].softmax(1)
+    out = {"images": x, "teacher_probs": t_probs.numpy(), "teacher_pred": t_probs.argmax(1).numpy()}
+    if student is not None:
+        s_probs = features_and_logits(student.eval(), x)[1].softmax(1)
+        out.update(student_probs=s_probs.numpy(), student_pred=s_probs.argmax(1).numpy())
+    return out
+
+
+def coefficient_formula(coeffs, names: list[str]) -> str:
+    """LaTeX of the superposed embedding, e.g. z = 0.62 e_{3} + 0.38 e_{8}."""
+    terms = [f"{c:.2f}\\,M(e_{{{n}}})" for c, n in zip(normalise_coefficients(coeffs), names)]
+    return "z = " + " + ".join(terms)
+
+
+def hover_coefficients(labels, coeffs, class_names: list[str]) -> list[str]:
+    """'0.62 x 3 + 0.38 x 8' per sample, for scatter hovers."""
+    labels, coeffs = np.asarray(labels), np.asarray(coeffs)
+    if labels.ndim == 1:
+        labels, coeffs = labels[:, None], coeffs[:, None]
+    return [" + ".join(f"{c:.2f} x {class_names[int(l)]}" for l, c in zip(ls, cs) if c > 0.005)
+            for ls, cs in zip(labels, coeffs)]
+
+
+def dominant_class(labels, coeffs) -> np.ndarray:
+    """For colouring superposed samples: the class with the largest coefficient."""
+    labels, coeffs = np.asarray(labels), np.asarray(coeffs)
+    if labels.ndim == 1:
+        return labels.astype(int)
+    return labels[np.arange(len(labels)), coeffs.argmax(1)].astype(int)
+
+
+def default_config(kind: str = "digits") -> RunConfig:
+    return preset(preset_for(kind))
+
+
+def describe_config_changes(cfg: RunConfig, base: RunConfig) -> dict:
+    """Fields where ``cfg`` differs from ``base`` (shown before a start)."""
+    a, b = cfg.to_dict(), base.to_dict()
+    return {k: a[k] for k in a if a[k] != b.get(k)}
+

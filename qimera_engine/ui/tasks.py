@@ -1,0 +1,84 @@
+"""Slow work the pages hand to background workers (JobRegistry tasks), without Streamlit.
+
+Each ``*_task`` returns ``fn(report, stop)`` for ``JobRegistry.start_task``, and a key that names
+its result, so the same request is computed once and shared by every session.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import analysis
+from ..artifacts import load_generator, load_teacher
+from ..data import InputSpec, load_data
+from ..evaluate import evaluate
+from ..runs import Run, open_run, qimera_home
+from ..teachers import get_teacher, train_and_cache
+
+
+def teacher_key(name: str, spec: str, checkpoint: str | None, pretrained: bool, train: bool) -> str:
+    return f"teacher|{qimera_home()}|{name}|{spec}|{checkpoint}|{pretrained}|{train}"
+
+
+def teacher_task(name: str, spec: str, checkpoint: str | None = None, pretrained: bool = False,
+                 download: bool = False, train: bool = False):
+    """Load (or train, then cache) a teacher and measure its FP top-1 on the test split."""
+    def work(report, stop):
+        report(0.05, "preparing the teacher")
+        if train:
+            teacher = train_and_cache(name, spec, log=lambda s: report(0.3, s))
+        else:
+            teacher = get_teacher(name, spec, checkpoint, pretrained, log=lambda s: report(0.3, s))
+        report(0.6, "reading the test set")
+        test = load_data(spec, InputSpec.of(teacher), "test", download)
+        if test.num_classes != teacher.num_classes:
+            raise ValueError(f"{spec} has {test.num_classes} classes but teacher {name} has {teacher.num_classes}")
+        report(0.7, f"evaluating on {len(test)} test images")
+        top1 = evaluate(teacher.model, test)["top1"]
+        return {"teacher": name, "data": spec, "top1": top1, "classes": test.num_classes, "n_test": len(test),
+                "info": dict(teacher.info), "feature_dim": teacher.feature_dim}
+    return work
+
+
+def features_key(run: Run, gdfq: Run | None, n: int, seed: int, method: str) -> str:
+    def stamp(r):
+        p = r.path / Run.GENERATOR
+        return f"{r.path}@{p.stat().st_mtime if p.exists() else 0}"
+    return f"features|{stamp(run)}|{stamp(gdfq) if gdfq else None}|{n}|{seed}|{method}"
+
+
+def features_task(run_path: str, gdfq_path: str | None, n: int, seed: int, method: str):
+    """Real, plain, superposed (and GDFQ) features of a run's teacher, projected to 2-D.
+
+    Result: per source ``features``, ``probs``, ``labels`` (N, K), ``coeffs`` (N, K), and ``xy`` (N, 2).
+    """
+    def work(report, stop):
+        run = open_run(run_path)
+        report(0.05, "loading the teacher and generator")
+        teacher = load_teacher(run)
+        gen = load_generator(run)
+        cfg = run.config
+        report(0.15, f"real features ({n} test images)")
+        test = load_data(cfg.test_data, InputSpec.of(teacher), "test")
+        real = analysis.real_features(teacher, test, min(n, len(test)), seed)
+        real["labels"] = real["labels"][:, None]
+        real["coeffs"] = np.ones((len(real["labels"]), 1), np.float32)  # one class each
+        sources = {"real": real}
+        report(0.3, "plain synthetic features")
+        sources["plain"] = analysis.synthetic_features(gen, teacher, n, superposed=False, seed=seed)
+        if gen.input_mode != "gdfq":
+            report(0.4, "superposed synthetic features")
+            k = max(2, min(cfg.superpose_k, gen.num_classes))
+            sources["superposed"] = analysis.synthetic_features(gen, teacher, n, superposed=True, seed=seed, k=k)
+        if gdfq_path:
+            report(0.5, "GDFQ's synthetic features")
+            sources["gdfq"] = analysis.synthetic_features(load_generator(gdfq_path), teacher, n, superposed=False,
+                                                          seed=seed)
+        if stop.is_set():
+            return None
+        report(0.6, f"fitting {method.upper()} on the real features" + (" (UMAP takes a while)" if method == "umap" else ""))
+        xy = analysis.project(real["features"], {k: v["features"] for k, v in sources.items() if k != "real"},
+                              method=method, seed=seed)
+        for k, v in sources.items():
+            v["xy"] = xy[k]
+        return {"sources": sources, "classes": test.classes, "method": method}
+    return work

@@ -1,0 +1,104 @@
+import pickle
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from qimera_engine.data import DataError, InputSpec, load_data, parse_spec
+from qimera_engine.models import CIFAR_MEAN, CIFAR_STD, DIGITS_MEAN, DIGITS_STD
+
+DIGITS = InputSpec(8, 1, DIGITS_MEAN, DIGITS_STD)
+CIFAR = InputSpec(32, 3, CIFAR_MEAN, CIFAR_STD)
+
+
+def test_digits_split_is_fixed_and_normalised():
+    tr, te = load_data("digits", DIGITS, "train"), load_data("digits", DIGITS, "test")
+    assert (len(tr), len(te)) == (1347, 450) and te.num_classes == 10
+    x, y = next(te.batches(450))
+    assert x.shape == (450, 1, 8, 8) and abs(float(x.mean())) < 0.1 and abs(float(x.std()) - 1) < 0.1
+    assert torch.equal(y, load_data("digits", DIGITS, "test").labels)
+
+
+@pytest.mark.parametrize("spec,kind", [("digits", "digits"), ("cifar10", "cifar10"), ("cifar100:/x", "cifar100"),
+                                       ("folder:/x", "folder"), ("imagefolder:/x", "folder"), ("imagenet:/v", "imagenet")])
+def test_specs(spec, kind):
+    assert parse_spec(spec)[0] == kind
+
+
+def test_bad_specs():
+    with pytest.raises(DataError, match="unknown data spec"):
+        parse_spec("mnist")
+    with pytest.raises(DataError, match="not found"):
+        load_data("folder:/no/such/folder", CIFAR)
+    with pytest.raises(DataError, match="needs a path"):
+        load_data("imagenet", CIFAR)
+
+
+def _image_folder(root, classes=("cat", "dog"), per_class=3, size=20):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_image_folder_is_resized_and_cached(tmp_path):
+    root = _image_folder(tmp_path / "imgs")
+    d = load_data(f"folder:{root}", CIFAR)
+    assert d.classes == ["cat", "dog"] and len(d) == 6 and d.images.shape == (6, 3, 32, 32)
+    again = load_data(str(root), CIFAR)  # a bare path works too, and comes from the cache
+    assert torch.equal(again.images, d.images)
+    grey = load_data(f"folder:{root}", DIGITS)
+    assert next(grey.batches(6))[0].shape == (6, 1, 8, 8)
+
+
+def test_image_folder_at_224_is_lazy(tmp_path):
+    root = _image_folder(tmp_path / "val", size=40)
+    d = load_data(f"imagenet:{root}", InputSpec(224, 3, CIFAR_MEAN, CIFAR_STD))
+    assert d.images is None
+    x, y = next(d.batches(4))
+    assert x.shape == (4, 3, 224, 224)
+
+
+def _fake_cifar10(root):
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}, f)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                     "ship", "truck"]}, f)
+
+
+def test_cifar_through_torchvision_from_local_files(tmp_path, monkeypatch):
+    _fake_cifar10(tmp_path)
+    # torchvision checks the md5 of the real files; these are small stand-ins in the same format
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    test = load_data(f"cifar10:{tmp_path}", CIFAR, "test")
+    train = load_data(f"cifar10:{tmp_path}", CIFAR, "train")
+    assert (len(test), len(train)) == (4, 20) and test.images.shape == (4, 3, 32, 32)
+    assert test.classes[0] == "airplane" and test.labels.tolist() == [0, 1, 2, 3]
+
+
+def test_cifar_missing_and_offline_download_give_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="not found under .*download=true"):
+        load_data(f"cifar10:{tmp_path}", CIFAR)
+
+    def offline(self):
+        raise urllib.error.URLError("no route to host")
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
+    with pytest.raises(DataError, match="could not download CIFAR-10.*offline"):
+        load_data(f"cifar10:{tmp_path}", CIFAR, download=True)
+
+
+def test_shared_cifar_dev_split(shared_cifar_dev):
+    d = load_data(f"folder:{shared_cifar_dev}", InputSpec(32, 3, CIFAR_MEAN, CIFAR_STD))
+    assert len(d) == 5000 and d.classes[0] == "airplane" and d.classes[9] == "truck"
+    assert torch.bincount(d.labels).tolist() == [500] * 10
