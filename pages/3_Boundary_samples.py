@@ -1,0 +1,99 @@
+"""Boundary samples: mix class embeddings and see what the teacher and the student make of the images."""
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from qimera_engine.ui import common, figures
+from qimera_engine.ui.logic import coefficient_formula, gdfq_partner, generator_runs, normalise_coefficients
+
+common.setup_page("Boundary samples", "🧬")
+st.title("Boundary samples")
+st.markdown("Qimera's generator takes a **mix** of class embeddings. Pick classes and coefficients: near "
+            "equal weights, the teacher hesitates between the classes: that is a sample near its decision "
+            "boundary, the kind plain generators rarely make.")
+
+runs = common.all_runs()
+gen_runs = generator_runs(runs)
+if not gen_runs:
+    common.need_runs_message("run with a generator")
+    st.stop()
+
+run = common.pick_run("Run (generator)", gen_runs, key="b_run", help="Any run with a saved generator.")
+path, stamp = str(run.path), common.stamp(run)
+try:
+    teacher, gen, student = common.run_networks(run)
+    names = common.class_names(path, stamp)
+except Exception as e:  # a damaged run folder: say so, keep the page
+    st.error(f"Cannot load run {run.id}: {e}")
+    st.stop()
+mixable = gen.input_mode != "gdfq"
+if not mixable:
+    st.warning("This is a GDFQ run: its generator takes one class per image, so there is nothing to mix. "
+               "Pick a Qimera run to mix classes; this one shows plain samples.")
+
+n_classes = st.radio("Classes to mix", [2, 3], horizontal=True, key="b_k", disabled=not mixable) if mixable else 1
+cols = st.columns(max(n_classes, 2))
+letters = "ABC"
+chosen = [cols[i].selectbox(f"Class {letters[i]}", range(len(names)), index=i % len(names),
+                            format_func=lambda c: f"{c}: {names[c]}", key=f"b_class_{i}") for i in range(n_classes)]
+if n_classes == 2:
+    lam_b = st.slider("Coefficient of class B (λ_B)", 0.0, 1.0, 0.5, 0.01, key="b_coeff_b",
+                      help="λ_A = 1 - λ_B. 0 gives a plain image of class A, 1 one of class B.")
+    coeffs = [1 - lam_b, lam_b]
+elif n_classes == 3:
+    raw = [cols[i].slider(f"Coefficient of class {letters[i]}", 0.0, 1.0, 1 / 3, 0.01, key=f"b_coeff_{i}",
+                          help="Weights are rescaled to sum to 1.") for i in range(3)]
+    coeffs = list(normalise_coefficients(raw))
+else:
+    coeffs = [1.0]
+st.latex(coefficient_formula(coeffs, [names[c] for c in chosen]))
+
+c1, c2 = st.columns(2)
+n_seeds = c1.slider("Images (seeds)", 4, 32, 8, 4, key="b_seeds", help="One image per noise seed.")
+first = c2.number_input("First seed", 0, 10**6, 0, key="b_first_seed")
+seeds = tuple(range(int(first), int(first) + n_seeds))
+out = common.mixed_samples(path, stamp, tuple(chosen), tuple(round(float(c), 2) for c in coeffs), seeds)
+
+left, right = st.columns([2, 3])
+with left:
+    st.image(out["grid"], caption="Generated images, one per seed (left to right, row by row)")
+    table = pd.DataFrame({"seed": seeds, "teacher says": [names[i] for i in out["teacher_pred"]],
+                          "teacher p": out["teacher_probs"].max(1).round(3),
+                          "student says": [names[i] for i in out["student_pred"]],
+                          "agree": out["teacher_pred"] == out["student_pred"]})
+    st.dataframe(table, hide_index=True, key="b_table")
+    margin = np.sort(out["teacher_probs"], 1)
+    st.caption(f"Teacher and student agree on {table['agree'].mean():.0%}; mean top-2 margin of the teacher "
+               f"{(margin[:, -1] - margin[:, -2]).mean():.2f} (0: on the boundary).")
+with right:
+    st.plotly_chart(figures.probability_figure(out["teacher_probs"], names, [f"seed {s}" for s in seeds]),
+                    key="b_probs")
+
+st.header("From class A to class B")
+a, b = chosen[0], chosen[1] if len(chosen) > 1 else (chosen[0] + 1) % len(names)
+if not mixable:
+    b = st.selectbox("Class B", range(len(names)), index=b, format_func=lambda c: f"{c}: {names[c]}", key="b_path_b")
+c1, c2 = st.columns(2)
+steps = c1.slider("Steps along the path", 3, 21, 11, 2, key="b_steps")
+path_seed = c2.number_input("Path seed", 0, 10**6, int(first), key="b_path_seed")
+partner = gdfq_partner(run, runs) if mixable else None
+panels = [("This run" + (" (Qimera: superposed embeddings)" if mixable else " (GDFQ: input interpolation)"), run)]
+if partner is not None:
+    panels.append((f"GDFQ run {partner.id} (no superposition: input interpolation)", partner))
+for col, (title, r) in zip(st.columns(len(panels)), panels):
+    with col:
+        st.subheader(title)
+        try:
+            strip = common.mixing_path(str(r.path), common.stamp(r), a, b, steps, int(path_seed))
+        except (ValueError, RuntimeError) as e:
+            st.warning(f"No path for this run: {e}")
+            continue
+        st.image(strip["strip"], caption=f"{names[a]} → {names[b]}")
+        st.plotly_chart(figures.path_figure(strip, names[a], names[b]), key=f"b_path_{r.id}")
+        cross = strip["crossing_alpha"]
+        st.caption("The teacher's decision flips at coefficient "
+                   f"{cross:.2f}." if cross is not None else "The teacher never switches to class B on this path.")
+if partner is None and mixable:
+    st.info("No GDFQ run with this teacher yet: start one on the Quantize page (method gdfq) to compare "
+            "its path here.")
+st.caption("Orange bands: steps where the quantized student disagrees with the FP teacher.")

@@ -1,0 +1,87 @@
+"""Feature space: where the teacher puts real images and synthetic ones (the paper's Figure 3, live)."""
+import pandas as pd
+import streamlit as st
+
+from qimera_engine import analysis
+from qimera_engine.ui import common, figures
+from qimera_engine.ui.logic import dominant_class, gdfq_partner, generator_runs, hover_coefficients
+from qimera_engine.ui.tasks import features_key, features_task
+
+common.setup_page("Feature space", "🗺️")
+st.title("Feature space")
+st.markdown("The teacher's penultimate features of **real** test images and of **synthetic** ones (plain, "
+            "superposed, and GDFQ's when a GDFQ run exists), projected to 2-D. The projection is fitted on the "
+            "real features only; synthetic ones are placed into it.")
+
+runs = common.all_runs()
+gen_runs = [r for r in generator_runs(runs) if r.config.method != "gdfq"] or generator_runs(runs)
+if not gen_runs:
+    common.need_runs_message("run with a generator")
+    st.stop()
+
+run = common.pick_run("Run (generator)", gen_runs, key="f_run")
+partner = gdfq_partner(run, runs)
+c1, c2, c3, c4 = st.columns(4)
+method = c1.segmented_control("Projection", ["pca", "umap"], default="pca", key="f_method",
+                              format_func=str.upper, help="PCA is exact and instant; UMAP shows neighbourhoods "
+                              "better but distorts distances and takes longer (it runs in the background).") or "pca"
+n = c2.select_slider("Samples per source", [200, 500, 1000, 2000], 500, key="f_n")
+seed = int(c3.number_input("Seed", 0, 10**6, 0, key="f_seed"))
+use_gdfq = c4.checkbox(f"Include GDFQ run {partner.id}" if partner else "Include a GDFQ run (none yet)",
+                       value=partner is not None, disabled=partner is None, key="f_gdfq")
+
+gdfq_path = str(partner.path) if partner is not None and use_gdfq else None
+key = features_key(run, partner if gdfq_path else None, n, seed, method)
+job = common.registry().find(key)
+if job is None or job.status in ("failed", "cancelled"):
+    if method == "pca" or st.button("Compute the UMAP projection", type="primary", key="f_go"):
+        common.registry().start_task(features_task(str(run.path), gdfq_path, n, seed, method),
+                                     label=f"{method.upper()} of {run.id} ({n} per source)", key=key)
+        job = common.registry().find(key)
+    elif job is not None:
+        st.error(f"The last try failed: {job.error}")
+
+
+@st.fragment(run_every=common.POLL_SECONDS if job is not None and job.active else None)
+def progress():
+    j = common.registry().find(key)
+    if j is not None and j.active:
+        common.job_panel(j, curves=False, key="features")
+    elif job is not None and job.active:
+        st.rerun()
+
+
+progress()
+job = common.registry().find(key)
+if job is None or job.status != "finished" or not job.result:
+    if job is not None and job.status == "failed":
+        st.error(f"Could not compute the features: {job.error}")
+    st.stop()
+
+result = job.result
+sources, classes = result["sources"], result["classes"]
+left, right = st.columns([3, 1])
+with right:
+    st.markdown("**Near the decision boundary**")
+    threshold = st.slider("Margin threshold", 0.0, 1.0, 0.2, 0.01, key="f_threshold",
+                          help="A sample counts as near the boundary when the teacher's top-1 minus top-2 "
+                          "probability is below this.")
+    k = int(st.number_input("Neighbours k (coverage)", 1, 50, 5, key="f_k",
+                            help="Coverage: share of real samples whose k-NN ball holds a synthetic sample."))
+    rows = []
+    for name, s in sources.items():
+        rows.append({"source": name, "near boundary": analysis.boundary_share(s["probs"], threshold),
+                     "coverage": None if name == "real" else analysis.knn_coverage(sources["real"]["features"],
+                                                                                   s["features"], k)})
+    st.dataframe(pd.DataFrame(rows).style.format({"near boundary": "{:.1%}", "coverage": "{:.1%}"},
+                                                 na_rep="-"), hide_index=True, key="f_numbers")
+with left:
+    coords = {name: s["xy"] for name, s in sources.items()}
+    labels = {name: dominant_class(s["labels"], s["coeffs"]) for name, s in sources.items()}
+    hover = {name: hover_coefficients(s["labels"], s["coeffs"], classes) for name, s in sources.items()}
+    st.plotly_chart(figures.feature_scatter(coords, labels, classes, hover, title=f"{result['method'].upper()} "
+                                            f"of the teacher's features"), key="f_scatter")
+st.caption("Colour: class (for superposed samples, the class with the largest coefficient). Marker: source. "
+           "What to look for: plain samples sit in tight clusters at the class centres; superposed ones spread "
+           "into the space between clusters, where the real data also lives. UMAP distances between clusters "
+           "carry little meaning; compare with PCA.")

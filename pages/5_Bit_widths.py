@@ -1,0 +1,47 @@
+"""Bit widths: top-1 from 2 to 8 bits for each method, from finished runs and sweeps started here."""
+import streamlit as st
+
+from qimera_engine import METHODS, ConfigError, preset
+from qimera_engine.ui import common, figures
+from qimera_engine.ui.logic import bitwidth_table, start_presets
+
+common.setup_page("Bit widths", "📉")
+st.title("Bit widths")
+st.markdown("How accuracy falls as weights and activations get fewer bits (W = A), per method: every finished "
+            "run counts, and a sweep started below adds to it.")
+
+table = bitwidth_table(common.all_runs())
+if table.empty:
+    st.info("No finished runs with W = A between 2 and 8 yet: start a sweep below (or runs on the Quantize page).")
+else:
+    groups = sorted({(t, d) for t, d in zip(table["teacher"], table["data"])})
+    group = st.selectbox("Teacher and data", groups, format_func=lambda g: f"{g[0]} on {g[1]}", key="w_group")
+    part = table[(table["teacher"] == group[0]) & (table["data"] == group[1])]
+    value = st.radio("Accuracy", ["top1", "best_top1"], horizontal=True, key="w_value",
+                     format_func={"top1": "final epoch", "best_top1": "best epoch (the paper's choice)"}.get)
+    st.plotly_chart(figures.bitwidth_figure(part, part["fp_top1"].mean(), value), key="w_chart")
+    st.dataframe(part, hide_index=True, key="w_table")
+    st.download_button("Download CSV", part.to_csv(index=False).encode(), "bit_widths.csv", "text/csv",
+                       key="w_csv")
+
+st.header("Sweep")
+with st.form("sweep-form"):
+    presets = start_presets()
+    c1, c2, c3 = st.columns(3)
+    base_name = c1.selectbox("Preset", list(presets), key="w_preset", help="Teacher, data and paper settings.")
+    bits = c2.multiselect("Bit widths (W = A)", list(range(2, 9)), [2, 3, 4, 8], key="w_bits")
+    methods = c3.multiselect("Methods", list(METHODS), ["qimera", "gdfq"], key="w_methods")
+    c1, c2, c3 = st.columns(3)
+    seeds = c1.number_input("Seeds per setting", 1, 10, 1, key="w_seeds")
+    epochs = c2.number_input("Epochs per run", 1, 1000, 4, key="w_epochs", help="Short runs keep a sweep quick.")
+    iters = c3.number_input("Iterations per epoch", 1, 10000, 20, key="w_iters")
+    go = st.form_submit_button("Start sweep", type="primary")
+if go:
+    try:
+        warm = min(2, int(epochs) - 1)
+        base = preset(base_name, epochs=int(epochs), iters_per_epoch=int(iters), warmup_epochs=warm,
+                      calib_epochs=max(1, warm), milestones=[])
+        common.registry().start_sweep(base, bits, methods, range(int(seeds)))
+    except (ConfigError, ValueError) as e:
+        st.error(f"Cannot start the sweep: {e}")
+common.jobs_section("sweep", key="bits", limit=2, curves=False)

@@ -1,0 +1,353 @@
+"""The app: every page with nothing run yet and with small finished runs (AppTest), and the
+functions that build its figures and tables (AppTest cannot look inside charts and images)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from qimera_engine import ConfigError, list_runs, load_generator, load_student, load_teacher, preset, run_to_end
+from qimera_engine import jobs as jobs_module
+from qimera_engine.teachers import train_and_cache
+from qimera_engine.ui import figures, logic, tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = ["app.py", "pages/1_Teacher.py", "pages/2_Quantize.py", "pages/3_Boundary_samples.py",
+         "pages/4_Feature_space.py", "pages/5_Bit_widths.py"]
+TINY = dict(epochs=2, iters_per_epoch=4, warmup_epochs=1, calib_epochs=1, batch_size=16, gen_width=16)
+
+
+def fresh_registry():
+    """A new process-wide job registry (the app's st.cache_resource wraps the shared one)."""
+    from qimera_engine.ui import common
+    for job in jobs_module.shared_registry().active():
+        jobs_module.shared_registry().cancel(job.id)
+    jobs_module._shared = None
+    common.registry.clear()
+    return jobs_module.shared_registry()
+
+
+def open_page(page: str, timeout: float = 60) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=timeout)
+    if page != "app.py":
+        at.switch_page(page)  # the app's own entry point, so page links resolve as in a browser
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def wait_idle(registry, timeout: float = 120) -> None:
+    for job in registry.jobs():
+        registry.wait(job.id, timeout)
+
+
+@pytest.fixture
+def empty_home(tmp_path, monkeypatch):
+    """Nothing run yet; the digits teacher, when a test needs it, trains for 2 epochs only."""
+    import qimera_engine.teachers as teachers
+    monkeypatch.setattr(teachers, "train_and_cache", _quick_train(teachers.train_and_cache))
+    monkeypatch.setenv("QIMERA_HOME", str(tmp_path / "home"))
+    yield fresh_registry()
+
+
+def by_method() -> dict:
+    """The fixture's runs by method (a sweep test adds others to the same home)."""
+    return {r.config.method: r for r in reversed(list_runs())}
+
+
+@pytest.fixture(scope="module")
+def finished_home(tmp_path_factory):
+    """A QIMERA_HOME with a quickly trained teacher, a small Qimera run and a small GDFQ run."""
+    mp = pytest.MonkeyPatch()
+    home = tmp_path_factory.mktemp("home")
+    mp.setenv("QIMERA_HOME", str(home))
+    train_and_cache("digits-cnn", "digits", epochs=3)
+    run_to_end(preset("digits", method="gdfq", **TINY))
+    time.sleep(0.02)  # distinct modification times: the Qimera run is the newest
+    run_to_end(preset("digits", **TINY))
+    yield home
+    mp.undo()
+
+
+@pytest.fixture
+def with_runs(finished_home, monkeypatch):
+    monkeypatch.setenv("QIMERA_HOME", str(finished_home))
+    registry = fresh_registry()
+    yield registry
+    for job in registry.active():
+        registry.cancel(job.id)
+    wait_idle(registry)
+
+# --------------------------------------------------------------------------- nothing run yet
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_loads_with_nothing_run(empty_home, page):
+    at = open_page(page)
+    assert at.title[0].value
+    texts = " ".join(m.value for m in [*at.info, *at.markdown, *at.caption])
+    assert "127.0.0.1" not in texts  # (sanity: pages do not print server settings)
+    if page in ("pages/3_Boundary_samples.py", "pages/4_Feature_space.py"):
+        assert any("No run with a generator yet" in m.value for m in at.info)
+    if page == "pages/5_Bit_widths.py":
+        assert any("No finished runs" in m.value for m in at.info)
+        assert at.button(key="FormSubmitter:sweep-form-Start sweep")
+    if page == "pages/2_Quantize.py":
+        assert any("No runs yet" in m.value for m in at.info)
+
+
+def test_home_runs_the_demo_in_the_background(empty_home):
+    at = open_page("app.py")
+    demo = at.button(key="run-demo")
+    assert demo.label == "Run the demo"
+    demo.click().run()
+    assert not at.exception
+    (job,) = empty_home.jobs()
+    assert job.kind == "run" and job.runs[0].config["test_data"] == "digits"
+    empty_home.cancel(job.id)
+    assert empty_home.wait(job.id, 120).status in ("cancelled", "finished", "failed")
+    assert any("Runs are stored in" in m.value for m in at.markdown)
+
+
+def test_teacher_page_trains_and_reports_accuracy(empty_home):
+    at = open_page("pages/1_Teacher.py")
+    assert at.selectbox(key="t_data").value == "digits"
+    assert len(at.get("image")) == 1  # the grid of real digits
+    assert any("Press **Load or train" in m.value for m in at.info)
+    at.button(key="t_go").click().run()
+    wait_idle(empty_home)
+    at.run()
+    assert not at.exception
+    assert at.metric[0].label == "FP top-1" and float(at.metric[0].value.rstrip("%")) > 50
+    assert at.session_state["teacher_choice"]["teacher"] == "digits-cnn"
+
+
+def test_teacher_page_reports_a_missing_folder_and_a_bad_checkpoint(empty_home, tmp_path):
+    at = open_page("pages/1_Teacher.py")
+    at.selectbox(key="t_data").select("folder").run()
+    at.text_input(key="t_root").input(str(tmp_path / "nowhere")).run()
+    assert not at.exception and any("image folder not found" in w.value for w in at.warning)
+    at.selectbox(key="t_data").select("digits").run()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    at.radio(key="t_source").set_value("Checkpoint file path").run()
+    at.text_input(key="t_ckpt").input(str(bad)).run()
+    at.button(key="t_go").click().run()
+    wait_idle(empty_home)
+    at.run()
+    assert not at.exception
+    assert any("not a valid checkpoint" in e.value for e in at.error)
+    assert at.text_input(key="t_ckpt").value == str(bad)  # nothing lost
+
+
+def _quick_train(real):
+    def quick(name, spec, **kw):
+        return real(name, spec, **{**kw, "epochs": 2})
+    return quick
+
+
+def test_quantize_rejects_an_impossible_setting_and_keeps_the_form(empty_home):
+    at = open_page("pages/2_Quantize.py")
+    at.number_input(key="q_digits_epochs").set_value(1)
+    at.number_input(key="q_digits_warmup_epochs").set_value(3)
+    at.button(key="FormSubmitter:quantize-form-Start quantizing").click().run()
+    assert not at.exception
+    assert any("warmup_epochs" in e.value for e in at.error)
+    assert at.number_input(key="q_digits_warmup_epochs").value == 3
+    assert empty_home.jobs() == []
+
+
+def test_quantize_starts_a_run_and_shows_its_progress(empty_home):
+    at = open_page("pages/2_Quantize.py")
+    for name, value in dict(epochs=1, iters_per_epoch=2, batch_size=8, warmup_epochs=0, calib_epochs=1).items():
+        at.number_input(key=f"q_digits_{name}").set_value(value)
+    at.selectbox(key="q_digits_wbits").select(8)
+    at.button(key="FormSubmitter:quantize-form-Start quantizing").click().run()
+    assert not at.exception and not at.error
+    (job,) = empty_home.jobs()
+    assert job.runs[0].config["wbits"] == 8 and job.runs[0].config["iters_per_epoch"] == 2
+    assert empty_home.wait(job.id, 180).status == "finished"
+    at = open_page("pages/2_Quantize.py")  # a reload: the job and its run are still there
+    assert len(at.get("progress")) >= 1
+    table = at.dataframe[0].value
+    assert list(table["status"]) == ["finished"] and table["W"].iloc[0] == 8
+
+# --------------------------------------------------------------------------- with finished runs
+
+
+def test_quantize_lists_the_runs(with_runs):
+    at = open_page("pages/2_Quantize.py")
+    table = at.dataframe[0].value
+    assert {"gdfq", "qimera"} <= set(table["method"])
+    assert set(table["status"]) == {"finished"}
+    assert table["final top-1"].notna().all()
+
+
+def test_boundary_samples_page(with_runs):
+    at = open_page("pages/3_Boundary_samples.py")
+    slider = at.slider(key="b_coeff_b")
+    assert slider.label.startswith("Coefficient")
+    slider.set_value(0.3).run()
+    assert not at.exception
+    assert "0.70" in at.latex[0].value and "0.30" in at.latex[0].value
+    assert len(at.get("image")) >= 2  # the grid and at least one path strip
+    assert any("GDFQ run" in h.value for h in at.subheader)  # the GDFQ run beside the Qimera one
+    at.radio(key="b_k").set_value(3).run()
+    assert not at.exception and [s.label for s in at.slider][:3] == [f"Coefficient of class {c}" for c in "ABC"]
+    at.selectbox(key="b_run").select(by_method()["gdfq"].id).run()  # the GDFQ run: nothing to mix
+    assert not at.exception and any("GDFQ run" in w.value for w in at.warning)
+
+
+def test_feature_space_page_computes_in_the_background(with_runs):
+    at = open_page("pages/4_Feature_space.py")
+    at.select_slider(key="f_n").set_value(200).run()
+    wait_idle(with_runs)
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    numbers = at.dataframe[0].value
+    assert list(numbers["source"]) == ["real", "plain", "superposed", "gdfq"]
+    assert numbers["near boundary"].between(0, 1).all()
+    assert numbers["coverage"].iloc[1:].between(0, 1).all()
+    at.slider(key="f_threshold").set_value(1.0).run()
+    assert (at.dataframe[0].value["near boundary"] == 1.0).all()
+
+
+def test_bit_widths_page(with_runs):
+    at = open_page("pages/5_Bit_widths.py")
+    part = at.dataframe[0].value
+    part = part[part["method"] != "ptq"]
+    assert sorted(part["method"]) == ["gdfq", "qimera"] and set(part["bits"]) == {4}
+    assert at.get("download_button")
+    at.multiselect(key="w_bits").set_value([8])
+    at.multiselect(key="w_methods").set_value(["ptq"])
+    at.number_input(key="w_epochs").set_value(1)
+    at.number_input(key="w_iters").set_value(2)
+    at.button(key="FormSubmitter:sweep-form-Start sweep").click().run()
+    assert not at.exception and not at.error
+    (job,) = with_runs.jobs("sweep")
+    assert [r.config["wbits"] for r in job.runs] == [8] and job.runs[0].config["method"] == "ptq"
+    assert with_runs.wait(job.id, 180).status == "finished"
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def test_image_grid_tiles_and_unnormalises():
+    imgs = np.zeros((5, 1, 8, 8), np.uint8)
+    imgs[1] = 255
+    g = figures.image_grid(imgs, ncols=3, scale=2, pad=1)
+    assert g.shape == (2 * 17 + 1, 3 * 17 + 1, 3) and g.dtype == np.uint8
+    assert (g[1:17, 18:34] == 255).all() and (g[1:17, 1:17] == 0).all()
+    x = torch.zeros(2, 3, 4, 4)  # normalised zeros are the mean colour
+    shown = figures.image_grid(x, 2, mean=(0.5, 0.25, 1.0), std=(1, 1, 1), scale=1, pad=0)
+    assert shown.shape == (4, 8, 3) and tuple(shown[0, 0]) == (128, 64, 255)
+    with pytest.raises(ValueError):
+        figures.image_grid(np.zeros((0, 1, 8, 8)))
+
+
+def test_progress_figures():
+    hist = [{"step": 1, "loss_g": 2.0, "loss_s": 0.0}, {"step": 2, "loss_g": 1.5, "loss_s": 0.7}]
+    fig = figures.loss_figure(hist)
+    assert [t.name for t in fig.data] == ["loss_g", "loss_s"] and list(fig.data[0].y) == [2.0, 1.5]
+    rows = [{"epoch": 0, "top1": 50.0, "best_top1": 50.0}, {"epoch": 1, "top1": 40.0, "best_top1": 50.0}]
+    acc = figures.accuracy_figure(rows, fp_top1=98.0)
+    assert list(acc.data[0].x) == [1, 2] and list(acc.data[0].y) == [50.0, 40.0]
+    assert acc.layout.shapes[0].y0 == 98.0
+
+
+def test_path_figure_marks_the_crossing_and_disagreement():
+    path = {"alphas": np.linspace(0, 1, 5), "p_a": np.array([.9, .8, .5, .2, .1]),
+            "p_b": np.array([.1, .2, .5, .8, .9]), "teacher_pred": np.array([0, 0, 0, 1, 1]),
+            "student_pred": np.array([0, 1, 0, 1, 1]), "student_p_a": None, "student_p_b": None,
+            "crossing_alpha": 0.55}
+    fig = figures.path_figure(path, "cat", "dog")
+    assert [t.name for t in fig.data] == ["teacher p(cat)", "teacher p(dog)"]
+    kinds = [(s.type, s.x0) for s in fig.layout.shapes]
+    assert ("line", 0.55) in kinds  # the boundary
+    assert sum(k == "rect" for k, _ in kinds) == 1  # one step where the student disagrees
+    path.update(student_p_a=path["p_a"], student_p_b=path["p_b"], crossing_alpha=None)
+    assert len(figures.path_figure(path, "cat", "dog").data) == 4
+
+
+def test_feature_scatter_colours_by_class_and_marks_sources():
+    coords = {"real": np.zeros((4, 2)), "superposed": np.ones((3, 2))}
+    labels = {"real": np.array([0, 0, 1, 1]), "superposed": np.array([1, 1, 2])}
+    hover = {"superposed": logic.hover_coefficients(np.array([[1, 2], [1, 0], [2, 1]]),
+                                                    np.array([[.6, .4], [.9, .1], [.7, .3]]), ["a", "b", "c"])}
+    fig = figures.feature_scatter(coords, labels, ["a", "b", "c"], hover)
+    assert [t.name for t in fig.data] == ["real: a", "real: b", "superposed: b", "superposed: c"]
+    assert fig.data[2].marker.symbol == "x" and fig.data[0].marker.symbol == "circle"
+    assert fig.data[2].marker.color == fig.data[1].marker.color  # same class, same colour
+    assert fig.data[2].customdata[0][2] == "0.60 x b + 0.40 x c"
+
+
+def test_bitwidth_figure_averages_over_seeds():
+    df = pd.DataFrame({"method": ["qimera", "qimera", "gdfq"], "bits": [4, 4, 4], "top1": [80.0, 90.0, 70.0]})
+    fig = figures.bitwidth_figure(df, 95.0)
+    by_name = {t.name: t for t in fig.data}
+    assert list(by_name["qimera"].y) == [85.0] and list(by_name["gdfq"].y) == [70.0]
+    assert by_name["qimera"].error_y.array[0] == pytest.approx(np.std([80, 90], ddof=1))
+    assert len(figures.method_picture().data) == 3
+
+
+def test_tables_of_runs(finished_home, monkeypatch):
+    monkeypatch.setenv("QIMERA_HOME", str(finished_home))
+    runs = [by_method()["qimera"], by_method()["gdfq"]]
+    t = logic.runs_table(runs)
+    assert list(t["method"]) == ["qimera", "gdfq"] and list(t["epochs"]) == ["2/2", "2/2"]
+    assert (t["final top-1"] == [r.summary["quant_top1"] for r in runs]).all()
+    b = logic.bitwidth_table(runs)
+    assert set(b["method"]) == {"qimera", "gdfq"} and list(b["bits"]) == [4, 4]
+    assert logic.gdfq_partner(runs[0], runs).id == runs[1].id and logic.gdfq_partner(runs[1], runs) is None
+    # a run whose writer is gone shows as interrupted, one being written as running
+    runs[0].set_status("running")
+    assert logic.runs_table(runs)["status"].iloc[0] == "interrupted"
+    assert logic.runs_table(runs, {str(runs[0].path)})["status"].iloc[0] == "running"
+    runs[0].set_status("finished")
+
+
+def test_mix_samples_reads_generated_images(finished_home, monkeypatch):
+    monkeypatch.setenv("QIMERA_HOME", str(finished_home))
+    run = by_method()["qimera"]
+    teacher = load_teacher(run)
+    gen, student = load_generator(run), load_student(run, teacher)
+    out = logic.mix_samples(gen, teacher.model, student, [3, 8], [1, 3], [0, 1, 2])
+    assert out["images"].shape == (3, 1, 8, 8)
+    assert np.allclose(out["teacher_probs"].sum(1), 1, atol=1e-5)
+    assert (out["teacher_pred"] == out["teacher_probs"].argmax(1)).all() and out["student_pred"].shape == (3,)
+    again = logic.mix_samples(gen, teacher.model, student, [3, 8], [0.25, 0.75], [0, 1, 2])
+    assert torch.equal(out["images"], again["images"])  # coefficients are normalised; seeds decide
+    with pytest.raises(ValueError, match="GDFQ"):
+        logic.mix_samples(load_generator(by_method()["gdfq"]), teacher.model, None, [1, 2], [.5, .5], [0])
+
+
+def test_small_logic_helpers():
+    assert np.allclose(logic.normalise_coefficients([0, 0]), [0.5, 0.5])
+    assert np.allclose(logic.normalise_coefficients([1, 3]), [0.25, 0.75])
+    assert logic.coefficient_formula([1, 1], ["3", "8"]) == r"z = 0.50\,M(e_{3}) + 0.50\,M(e_{8})"
+    assert list(logic.dominant_class(np.array([[1, 2], [4, 5]]), np.array([[.2, .8], [.6, .4]]))) == [2, 4]
+    assert logic.data_spec("cifar10", "") == "cifar10" and logic.data_spec("folder", "/x") == "folder:/x"
+    assert logic.teachers_for("digits") == ["digits-cnn"] and "resnet20" in logic.teachers_for("cifar10")
+    names = [s.name for s in logic.SETTINGS]
+    assert len(set(names)) == len(names) and {"wbits", "abits", "superpose_p", "superpose_k", "dm", "lr_s"} <= set(names)
+    assert all(s.help and s.label for s in logic.SETTINGS)
+    with pytest.raises(ConfigError, match="superpose_p"):
+        logic.config_from_values(preset("digits"), {"superpose_p": 1.5})
+
+
+def test_features_task_projects_every_source(finished_home, monkeypatch):
+    monkeypatch.setenv("QIMERA_HOME", str(finished_home))
+    qimera, gdfq = by_method()["qimera"], by_method()["gdfq"]
+    import threading
+    reports = []
+    out = tasks.features_task(str(qimera.path), str(gdfq.path), 100, 0, "pca")(
+        lambda f, m: reports.append(f), threading.Event())
+    src = out["sources"]
+    assert list(src) == ["real", "plain", "superposed", "gdfq"]
+    assert all(s["xy"].shape == (100, 2) for s in src.values())
+    assert src["superposed"]["labels"].shape == (100, 2) and src["real"]["coeffs"].shape == (100, 1)
+    assert reports == sorted(reports) and len(out["classes"]) == 10
