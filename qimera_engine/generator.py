@@ -170,7 +170,8 @@ class Generator(nn.Module):
         x = F.leaky_relu(self._bn(self.bn1, self.conv1(x), labels, coeffs), 0.2)
         x = F.interpolate(x, scale_factor=2)
         x = F.leaky_relu(self._bn(self.bn2, self.conv2(x), labels, coeffs), 0.2)
-        return self.bn_out(torch.tanh(self.conv3(x)))  # (B, channels, size, size)
+        # (B, channels, size, size), in the default memory format whatever the generator's own
+        return self.bn_out(torch.tanh(self.conv3(x))).contiguous()
 
     def config(self) -> dict:
         """What rebuilds this generator (stored beside its weights)."""

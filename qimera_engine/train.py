@@ -48,7 +48,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_generator(cfg: RunConfig, teacher: Teacher) -> Generator:
+def build_generator(cfg: RunConfig, teacher: Teacher, device: torch.device | str = "cpu") -> Generator:
     embed_dim = cfg.embed_dim or teacher.feature_dim
     g = Generator(teacher.num_classes, teacher.image_size, teacher.channels, embed_dim,
                   input_mode=cfg.gen_input, noise_scale=cfg.noise_scale, dm=cfg.dm, dm_width=cfg.dm_width,
@@ -57,6 +57,9 @@ def build_generator(cfg: RunConfig, teacher: Teacher) -> Generator:
         g.init_embeddings_from(teacher.classifier.weight.detach().cpu(), freeze=cfg.embed_freeze)
     elif cfg.embed_freeze:
         g.embedding.weight.requires_grad_(False)
+    g.to(device)
+    if torch.device(device).type == "cpu":
+        g.to(memory_format=torch.channels_last)  # ~25% faster convolutions on the CPU
     return g
 
 
@@ -87,7 +90,7 @@ class Parts:
         student = quantize_model(teacher.model, cfg.wbits, cfg.abits, keep_first_last_8bit=cfg.keep_first_last_8bit,
                                  beta=cfg.ema_beta).requires_grad_(True)
         student.train(cfg.student_train_mode)
-        generator = None if cfg.method == "real-data" else build_generator(cfg, teacher).to(device)
+        generator = None if cfg.method == "real-data" else build_generator(cfg, teacher, device)
         return cls(cfg, device, teacher, test, student, generator, train)
 
 

@@ -28,9 +28,9 @@ def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch
 
 def _fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    inv_scale = 1.0 / scale
-    q = torch.clamp(torch.round(x * inv_scale + zero_point), qmin, qmax)
-    return (q - zero_point) * scale
+    # one new tensor, then in-place passes: the same arithmetic as torch's fake-quantize kernels
+    y = x * (1.0 / scale)
+    return y.add_(zero_point).round_().clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):

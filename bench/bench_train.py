@@ -1,0 +1,87 @@
+"""Training throughput: images/s of one full iteration (generator step + student step).
+
+    python bench/bench_train.py [--iters 20] [--batch 64] [--device cpu] [--cases digits,resnet20]
+
+One iteration = sample latents, G forward, teacher forward with BN-statistics hooks, G backward
+and Adam step, then student forward/backward and SGD step on the detached batch. Activation
+calibration is off and the student is stepped (the steady state after warm-up). Prints one line
+per case; the figure is the median over timed blocks after warm-up iterations.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from qimera_engine.config import preset  # noqa: E402
+from qimera_engine.generator import BatchSampler  # noqa: E402
+from qimera_engine.losses import BNStatisticsLoss  # noqa: E402
+from qimera_engine.models import build_teacher  # noqa: E402
+from qimera_engine.quant import quantize_model  # noqa: E402
+from qimera_engine.train import _generator_step, _student_step, build_generator  # noqa: E402
+
+CASES = {"digits": ("digits", "digits-cnn"), "resnet20": ("cifar10-resnet20-cpu", "resnet20")}
+
+
+def bench(case: str, batch: int, iters: int, device: str, warmup: int = 3, blocks: int = 3) -> dict:
+    preset_name, teacher_name = CASES[case]
+    cfg = preset(preset_name, batch_size=batch, device=device).resolved()
+    torch.manual_seed(0)
+    teacher = build_teacher(teacher_name)  # random weights: the arithmetic is the same as a trained one
+    dev = torch.device(device)
+    teacher.model.to(dev)
+    student = quantize_model(teacher.model, 4, 4).requires_grad_(True).eval()
+    gen = build_generator(cfg, teacher, dev)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_g, betas=tuple(cfg.g_betas))
+    opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr_s, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    sampler = BatchSampler(teacher.num_classes, gen.embed_dim, cfg.superpose_p, cfg.superpose_k, seed=0)
+    bns = BNStatisticsLoss(teacher.model)
+
+    def step():
+        x, t, logits, _ = _generator_step(cfg, gen, teacher.model, bns, opt_g, sampler, dev)
+        _student_step(cfg, student, opt_s, x, t, logits, True, False)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        step()
+    sync()
+    rates = []
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            step()
+        sync()
+        rates.append(iters * batch / (time.perf_counter() - t0))
+    return {"case": case, "batch": batch, "device": device, "threads": torch.get_num_threads(),
+            "images_per_s": round(statistics.median(rates), 1), "blocks": [round(r, 1) for r in rates]}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases", default="digits,resnet20")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
+    for case in args.cases.split(","):
+        print(json.dumps(bench(case, args.batch, args.iters, args.device)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
