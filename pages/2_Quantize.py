@@ -25,22 +25,6 @@ if st.button("Reset to preset values", key="q_reset"):
         del st.session_state[k]
 
 
-def widget(s, default):
-    """One setting's widget, keyed per preset so switching presets shows that preset's values."""
-    key = f"q_{preset_name}_{s.name}"
-    if s.kind == "select":
-        opts = list(s.options)
-        return st.selectbox(s.label, opts, index=opts.index(default) if default in opts else 0, help=s.help, key=key)
-    if s.kind == "bool":
-        return st.checkbox(s.label, value=bool(default), help=s.help, key=key)
-    if s.kind == "int":
-        return int(st.number_input(s.label, int(s.lo), int(s.hi), int(default), step=1, help=s.help, key=key))
-    if s.kind == "floatlog":
-        return float(st.number_input(s.label, float(s.lo), float(s.hi), float(default), format="%.1e",
-                                     step=float(default) / 10 or 1e-5, help=s.help, key=key))
-    return float(st.number_input(s.label, float(s.lo), float(s.hi), float(default), step=0.05, help=s.help, key=key))
-
-
 with st.form("quantize-form"):
     values = {}
     sections = settings_by_section()
@@ -49,7 +33,7 @@ with st.form("quantize-form"):
         with col:
             st.markdown(f"**{section}**")
             for s in settings:
-                values[s.name] = widget(s, getattr(base, s.name))
+                values[s.name] = common.setting_widget(s, getattr(base, s.name), key=f"q_{preset_name}_{s.name}")
     with st.expander("Fixed coefficients (for the fixed sampler)"):
         fixed = st.text_input("Fixed coefficients", key=f"q_{preset_name}_fixed", placeholder="e.g. 0.5, 0.5",
                               help="K comma-separated values that sum to 1; used when the sampler is 'fixed'.")

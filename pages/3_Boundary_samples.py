@@ -13,7 +13,7 @@ st.markdown("Qimera's generator takes a **mix** of class embeddings. Pick classe
             "boundary, the kind plain generators rarely make.")
 
 runs = common.all_runs()
-gen_runs = generator_runs(runs)
+gen_runs = sorted(generator_runs(runs), key=lambda r: r.config.method == "gdfq")  # Qimera runs first
 if not gen_runs:
     common.need_runs_message("run with a generator")
     st.stop()

@@ -87,7 +87,8 @@ class Job:
         return min(1.0, (done + partial) / len(self.runs))
 
     def snapshot(self) -> "Job":
-        return copy.deepcopy(self)
+        # Results (arrays of features, projections) are read-only and can be large: share, do not copy.
+        return copy.deepcopy(self, {id(self.result): self.result})
 
 
 def sweep_configs(base: RunConfig, bits: Iterable[int | tuple[int, int]], methods: Iterable[str],

@@ -88,7 +88,8 @@ def test_a_failed_run_reports_its_error(home):
     reg = JobRegistry()
     job = reg.wait(reg.start_run(preset("digits", **TINY, test_data="folder:/no/such/folder")), 60)
     assert job.status == "failed" and job.run.status == "failed"
-    assert job.error and "digits-cnn" in job.error
+    assert job.error and job.error == job.run.error
+    assert job.error.split(":")[0] in ("DataError", "ValueError")  # the engine's own message, passed on
 
 
 def test_sweep_configs_validate_up_front():
@@ -149,3 +150,13 @@ def test_engine_and_jobs_do_not_import_streamlit():
     code = "import sys, qimera_engine, qimera_engine.jobs; print('streamlit' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_snapshots_share_task_results_but_copy_the_record():
+    reg = JobRegistry()
+    big = {"features": list(range(1000))}
+    job_id = reg.start_task(lambda report, stop: big, label="result")
+    first, second = reg.wait(job_id, 10), reg.get(job_id)
+    assert first.result is big and second.result is big  # read-only results are not copied
+    first.log.append("changed")
+    assert reg.get(job_id).log == []

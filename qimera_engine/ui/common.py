@@ -137,6 +137,21 @@ def jobs_section(kind: str | None = None, *, key: str, limit: int = 3, curves: b
     _live()
 
 
+def setting_widget(s, default, key: str):
+    """The widget of one Quantize setting (logic.Setting), showing ``default`` until changed."""
+    if s.kind == "select":
+        opts = list(s.options)
+        return st.selectbox(s.label, opts, index=opts.index(default) if default in opts else 0, help=s.help, key=key)
+    if s.kind == "bool":
+        return st.checkbox(s.label, value=bool(default), help=s.help, key=key)
+    if s.kind == "int":
+        return int(st.number_input(s.label, int(s.lo), int(s.hi), int(default), step=1, help=s.help, key=key))
+    if s.kind == "floatlog":
+        return float(st.number_input(s.label, float(s.lo), float(s.hi), float(default), format="%.1e",
+                                     step=float(default) / 10 or 1e-5, help=s.help, key=key))
+    return float(st.number_input(s.label, float(s.lo), float(s.hi), float(default), step=0.05, help=s.help, key=key))
+
+
 def save_upload(uploaded, folder: str = "uploads") -> Path:
     """Store an uploaded file under $QIMERA_HOME/<folder> and return its path."""
     dest = qimera_home() / folder / Path(uploaded.name).name
@@ -152,7 +167,7 @@ def need_runs_message(what: str) -> None:
 
 
 __all__ = ["all_runs", "device_description", "generator_runs", "home_key", "job_panel", "jobs_section",
-           "need_runs_message", "pick_run", "real_images", "registry", "run_networks", "save_upload",
+           "need_runs_message", "pick_run", "real_images", "registry", "run_networks", "save_upload", "setting_widget",
            "setup_page", "show_image_grid"]
 
 
