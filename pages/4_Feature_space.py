@@ -4,7 +4,8 @@ import streamlit as st
 
 from qimera_engine import analysis
 from qimera_engine.ui import common, figures
-from qimera_engine.ui.logic import dominant_class, gdfq_partner, generator_runs, hover_coefficients
+from qimera_engine.ui.logic import (dominant_class, gdfq_partner, generator_runs, hover_coefficients,
+                                    selected_points)
 from qimera_engine.ui.tasks import features_key, features_task
 
 common.setup_page("Feature space", "🗺️")
@@ -79,8 +80,15 @@ with left:
     coords = {name: s["xy"] for name, s in sources.items()}
     labels = {name: dominant_class(s["labels"], s["coeffs"]) for name, s in sources.items()}
     hover = {name: hover_coefficients(s["labels"], s["coeffs"], classes) for name, s in sources.items()}
-    st.plotly_chart(figures.feature_scatter(coords, labels, classes, hover, title=f"{result['method'].upper()} "
-                                            f"of the teacher's features"), key="f_scatter")
+    picked = st.plotly_chart(figures.feature_scatter(coords, labels, classes, hover, title=f"{result['method'].upper()} "
+                                                     f"of the teacher's features"), key="f_scatter",
+                             on_select="rerun", selection_mode=("points", "box", "lasso"))
+points = picked.selection.points if picked and picked.selection else []
+if points:
+    st.subheader(f"Selected points ({len(points)})")
+    st.dataframe(selected_points(points, sources, classes), hide_index=True, key="f_selected")
+else:
+    st.caption("Click, box or lasso points on the chart to list them with the teacher's top-3 classes.")
 st.caption("Colour: class (for superposed samples, the class with the largest coefficient). Marker: source. "
            "What to look for: plain samples sit in tight clusters at the class centres; superposed ones spread "
            "into the space between clusters, where the real data also lives. UMAP distances between clusters "

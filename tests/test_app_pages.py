@@ -283,6 +283,12 @@ def test_feature_scatter_colours_by_class_and_marks_sources():
     assert fig.data[2].marker.symbol == "x" and fig.data[0].marker.symbol == "circle"
     assert fig.data[2].marker.color == fig.data[1].marker.color  # same class, same colour
     assert fig.data[2].customdata[0][2] == "0.60 x b + 0.40 x c"
+    assert [int(r[3]) for r in fig.data[3].customdata] == [2]  # index within its source, for selections
+    sources = {"superposed": {"probs": np.array([[.1, .5, .4], [.2, .7, .1], [.0, .1, .9]])}}
+    table = logic.selected_points([{"customdata": list(fig.data[3].customdata[0])}, {"x": 1}], sources,
+                                  ["a", "b", "c"])
+    assert table.to_dict("records") == [{"source": "superposed", "index": 2, "class": "c", "mix": "0.70 x c + 0.30 x b",
+                                         "teacher top-3": "c 0.90, b 0.10, a 0.00", "margin": pytest.approx(0.8)}]
 
 
 def test_bitwidth_figure_averages_over_seeds():

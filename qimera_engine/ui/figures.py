@@ -149,7 +149,7 @@ def feature_scatter(coords: dict, labels: dict, classes: list[str], hover: dict 
                             size=5 if source == "real" else 7, opacity=0.55 if source == "real" else 0.9,
                             line=dict(width=0)),
                 customdata=np.stack([np.full(m.sum(), source, dtype=object), np.full(m.sum(), classes[c], dtype=object),
-                                     extra[m]], axis=1),
+                                     extra[m], np.flatnonzero(m)], axis=1),  # last: index within its source
                 hovertemplate="%{customdata[0]}<br>class %{customdata[1]}<br>%{customdata[2]}<extra></extra>"))
     fig.update_layout(title=title, height=560, margin=dict(l=10, r=10, t=40, b=10),
                       legend=dict(itemsizing="constant"), xaxis_title="dim 1", yaxis_title="dim 2")

@@ -262,3 +262,19 @@ def describe_config_changes(cfg: RunConfig, base: RunConfig) -> dict:
     a, b = cfg.to_dict(), base.to_dict()
     return {k: a[k] for k in a if a[k] != b.get(k)}
 
+
+
+def selected_points(points: list[dict], sources: dict, classes: list[str]) -> pd.DataFrame:
+    """Rows for points picked on the feature scatter: source, class, coefficients, teacher's view."""
+    rows = []
+    for p in points:
+        cd = p.get("customdata")
+        if not cd or len(cd) < 4:
+            continue
+        source, idx = cd[0], int(cd[3])
+        probs = np.asarray(sources[source]["probs"][idx])
+        top = np.argsort(probs)[::-1][:3]
+        rows.append({"source": source, "index": idx, "class": cd[1], "mix": cd[2],
+                     "teacher top-3": ", ".join(f"{classes[c]} {probs[c]:.2f}" for c in top),
+                     "margin": float(probs[top[0]] - probs[top[1]]) if len(top) > 1 else 1.0})
+    return pd.DataFrame(rows)
