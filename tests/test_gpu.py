@@ -1,0 +1,38 @@
+"""GPU checks: skipped on machines without CUDA (CI has none); run them where a GPU is present."""
+import pytest
+import torch
+
+from conftest import TINY
+from qimera_engine import generate_images, load_generator, open_run, preset, run_to_end
+from qimera_engine.quant import fake_quantize_weight
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_fake_quant_matches_between_cpu_and_gpu():
+    w = torch.randn(32, 16, 3, 3)
+    torch.testing.assert_close(fake_quantize_weight(w.cuda(), 4).cpu(), fake_quantize_weight(w, 4), atol=1e-6, rtol=0)
+
+
+@cuda
+@pytest.mark.parametrize("amp", [False, True])
+def test_digits_run_on_the_gpu(digits_teacher, tmp_path, amp):
+    s = run_to_end(preset("digits", **TINY, device="cuda", amp=amp), out=tmp_path / "g")
+    assert s["quant_top1"] > 50
+    gen = load_generator(open_run(tmp_path / "g"), device="cuda")
+    x = generate_images(gen, [[1, 2]], [[0.5, 0.5]], [0])
+    assert x.is_cuda and torch.isfinite(x).all()
+
+
+@cuda
+def test_resume_on_the_gpu(digits_teacher, tmp_path):
+    import threading
+    from qimera_engine import EpochEnd, run
+    cfg = preset("digits", **{**TINY, "epochs": 3}, device="cuda")
+    stop = threading.Event()
+    for ev in run(cfg, out=tmp_path / "cut", stop=stop):
+        if isinstance(ev, EpochEnd):
+            stop.set()
+    resumed = run_to_end(None, resume=tmp_path / "cut")
+    assert resumed["epochs_done"] == 3
