@@ -69,6 +69,7 @@ def main():
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--threads", type=int, help="OMP threads per process")
     ap.add_argument("--out", default="bench/out/table.csv")
+    ap.add_argument("--runs-dir", help="where the run folders go (default: beside --out)")
     args = ap.parse_args()
 
     rows = [(m, [f"method={m}"]) for m in args.methods.split(",") if m]
@@ -78,7 +79,7 @@ def main():
     bits = [int(b) for b in args.bits.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     out_csv = Path(args.out)
-    out_dir = out_csv.with_suffix("")
+    out_dir = Path(args.runs_dir) if args.runs_dir else out_csv.with_suffix("")
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(label, args.set + sets, b, s) for b in bits for label, sets in rows for s in seeds]
     t0 = time.time()

@@ -34,7 +34,8 @@ def synthetic_features(generator: Generator, teacher, n: int, superposed: bool, 
     and coefficients from ``sample_coefficients(sampler)`` (METHOD 4). Everything (labels,
     coefficients, noise) follows from ``seed`` alone; the global random state is left untouched.
     Returns features (N, D) float32, probs (N, C), labels (N, K) int64, coeffs (N, K) float32,
-    and images (N, C, H, W) when ``keep_images``.
+    seeds (N,) int64 (``generate_images(generator, labels[i:i+1], coeffs[i:i+1], seeds[i:i+1])``
+    remakes sample i), and images (N, C, H, W) when ``keep_images``.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -63,7 +64,8 @@ def synthetic_features(generator: Generator, teacher, n: int, superposed: bool, 
             images.append(x.cpu())
     out = {"features": torch.cat(feats).numpy().astype(np.float32, copy=False),
            "probs": torch.cat(probs).numpy().astype(np.float32, copy=False),
-           "labels": labels.numpy(), "coeffs": coeffs.numpy().astype(np.float32, copy=False)}
+           "labels": labels.numpy(), "coeffs": coeffs.numpy().astype(np.float32, copy=False),
+           "seeds": np.asarray(seeds, dtype=np.int64)}
     if keep_images:
         out["images"] = torch.cat(images)
     return out
@@ -124,9 +126,13 @@ class _PCA:
 
     def fit(self, x: np.ndarray) -> "_PCA":
         self.mean = x.mean(axis=0, dtype=np.float64)
-        _, _, vt = np.linalg.svd(x - self.mean, full_matrices=False)  # (min(N, D), D)
+        c = x - self.mean
+        # Eigenvectors of the (D, D) scatter matrix: LAPACK's SVD of the (N, D) matrix sometimes
+        # takes a second on these features where this takes milliseconds.
+        _, vecs = np.linalg.eigh(c.T @ c)          # ascending eigenvalues
         axes = np.zeros((2, x.shape[1]))
-        axes[:min(2, len(vt))] = vt[:2]
+        top = vecs[:, ::-1][:, :2].T               # (<=2, D)
+        axes[:len(top)] = top
         signs = np.sign(axes[np.arange(2), np.abs(axes).argmax(axis=1)])
         self.axes = axes * np.where(signs == 0, 1.0, signs)[:, None]
         self.embedding = self.transform(x)
@@ -136,31 +142,71 @@ class _PCA:
         return ((x - self.mean) @ self.axes.T).astype(np.float32)
 
 
+SMALL_UMAP = 4000  # up to this many real samples UMAP gets exact distances from us (see _UMAP)
+
+
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances (len(a), len(b)), computed in float64 so near-equal points stay exact."""
+    from sklearn.metrics.pairwise import euclidean_distances
+    return euclidean_distances(a.astype(np.float64), b.astype(np.float64)).astype(np.float32)
+
+
 class _UMAP:
-    def __init__(self, seed: int, n_neighbors: int, min_dist: float):
+    """umap-learn fitted on the real features; other sets are mapped with ``transform``.
+
+    For small sets (the app's few thousand points) the distances are computed here and handed to
+    UMAP as a sparse precomputed matrix: umap-learn's own small-data path calls a compiled distance
+    once per pair from Python (seconds for 3,000 points) and compiles a parallel k-NN routine on
+    first use; both are avoided. Larger sets use umap-learn's approximate neighbours as usual.
+    """
+
+    def __init__(self, seed: int, n_neighbors: int, min_dist: float, n_epochs: int | None):
         import umap  # slow to import (numba): only when a UMAP is asked for
-        self.model = umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed)
+        self.precomputed = None
+        self.kw = dict(n_components=2, n_neighbors=n_neighbors, min_dist=min_dist, n_epochs=n_epochs,
+                       random_state=seed)
+        self.umap = umap
 
     def fit(self, x: np.ndarray) -> "_UMAP":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "n_jobs overridden by random_state"
-            self.model.fit(x)
+            if len(x) <= SMALL_UMAP:
+                import scipy.sparse
+                d = _distances(x, x)
+                d[d == 0] = 1e-12      # keep duplicates as neighbours: the sparse matrix drops zeros
+                np.fill_diagonal(d, 0)  # UMAP requires a zero diagonal
+                self.precomputed = x
+                self.model = self.umap.UMAP(metric="precomputed", **self.kw).fit(scipy.sparse.csr_matrix(d))
+            else:
+                self.model = self.umap.UMAP(**self.kw).fit(x)
         self.embedding = np.asarray(self.model.embedding_, dtype=np.float32)
         return self
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return np.asarray(self.model.transform(x), dtype=np.float32)
+            warnings.simplefilter("ignore", UserWarning)  # "transforming with precomputed metric"
+            data = x if self.precomputed is None else _distances(x, self.precomputed)
+            return np.asarray(self.model.transform(data), dtype=np.float32)
+
+
+def prepare_umap() -> None:
+    """Import umap and compile its code on a tiny set, so that the first real projection is fast.
+
+    An app can call this once in a background thread at start-up.
+    """
+    x = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    _UMAP(0, 5, 0.1, 20).fit(x).transform(x[:5] + 0.1)
 
 
 def project(real, others: dict | None = None, method: str = "pca", seed: int = 0, *,
-            n_neighbors: int = 15, min_dist: float = 0.1) -> dict[str, np.ndarray]:
+            n_neighbors: int = 15, min_dist: float = 0.1, n_epochs: int | None = 200) -> dict[str, np.ndarray]:
     """2-D coordinates of the real features and of each set in ``others``, in one shared space.
 
     The projection is fitted on the real features only (as in the paper's Figure 3) and the other
     sets are mapped into it, so synthetic samples are seen where the real data would put them.
-    ``method``: "pca" (exact, centred on the real mean) or "umap" (umap-learn, ``random_state=seed``).
+    ``method``: "pca" (exact, centred on the real mean) or "umap" (umap-learn, ``random_state=seed``;
+    ``n_epochs`` 200, umap-learn's own choice for large sets, instead of its 500 for small ones:
+    a 2-D picture needs no more and it halves the wait).
     Results are cached by a hash of the arrays and arguments; a fitted projection is reused when
     only ``others`` change. Returns {"real": (N, 2), name: (M, 2), ...} as float32.
     """
@@ -176,14 +222,14 @@ def project(real, others: dict | None = None, method: str = "pca", seed: int = 0
             raise ValueError(f"{name!r} has {x.shape[1]} features, the real set {real.shape[1]}")
     if method == "umap" and len(real) <= n_neighbors:
         raise ValueError(f"UMAP needs more than n_neighbors={n_neighbors} real samples, got {len(real)}")
-    params = (method, int(seed), int(n_neighbors), float(min_dist)) if method == "umap" else (method,)
+    params = (method, int(seed), int(n_neighbors), float(min_dist), n_epochs) if method == "umap" else (method,)
     fit_key = _digest(real, *params)
     key = _digest(fit_key, *[p for name in sorted(arrays) for p in (name, arrays[name])])
     cached = _recall(_results, key)
     if cached is None:
         projector = _recall(_fitted, fit_key)
         if projector is None:
-            projector = (_PCA() if method == "pca" else _UMAP(seed, n_neighbors, min_dist)).fit(real)
+            projector = (_PCA() if method == "pca" else _UMAP(seed, n_neighbors, min_dist, n_epochs)).fit(real)
             _remember(_fitted, fit_key, projector, 4)
         cached = {"real": projector.embedding}
         cached.update({name: projector.transform(x) if len(x) else np.zeros((0, 2), np.float32)
