@@ -16,7 +16,7 @@ from ..data import InputSpec, load_data
 from ..jobs import Job, JobRegistry, shared_registry
 from ..runs import Run, list_runs, open_run, qimera_home, runs_dir
 from . import figures
-from .logic import generator_runs, mix_samples, run_label
+from .logic import mix_samples, run_label
 
 POLL_SECONDS = 1.0  # how often live panels redraw while a job runs
 
@@ -166,7 +166,7 @@ def need_runs_message(what: str) -> None:
     st.page_link("pages/2_Quantize.py", label="Go to Quantize", icon="⚙️")
 
 
-__all__ = ["all_runs", "device_description", "generator_runs", "home_key", "job_panel", "jobs_section",
+__all__ = ["all_runs", "device_description", "home_key", "job_panel", "jobs_section",
            "need_runs_message", "pick_run", "real_images", "registry", "run_networks", "save_upload", "setting_widget",
            "setup_page", "show_image_grid"]
 
