@@ -166,10 +166,6 @@ def need_runs_message(what: str) -> None:
     st.page_link("pages/2_Quantize.py", label="Go to Quantize", icon="⚙️")
 
 
-__all__ = ["all_runs", "device_description", "home_key", "job_panel", "jobs_section",
-           "need_runs_message", "pick_run", "real_images", "registry", "run_networks", "save_upload", "setting_widget",
-           "setup_page", "show_image_grid"]
-
 
 # --------------------------------------------------------------------------- boundary samples (cached)
 
@@ -205,3 +201,8 @@ def mixing_path(run_path: str, stamp: float, a: int, b: int, steps: int, seed: i
 
 def stamp(run: Run) -> float:
     return _stamp(run)
+
+
+__all__ = ["all_runs", "class_names", "device_description", "home_key", "job_panel", "jobs_section", "mixed_samples",
+           "mixing_path", "need_runs_message", "pick_run", "real_images", "registry", "run_networks", "save_upload",
+           "setting_widget", "setup_page", "show_image_grid", "stamp"]
