@@ -16,7 +16,7 @@ from .models import TEACHERS, CheckpointError
 from .runs import list_runs, write_csv
 from .train import pick_device, run
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError, ValueError, RuntimeError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError, ValueError)
 
 
 def _progress(events, quiet: bool = False):

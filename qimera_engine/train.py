@@ -38,7 +38,7 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for, but no CUDA GPU is available")
+        raise ValueError("device=cuda was asked for, but no CUDA GPU is available")
     return torch.device(name)
 
 

@@ -63,6 +63,8 @@ def quantize_model(model: nn.Module, wbits: int, abits: int, *, keep_first_last_
         raise ValueError("model has no Conv2d or Linear layer to quantize")
     edge = {layers[0], layers[-1]} if keep_first_last_8bit else set()
     act_sites = []
+    param = next(student.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     for name, m in list(student.named_modules()):
         bits = max(wbits, 8) if name in edge else wbits
         if type(m) is nn.Conv2d:
@@ -70,7 +72,7 @@ def quantize_model(model: nn.Module, wbits: int, abits: int, *, keep_first_last_
         elif type(m) is nn.Linear:
             _set_submodule(student, name, QuantLinear.from_float(m, bits))
         elif isinstance(m, ACTIVATIONS) and name:
-            wrapped = QuantAct(m, abits, call_sites=sites.get(name, 1), beta=beta)
+            wrapped = QuantAct(m, abits, call_sites=sites.get(name, 1), beta=beta).to(device)
             _set_submodule(student, name, wrapped)
             act_sites.append(wrapped)
     student._qimera_act_sites = act_sites
