@@ -21,6 +21,7 @@ TINY = dict(epochs=2, iters_per_epoch=6, warmup_epochs=1, calib_epochs=1, batch_
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~10 s; runs in CI all the same")
+    config.addinivalue_line("markers", "browser: drives the app in chromium (Playwright); see tests/test_browser.py")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,142 @@
+"""How long the app makes you wait: first page, a slider on Boundary samples, a UMAP.
+
+    python bench/bench_app.py [--repeats 7] [--skip-browser] [--skip-umap]
+
+1. Server start to first page: seconds from spawning `streamlit run app.py` (empty QIMERA_HOME,
+   127.0.0.1, a free port) to Home's title visible in chromium (Playwright; chromium is already
+   running when the clock starts). Target < 3 s.
+2. Slider re-render, server side: AppTest on the Boundary samples page with a finished small run;
+   the median of `slider.set_value(v).run()` over new values (each a new grid) and over a value seen
+   before (cached), and the grid function alone (logic.mix_samples + figures.image_grid). Target < 0.3 s.
+3. UMAP of ~3,000 points, first call in a process and again: bench/bench_umap.py in a fresh
+   process (its own output is shown). Targets < 15 s and < 3 s.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+TARGETS = {"first page": 3.0, "slider": 0.3, "umap first": 15.0, "umap again": 3.0}
+
+
+def verdict(value: float, target: float) -> str:
+    return f"{'OK' if value < target else 'MISSED'} (target < {target:g} s)"
+
+
+def bench_first_page() -> float:
+    """Server spawn to Home's title visible in the browser."""
+    from playwright.sync_api import sync_playwright
+    from test_browser import CHROMIUM, CHROMIUM_ARGS, VIEWPORT, start_server, stop_server, wait_healthy
+
+    with tempfile.TemporaryDirectory(prefix="qimera-bench-app-") as tmp, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport=VIEWPORT)
+        log = Path(tmp) / "streamlit.log"
+        t0 = time.perf_counter()
+        proc, base = start_server(Path(tmp) / "home", log)
+        try:
+            wait_healthy(proc, base, log)
+            t_health = time.perf_counter() - t0
+            page.goto(base)
+            page.get_by_role("heading", name="Qimera Explorer", level=1).wait_for(timeout=60_000)
+            t_page = time.perf_counter() - t0
+        finally:
+            stop_server(proc)
+            browser.close()
+    print(f"{'server answers its health check':<52} {t_health:7.2f} s")
+    print(f"{'server start to Home title visible':<52} {t_page:7.2f} s  {verdict(t_page, TARGETS['first page'])}")
+    return t_page
+
+
+def bench_slider(repeats: int) -> float:
+    """Boundary samples: one slider change re-run server side (AppTest), and the grid function alone."""
+    with tempfile.TemporaryDirectory(prefix="qimera-bench-app-") as home:
+        os.environ["QIMERA_HOME"] = home
+        from streamlit.testing.v1 import AppTest
+        from qimera_engine import list_runs, load_generator, load_student, load_teacher, preset, run_to_end
+        from qimera_engine.teachers import train_and_cache
+        from qimera_engine.ui import figures, logic
+
+        t = time.perf_counter()
+        train_and_cache("digits-cnn", "digits", epochs=3)
+        small = dict(epochs=2, iters_per_epoch=4, warmup_epochs=1, calib_epochs=1, batch_size=16)
+        run_to_end(preset("digits", method="gdfq", **small))
+        time.sleep(0.02)  # the Qimera run is the newest: the page picks it
+        run_to_end(preset("digits", **small))
+        print(f"setup: digits teacher, a small GDFQ and a small Qimera run in {time.perf_counter() - t:.1f} s")
+
+        at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+        at.switch_page("pages/3_Boundary_samples.py")
+        t = time.perf_counter()
+        at.run()
+        assert not at.exception, [e.message for e in at.exception]
+        print(f"{'Boundary samples, first run (loads the networks)':<52} {time.perf_counter() - t:7.2f} s")
+
+        def change(value: float) -> float:
+            t = time.perf_counter()
+            at.slider(key="b_coeff_b").set_value(value).run()
+            dt = time.perf_counter() - t
+            assert not at.exception, [e.message for e in at.exception]
+            assert f"{value:.2f}" in at.latex[0].value
+            return dt
+
+        values = [round(0.05 + 0.9 * i / max(1, repeats - 1), 2) for i in range(repeats)]
+        new = [change(v) for v in values]
+        seen = [change(values[i % len(values)]) for i in range(repeats)]
+        med = statistics.median(new)
+        print(f"{'slider to a new value, page re-run (median of %d)' % len(new):<52} {med:7.3f} s  "
+              f"{verdict(med, TARGETS['slider'])}  [min {min(new):.3f}, max {max(new):.3f}]")
+        print(f"{'slider to a value seen before (cached grid)':<52} {statistics.median(seen):7.3f} s")
+
+        run = next(r for r in list_runs() if r.config.method == "qimera")
+        teacher = load_teacher(run)
+        gen, student = load_generator(run), load_student(run, teacher)
+        grid = []
+        for v in values:
+            t = time.perf_counter()
+            out = logic.mix_samples(gen, teacher.model, student, [0, 1], [1 - v, v], list(range(8)))
+            figures.image_grid(out["images"], 8, mean=teacher.mean, std=teacher.std)
+            grid.append(time.perf_counter() - t)
+        print(f"{'grid function alone (mix_samples + image_grid, 8 seeds)':<52} {statistics.median(grid):7.3f} s")
+        return med
+
+
+def bench_umap() -> None:
+    """bench/bench_umap.py in a fresh process, so that its first UMAP is the process's first."""
+    env = {k: v for k, v in os.environ.items() if k != "QIMERA_HOME"}
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_umap.py")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    print(out.rstrip())
+    for line in out.splitlines():
+        for label, key in [("UMAP, first call in this process", "umap first"),
+                           ("UMAP, second call, different features", "umap again")]:
+            if line.startswith(label):
+                seconds = float(line[len(label):].split()[0])
+                print(f"{key:<52} {seconds:7.2f} s  {verdict(seconds, TARGETS[key])}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7, help="slider changes to take the median of")
+    ap.add_argument("--skip-browser", action="store_true", help="no chromium: skip the first-page figure")
+    ap.add_argument("--skip-umap", action="store_true")
+    args = ap.parse_args()
+    if not args.skip_browser:
+        bench_first_page()
+    bench_slider(args.repeats)
+    if not args.skip_umap:
+        bench_umap()
+
+
+if __name__ == "__main__":
+    main()

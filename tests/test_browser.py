@@ -1,0 +1,238 @@
+"""The app in a real browser: Debian's chromium driven by Playwright, against `streamlit run app.py`.
+
+    python -m pytest tests/test_browser.py -q
+
+Starts its own server on 127.0.0.1 (a free port, an empty $QIMERA_HOME), runs the demo from Home,
+then visits every page, and saves a full-page screenshot of each to docs/screenshots/<page>.png.
+Needs /usr/bin/chromium (apt-get install chromium) and the playwright package (pip install playwright;
+no `playwright install`: the system chromium is used). Without them the tests skip, except with
+CI=true, where they fail.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "docs" / "screenshots"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1400, "height": 1000}
+DEMO_TIMEOUT_S = 240   # digits teacher (~8 s) + the demo run (~15-30 s) on 2 cores, with room to spare
+PAGE_TIMEOUT_S = 60    # one page render, including loading a run's networks the first time
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+
+def require_browser() -> None:
+    """Skip without chromium or Playwright; in CI (CI=true) a missing browser is a failure."""
+    missing = [what for what, ok in [(f"{CHROMIUM} (apt-get install chromium)", CHROMIUM.exists()),
+                                     ("the playwright package (pip install playwright)",
+                                      importlib.util.find_spec("playwright") is not None)] if not ok]
+    if missing:
+        reason = "browser test needs " + " and ".join(missing)
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(home: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """`streamlit run app.py` on 127.0.0.1 in its own process group; returns (process, base URL)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+           "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--server.fileWatcherType", "none"]
+    env = {**os.environ, "QIMERA_HOME": str(home)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(proc: subprocess.Popen, base: str, log: Path, timeout: float = 60) -> None:
+    """Until the server answers its health check (or dies, or the time is up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)  # poll interval, not a wait standing in for a check
+    raise TimeoutError(f"streamlit did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    require_browser()
+    tmp = tmp_path_factory.mktemp("browser")
+    log = tmp / "streamlit.log"
+    proc, base = start_server(tmp / "home", log)
+    try:
+        wait_healthy(proc, base, log)
+        yield base
+    finally:
+        stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            pg = browser.new_page(viewport=VIEWPORT)
+            pg.set_default_timeout(PAGE_TIMEOUT_S * 1000)
+            yield pg
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def demo(server, page):
+    """Home, the demo started from its button and run to the end; the page stays on Home."""
+    open_page(page, server, "", "Qimera Explorer")
+    page.get_by_role("button", name="Run the demo").click()
+    done = page.get_by_text(re.compile(r"demo: digits W4A4 \(Qimera\): (finished|failed|cancelled)$"))
+    done.wait_for(timeout=DEMO_TIMEOUT_S * 1000)
+    wait_rendered(page)
+    return done.inner_text()
+
+# --------------------------------------------------------------------------- helpers
+
+
+def wait_rendered(page) -> None:
+    """Until the script run is over: Streamlit's status widget says "Running..." while it is not."""
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+                           " || !/Running/.test(document.querySelector('[data-testid=\"stStatusWidget\"]').innerText)")
+    assert page.locator('[data-testid="stException"]').count() == 0, page.locator(
+        '[data-testid="stException"]').first.inner_text()
+
+
+def open_page(page, base: str, path: str, title: str) -> None:
+    """Load a page by its URL and wait for its title."""
+    page.goto(f"{base}/{path}")
+    page.get_by_role("heading", name=title, level=1).wait_for()
+
+
+def screenshot(page, name: str) -> Path:
+    """A full-page screenshot. The app scrolls inside its main area, so the viewport is made as tall
+    as the content for the shot, and set back afterwards."""
+    wait_rendered(page)
+    height = page.evaluate("() => Math.max(...['[data-testid=\"stMain\"]', '[data-testid=\"stAppViewContainer\"]']"
+                           ".map(s => document.querySelector(s)).filter(Boolean).map(e => e.scrollHeight))")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    out = SHOTS / f"{name}.png"
+    page.set_viewport_size({"width": VIEWPORT["width"], "height": max(VIEWPORT["height"], int(height) + 40)})
+    try:
+        page.screenshot(path=str(out), full_page=True)
+    finally:
+        page.set_viewport_size(VIEWPORT)
+    assert out.stat().st_size > 10_000  # a rendered page, not a blank one
+    return out
+
+
+def first_image_bytes(page) -> tuple[str, bytes]:
+    """The src of the first st.image on the page and the bytes the server sends for it."""
+    img = page.locator('[data-testid="stImage"] img').first
+    img.wait_for()
+    src = img.get_attribute("src")
+    if src.startswith("data:"):
+        return src, src.encode()
+    return src, page.request.get(img.evaluate("e => e.src")).body()
+
+# --------------------------------------------------------------------------- the pages
+
+
+def test_home_runs_the_demo_to_the_end(server, page, demo):
+    assert demo.endswith("finished"), demo
+    assert page.get_by_text("Runs are stored in").count() == 1
+    assert page.locator('[data-testid="stPlotlyChart"]').count() >= 2  # the method picture and the live curves
+    screenshot(page, "home")
+
+
+def test_teacher_page_measures_the_teacher(server, page, demo):
+    open_page(page, server, "Teacher", "Teacher")
+    page.get_by_text("Labels, row by row").wait_for()
+    assert page.locator('[data-testid="stImage"] img').count() == 1  # the grid of real digits
+    page.get_by_role("button", name="Load or train the teacher").click()
+    page.get_by_text("FP top-1").wait_for()  # the teacher trained by the demo is loaded from the cache
+    top1 = page.locator('[data-testid="stMetricValue"]').first.inner_text()
+    assert float(top1.rstrip("%")) > 50
+    screenshot(page, "teacher")
+
+
+def test_quantize_page_lists_the_demo_run(server, page, demo):
+    open_page(page, server, "Quantize", "Quantize")
+    page.locator('[data-testid="stDataFrame"]').first.wait_for()
+    page.get_by_role("button", name="Start quantizing").wait_for()
+    screenshot(page, "quantize")
+
+
+def test_boundary_slider_changes_the_images(server, page, demo):
+    open_page(page, server, "Boundary_samples", "Boundary samples")
+    page.get_by_text("Orange bands").wait_for()  # the last element: the page has run to its end
+    wait_rendered(page)
+    before_src, before = first_image_bytes(page)
+    slider = page.locator('[data-testid="stSlider"]').filter(has_text="Coefficient of class B")
+    thumb = slider.get_by_role("slider")
+    assert float(thumb.get_attribute("aria-valuenow")) == 0.5
+    thumb.focus()
+    for _ in range(20):
+        page.keyboard.press("ArrowLeft")
+    page.wait_for_function("v => [...document.querySelectorAll('.katex')].some(e => e.textContent.includes(v))",
+                           arg="0.30")  # the formula: λ_B = 0.30 reached the server and came back
+    page.wait_for_function("src => document.querySelector('[data-testid=\"stImage\"] img')?.getAttribute('src')"
+                           " !== src", arg=before_src)
+    wait_rendered(page)
+    assert float(thumb.get_attribute("aria-valuenow")) == pytest.approx(0.3)
+    after_src, after = first_image_bytes(page)
+    assert after_src != before_src and after != before and len(after) > 100
+    screenshot(page, "boundary_samples")
+
+
+def test_feature_space_shows_a_chart(server, page, demo):
+    open_page(page, server, "Feature_space", "Feature space")
+    # the PCA starts by itself in the background; the scatter appears when it is done
+    chart = page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').first
+    chart.wait_for(timeout=120_000)
+    page.get_by_text("PCA of the teacher's features").first.wait_for()
+    assert page.locator('[data-testid="stDataFrame"]').count() >= 1  # near-boundary shares and coverage
+    screenshot(page, "feature_space")
+
+
+def test_bit_widths_shows_a_chart(server, page, demo):
+    open_page(page, server, "Bit_widths", "Bit widths")
+    page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').first.wait_for()
+    assert page.get_by_text("No finished runs").count() == 0
+    page.get_by_role("button", name="Start sweep").wait_for()
+    screenshot(page, "bit_widths")
