@@ -8,6 +8,7 @@ completed epoch and, on the CPU, ends exactly where an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import threading
 import time
@@ -206,6 +207,11 @@ def _execute(cfg: RunConfig, folder: Run, should_stop: Callable[[], bool]) -> It
                 if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iters_per_epoch:
                     n = (it % cfg.log_every) + 1
                     vals = (window / n).tolist()  # the one host sync per log interval
+                    if not all(math.isfinite(v) for v in vals):
+                        raise FloatingPointError(
+                            f"a loss became NaN or infinite in epoch {epoch}, iteration {it} "
+                            f"({dict(zip(_LOSS_NAMES, vals))}); lower the learning rates, kd_alpha or kd_tau. "
+                            f"The run folder keeps the last completed epoch.")
                     rate = n * cfg.batch_size / max(time.perf_counter() - t_window, 1e-9)
                     yield Step(epoch, it, step, total, dict(zip(_LOSS_NAMES, vals)), rate)
                     window.zero_()

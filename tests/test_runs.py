@@ -147,3 +147,21 @@ def test_cli_evaluates_the_shared_resnet20(shared_resnet20, shared_cifar_dev):
              "--test-data", f"folder:{shared_cifar_dev}", "--device", "cpu")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["top1"] == pytest.approx(81.02, abs=0.05)
+
+
+def test_a_diverging_run_stops_with_a_clear_error(digits_teacher, tmp_path):
+    with pytest.raises(FloatingPointError, match="NaN or infinite.*kd_alpha"):
+        run_to_end(preset("digits", **TINY, lr_s=1e30, kd_alpha=1e30), out=tmp_path / "nan")
+    r = open_run(tmp_path / "nan")
+    assert r.status["status"] == "failed" and len(r.metrics) == 1  # the warm-up epoch is kept
+
+
+def test_cli_sweep_writes_a_table(digits_teacher, tmp_path):
+    out = tmp_path / "sweep.csv"
+    p = _cli("sweep", "--preset", "digits", "--bits", "4", "--methods", "ptq,qimera", "--seeds", "0", "--quiet",
+             "--out", str(out), *[f"--set={k}={v}" for k, v in TINY.items()])
+    assert p.returncode == 0, p.stderr
+    import csv
+    rows = list(csv.DictReader(out.open()))
+    assert [r["method"] for r in rows] == ["ptq", "qimera"] and all(float(r["quant_top1"]) > 10 for r in rows)
+    assert "W4A4 qimera" in p.stdout
