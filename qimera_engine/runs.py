@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -117,6 +118,20 @@ class Run:
 
     def set_status(self, status: str, **extra) -> None:
         write_json(self.path / self.STATUS, {"status": status, "time": time.time(), **extra})
+
+    @property
+    def process_alive(self) -> bool:
+        """Whether the process that wrote status "running" still exists on this machine."""
+        st = self.status
+        if st.get("status") != "running" or st.get("host") != socket.gethostname() or not st.get("pid"):
+            return False
+        try:
+            os.kill(int(st["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
     @property
     def has_generator(self) -> bool:

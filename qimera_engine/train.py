@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import socket
 import random
 import threading
 import time
@@ -110,7 +112,7 @@ def run(config: RunConfig, *, out: str | Path | None = None, resume: str | Path 
         run_folder = Run(new_run_dir(cfg.method, cfg.wbits, cfg.abits, out))
         write_json(run_folder.path / Run.CONFIG, cfg.to_dict())
     should_stop = (stop.is_set if isinstance(stop, threading.Event) else stop) or (lambda: False)
-    run_folder.set_status("running")
+    run_folder.set_status("running", pid=os.getpid(), host=socket.gethostname())
     try:
         yield from _execute(cfg, run_folder, should_stop)
     except GeneratorExit:

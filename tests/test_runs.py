@@ -165,3 +165,15 @@ def test_cli_sweep_writes_a_table(digits_teacher, tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert [r["method"] for r in rows] == ["ptq", "qimera"] and all(float(r["quant_top1"]) > 10 for r in rows)
     assert "W4A4 qimera" in p.stdout
+
+
+def test_running_status_names_its_process(tmp_path):
+    import os
+    import socket
+    r = Run(tmp_path)
+    r.set_status("running", pid=os.getpid(), host=socket.gethostname())
+    assert r.process_alive
+    r.set_status("running", pid=2**22 + 12345, host=socket.gethostname())  # no such process
+    assert not r.process_alive
+    r.set_status("finished")
+    assert not r.process_alive

@@ -150,7 +150,8 @@ def runs_table(runs: list[Run], active_dirs: set[str] | frozenset = frozenset())
         s = r.summary or {}
         status = r.status.get("status", "unknown")
         if status == "running" and str(r.path) not in active_dirs:
-            status = "interrupted"  # written as running by a process that is gone
+            # another process (e.g. the command line) may be running it; otherwise its process is gone
+            status = "running elsewhere" if r.process_alive else "interrupted"
         metrics = r.metrics if not s else []
         rows.append({"run": r.id, "method": c.method, "W": c.wbits, "A": c.abits, "teacher": c.teacher,
                      "data": c.test_data, "seed": c.seed, "status": status,
