@@ -20,7 +20,7 @@ st.caption("A sketch with toy 2-D data, not a run: plain synthetic samples sit a
            "superposed ones fill the space between the classes and cross the decision boundary.")
 
 c1, c2 = st.columns(2)
-c1.metric("Device in use", "GPU" if "GPU" in common.device_description() else "CPU")
+c1.metric("Device in use", "GPU" if common.device_description().startswith("GPU") else "CPU")
 c1.caption(common.device_description())
 c2.markdown(f"**Runs are stored in** `{runs_dir()}`  \nSet the environment variable `QIMERA_HOME` to change it.")
 
