@@ -38,7 +38,7 @@ def train_teacher(teacher: Teacher, train: ImageData, *, epochs: int = 40, batch
                 continue
             x, y = x_all[idx].to(device), y_all[idx].to(device)
             if augment:
-                x = _random_shift(x, pad)
+                x = random_shift(x, pad)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -51,7 +51,7 @@ def train_teacher(teacher: Teacher, train: ImageData, *, epochs: int = 40, batch
     return teacher
 
 
-def _random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
+def random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
     """Shift each batch by up to ``pad`` pixels (one shift per batch keeps it cheap), flip for RGB."""
     dx, dy = torch.randint(-pad, pad + 1, (2,)).tolist()
     x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))

@@ -32,7 +32,7 @@ from .losses import BNStatisticsLoss, kd_loss, soft_cross_entropy
 from .models import Teacher, save_state_dict
 from .quant import quantize_model, set_calibration
 from .runs import Run, atomic_path, new_run_dir, open_run, write_csv, write_json
-from .teachers import _random_shift, get_teacher
+from .teachers import random_shift, get_teacher
 
 StopFlag = threading.Event | Callable[[], bool] | None
 
@@ -272,7 +272,7 @@ def _real_batch(cfg, parts, teacher, dev):
     x = data.normalise(data.images[idx]).to(dev) if data.images is not None else \
         torch.stack([data.normalise(data.dataset[int(i)][0][None])[0] for i in idx]).to(dev)
     y = data.labels[idx].to(dev) if data.labels is not None else torch.tensor([data.dataset[int(i)][1] for i in idx], device=dev)
-    x = _random_shift(x, max(1, parts.teacher.image_size // 8))
+    x = random_shift(x, max(1, parts.teacher.image_size // 8))
     with torch.no_grad():
         t_logits = teacher(x)
     targets = torch.nn.functional.one_hot(y, parts.teacher.num_classes).float()
