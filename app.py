@@ -1,11 +1,9 @@
 """Qimera Explorer: Home. Start with `streamlit run app.py`."""
 import streamlit as st
 
-from qimera_engine import preset
-from qimera_engine.runs import runs_dir
-from qimera_engine.ui import common, figures
-
-common.setup_page("Home", "🧪")
+# The title and the introduction need no engine: they go out first and show while the first page of a
+# new server imports torch (about 2 s on a 2-core CPU).
+st.set_page_config(page_title="Home · Qimera Explorer", page_icon="🧪", layout="wide")
 st.title("Qimera Explorer")
 st.markdown(
     "**Data-free quantization** turns a full-precision (FP) classifier into a low-bit one (e.g. 4-bit weights "
@@ -15,6 +13,12 @@ st.markdown(
     "**Qimera** (NeurIPS 2021) notices that such images gather at the class centres, far from the decision "
     "boundaries where the student most needs guidance. It *superposes* class embeddings, "
     "z = λ·e_A + (1-λ)·e_B, so the generator also makes **boundary supporting samples** between classes.")
+
+from qimera_engine import preset  # noqa: E402  (after the title, see above)
+from qimera_engine.runs import runs_dir  # noqa: E402
+from qimera_engine.ui import common, figures  # noqa: E402
+
+common.setup_page("Home", "🧪")
 st.plotly_chart(figures.method_picture(), key="method-picture")
 st.caption("A sketch with toy 2-D data, not a run: plain synthetic samples sit at the class centres; "
            "superposed ones fill the space between the classes and cross the decision boundary.")
