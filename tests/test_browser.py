@@ -151,7 +151,10 @@ def screenshot(page, name: str) -> Path:
     """A full-page screenshot. The app scrolls inside its main area, so the viewport is made as tall
     as the content for the shot, and set back afterwards."""
     wait_rendered(page)
-    page.mouse.move(0, 0)  # no tooltip of the last button clicked
+    page.mouse.move(0, 0)  # no tooltip of the last button clicked: neither hovered nor focused
+    page.evaluate("() => document.activeElement?.blur()")
+    from playwright.sync_api import expect
+    expect(page.locator('[data-baseweb="tooltip"]')).to_have_count(0)
     height = page.evaluate("() => Math.max(...['[data-testid=\"stMain\"]', '[data-testid=\"stAppViewContainer\"]']"
                            ".map(s => document.querySelector(s)).filter(Boolean).map(e => e.scrollHeight))")
     SHOTS.mkdir(parents=True, exist_ok=True)
