@@ -3,7 +3,9 @@
     python -m pytest tests/test_browser.py -q
 
 Starts its own server on 127.0.0.1 (a free port, an empty $QIMERA_HOME), runs the demo from Home,
-then visits every page, and saves a full-page screenshot of each to docs/screenshots/<page>.png.
+then visits every page, and saves a full-page screenshot of each page: to the folder named by
+$QIMERA_SCREENSHOTS (`QIMERA_SCREENSHOTS=docs/screenshots` refreshes the README's pictures), else to a
+temporary folder, so a test run leaves the working tree as it was.
 Needs /usr/bin/chromium (apt-get install chromium) and the playwright package (pip install playwright;
 no `playwright install`: the system chromium is used). Without them the tests skip, except with
 CI=true, where they fail.
@@ -17,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -24,7 +27,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHOTS = ROOT / "docs" / "screenshots"
+SHOTS = Path(os.environ.get("QIMERA_SCREENSHOTS") or tempfile.mkdtemp(prefix="qimera-shots-"))
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
