@@ -77,3 +77,22 @@ def test_pickled_code_is_refused(tmp_path):
 def test_registry_names():
     assert {"digits-cnn", "resnet20", "resnet56", "resnet18", "resnet50", "mobilenet_v2",
             "resnet20_cifar10", "resnet20_cifar100"} <= set(TEACHERS)
+
+
+def test_checkpoint_decides_the_number_of_classes(tmp_path):
+    import torchvision
+    p = tmp_path / "r18-2class.pt"
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), p)
+    t = build_teacher("resnet18", checkpoint=str(p))
+    assert t.num_classes == 2 and t.feature_dim == 512
+
+
+def test_offline_zoo_download_gets_a_clear_error(monkeypatch):
+    import urllib.error
+    import qimera_engine.models as models
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no route to host")
+    monkeypatch.setattr(models, "_torchvision", offline)
+    with pytest.raises(CheckpointError, match="could not download.*offline"):
+        build_teacher("resnet18", pretrained=True)

@@ -177,3 +177,25 @@ def test_running_status_names_its_process(tmp_path):
     assert not r.process_alive
     r.set_status("finished")
     assert not r.process_alive
+
+
+def test_imagenet_sized_run_end_to_end(tmp_path):
+    """The 224x224 path: a torchvision teacher from a checkpoint, an ImageNet-style folder, the
+    class-conditional generator; tiny sizes so that it runs in seconds on a CPU."""
+    import numpy as np
+    import torchvision
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in ("n01", "n02"):
+        (tmp_path / "val" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "val" / c / f"{i}.png")
+    ckpt = tmp_path / "r18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), ckpt)
+    cfg = preset("imagenet-resnet18", pretrained=False, checkpoint=str(ckpt), test_data=f"imagenet:{tmp_path / 'val'}",
+                 epochs=1, iters_per_epoch=1, batch_size=2, warmup_epochs=0, calib_epochs=1, superpose_k=2,
+                 gen_width=8, eval_batch_size=4)
+    s = run_to_end(cfg, out=tmp_path / "run")
+    assert s["epochs_done"] == 1 and 0 <= s["quant_top1"] <= 100
+    gen = load_generator(open_run(tmp_path / "run"))
+    assert gen.conditional_bn and gen.image_size == 224 and gen.embed_dim == 512

@@ -74,13 +74,22 @@ def build_teacher(name: str, num_classes: int | None = None, checkpoint: str | N
         raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
     builder, size, channels, mean, std, default_classes = TEACHERS[name]
     classes = int(num_classes or default_classes)
-    if pretrained and name in ("resnet18", "resnet50", "mobilenet_v2"):
-        model = _torchvision(name, 1000, pretrained=True)
-    elif pretrained and name.startswith("resnet20_cifar"):
-        model = _pytorchcv(name, pretrained=True)
-    else:
-        model = builder(classes)
+    try:
+        if pretrained and name in ("resnet18", "resnet50", "mobilenet_v2"):
+            model = _torchvision(name, 1000, pretrained=True)
+        elif pretrained and name.startswith("resnet20_cifar"):
+            model = _pytorchcv(name, pretrained=True)
+        else:
+            model = builder(classes)
+    except OSError as e:  # the download of zoo weights failed
+        raise CheckpointError(f"could not download the pretrained weights of {name} ({e}); are you offline? "
+                              f"Give a local checkpoint instead (--checkpoint PATH)") from None
     if checkpoint:
+        if num_classes is None:  # a checkpoint with another number of classes: follow its final layer
+            head = next(n for n, m in model.named_modules() if m is classifier_layer(model))
+            weight = load_state_dict_file(checkpoint).get(f"{head}.weight")
+            if weight is not None and weight.dim() == 2 and weight.shape[0] != classes:
+                model = builder(int(weight.shape[0]))
         load_weights(model, checkpoint)
     model.eval().requires_grad_(False)
     classes = classifier_layer(model).out_features
