@@ -42,3 +42,27 @@ def shared_cifar_dev():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared CIFAR-10 dev split not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def fake_cifar10(root: Path, monkeypatch, per_batch: int = 4) -> Path:
+    """Small stand-ins for CIFAR-10's python files under ``root``, in torchvision's format.
+
+    torchvision checks the md5 sums of the real files, so the checks are patched for the test.
+    """
+    import pickle
+
+    import numpy as np
+    import torchvision
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 255, (per_batch, 3072), dtype=np.uint8),
+                         "labels": [i % 10 for i in range(per_batch)]}, f)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                     "ship", "truck"]}, f)
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    return root

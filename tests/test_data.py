@@ -1,4 +1,3 @@
-import pickle
 import urllib.error
 
 import numpy as np
@@ -7,6 +6,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from conftest import fake_cifar10
 from qimera_engine.data import DataError, InputSpec, load_data, parse_spec
 from qimera_engine.models import CIFAR_MEAN, CIFAR_STD, DIGITS_MEAN, DIGITS_STD
 
@@ -64,23 +64,8 @@ def test_image_folder_at_224_is_lazy(tmp_path):
     assert x.shape == (4, 3, 224, 224)
 
 
-def _fake_cifar10(root):
-    base = root / "cifar-10-batches-py"
-    base.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        with open(base / name, "wb") as f:
-            pickle.dump({"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}, f)
-    with open(base / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                                     "ship", "truck"]}, f)
-
-
 def test_cifar_through_torchvision_from_local_files(tmp_path, monkeypatch):
-    _fake_cifar10(tmp_path)
-    # torchvision checks the md5 of the real files; these are small stand-ins in the same format
-    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    fake_cifar10(tmp_path, monkeypatch)
     test = load_data(f"cifar10:{tmp_path}", CIFAR, "test")
     train = load_data(f"cifar10:{tmp_path}", CIFAR, "train")
     assert (len(test), len(train)) == (4, 20) and test.images.shape == (4, 3, 32, 32)
@@ -102,3 +87,10 @@ def test_shared_cifar_dev_split(shared_cifar_dev):
     d = load_data(f"folder:{shared_cifar_dev}", InputSpec(32, 3, CIFAR_MEAN, CIFAR_STD))
     assert len(d) == 5000 and d.classes[0] == "airplane" and d.classes[9] == "truck"
     assert torch.bincount(d.labels).tolist() == [500] * 10
+
+
+def test_cifar_teacher_training_needs_a_gpu(tmp_path, monkeypatch):
+    from qimera_engine import train_and_cache
+    fake_cifar10(tmp_path, monkeypatch)
+    with pytest.raises(ValueError, match="needs a GPU"):
+        train_and_cache("resnet20", f"cifar10:{tmp_path}", device="cpu")

@@ -36,3 +36,14 @@ def test_resume_on_the_gpu(digits_teacher, tmp_path):
             stop.set()
     resumed = run_to_end(None, resume=tmp_path / "cut")
     assert resumed["epochs_done"] == 3
+
+
+@cuda
+def test_cifar_teacher_trains_on_the_gpu(tmp_path, monkeypatch):
+    from conftest import fake_cifar10
+    from qimera_engine import train_and_cache
+    monkeypatch.setenv("QIMERA_HOME", str(tmp_path / "home"))
+    fake_cifar10(tmp_path / "data", monkeypatch, per_batch=64)
+    t = train_and_cache("resnet20", f"cifar10:{tmp_path / 'data'}", epochs=2, device="cuda")
+    assert t.info["data"] == "cifar10" and 0 <= t.info["test_top1"] <= 100
+    assert (tmp_path / "home" / "teachers" / "resnet20-cifar10.safetensors").exists()
