@@ -56,7 +56,7 @@ out = common.mixed_samples(path, stamp, tuple(chosen), tuple(round(float(c), 2) 
 
 left, right = st.columns([2, 3])
 with left:
-    st.image(out["grid"], caption="Generated images, one per seed (left to right, row by row)")
+    st.image(out["grid"], caption="Generated images, one per seed (four per row)")
     table = pd.DataFrame({"seed": seeds, "teacher says": [names[i] for i in out["teacher_pred"]],
                           "teacher p": out["teacher_probs"].max(1).round(3),
                           "student says": [names[i] for i in out["student_pred"]],

@@ -185,7 +185,7 @@ def mixed_samples(run_path: str, stamp: float, classes: tuple, coeffs: tuple, se
     """logic.mix_samples, cached by (run, classes, rounded coefficients, seeds); images displayable."""
     teacher, gen, student = _networks(run_path, stamp)
     out = mix_samples(gen, teacher.model, student, list(classes), list(coeffs), list(seeds))
-    out["grid"] = figures.image_grid(out.pop("images"), 8, mean=teacher.mean, std=teacher.std)
+    out["grid"] = figures.image_grid(out.pop("images"), 4, mean=teacher.mean, std=teacher.std)
     return out
 
 
