@@ -92,9 +92,11 @@ def probability_figure(probs, classes: list[str], row_labels: list[str] | None =
     p = _np(probs)
     rows = row_labels or [f"image {i + 1}" for i in range(len(p))]
     fig = go.Figure(go.Heatmap(z=p, x=list(classes), y=rows, zmin=0, zmax=1, colorscale="Blues",
-                               text=np.round(p, 2), texttemplate="%{text}", hovertemplate="%{y}, class %{x}: %{z:.3f}<extra></extra>"))
+                               texttemplate="%{z:.2f}", textfont=dict(size=11),
+                               hovertemplate="%{y}, class %{x}: %{z:.3f}<extra></extra>"))
     fig.update_layout(title="Teacher's class probabilities", height=60 + 28 * len(p), xaxis_title="class",
-                      margin=dict(l=10, r=10, t=40, b=10), yaxis=dict(autorange="reversed"))
+                      margin=dict(l=10, r=10, t=40, b=10), yaxis=dict(autorange="reversed"),
+                      xaxis=dict(type="category"))  # class names like "0".."9" are labels, not numbers
     return fig
 
 
