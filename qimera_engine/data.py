@@ -73,22 +73,24 @@ class ImageData:
         for x, y in loader:
             yield self.normalise(x).to(device), y.to(device)
 
-    def subset(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """n images drawn without replacement (a fixed draw per seed), normalised; (x, y)."""
-        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
-        if self.images is not None:
-            return self.normalise(self.images[idx]), self.labels[idx]
-        items = [self.dataset[int(i)] for i in idx]
-        return self.normalise(torch.stack([x for x, _ in items])), torch.tensor([y for _, y in items])
-
-    def raw(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """n uint8 images as stored (for showing them), with labels."""
-        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images at ``idx`` as stored (uint8, (N, C, H, W)) and their labels."""
         if self.images is not None:
             return self.images[idx], self.labels[idx]
         items = [self.dataset[int(i)] for i in idx]
-        return (torch.stack([(x * 255).round().to(torch.uint8) for x, _ in items]),
-                torch.tensor([y for _, y in items]))
+        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+    def _draw(self, n: int, seed: int) -> torch.Tensor:
+        return torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+
+    def subset(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """n images drawn without replacement (a fixed draw per seed), normalised; (x, y)."""
+        images, labels = self.take(self._draw(n, seed))
+        return self.normalise(images), labels
+
+    def raw(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """n uint8 images as stored (for showing them), with labels."""
+        return self.take(self._draw(n, seed))
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -163,7 +165,8 @@ def _folder(kind: str, path: str, spec: InputSpec) -> ImageData:
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     big = spec.image_size > 64
-    tf = (T.Compose([T.Resize(int(spec.image_size * 256 / 224)), T.CenterCrop(spec.image_size), T.ToTensor()])
+    # uint8 either way, like the images held in memory: ImageData.normalise does the rest
+    tf = (T.Compose([T.Resize(int(spec.image_size * 256 / 224)), T.CenterCrop(spec.image_size), T.PILToTensor()])
           if big else T.Compose([T.Resize((spec.image_size, spec.image_size)), T.PILToTensor()]))
     try:
         ds = torchvision.datasets.ImageFolder(str(root), transform=tf)

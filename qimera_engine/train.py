@@ -269,9 +269,8 @@ def _real_batch(cfg, parts, teacher, dev):
     """The real-data baseline's batch: real training images, one-hot targets."""
     data = parts.train
     idx = torch.randint(len(data), (cfg.batch_size,))
-    x = data.normalise(data.images[idx]).to(dev) if data.images is not None else \
-        torch.stack([data.normalise(data.dataset[int(i)][0][None])[0] for i in idx]).to(dev)
-    y = data.labels[idx].to(dev) if data.labels is not None else torch.tensor([data.dataset[int(i)][1] for i in idx], device=dev)
+    images, labels = data.take(idx)
+    x, y = data.normalise(images).to(dev), labels.to(dev)
     x = random_shift(x, max(1, parts.teacher.image_size // 8))
     with torch.no_grad():
         t_logits = teacher(x)

@@ -64,6 +64,18 @@ def test_image_folder_at_224_is_lazy(tmp_path):
     assert x.shape == (4, 3, 224, 224)
 
 
+def test_lazy_and_in_memory_folders_normalise_alike(tmp_path):
+    # one white image: every pixel normalises to (1 - mean) / std, whichever path reads it
+    (tmp_path / "white" / "c").mkdir(parents=True)
+    Image.fromarray(np.full((40, 40, 3), 255, np.uint8)).save(tmp_path / "white" / "c" / "0.png")
+    expected = (1 - torch.tensor(CIFAR_MEAN)) / torch.tensor(CIFAR_STD)
+    for size in (32, 224):  # 32: decoded into memory; 224: read lazily
+        d = load_data(f"folder:{tmp_path / 'white'}", InputSpec(size, 3, CIFAR_MEAN, CIFAR_STD))
+        x, _ = next(d.batches(1))
+        torch.testing.assert_close(x[0].mean((1, 2)), expected, atol=1e-4, rtol=0)
+        assert d.raw(1)[0].dtype == torch.uint8 and int(d.raw(1)[0].min()) == 255
+
+
 def test_cifar_through_torchvision_from_local_files(tmp_path, monkeypatch):
     fake_cifar10(tmp_path, monkeypatch)
     test = load_data(f"cifar10:{tmp_path}", CIFAR, "test")
