@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, load_state_dict_file, load_weights, save_state_dict
+from .checkpoint import CheckpointError, fit_state_dict, load_state_dict_file, load_weights, save_state_dict
 from .cifar_resnet import CifarResNet
 from .digits_cnn import DigitsCNN
 
@@ -85,12 +85,13 @@ def build_teacher(name: str, num_classes: int | None = None, checkpoint: str | N
         raise CheckpointError(f"could not download the pretrained weights of {name} ({e}); are you offline? "
                               f"Give a local checkpoint instead (--checkpoint PATH)") from None
     if checkpoint:
+        state = load_state_dict_file(checkpoint)
         if num_classes is None:  # a checkpoint with another number of classes: follow its final layer
             head = next(n for n, m in model.named_modules() if m is classifier_layer(model))
-            weight = load_state_dict_file(checkpoint).get(f"{head}.weight")
+            weight = state.get(f"{head}.weight")
             if weight is not None and weight.dim() == 2 and weight.shape[0] != classes:
                 model = builder(int(weight.shape[0]))
-        load_weights(model, checkpoint)
+        fit_state_dict(model, state, checkpoint)
     model.eval().requires_grad_(False)
     classes = classifier_layer(model).out_features
     source = checkpoint or ("pretrained" if pretrained else "random init")

@@ -50,7 +50,11 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a checkpoint into ``model`` strictly, with a readable error when it does not fit."""
-    state = load_state_dict_file(path)
+    return fit_state_dict(model, load_state_dict_file(path), path)
+
+
+def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> nn.Module:
+    """Load ``state`` (read from ``source``) into ``model``; a readable error when it does not fit."""
     own = model.state_dict()
     # checkpoints from older PyTorch releases lack BatchNorm's step counter: keep ours
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
@@ -63,7 +67,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
                  f"{len(unexpected)} unexpected key(s): {show(unexpected)}" if unexpected else "",
                  "shape mismatch at " + show([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                                               for k in wrong]) if wrong else ""]
-        raise CheckpointError(f"{path} does not fit {type(model).__name__}: " + "; ".join(p for p in parts if p))
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(p for p in parts if p))
     model.load_state_dict(state, strict=False)
     return model
 
