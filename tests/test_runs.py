@@ -99,11 +99,12 @@ def test_atomic_writes_leave_nothing_half_written(tmp_path):
 def test_listing_runs(digits_teacher, tmp_path, monkeypatch):
     monkeypatch.setenv("QIMERA_HOME", str(tmp_path))
     assert list_runs() == []
+    import shutil
+    from pathlib import Path
     (tmp_path / "teachers").mkdir()
-    for f in (digits_teacher.info["weights"],):  # reuse the trained teacher
-        import shutil, pathlib
-        shutil.copy(f, tmp_path / "teachers")
-        shutil.copy(pathlib.Path(f).with_suffix(".json"), tmp_path / "teachers")
+    weights = Path(digits_teacher.info["weights"])  # reuse the trained teacher
+    shutil.copy(weights, tmp_path / "teachers")
+    shutil.copy(weights.with_suffix(".json"), tmp_path / "teachers")
     run_to_end(preset("digits", **TINY))
     runs = list_runs()
     assert len(runs) == 1 and runs[0].path.parent == tmp_path / "runs"
