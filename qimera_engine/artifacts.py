@@ -30,12 +30,17 @@ def load_generator(run: Run | str | Path, device="cpu") -> Generator:
     return gen.to(device).eval().requires_grad_(False)
 
 
+def student_of(teacher: Teacher, cfg) -> nn.Module:
+    """The fake-quantized student of ``teacher`` at the config's bit widths (a copy; untrained ranges)."""
+    return quantize_model(teacher.model, cfg.wbits, cfg.abits, keep_first_last_8bit=cfg.keep_first_last_8bit,
+                          beta=cfg.ema_beta, example_input=teacher.example_input())
+
+
 def load_student(run: Run | str | Path, teacher: Teacher | None = None, device="cpu") -> nn.Module:
     """The run's quantized student in eval mode with its frozen activation ranges."""
     run = run if isinstance(run, Run) else open_run(run)
     cfg = run.config
     teacher = teacher or load_teacher(run, device)
-    student = quantize_model(teacher.model, cfg.wbits, cfg.abits, keep_first_last_8bit=cfg.keep_first_last_8bit,
-                             beta=cfg.ema_beta)
+    student = student_of(teacher, cfg)
     load_weights(student, run.path / Run.STUDENT)
     return student.to(device).eval().requires_grad_(False)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .artifacts import student_of
 from .config import RunConfig
 from .data import ImageData, InputSpec, load_data
 from .evaluate import evaluate
@@ -30,7 +31,7 @@ from .events import EpochEnd, Evaluated, Event, Finished, Log, Started, Step
 from .generator import BatchSampler, Generator, LatentBatch
 from .losses import BNStatisticsLoss, kd_loss, soft_cross_entropy
 from .models import Teacher, save_state_dict
-from .quant import quantize_model, set_calibration
+from .quant import set_calibration
 from .runs import Run, atomic_path, new_run_dir, open_run, write_csv, write_json
 from .teachers import random_shift, get_teacher
 
@@ -90,8 +91,7 @@ class Parts:
         if cfg.method == "real-data":
             train = load_data(cfg.train_data or cfg.test_data, spec, "train", cfg.download)
         teacher.model.to(device).eval().requires_grad_(False)
-        student = quantize_model(teacher.model, cfg.wbits, cfg.abits, keep_first_last_8bit=cfg.keep_first_last_8bit,
-                                 beta=cfg.ema_beta).requires_grad_(True)
+        student = student_of(teacher, cfg).requires_grad_(True)
         student.train(cfg.student_train_mode)
         generator = None if cfg.method == "real-data" else build_generator(cfg, teacher, device)
         return cls(cfg, device, teacher, test, student, generator, train)

@@ -128,3 +128,54 @@ def test_eight_bit_is_close_to_full_precision():
     set_calibration(student, False)
     ref = teacher(x)
     assert (student(x) - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_converting_from_many_threads_leaves_torch_intact():
+    """Conversions running at once never patch torch globally: forwards elsewhere keep working."""
+    import threading
+    models = [torchvision.models.resnet18(num_classes=10).eval() for _ in range(2)] + [CifarResNet(20).eval()
+                                                                                      for _ in range(4)]
+    errors, students = [], [None] * len(models)
+
+    def convert(i):
+        try:
+            start.wait()
+            students[i] = quantize_model(models[i], 4, 4)
+        except Exception as e:  # recorded, asserted below
+            errors.append(e)
+
+    def forwards():  # plain forward passes while the conversions run
+        try:
+            start.wait()
+            plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+            for _ in range(50):
+                plain(torch.zeros(1, 3, 8, 8))
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=convert, args=(i,)) for i in range(len(models))]
+    threads.append(threading.Thread(target=forwards))
+    start = threading.Barrier(len(threads))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert nn.Module.__call__ is nn.Module._wrapped_call_impl  # nothing left patched
+    out = nn.Sequential(nn.Linear(3, 2), nn.ReLU())(torch.zeros(1, 3))
+    assert out.shape == (1, 2)
+    for student in students:
+        resnet18 = hasattr(student, "fc")
+        assert len((student.layer1[0].relu if resnet18 else student.layer1[0].relu1).quantizers) == (2 if resnet18 else 1)
+        set_calibration(student, True)
+        size = 64 if resnet18 else 32
+        assert student(torch.randn(2, 3, size, size)).shape == (2, 10)
+
+
+def test_call_sites_are_counted_on_the_given_input():
+    model = torchvision.models.resnet18(num_classes=10)
+    student = quantize_model(model, 4, 4, example_input=torch.zeros(1, 3, 32, 32))
+    assert len(student.layer1[0].relu.quantizers) == 2
+    assert model.training and student.training  # modes are kept
+    with pytest.raises(ValueError, match="example input does not run"):
+        quantize_model(model, 4, 4, example_input=torch.zeros(1, 5, 32, 32))

@@ -35,6 +35,10 @@ class Teacher:
     def feature_dim(self) -> int:
         return self.classifier.in_features
 
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        """Zeros in the teacher's input shape, (B, channels, size, size)."""
+        return torch.zeros(batch, self.channels, self.image_size, self.image_size)
+
 
 TEACHERS = {
     # name: (builder(num_classes), image size, channels, mean, std, default classes)

@@ -14,25 +14,55 @@ from .modules import ActQuantizer, QuantAct, QuantConv2d, QuantLinear, _check_bi
 ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 
 
+# Input sizes tried, smallest first, when the caller gives no example input: 8x8 digits,
+# 32x32 CIFAR, 64x64, 224x224 ImageNet.
+_PROBE_SIZES = (8, 32, 64, 224)
+
+
+def _probe_inputs(model: nn.Module):
+    """Example inputs to try for a model whose input shape is not given."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    if isinstance(first, nn.Linear):
+        return [torch.zeros(1, first.in_features)]
+    if first is None:
+        return []
+    return [torch.zeros(1, first.in_channels, s, s) for s in _PROBE_SIZES]
+
+
 def _count_call_sites(model: nn.Module, example_input: torch.Tensor | None) -> Counter:
-    """How many times each activation module is called in one forward pass, by module name."""
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-        names = {name for name, m in model.named_modules() if isinstance(m, ACTIVATIONS)}
-        return Counter(node.target for node in graph.nodes if node.op == "call_module" and node.target in names)
-    except Exception:  # models fx cannot trace: count calls on a real forward when we can
-        if example_input is None:
-            return Counter({name: 1 for name, m in model.named_modules() if isinstance(m, ACTIVATIONS)})
+    """How many times each activation module is called in one forward pass, by module name.
+
+    The calls are counted by forward hooks on a real forward pass (eval mode, no grad). Nothing
+    global is touched: torch.fx's symbolic tracing patches ``nn.Module.__call__`` for the whole
+    process while it runs, which breaks forward passes in other threads.
+    """
+    names = {m: name for name, m in model.named_modules() if isinstance(m, ACTIVATIONS) and name}
     counts: Counter = Counter()
-    handles = [m.register_forward_hook(lambda mod, i, o, n=name: counts.update([n]))
-               for name, m in model.named_modules() if isinstance(m, ACTIVATIONS)]
+    handles = [m.register_forward_hook(lambda mod, i, o: counts.update([names[mod]])) for m in names]
+    modes = {m: m.training for m in model.modules()}
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    candidates = [example_input] if example_input is not None else _probe_inputs(model)
+    errors = []
     try:
+        model.eval()
         with torch.no_grad():
-            model.eval()(example_input)
+            for x in candidates:
+                counts.clear()
+                try:
+                    model(x.to(device))
+                    return counts
+                except RuntimeError as e:  # wrong input shape for this model: try the next size
+                    errors.append(f"{tuple(x.shape)}: {e}")
     finally:
         for h in handles:
             h.remove()
-    return counts
+        for m, training in modes.items():
+            m.training = training
+    if example_input is not None:
+        raise ValueError(f"the example input does not run through the model ({errors[-1]})")
+    raise ValueError("could not find an input shape that runs through the model; pass example_input "
+                     "(one batch of the model's input) to quantize_model")
 
 
 def _reset_call_counters(root: nn.Module, args) -> None:
@@ -54,10 +84,14 @@ def quantize_model(model: nn.Module, wbits: int, abits: int, *, keep_first_last_
     layer 8-bit when ``keep_first_last_8bit``), and every ReLU/ReLU6 call site a
     ``abits``-bit activation quantizer. Bits of 32 mean full precision. Parameter and
     buffer names stay those of ``model``, so a teacher's state dict loads into its student.
+    Call sites are counted on one forward pass of ``example_input`` (one batch of the model's
+    input; when not given, zeros of a few common image sizes are tried). Safe to call from
+    several threads at once.
     """
     wbits, abits = _check_bits(wbits), _check_bits(abits)
     student = model if inplace else copy.deepcopy(model)
-    sites = _count_call_sites(student, example_input)
+    sites = _count_call_sites(student, example_input) if any(isinstance(m, ACTIVATIONS) for m in student.modules()) \
+        else Counter()
     layers = [name for name, m in student.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if not layers:
         raise ValueError("model has no Conv2d or Linear layer to quantize")
