@@ -137,9 +137,10 @@ def demo(server, page):
 
 
 def wait_rendered(page) -> None:
-    """Until the script run is over: Streamlit's status widget says "Running..." while it is not."""
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
-                           " || !/Running/.test(document.querySelector('[data-testid=\"stStatusWidget\"]').innerText)")
+    """Until the script run is over: the app's root element carries Streamlit's script state
+    (``data-test-script-state``: running, rerunRequested, ... and notRunning when it is done)."""
+    page.wait_for_function("() => document.querySelector('[data-testid=\"stApp\"]')"
+                           "?.getAttribute('data-test-script-state') === 'notRunning'")
     assert page.locator('[data-testid="stException"]').count() == 0, page.locator(
         '[data-testid="stException"]').first.inner_text()
 
