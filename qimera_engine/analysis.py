@@ -50,10 +50,7 @@ def synthetic_features(generator: Generator, teacher, n: int, superposed: bool, 
     if k == 1:
         coeffs = torch.ones(n, 1)
     else:
-        # The Dirichlet sampler draws from the global generator: fork it so the seed alone decides.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
-            coeffs = sample_coefficients(n, k, sampler, fixed=fixed, generator=rng)
+        coeffs = sample_coefficients(n, k, sampler, fixed=fixed, generator=rng)
     feats, probs, images = [], [], []
     for i in range(0, n, GEN_CHUNK):
         x = generate_images(generator, labels[i:i + GEN_CHUNK], coeffs[i:i + GEN_CHUNK], seeds[i:i + GEN_CHUNK])

@@ -24,8 +24,7 @@ def sample_coefficients(batch: int, k: int, sampler: str = "softmax", *, alpha: 
     if sampler == "softmax":
         return torch.randn(batch, k, device=device, generator=generator).softmax(dim=1)
     if sampler == "dirichlet":
-        gamma = torch._standard_gamma(torch.full((batch, k), float(alpha), device=device))
-        return gamma / gamma.sum(dim=1, keepdim=True)
+        return torch._sample_dirichlet(torch.full((batch, k), float(alpha), device=device), generator=generator)
     if sampler == "fixed":
         c = torch.as_tensor(fixed, dtype=torch.float32, device=device)
         if c.numel() != k:
@@ -65,30 +64,40 @@ class LatentBatch:
 
 
 def sample_latents(batch: int, num_classes: int, embed_dim: int, *, k: int = 1, sampler: str = "softmax",
-                   alpha: float = 1.0, fixed: list[float] | None = None, device=None) -> LatentBatch:
-    """Labels uniform with replacement, K per sample; K = 1 gives a plain batch."""
-    labels = torch.randint(num_classes, (batch, k), device=device)
+                   alpha: float = 1.0, fixed: list[float] | None = None, device=None,
+                   generator: torch.Generator | None = None) -> LatentBatch:
+    """Labels uniform with replacement, K per sample; K = 1 gives a plain batch.
+
+    ``generator`` (on ``device``) makes the draws; None draws from torch's global generator.
+    """
+    labels = torch.randint(num_classes, (batch, k), device=device, generator=generator)
     if k == 1:
         coeffs = torch.ones(batch, 1, device=device)
     else:
-        coeffs = sample_coefficients(batch, k, sampler, alpha=alpha, fixed=fixed, device=device)
-    noise = torch.randn(batch, k, embed_dim, device=device)
+        coeffs = sample_coefficients(batch, k, sampler, alpha=alpha, fixed=fixed, device=device, generator=generator)
+    noise = torch.randn(batch, k, embed_dim, device=device, generator=generator)
     return LatentBatch(labels, coeffs, noise, soft_targets(labels, coeffs, num_classes))
 
 
 class BatchSampler:
-    """Draws each training batch: superposed with probability p (METHOD 4), else plain."""
+    """Draws each training batch: superposed with probability p (METHOD 4), else plain.
+
+    The coin is host-side (``seed``), so no device sync per batch; the tensors come from
+    ``generator`` (a run's own, on the batch's device), or torch's global generator when None.
+    """
 
     def __init__(self, num_classes: int, embed_dim: int, p: float, k: int, sampler: str = "softmax",
-                 alpha: float = 1.0, fixed: list[float] | None = None, seed: int = 0):
+                 alpha: float = 1.0, fixed: list[float] | None = None, seed: int = 0,
+                 generator: torch.Generator | None = None):
         self.num_classes, self.embed_dim, self.p, self.k = num_classes, embed_dim, p, k
         self.sampler, self.alpha, self.fixed = sampler, alpha, fixed
-        self.rng = random.Random(seed)  # host-side coin, so no device sync per batch
+        self.rng = random.Random(seed)
+        self.generator = generator
 
     def __call__(self, batch: int, device=None) -> LatentBatch:
         k = self.k if self.k > 1 and self.rng.random() < self.p else 1
         return sample_latents(batch, self.num_classes, self.embed_dim, k=k, sampler=self.sampler,
-                              alpha=self.alpha, fixed=self.fixed, device=device)
+                              alpha=self.alpha, fixed=self.fixed, device=device, generator=self.generator)
 
 # --------------------------------------------------------------------------- modules
 

@@ -11,6 +11,7 @@ from .data import ImageData, InputSpec, load_data, parse_spec
 from .evaluate import evaluate
 from .models import TEACHERS, Teacher, build_teacher, load_weights, save_state_dict
 from .runs import qimera_home, read_json, write_json
+from .seeding import seeded_init
 
 
 def cached_teacher_path(name: str, data_spec: str):
@@ -21,8 +22,10 @@ def cached_teacher_path(name: str, data_spec: str):
 def train_teacher(teacher: Teacher, train: ImageData, *, epochs: int = 40, batch_size: int = 64, lr: float = 3e-3,
                   seed: int = 0, device="cpu", augment: bool = True,
                   on_epoch: Callable[[int, float], None] | None = None) -> Teacher:
-    """Train ``teacher.model`` on real images with Adam + cosine schedule (random shifts of 1/8 image)."""
-    torch.manual_seed(seed)
+    """Train ``teacher.model`` on real images with Adam + cosine schedule (random shifts of 1/8 image).
+
+    The order and shifts come from a generator of its own seeded with ``seed``."""
+    rng = torch.Generator().manual_seed(seed)
     model = teacher.model.to(device).requires_grad_(True).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((len(train) + batch_size - 1) // batch_size)
@@ -30,7 +33,7 @@ def train_teacher(teacher: Teacher, train: ImageData, *, epochs: int = 40, batch
     x_all, y_all = train.subset(len(train), seed=seed)
     pad = max(1, teacher.image_size // 8)
     for epoch in range(epochs):
-        perm = torch.randperm(len(x_all))
+        perm = torch.randperm(len(x_all), generator=rng)
         total = 0.0
         for i in range(0, len(perm), batch_size):
             idx = perm[i:i + batch_size]
@@ -38,7 +41,7 @@ def train_teacher(teacher: Teacher, train: ImageData, *, epochs: int = 40, batch
                 continue
             x, y = x_all[idx].to(device), y_all[idx].to(device)
             if augment:
-                x = random_shift(x, pad)
+                x = random_shift(x, pad, rng)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -51,11 +54,13 @@ def train_teacher(teacher: Teacher, train: ImageData, *, epochs: int = 40, batch
     return teacher
 
 
-def random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """Shift each batch by up to ``pad`` pixels (one shift per batch keeps it cheap), flip for RGB."""
-    dx, dy = torch.randint(-pad, pad + 1, (2,)).tolist()
+def random_shift(x: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Shift each batch by up to ``pad`` pixels (one shift per batch keeps it cheap), flip for RGB.
+
+    ``generator`` is a CPU generator (None: torch's global one)."""
+    dx, dy = torch.randint(-pad, pad + 1, (2,), generator=generator).tolist()
     x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-    if x.shape[1] == 3 and torch.rand(()) < 0.5:
+    if x.shape[1] == 3 and torch.rand((), generator=generator) < 0.5:
         x = x.flip(3)
     return x
 
@@ -93,8 +98,8 @@ def train_and_cache(name: str, data_spec: str, *, epochs: int | None = None, dev
         raise ValueError("teachers are trained on digits, cifar10 or cifar100 (their train split)")
     if kind != "digits" and not str(device).startswith("cuda"):
         raise ValueError("training a CIFAR teacher needs a GPU; on a CPU use a checkpoint (--checkpoint PATH)")
-    torch.manual_seed(seed)  # the initial weights too, so the cached teacher is reproducible
-    teacher = build_teacher(name, 100 if kind == "cifar100" else 10)
+    with seeded_init(seed):  # the initial weights too, so the cached teacher is reproducible
+        teacher = build_teacher(name, 100 if kind == "cifar100" else 10)
     spec = InputSpec.of(teacher)
     train, test = load_data(data_spec, spec, "train"), load_data(data_spec, spec, "test")
     epochs = epochs or (30 if kind == "digits" else 60)

@@ -11,7 +11,6 @@ import contextlib
 import math
 import os
 import socket
-import random
 import threading
 import time
 import warnings
@@ -19,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -33,6 +31,7 @@ from .losses import BNStatisticsLoss, kd_loss, soft_cross_entropy
 from .models import Teacher, save_state_dict
 from .quant import set_calibration
 from .runs import Run, atomic_path, new_run_dir, open_run, write_csv, write_json
+from .seeding import RunRandom, seeded_init
 from .teachers import random_shift, get_teacher
 
 StopFlag = threading.Event | Callable[[], bool] | None
@@ -44,12 +43,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device=cuda was asked for, but no CUDA GPU is available")
     return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def build_generator(cfg: RunConfig, teacher: Teacher, device: torch.device | str = "cpu") -> Generator:
@@ -77,6 +70,7 @@ class Parts:
     student: nn.Module
     generator: Generator | None
     train: ImageData | None  # real images, for the real-data baseline only
+    rng: RunRandom           # the run's own random streams (never torch's global one)
 
     @classmethod
     def build(cls, cfg: RunConfig, log: Callable[[str], None] = lambda s: None) -> "Parts":
@@ -93,8 +87,10 @@ class Parts:
         teacher.model.to(device).eval().requires_grad_(False)
         student = student_of(teacher, cfg).requires_grad_(True)
         student.train(cfg.student_train_mode)
-        generator = None if cfg.method == "real-data" else build_generator(cfg, teacher, device)
-        return cls(cfg, device, teacher, test, student, generator, train)
+        with seeded_init(cfg.seed):  # the generator's initial weights, then the run's stream continues
+            generator = None if cfg.method == "real-data" else build_generator(cfg, teacher, device)
+            rng = RunRandom.create(cfg.seed, device, cpu_state=torch.get_rng_state())
+        return cls(cfg, device, teacher, test, student, generator, train, rng)
 
 
 def run(config: RunConfig, *, out: str | Path | None = None, resume: str | Path | None = None,
@@ -138,7 +134,6 @@ def _execute(cfg: RunConfig, folder: Run, should_stop: Callable[[], bool]) -> It
     t_start = time.perf_counter()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    seed_everything(cfg.seed)
     logs: list[str] = []
     parts = Parts.build(cfg, logs.append)
     for text in logs:
@@ -154,7 +149,8 @@ def _execute(cfg: RunConfig, folder: Run, should_stop: Callable[[], bool]) -> It
                                  betas=tuple(cfg.g_betas))
         sched_g = torch.optim.lr_scheduler.MultiStepLR(opt_g, cfg.milestones, cfg.lr_gamma)
     sampler = BatchSampler(parts.teacher.num_classes, gen.embed_dim if gen else 1, cfg.superpose_p,
-                           cfg.superpose_k, cfg.coeff_sampler, cfg.dirichlet_alpha, cfg.fixed_coeffs, seed=cfg.seed)
+                           cfg.superpose_k, cfg.coeff_sampler, cfg.dirichlet_alpha, cfg.fixed_coeffs, seed=cfg.seed,
+                           generator=parts.rng.device)
 
     state_path = folder.path / Run.STATE
     rows: list[dict] = []
@@ -168,9 +164,7 @@ def _execute(cfg: RunConfig, folder: Run, should_stop: Callable[[], bool]) -> It
             gen.load_state_dict(st["generator"])
             opt_g.load_state_dict(st["opt_g"])
             sched_g.load_state_dict(st["sched_g"])
-        torch.set_rng_state(st["rng_cpu"])
-        if dev.type == "cuda" and "rng_cuda" in st:
-            torch.cuda.set_rng_state(st["rng_cuda"], dev)
+        parts.rng.load_state(st)
         sampler.rng.setstate(_tuples(st["rng_sampler"]))
         start_epoch, best, fp_top1 = int(st["epoch"]) + 1, float(st["best"]), float(st["fp_top1"])
         elapsed_before = float(st["seconds"])
@@ -268,10 +262,10 @@ def _generator_step(cfg, gen, teacher, bns, opt_g, sampler, dev):
 def _real_batch(cfg, parts, teacher, dev):
     """The real-data baseline's batch: real training images, one-hot targets."""
     data = parts.train
-    idx = torch.randint(len(data), (cfg.batch_size,))
+    idx = torch.randint(len(data), (cfg.batch_size,), generator=parts.rng.cpu)
     images, labels = data.take(idx)
     x, y = data.normalise(images).to(dev), labels.to(dev)
-    x = random_shift(x, max(1, parts.teacher.image_size // 8))
+    x = random_shift(x, max(1, parts.teacher.image_size // 8), parts.rng.cpu)
     with torch.no_grad():
         t_logits = teacher(x)
     targets = torch.nn.functional.one_hot(y, parts.teacher.num_classes).float()
@@ -304,9 +298,7 @@ def _tuples(x):
 def _save_epoch(folder, parts, epoch, best, fp_top1, seconds, rows, opt_s, sched_s, opt_g, sched_g, sampler):
     state = {"epoch": epoch, "best": best, "fp_top1": fp_top1, "seconds": seconds,
              "student": parts.student.state_dict(), "opt_s": opt_s.state_dict(), "sched_s": sched_s.state_dict(),
-             "rng_cpu": torch.get_rng_state(), "rng_sampler": sampler.rng.getstate()}
-    if parts.device.type == "cuda":
-        state["rng_cuda"] = torch.cuda.get_rng_state(parts.device)
+             "rng_sampler": sampler.rng.getstate(), **parts.rng.state()}
     if parts.generator is not None:
         state.update(generator=parts.generator.state_dict(), opt_g=opt_g.state_dict(), sched_g=sched_g.state_dict())
         save_state_dict(parts.generator, folder.path / Run.GENERATOR)
