@@ -13,9 +13,11 @@ from .teachers import get_teacher
 
 
 def load_teacher(run: Run | str | Path, device="cpu") -> Teacher:
+    """The teacher the run was trained with (the exact weights, when the run recorded them)."""
     run = run if isinstance(run, Run) else open_run(run)
     cfg = run.config
-    teacher = get_teacher(cfg.teacher, cfg.teacher_data, cfg.checkpoint, cfg.pretrained, device=device)
+    teacher = get_teacher(cfg.teacher, cfg.teacher_data, cfg.checkpoint, cfg.pretrained, device=device,
+                          sha256=run.teacher_sha256)
     teacher.model.to(device)
     return teacher
 

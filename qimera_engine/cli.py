@@ -13,10 +13,11 @@ from .data import DataError, InputSpec, load_data
 from .evaluate import evaluate
 from .events import Evaluated, Finished, Log, Started, Step
 from .models import TEACHERS, CheckpointError
-from .runs import list_runs, write_csv
+from .runs import RunLocked, list_runs, runs_dir, write_csv
 from .train import pick_device, run
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError, ValueError)
+# Errors that are the user's input or the machine's state: one line, exit status 2, no traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, RunLocked, OSError)
 
 
 def _progress(events, quiet: bool = False):
@@ -59,8 +60,10 @@ def _config_from(args):
 
 
 def cmd_quantize(args) -> int:
+    if args.restart and not args.resume:
+        raise ConfigError("--restart goes with --resume RUN (it starts that run again from epoch 0)")
     if args.resume:
-        events = run(None, resume=args.resume)
+        events = run(None, resume=args.resume, restart=args.restart)
     else:
         events = run(_config_from(args), out=args.out)
     try:
@@ -133,16 +136,25 @@ def cmd_sweep(args) -> int:
 def cmd_runs(args) -> int:
     runs = list_runs()
     if args.json:
-        print(json.dumps([{"run": r.id, "path": str(r.path), **r.status, "summary": r.summary} for r in runs]))
+        out = []
+        for r in runs:
+            problem = r.problem
+            out.append({"run": r.id, "path": str(r.path), "status": "damaged", "problem": problem} if problem else
+                       {"run": r.id, "path": str(r.path), **r.status, "status": r.state, "summary": r.summary})
+        print(json.dumps(out))
         return 0
     if not runs:
         print("no runs yet: try python -m qimera_engine quantize --preset digits")
     for r in runs:
-        s = r.summary or {}
-        cfg = r.config
-        top = f"{s['quant_top1']:.2f}%" if s.get("quant_top1") is not None else "-"
-        print(f"{r.id:40s} {r.status.get('status', '?'):9s} {cfg.method:9s} W{cfg.wbits}A{cfg.abits} "
-              f"seed {cfg.seed}  top-1 {top}")
+        problem = r.problem
+        if problem:
+            print(f"{r.id:40s} damaged: {problem}")
+            continue
+        s, cfg = r.summary or {}, r.config
+        top = s.get("quant_top1")
+        top = f"{top:.2f}%" if isinstance(top, (int, float)) else "-"
+        where = "" if r.path.parent == runs_dir() else f"  ({r.path})"
+        print(f"{r.id:40s} {r.state:11s} {cfg.method:9s} W{cfg.wbits}A{cfg.abits} seed {cfg.seed}  top-1 {top}{where}")
     return 0
 
 
@@ -162,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field")
     q.add_argument("--out", help="run folder (default: $QIMERA_HOME/runs/<time>-<method>-w<b>a<b>)")
     q.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last completed epoch")
+    q.add_argument("--restart", action="store_true",
+                   help="with --resume: start the run again from epoch 0 (replaces its results)")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(fn=cmd_quantize)
 

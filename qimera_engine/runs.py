@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
@@ -85,85 +86,199 @@ def _num(v: str):
         return v
 
 
+class RunLocked(RuntimeError):
+    """Another run (thread or process) is writing to this run folder."""
+
+
+class RunDamaged(ValueError):
+    """A run folder whose files cannot be read as a run."""
+
+
+def _object(obj) -> dict:
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
 @dataclass
 class Run:
     """A run folder. ``status`` is running, finished, cancelled or failed."""
     path: Path
 
     CONFIG, METRICS, SUMMARY, STATUS, STATE = "config.json", "metrics.csv", "summary.json", "status.json", "state.pt"
-    GENERATOR, STUDENT = "generator.safetensors", "student.safetensors"
+    GENERATOR, STUDENT, TEACHER, LOCK = "generator.safetensors", "student.safetensors", "teacher.json", "run.lock"
 
     @property
     def id(self) -> str:
         return self.path.name
 
+    def _read(self, name: str, reader, default=None):
+        """A file of the run read by ``reader``; ``RunDamaged`` names the run and the file when it is not
+        readable, ``default`` when it is not there."""
+        p = self.path / name
+        if not p.exists():
+            return default
+        try:
+            return reader(p)
+        except (OSError, ValueError, TypeError, csv.Error) as e:
+            raise RunDamaged(f"run {self.id}: {name} is damaged ({type(e).__name__}: {str(e)[:160]})") from None
+
     @property
     def config(self):
         from .config import RunConfig
-        return RunConfig.from_dict(read_json(self.path / self.CONFIG))
+        cfg = self._read(self.CONFIG, lambda p: RunConfig.from_dict(_object(read_json(p))))
+        if cfg is None:
+            raise RunDamaged(f"run {self.id}: {self.CONFIG} is missing")
+        return cfg
 
     @property
     def metrics(self) -> list[dict]:
-        return read_csv(self.path / self.METRICS)
+        return self._read(self.METRICS, read_csv, [])
 
     @property
     def summary(self) -> dict | None:
-        p = self.path / self.SUMMARY
-        return read_json(p) if p.exists() else None
+        return self._read(self.SUMMARY, lambda p: _object(read_json(p)))
 
     @property
     def status(self) -> dict:
-        p = self.path / self.STATUS
-        return read_json(p) if p.exists() else {"status": "unknown"}
+        return self._read(self.STATUS, lambda p: _object(read_json(p)), {"status": "unknown"})
+
+    @property
+    def problem(self) -> str | None:
+        """What is wrong with this folder (its first unreadable file), or None."""
+        try:
+            self.config, self.status, self.summary, self.metrics, self.teacher_sha256
+        except RunDamaged as e:
+            return str(e)
+        return None
 
     def set_status(self, status: str, **extra) -> None:
         write_json(self.path / self.STATUS, {"status": status, "time": time.time(), **extra})
 
     @property
-    def process_alive(self) -> bool:
-        """Whether the process that wrote status "running" still exists on this machine."""
-        st = self.status
-        if st.get("status") != "running" or st.get("host") != socket.gethostname() or not st.get("pid"):
+    def writer_alive(self) -> bool:
+        """Whether a live thread or process (on any machine sharing the folder's lock) holds the run's lock."""
+        path = self.path / self.LOCK
+        if not path.exists():
             return False
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+    @property
+    def state(self) -> str:
+        """The status as it really is: "running" only while a writer holds the lock, else
+        "interrupted" for a run whose process died (kill -9, power loss)."""
+        status = self.status.get("status", "unknown")
+        if status == "running" and not self.writer_alive:
+            return "interrupted"
+        return status
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the run's lock while writing to it (new run, resume). A second writer, in this
+        process or another, gets ``RunLocked``; the kernel releases the lock of a dead holder."""
+        f = open(self.path / self.LOCK, "a+")
         try:
-            os.kill(int(st["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunLocked(f"run {self.id} is being written by another run ({holder}); wait for it to end or "
+                            f"cancel it") from None
+        try:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+            yield self
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
+
+    @property
+    def teacher_sha256(self) -> str | None:
+        """The content hash of the teacher the run was started with (None for older runs)."""
+        return self._read(self.TEACHER, lambda p: _object(read_json(p)), {}).get("sha256")
 
     @property
     def has_generator(self) -> bool:
         return (self.path / self.GENERATOR).exists()
 
 
-def new_run_dir(method: str, wbits: int, abits: int, out: str | Path | None = None) -> Path:
-    """A fresh folder: ``out`` when given, else runs/<date>-<time>-<method>-w<b>a<b>[-n]."""
+def create_run(config: dict, method: str, wbits: int, abits: int, out: str | Path | None = None) -> "Run":
+    """A new run folder holding ``config``: ``out`` when given, else runs/<date>-<time>-<method>-w<b>a<b>[-n].
+
+    Creation is exclusive: of two runs started at the same instant with the same ``out``, one gets
+    ``FileExistsError`` (the config file is linked into place, which fails when one is there).
+    """
     if out is not None:
         path = Path(out).expanduser()
-        if (path / Run.CONFIG).exists():
-            raise FileExistsError(f"{path} already holds a run; resume it or choose another --out")
         path.mkdir(parents=True, exist_ok=True)
-        return path
+        _create_exclusive(path / Run.CONFIG, json.dumps(config, indent=2) + "\n",
+                          f"{path} already holds a run; resume it or choose another --out")
+        if path.resolve().parent != runs_dir().resolve():
+            _remember_elsewhere(path.resolve())
+        return Run(path)
     base = runs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{method}-w{wbits}a{abits}"
     path, n = base, 1
     while True:
         try:
             path.mkdir(parents=True)
-            return path
+            break
         except FileExistsError:
             n += 1
             path = Path(f"{base}-{n}")
+    write_json(path / Run.CONFIG, config)
+    return Run(path)
+
+
+def _create_exclusive(path: Path, text: str, exists_message: str) -> None:
+    """Write ``text`` to ``path`` complete and at once, failing if ``path`` exists."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(exists_message) from None
+    finally:
+        os.unlink(tmp)
+
+
+ELSEWHERE = "runs-elsewhere.txt"  # in $QIMERA_HOME: run folders written outside runs/ (--out), one per line
+
+
+def _remember_elsewhere(path: Path) -> None:
+    with open(qimera_home() / ELSEWHERE, "a") as f:  # one short append: whole lines, even from two writers
+        f.write(f"{path}\n")
 
 
 def list_runs(root: str | Path | None = None) -> list[Run]:
-    """Runs (folders with a config), newest first."""
-    root = Path(root) if root else runs_dir()
-    if not root.is_dir():
-        return []
-    runs = [Run(p) for p in root.iterdir() if (p / Run.CONFIG).is_file()]
-    return sorted(runs, key=lambda r: (r.path / Run.CONFIG).stat().st_mtime, reverse=True)
+    """Runs (folders with a config), newest first: those under ``root``, or under runs/ together with
+    those written elsewhere with ``out`` (while their folders exist)."""
+    folders = []
+    if root is None:
+        root = runs_dir()
+        index = qimera_home() / ELSEWHERE
+        if index.is_file():
+            folders = [Path(line) for line in dict.fromkeys(index.read_text().splitlines()) if line.strip()]
+    root = Path(root)
+    if root.is_dir():
+        folders = [*root.iterdir(), *folders]
+    runs, seen = [], set()
+    for p in folders:
+        try:
+            if (p / Run.CONFIG).is_file() and p.resolve() not in seen:
+                seen.add(p.resolve())
+                runs.append((Run(p), (p / Run.CONFIG).stat().st_mtime))
+        except OSError:  # a folder that vanished or cannot be read
+            continue
+    return [r for r, _ in sorted(runs, key=lambda x: x[1], reverse=True)]
 
 
 def open_run(run: str | Path) -> Run:

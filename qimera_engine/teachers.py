@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -9,14 +10,29 @@ import torch.nn.functional as F
 
 from .data import ImageData, InputSpec, load_data, parse_spec
 from .evaluate import evaluate
-from .models import TEACHERS, Teacher, build_teacher, load_weights, save_state_dict
-from .runs import qimera_home, read_json, write_json
+from .models import TEACHERS, Teacher, build_teacher, load_weights, save_state_dict, state_dict_sha256
+from .runs import qimera_home, read_json, write_json, write_text
 from .seeding import seeded_init
 
 
-def cached_teacher_path(name: str, data_spec: str):
+class TeacherChanged(ValueError):
+    """The weights a run was started with are no longer where it found them."""
+
+
+def cached_teacher_path(name: str, data_spec: str, sha256: str | None = None) -> Path:
+    """Where the cache keeps a teacher: the version with this content hash, else the current one.
+
+    Each trained teacher is a version of its own (``<name>-<data>-<hash>.safetensors``); retraining
+    adds a version and makes it current, so the weights an existing run used never change.
+    """
     kind, _ = parse_spec(data_spec)
-    return qimera_home() / "teachers" / f"{name}-{kind}.safetensors"
+    folder, stem = qimera_home() / "teachers", f"{name}-{kind}"
+    if sha256:
+        return folder / f"{stem}-{sha256[:16]}.safetensors"
+    current = folder / f"{stem}.current"
+    if current.is_file():
+        return folder / Path(current.read_text().strip()).name
+    return folder / f"{stem}.safetensors"  # a cache written before teachers had versions
 
 
 def train_teacher(teacher: Teacher, train: ImageData, *, epochs: int = 40, batch_size: int = 64, lr: float = 3e-3,
@@ -66,21 +82,36 @@ def random_shift(x: torch.Tensor, pad: int, generator: torch.Generator | None = 
 
 
 def get_teacher(name: str, data_spec: str, checkpoint: str | None = None, pretrained: bool = False,
-                num_classes: int | None = None, device="cpu", log: Callable[[str], None] | None = None) -> Teacher:
-    """The teacher for a run: from ``checkpoint``, the zoo, or the cache (training digits on a miss)."""
+                num_classes: int | None = None, device="cpu", log: Callable[[str], None] | None = None,
+                sha256: str | None = None) -> Teacher:
+    """The teacher for a run: from ``checkpoint``, the zoo, or the cache (training digits on a miss).
+
+    ``teacher.info["sha256"]`` is the content hash of its weights. With ``sha256`` (a run being
+    resumed), exactly those weights are loaded, or ``TeacherChanged`` says why they cannot be.
+    """
     if checkpoint or pretrained:
-        return build_teacher(name, num_classes, checkpoint=checkpoint, pretrained=pretrained)
-    path = cached_teacher_path(name, data_spec)
-    if path.exists():
-        teacher = build_teacher(name, num_classes)
-        load_weights(teacher.model, path)
-        teacher.info = {"weights": str(path), **_read_info(path)}
-        return teacher
-    if name == "digits-cnn" and parse_spec(data_spec)[0] == "digits":
-        return train_and_cache(name, data_spec, device=device, log=log)
-    raise ValueError(f"teacher {name!r} has no weights: give a checkpoint (--checkpoint PATH), "
-                     f"pretrained=True for zoo weights, or train one first (python -m qimera_engine "
-                     f"train-teacher --teacher {name} --data SPEC)")
+        teacher = build_teacher(name, num_classes, checkpoint=checkpoint, pretrained=pretrained)
+    else:
+        path = cached_teacher_path(name, data_spec, sha256)
+        if path.exists():
+            teacher = build_teacher(name, num_classes)
+            load_weights(teacher.model, path)
+            teacher.info = {"weights": str(path), **_read_info(path)}
+        elif sha256:
+            raise TeacherChanged(f"the cached teacher {name} ({sha256[:16]}) that this run was started with is "
+                                 f"gone from {path.parent}; the run cannot continue with other weights")
+        elif name == "digits-cnn" and parse_spec(data_spec)[0] == "digits":
+            teacher = train_and_cache(name, data_spec, device=device, log=log)
+        else:
+            raise ValueError(f"teacher {name!r} has no weights: give a checkpoint (--checkpoint PATH), "
+                             f"pretrained=True for zoo weights, or train one first (python -m qimera_engine "
+                             f"train-teacher --teacher {name} --data SPEC)")
+    teacher.info["sha256"] = state_dict_sha256(teacher.model)
+    if sha256 and teacher.info["sha256"] != sha256:
+        raise TeacherChanged(f"the teacher's weights ({teacher.info['weights']}) have changed since this run "
+                             f"started (sha256 {sha256[:16]}, now {teacher.info['sha256'][:16]}); the run "
+                             f"cannot continue with other weights")
+    return teacher
 
 
 def _read_info(path) -> dict:
@@ -110,11 +141,14 @@ def train_and_cache(name: str, data_spec: str, *, epochs: int | None = None, dev
                   batch_size=64 if kind == "digits" else 256, lr=3e-3 if kind == "digits" else 0.05)
     top1 = evaluate(teacher.model, test, device=device)["top1"]
     teacher.model.cpu()
-    path = cached_teacher_path(name, data_spec)
+    sha = state_dict_sha256(teacher.model)
+    path = cached_teacher_path(name, data_spec, sha)
     info = {"teacher": name, "data": kind, "epochs": epochs, "seed": seed, "test_top1": top1,
-            "seconds": round(time.perf_counter() - start, 2)}
+            "seconds": round(time.perf_counter() - start, 2), "sha256": sha, "time": time.time()}
+    # a new version beside the others (the same weights again: the same file), then made current
     save_state_dict(teacher.model, path)
     write_json(path.with_suffix(".json"), info)
+    write_text(path.parent / f"{name}-{kind}.current", path.name + "\n")
     teacher.info = {"weights": str(path), **info}
     if log:
         log(f"teacher {name}: {top1:.2f}% top-1 on {kind} test, cached at {path}")

@@ -8,6 +8,7 @@ completed epoch and, on the CPU, ends exactly where an uninterrupted one would.
 from __future__ import annotations
 
 import contextlib
+import csv
 import math
 import os
 import socket
@@ -30,7 +31,7 @@ from .generator import BatchSampler, Generator, LatentBatch
 from .losses import BNStatisticsLoss, kd_loss, soft_cross_entropy
 from .models import Teacher, save_state_dict
 from .quant import set_calibration
-from .runs import Run, atomic_path, new_run_dir, open_run, write_csv, write_json
+from .runs import Run, RunDamaged, atomic_path, create_run, open_run, write_csv, write_json
 from .seeding import RunRandom, seeded_init
 from .teachers import random_shift, get_teacher
 
@@ -73,10 +74,12 @@ class Parts:
     rng: RunRandom           # the run's own random streams (never torch's global one)
 
     @classmethod
-    def build(cls, cfg: RunConfig, log: Callable[[str], None] = lambda s: None) -> "Parts":
+    def build(cls, cfg: RunConfig, log: Callable[[str], None] = lambda s: None,
+              teacher_sha256: str | None = None) -> "Parts":
+        """``teacher_sha256``: the weights a resumed run must find (``TeacherChanged`` otherwise)."""
         device = pick_device(cfg.device)
         teacher = get_teacher(cfg.teacher, cfg.teacher_data, cfg.checkpoint, cfg.pretrained,
-                              device=device, log=log)
+                              device=device, log=log, sha256=teacher_sha256)
         spec = InputSpec.of(teacher)
         test = load_data(cfg.test_data, spec, "test", cfg.download)
         if test.num_classes != teacher.num_classes:
@@ -93,30 +96,90 @@ class Parts:
         return cls(cfg, device, teacher, test, student, generator, train, rng)
 
 
-def run(config: RunConfig, *, out: str | Path | None = None, resume: str | Path | None = None,
-        stop: StopFlag = None) -> Iterator[Event]:
+def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str | Path | None = None,
+        stop: StopFlag = None, restart: bool = False) -> Iterator[Event]:
     """Execute a run (new, or ``resume`` an interrupted one) and yield its events.
 
     ``stop`` (a threading.Event or a callable) ends the run after the current iteration;
-    everything up to the last completed epoch stays on disk and can be resumed.
+    everything up to the last completed epoch stays on disk and can be resumed. A run holds its
+    folder's lock while it runs: a second writer gets ``RunLocked``. Resuming a folder whose resume
+    state is missing or damaged refuses (``RunDamaged``) unless ``restart`` starts it again from
+    epoch 0, which replaces its results.
     """
     if resume is not None:
-        run_folder = open_run(resume)
-        cfg = run_folder.config.resolved()
+        folder = open_run(resume)
+        cfg = folder.config.resolved()
+    elif config is None:
+        raise ValueError("run needs a config, or a run folder to resume")
     else:
         cfg = config.resolved()
-        run_folder = Run(new_run_dir(cfg.method, cfg.wbits, cfg.abits, out))
-        write_json(run_folder.path / Run.CONFIG, cfg.to_dict())
+        folder = create_run(cfg.to_dict(), cfg.method, cfg.wbits, cfg.abits, out)
     should_stop = (stop.is_set if isinstance(stop, threading.Event) else stop) or (lambda: False)
-    run_folder.set_status("running", pid=os.getpid(), host=socket.gethostname())
+    with folder.lock():
+        state = _resume_state(folder, restart) if resume is not None else None
+        folder.set_status("running", pid=os.getpid(), host=socket.gethostname())
+        try:
+            yield from _execute(cfg, folder, should_stop, state)
+        except GeneratorExit:
+            _final_status(folder, "cancelled", reason="the caller stopped reading events")
+            raise
+        except KeyboardInterrupt:
+            _final_status(folder, "cancelled", reason="interrupted (SIGINT)")
+            raise
+        except BaseException as e:
+            _final_status(folder, "failed", error=f"{type(e).__name__}: {e}")
+            raise
+
+
+def _final_status(folder: Run, status: str, **extra) -> None:
+    """Record how a run ended, if the disk lets us (a full disk must not hide the first error)."""
+    with contextlib.suppress(OSError):
+        folder.set_status(status, **extra)
+
+
+_RESULTS = (Run.METRICS, Run.SUMMARY, Run.STUDENT, Run.GENERATOR, "generator.json")
+
+
+def _resume_state(folder: Run, restart: bool) -> dict | None:
+    """The state a resumed run continues from; None to start from epoch 0.
+
+    Refuses (``RunDamaged``) when results exist but the state is missing or unreadable, since
+    starting again would silently replace them; ``restart`` does that on purpose.
+    """
+    path = folder.path / Run.STATE
+    if restart:
+        for name in (Run.STATE, Run.TEACHER, *_RESULTS):
+            with contextlib.suppress(FileNotFoundError):
+                (folder.path / name).unlink()
+        return None
+    again = "; to start it again from epoch 0 (its results are replaced), resume with --restart (restart=True)"
+    if not path.exists():
+        if any((folder.path / name).exists() for name in _RESULTS):
+            raise RunDamaged(f"run {folder.id} has results but no resume state ({Run.STATE} is missing){again}")
+        return None  # stopped before its first epoch ended: nothing to lose
     try:
-        yield from _execute(cfg, run_folder, should_stop)
-    except GeneratorExit:
-        run_folder.set_status("cancelled", reason="the caller stopped reading events")
-        raise
-    except BaseException as e:
-        run_folder.set_status("failed", error=f"{type(e).__name__}: {e}")
-        raise
+        st = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(st, dict) or not {"epoch", "best", "fp_top1", "seconds", "student"} <= set(st):
+            raise ValueError("keys are missing")
+    except Exception as e:
+        raise RunDamaged(f"run {folder.id}: its resume state {Run.STATE} is damaged "
+                         f"({type(e).__name__}: {str(e)[:120]}){again}") from None
+    if "rows" not in st:  # written before the state carried the metrics: read them from metrics.csv
+        st["rows"] = _checked_rows(folder, int(st["epoch"]) + 1, again)
+    return st
+
+
+def _checked_rows(folder: Run, n: int, again: str) -> list[dict]:
+    try:
+        rows = folder.metrics[:n]
+        ok = len(rows) == n and all(r.get("epoch") == i and isinstance(r.get("top1"), (int, float))
+                                    for i, r in enumerate(rows))
+    except (OSError, ValueError, csv.Error) as e:
+        ok, rows = False, str(e)
+    if not ok:
+        raise RunDamaged(f"run {folder.id}: {Run.METRICS} does not hold the {n} completed epoch(s) its resume "
+                         f"state records{again}")
+    return rows
 
 
 def run_to_end(config: RunConfig, on_event: Callable[[Event], None] | None = None, **kw) -> dict:
@@ -130,12 +193,15 @@ def run_to_end(config: RunConfig, on_event: Callable[[Event], None] | None = Non
     return summary
 
 
-def _execute(cfg: RunConfig, folder: Run, should_stop: Callable[[], bool]) -> Iterator[Event]:
+def _execute(cfg: RunConfig, folder: Run, should_stop: Callable[[], bool], st: dict | None) -> Iterator[Event]:
     t_start = time.perf_counter()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     logs: list[str] = []
-    parts = Parts.build(cfg, logs.append)
+    recorded = folder.teacher_sha256 if st is not None else None
+    parts = Parts.build(cfg, logs.append, teacher_sha256=recorded)
+    if recorded is None:  # the teacher's identity, checked when the run is resumed
+        write_json(folder.path / Run.TEACHER, {k: parts.teacher.info.get(k) for k in ("sha256", "weights")})
     for text in logs:
         yield Log(text)
     dev, teacher, student, gen = parts.device, parts.teacher.model, parts.student, parts.generator
@@ -152,23 +218,25 @@ def _execute(cfg: RunConfig, folder: Run, should_stop: Callable[[], bool]) -> It
                            cfg.superpose_k, cfg.coeff_sampler, cfg.dirichlet_alpha, cfg.fixed_coeffs, seed=cfg.seed,
                            generator=parts.rng.device)
 
-    state_path = folder.path / Run.STATE
     rows: list[dict] = []
     start_epoch, best, fp_top1, elapsed_before = 0, -1.0, None, 0.0
-    if state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
-        student.load_state_dict(st["student"])
-        opt_s.load_state_dict(st["opt_s"])
-        sched_s.load_state_dict(st["sched_s"])
-        if gen is not None:
-            gen.load_state_dict(st["generator"])
-            opt_g.load_state_dict(st["opt_g"])
-            sched_g.load_state_dict(st["sched_g"])
-        parts.rng.load_state(st)
-        sampler.rng.setstate(_tuples(st["rng_sampler"]))
+    if st is not None:
+        try:
+            student.load_state_dict(st["student"])
+            opt_s.load_state_dict(st["opt_s"])
+            sched_s.load_state_dict(st["sched_s"])
+            if gen is not None:
+                gen.load_state_dict(st["generator"])
+                opt_g.load_state_dict(st["opt_g"])
+                sched_g.load_state_dict(st["sched_g"])
+            parts.rng.load_state(st)
+            sampler.rng.setstate(_tuples(st["rng_sampler"]))
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise RunDamaged(f"run {folder.id}: its resume state {Run.STATE} does not fit the run "
+                             f"({type(e).__name__}: {str(e)[:120]}); resume with --restart to start it again") from None
         start_epoch, best, fp_top1 = int(st["epoch"]) + 1, float(st["best"]), float(st["fp_top1"])
         elapsed_before = float(st["seconds"])
-        rows = folder.metrics[:start_epoch]
+        rows = list(st["rows"])
     if fp_top1 is None:
         fp_top1 = evaluate(teacher, parts.test, batch_size=cfg.eval_batch_size, device=dev)["top1"]
     total = cfg.epochs * cfg.iters_per_epoch
@@ -296,7 +364,7 @@ def _tuples(x):
 
 
 def _save_epoch(folder, parts, epoch, best, fp_top1, seconds, rows, opt_s, sched_s, opt_g, sched_g, sampler):
-    state = {"epoch": epoch, "best": best, "fp_top1": fp_top1, "seconds": seconds,
+    state = {"epoch": epoch, "best": best, "fp_top1": fp_top1, "seconds": seconds, "rows": rows,
              "student": parts.student.state_dict(), "opt_s": opt_s.state_dict(), "sched_s": sched_s.state_dict(),
              "rng_sampler": sampler.rng.getstate(), **parts.rng.state()}
     if parts.generator is not None:
@@ -315,6 +383,7 @@ def _summary(cfg: RunConfig, folder: Run, rows: list[dict], fp_top1: float, seco
     images = len(rows) * cfg.iters_per_epoch * cfg.batch_size
     return {"run": folder.id, "method": cfg.method, "teacher": cfg.teacher, "test_data": cfg.test_data,
             "wbits": cfg.wbits, "abits": cfg.abits, "seed": cfg.seed, "fp_top1": round(fp_top1, 4),
+            "teacher_sha256": folder.teacher_sha256,
             "quant_top1": last.get("top1"), "best_top1": best_row.get("top1"), "best_epoch": best_row.get("epoch"),
             "epochs_done": len(rows), "epochs": cfg.epochs, "images": images, "seconds": round(seconds, 2),
             "images_per_s": round(images / seconds, 1) if seconds > 0 else None}

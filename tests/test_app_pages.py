@@ -312,7 +312,9 @@ def test_tables_of_runs(finished_home, monkeypatch):
     # a run whose writer is gone shows as interrupted, one being written as running
     runs[0].set_status("running")
     assert logic.runs_table(runs)["status"].iloc[0] == "interrupted"
-    assert logic.runs_table(runs, {str(runs[0].path)})["status"].iloc[0] == "running"
+    with runs[0].lock():  # a writer: in this process (a job of ours), or another one
+        assert logic.runs_table(runs, {str(runs[0].path)})["status"].iloc[0] == "running"
+        assert logic.runs_table(runs)["status"].iloc[0] == "running elsewhere"
     runs[0].set_status("finished")
 
 

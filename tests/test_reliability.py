@@ -46,3 +46,162 @@ def test_same_seed_same_numbers_in_threads_and_on_the_command_line(tmp_path, mon
     rows = read_csv(tmp_path / "runs" / summary["run"] / "metrics.csv")
     assert numbers(rows) == numbers(a.run.metrics)
     assert summary["fp_top1"] == a.run.summary["fp_top1"]
+
+
+# --------------------------------------------------------------------------- one writer per folder
+
+def test_creating_a_run_folder_is_exclusive(tmp_path):
+    import threading
+    from qimera_engine.runs import create_run
+    out, results = tmp_path / "x", []
+    start = threading.Barrier(8)
+
+    def create(i):
+        start.wait()
+        try:
+            create_run({"seed": i}, "qimera", 4, 4, out)
+            results.append(i)
+        except FileExistsError as e:
+            assert "already holds a run" in str(e)
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 1
+    assert json.loads((out / "config.json").read_text()) == {"seed": results[0]}
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # no temporary files left
+
+
+def test_two_quantize_with_one_out_folder(tmp_path, digits_teacher):
+    """Started at the same instant from two shells: one runs, the other says why it does not."""
+    home = Path(os.environ["QIMERA_HOME"])
+    env = {**os.environ, "QIMERA_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "qimera_engine", "quantize", "--quiet", "--out", str(tmp_path / "x"),
+           *[f"--set={k}={v}" for k, v in SMALL.items()]]
+    procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], outs
+    err = next(e for p, (_, e) in zip(procs, outs) if p.returncode == 2)
+    assert "already holds a run" in err and "Traceback" not in err
+    assert json.loads((tmp_path / "x" / "summary.json").read_text())["epochs_done"] == 2
+
+
+def test_a_second_writer_is_refused_and_a_dead_one_detected(tmp_path, digits_teacher):
+    from qimera_engine import run_to_end
+    from qimera_engine.runs import Run, RunLocked
+    folder = tmp_path / "r"
+    run_to_end(preset("digits", **SMALL), out=folder)
+    run = Run(folder)
+    with run.lock():  # a resume in progress, in this process
+        with pytest.raises(RunLocked, match="being written by another run"):
+            run_to_end(None, resume=folder)
+        p = cli("quantize", "--resume", str(folder), home=Path(os.environ["QIMERA_HOME"]))
+        assert p.returncode == 2 and "being written by another run (pid" in p.stderr and "Traceback" not in p.stderr
+    # a holder killed with SIGKILL: its lock goes with it, the run shows as interrupted and resumes
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
+                               "from pathlib import Path; from qimera_engine.runs import Run; r = Run(Path(sys.argv[2]));"
+                               "l = r.lock(); l.__enter__(); r.set_status('running'); print('held', flush=True);"
+                               "time.sleep(600)", str(ROOT), str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run.state == "running" and run.writer_alive
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run.state == "interrupted"
+    assert run_to_end(None, resume=folder)["epochs_done"] == 2
+    assert run.state == "finished"
+
+
+# --------------------------------------------------------------------------- resume refuses what it cannot continue
+
+def test_resume_without_state_refuses_unless_restarted(tmp_path, digits_teacher):
+    from qimera_engine import run_to_end
+    from qimera_engine.runs import Run, RunDamaged
+    folder = tmp_path / "r"
+    first = run_to_end(preset("digits", **SMALL), out=folder)
+    (folder / "state.pt").unlink()
+    before = (folder / "metrics.csv").read_text()
+    with pytest.raises(RunDamaged, match="no resume state.*--restart"):
+        run_to_end(None, resume=folder)
+    assert (folder / "metrics.csv").read_text() == before  # nothing replaced
+    p = cli("quantize", "--resume", str(folder), home=Path(os.environ["QIMERA_HOME"]))
+    assert p.returncode == 2 and "--restart" in p.stderr and "Traceback" not in p.stderr
+    again = run_to_end(None, resume=folder, restart=True)
+    assert again["epochs_done"] == 2 and again["quant_top1"] == first["quant_top1"]  # same seed, same result
+    (folder / "state.pt").write_bytes(b"not a state file")
+    with pytest.raises(RunDamaged, match="state.pt is damaged"):
+        run_to_end(None, resume=folder)
+    assert Run(folder).status["status"] == "finished"  # a refused resume writes nothing
+
+
+def test_resume_after_metrics_file_garbage(tmp_path, digits_teacher):
+    """The state carries the metrics rows: a garbage metrics.csv is rewritten, not read."""
+    from qimera_engine import run, run_to_end
+    from qimera_engine.events import EpochEnd
+    folder = tmp_path / "r"
+    events = run(preset("digits", **{**SMALL, "epochs": 3}), out=folder)
+    for ev in events:
+        if isinstance(ev, EpochEnd) and ev.epoch == 1:
+            events.close()
+    (folder / "metrics.csv").write_text("epoch,top1\nx,y\n\x00garbage")
+    s = run_to_end(None, resume=folder)
+    rows = [r["epoch"] for r in __import__("qimera_engine.runs", fromlist=["read_csv"]).read_csv(folder / "metrics.csv")]
+    assert s["epochs_done"] == 3 and rows == [0, 1, 2]
+
+
+# --------------------------------------------------------------------------- the teacher a run used
+
+def test_retraining_makes_a_new_teacher_version(tmp_path, monkeypatch):
+    from qimera_engine import run_to_end, train_and_cache
+    from qimera_engine.artifacts import load_teacher
+    from qimera_engine.events import EpochEnd
+    from qimera_engine.models import state_dict_sha256
+    from qimera_engine.runs import Run
+    from qimera_engine.teachers import TeacherChanged, cached_teacher_path
+    from qimera_engine import run as run_events
+    monkeypatch.setenv("QIMERA_HOME", str(tmp_path / "home"))
+    old = train_and_cache("digits-cnn", "digits", epochs=1)
+    folder = tmp_path / "r"
+    events = run_events(preset("digits", **{**SMALL, "epochs": 3}), out=folder)
+    for ev in events:
+        if isinstance(ev, EpochEnd) and ev.epoch == 0:
+            events.close()
+    assert Run(folder).teacher_sha256 == old.info["sha256"]
+    new = train_and_cache("digits-cnn", "digits", epochs=2)  # retrained: another version, made current
+    assert new.info["sha256"] != old.info["sha256"]
+    assert Path(old.info["weights"]).exists() and Path(new.info["weights"]).exists()
+    assert cached_teacher_path("digits-cnn", "digits") == Path(new.info["weights"])
+    # the interrupted run continues with the teacher it started with, and reports it
+    s = run_to_end(None, resume=folder)
+    assert s["teacher_sha256"] == old.info["sha256"] and s["fp_top1"] == pytest.approx(old.info["test_top1"], abs=0.01)
+    assert state_dict_sha256(load_teacher(folder).model) == old.info["sha256"]
+    # a new run takes the current teacher
+    assert run_to_end(preset("digits", **SMALL))["teacher_sha256"] == new.info["sha256"]
+    # the old version gone: the run cannot continue with other weights
+    Path(old.info["weights"]).unlink()
+    (folder / "state.pt").touch()
+    with pytest.raises(TeacherChanged, match="gone"):
+        run_to_end(None, resume=folder)
+
+
+def test_resume_refuses_a_changed_checkpoint(tmp_path, digits_teacher):
+    import torch
+    from qimera_engine import run_to_end
+    from qimera_engine.events import EpochEnd
+    from qimera_engine import run as run_events
+    from qimera_engine.teachers import TeacherChanged
+    ckpt = tmp_path / "teacher.pt"
+    state = digits_teacher.model.state_dict()
+    torch.save(state, ckpt)
+    folder = tmp_path / "r"
+    events = run_events(preset("digits", checkpoint=str(ckpt), **{**SMALL, "epochs": 3}), out=folder)
+    for ev in events:
+        if isinstance(ev, EpochEnd) and ev.epoch == 0:
+            events.close()
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, ckpt)
+    with pytest.raises(TeacherChanged, match="have changed since this run started"):
+        run_to_end(None, resume=folder)

@@ -168,16 +168,14 @@ def test_cli_sweep_writes_a_table(digits_teacher, tmp_path):
     assert "W4A4 qimera" in p.stdout
 
 
-def test_running_status_names_its_process(tmp_path):
-    import os
-    import socket
+def test_running_means_a_writer_holds_the_lock(tmp_path):
     r = Run(tmp_path)
-    r.set_status("running", pid=os.getpid(), host=socket.gethostname())
-    assert r.process_alive
-    r.set_status("running", pid=2**22 + 12345, host=socket.gethostname())  # no such process
-    assert not r.process_alive
+    with r.lock():
+        r.set_status("running")
+        assert r.writer_alive and r.state == "running"
+    assert not r.writer_alive and r.state == "interrupted"  # status says running, nobody holds the lock
     r.set_status("finished")
-    assert not r.process_alive
+    assert r.state == "finished"
 
 
 def test_imagenet_sized_run_end_to_end(tmp_path):

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, fit_state_dict, load_state_dict_file, load_weights, save_state_dict
+from .checkpoint import (CheckpointError, fit_state_dict, load_state_dict_file, load_weights, save_state_dict,
+                         state_dict_sha256)
 from .cifar_resnet import CifarResNet
 from .digits_cnn import DigitsCNN
 
@@ -124,4 +125,4 @@ def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
 
 __all__ = ["TEACHERS", "CheckpointError", "CifarResNet", "DigitsCNN", "Teacher", "build_teacher",
            "classifier_layer", "features_and_logits", "load_state_dict_file", "load_weights",
-           "save_state_dict"]
+           "save_state_dict", "state_dict_sha256"]

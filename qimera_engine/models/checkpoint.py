@@ -81,3 +81,16 @@ def save_state_dict(module_or_state, path: str | Path, metadata: dict[str, str] 
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
+
+
+def state_dict_sha256(module_or_state) -> str:
+    """A content hash of a model's tensors (names, dtypes, shapes, values): its identity, whatever
+    file format or path the weights came from."""
+    import hashlib
+    state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

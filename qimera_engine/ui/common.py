@@ -16,7 +16,7 @@ from ..data import InputSpec, load_data
 from ..jobs import Job, JobRegistry, shared_registry
 from ..runs import Run, list_runs, open_run, qimera_home, runs_dir
 from . import figures
-from .logic import mix_samples, run_label
+from .logic import mix_samples, run_label, split_damaged
 
 POLL_SECONDS = 1.0  # how often live panels redraw while a job runs
 
@@ -44,8 +44,13 @@ def setup_page(title: str, icon: str = "🧪") -> None:
 
 
 def all_runs() -> list[Run]:
-    """Run folders, newest first (read fresh each time: they are small files)."""
-    return list_runs()
+    """Readable run folders, newest first (read fresh each time: they are small files). Damaged
+    folders are named, with what is wrong, in a collapsed notice, and left out."""
+    runs, damaged = split_damaged(list_runs())
+    if damaged:
+        with st.expander(f"{len(damaged)} damaged run folder(s) left out", icon="⚠️"):
+            st.markdown("\n".join(f"- **{rid}**: {problem}" for rid, problem in damaged))
+    return runs
 
 
 def pick_run(label: str, runs: list[Run], key: str, help: str | None = None) -> Run | None:

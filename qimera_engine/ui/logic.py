@@ -138,6 +138,18 @@ def run_label(run: Run) -> str:
         return run.id
 
 
+def split_damaged(runs: list[Run]) -> tuple[list[Run], list[tuple[str, str]]]:
+    """Readable runs, and (run id, what is wrong) for each damaged folder."""
+    ok, damaged = [], []
+    for r in runs:
+        problem = r.problem
+        if problem is None:
+            ok.append(r)
+        else:
+            damaged.append((r.id, problem))
+    return ok, damaged
+
+
 def runs_table(runs: list[Run], active_dirs: set[str] | frozenset = frozenset()) -> pd.DataFrame:
     """One row per run folder: settings, status and results (the newest first)."""
     rows = []
@@ -148,10 +160,9 @@ def runs_table(runs: list[Run], active_dirs: set[str] | frozenset = frozenset())
             rows.append({"run": r.id, "status": f"unreadable: {e}"})
             continue
         s = r.summary or {}
-        status = r.status.get("status", "unknown")
+        status = r.state
         if status == "running" and str(r.path) not in active_dirs:
-            # another process (e.g. the command line) may be running it; otherwise its process is gone
-            status = "running elsewhere" if r.process_alive else "interrupted"
+            status = "running elsewhere"  # another process (e.g. the command line) holds its lock
         metrics = r.metrics if not s else []
         rows.append({"run": r.id, "method": c.method, "W": c.wbits, "A": c.abits, "teacher": c.teacher,
                      "data": c.test_data, "seed": c.seed, "status": status,
