@@ -4,6 +4,8 @@ import streamlit as st
 # The title and the introduction need no engine: they go out first and show while the first page of a
 # new server imports torch (about 2 s on a 2-core CPU).
 st.set_page_config(page_title="Home · Qimera Explorer", page_icon="🧪", layout="wide")
+st.set_option("client.showErrorDetails", "none")  # also set by every page (ui.common.lock_down)
+st.set_option("client.toolbarMode", "minimal")
 st.title("Qimera Explorer")
 st.markdown(
     "**Data-free quantization** turns a full-precision (FP) classifier into a low-bit one (e.g. 4-bit weights "

@@ -3,7 +3,8 @@ import streamlit as st
 
 from qimera_engine import TEACHERS, DataError, InputSpec
 from qimera_engine.ui import common
-from qimera_engine.ui.logic import DATASETS, data_spec, teachers_for
+from qimera_engine.ui.logic import DATASETS, teachers_for
+from qimera_engine.ui.paths import ALLOWED_ENV, PathNotAllowed, allowed_data_spec, allowed_path
 from qimera_engine.ui.tasks import teacher_key, teacher_task
 
 common.setup_page("Teacher", "🎓")
@@ -16,11 +17,17 @@ kind = st.selectbox("Data set", list(DATASETS), format_func=DATASETS.get, key="t
 path, download = "", False
 if kind in ("cifar10", "cifar100"):
     path = st.text_input("Data folder", key="t_root", placeholder="default: $QIMERA_HOME/data",
-                         help="Folder holding torchvision's CIFAR files (cifar-10-batches-py / cifar-100-python).")
+                         help="Folder holding torchvision's CIFAR files (cifar-10-batches-py / cifar-100-python), "
+                              f"inside $QIMERA_HOME or a folder listed in {ALLOWED_ENV}.")
     download = st.checkbox("Download if missing", key="t_download", help="Fetch the data set from the internet.")
 elif kind in ("folder", "imagenet"):
-    path = st.text_input("Image folder", key="t_root", help="ROOT/<class name>/<image files>")
-spec = data_spec(kind, path)
+    path = st.text_input("Image folder", key="t_root", help="ROOT/<class name>/<image files>, inside $QIMERA_HOME "
+                         f"or a folder listed in {ALLOWED_ENV}.")
+try:
+    spec = allowed_data_spec(kind, path)
+except PathNotAllowed as e:
+    st.error(str(e))
+    st.stop()
 
 names = teachers_for(kind)
 name = st.selectbox("Teacher", names, key="t_name", help="Model architecture (input size and normalisation "
@@ -30,11 +37,19 @@ source = st.radio("Weights", sources, key="t_source", horizontal=True,
                   help="Digits: trained here in seconds. CIFAR on a CPU: use a checkpoint or the zoo.")
 checkpoint, pretrained = None, False
 if source == "Checkpoint file path":
-    checkpoint = st.text_input("Checkpoint path", key="t_ckpt", help="A PyTorch state dict (.pt/.pth, read with "
-                               "weights_only) or a .safetensors file.") or None
+    typed = st.text_input("Checkpoint path", key="t_ckpt", help="A PyTorch state dict (.pt/.pth, read with "
+                          f"weights_only) or a .safetensors file, inside $QIMERA_HOME or a folder listed in {ALLOWED_ENV}.")
+    if typed:
+        try:
+            checkpoint = str(allowed_path(typed))
+        except PathNotAllowed as e:
+            st.error(str(e))
+            st.stop()
 elif source == "Upload a checkpoint":
     up = st.file_uploader("Checkpoint file", type=["pt", "pth", "safetensors", "bin"], key="t_upload")
-    checkpoint = str(common.save_upload(up)) if up is not None else None
+    shared = st.checkbox("Keep it for other browser sessions", key="t_upload_shared",
+                         help="Uploads are private to this session unless kept for all.")
+    checkpoint = str(common.save_upload(up, shared)) if up is not None else None
 elif source == "Model zoo (download)":
     pretrained = True
     st.caption("torchvision (resnet18, resnet50, mobilenet_v2) and pytorchcv (resnet20_cifar10/100) weights.")

@@ -130,10 +130,10 @@ def test_teacher_page_trains_and_reports_accuracy(empty_home):
 def test_teacher_page_reports_a_missing_folder_and_a_bad_checkpoint(empty_home, tmp_path):
     at = open_page("pages/1_Teacher.py")
     at.selectbox(key="t_data").select("folder").run()
-    at.text_input(key="t_root").input(str(tmp_path / "nowhere")).run()
+    at.text_input(key="t_root").input(str(tmp_path / "home" / "nowhere")).run()
     assert not at.exception and any("image folder not found" in w.value for w in at.warning)
     at.selectbox(key="t_data").select("digits").run()
-    bad = tmp_path / "bad.pt"
+    bad = tmp_path / "home" / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     at.radio(key="t_source").set_value("Checkpoint file path").run()
     at.text_input(key="t_ckpt").input(str(bad)).run()
@@ -338,7 +338,6 @@ def test_small_logic_helpers():
     assert np.allclose(logic.normalise_coefficients([1, 3]), [0.25, 0.75])
     assert logic.coefficient_formula([1, 1], ["3", "8"]) == r"z = 0.50\,M(e_{3}) + 0.50\,M(e_{8})"
     assert list(logic.dominant_class(np.array([[1, 2], [4, 5]]), np.array([[.2, .8], [.6, .4]]))) == [2, 4]
-    assert logic.data_spec("cifar10", "") == "cifar10" and logic.data_spec("folder", "/x") == "folder:/x"
     assert logic.teachers_for("digits") == ["digits-cnn"] and "resnet20" in logic.teachers_for("cifar10")
     names = [s.name for s in logic.SETTINGS]
     assert len(set(names)) == len(names) and {"wbits", "abits", "superpose_p", "superpose_k", "dm", "lr_s"} <= set(names)

@@ -5,6 +5,7 @@ workers record into the JobRegistry, and pages read it from fragments.
 """
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from ..artifacts import load_generator, load_student, load_teacher
 from ..data import InputSpec, load_data
 from ..jobs import Job, JobRegistry, shared_registry
 from ..runs import Run, list_runs, open_run, qimera_home, runs_dir
-from . import figures
+from . import figures, paths
 from .logic import mix_samples, run_label, split_damaged
 
 POLL_SECONDS = 1.0  # how often live panels redraw while a job runs
@@ -33,8 +34,16 @@ def device_description() -> str:
     return f"CPU ({torch.get_num_threads()} threads; no CUDA GPU found)"
 
 
+def lock_down() -> None:
+    """No tracebacks in the browser (only our own error boxes) and no deploy toolbar, whatever
+    config file the server was started with."""
+    st.set_option("client.showErrorDetails", "none")
+    st.set_option("client.toolbarMode", "minimal")
+
+
 def setup_page(title: str, icon: str = "🧪") -> None:
     st.set_page_config(page_title=f"{title} · Qimera Explorer", page_icon=icon, layout="wide")
+    lock_down()
     with st.sidebar:
         st.caption(f"**Device:** {device_description()}")
         st.caption(f"**Runs stored in:** `{runs_dir()}`")
@@ -44,9 +53,9 @@ def setup_page(title: str, icon: str = "🧪") -> None:
 
 
 def all_runs() -> list[Run]:
-    """Readable run folders, newest first (read fresh each time: they are small files). Damaged
-    folders are named, with what is wrong, in a collapsed notice, and left out."""
-    runs, damaged = split_damaged(list_runs())
+    """Readable run folders inside the app's allowed folders, newest first (read fresh each time:
+    they are small files). Damaged folders are named, with what is wrong, in a collapsed notice."""
+    runs, damaged = split_damaged([r for r in list_runs() if paths.is_allowed(r.path)])
     if damaged:
         with st.expander(f"{len(damaged)} damaged run folder(s) left out", icon="⚠️"):
             st.markdown("\n".join(f"- **{rid}**: {problem}" for rid, problem in damaged))
@@ -157,12 +166,16 @@ def setting_widget(s, default, key: str):
     return float(st.number_input(s.label, float(s.lo), float(s.hi), float(default), step=0.05, help=s.help, key=key))
 
 
-def save_upload(uploaded, folder: str = "uploads") -> Path:
-    """Store an uploaded file under $QIMERA_HOME/<folder> and return its path."""
-    dest = qimera_home() / folder / Path(uploaded.name).name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_bytes(uploaded.getvalue())
-    return dest
+def session_token() -> str:
+    """A random name for this browser session (its private upload folder)."""
+    if "upload_token" not in st.session_state:
+        st.session_state["upload_token"] = secrets.token_urlsafe(16)
+    return st.session_state["upload_token"]
+
+
+def save_upload(uploaded, shared: bool = False) -> Path:
+    """Store an uploaded checkpoint by content hash, private to this session unless ``shared``."""
+    return paths.save_upload(uploaded.getvalue(), uploaded.name, session_token(), shared)
 
 
 def need_runs_message(what: str) -> None:

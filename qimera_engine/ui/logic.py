@@ -102,16 +102,6 @@ DATASETS = {"digits": "Digits (8x8, embedded, offline)", "cifar10": "CIFAR-10", 
             "folder": "An image folder (ROOT/<class>/<image>)", "imagenet": "ImageNet validation folder"}
 
 
-def data_spec(kind: str, path: str = "") -> str:
-    """The engine's data spec for a data-set choice and an optional folder."""
-    path = (path or "").strip()
-    if kind == "digits":
-        return "digits"
-    if kind in ("cifar10", "cifar100"):
-        return f"{kind}:{path}" if path else kind
-    return f"{kind}:{path}"
-
-
 def teachers_for(kind: str) -> list[str]:
     """Teacher names that fit a data set (by image size and classes)."""
     if kind == "digits":
