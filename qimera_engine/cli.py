@@ -8,16 +8,17 @@ import sys
 import time
 from pathlib import Path
 
-from .config import METHODS, PRESETS, ConfigError, parse_overrides, preset
+from .config import METHODS, PRESETS, ConfigError, RunConfig, parse_overrides, preset
 from .data import DataError, InputSpec, load_data
 from .evaluate import evaluate
 from .events import Evaluated, Finished, Log, Started, Step
 from .models import TEACHERS, CheckpointError
 from .runs import RunLocked, list_runs, runs_dir, write_csv
+from .jobs import sweep_configs
 from .train import pick_device, run
 
 # Errors that are the user's input or the machine's state: one line, exit status 2, no traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, RunLocked, OSError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, RunLocked, OSError, FloatingPointError)
 
 
 def _progress(events, quiet: bool = False):
@@ -83,8 +84,11 @@ def cmd_quantize(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .teachers import get_teacher
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = pick_device(args.device)
-    teacher = get_teacher(args.teacher, args.test_data, args.checkpoint, args.pretrained, device=device)
+    teacher_data = RunConfig(teacher=args.teacher, test_data=args.test_data).teacher_data  # as a run finds it
+    teacher = get_teacher(args.teacher, teacher_data, args.checkpoint, args.pretrained, device=device)
     data = load_data(args.test_data, InputSpec.of(teacher), "test", args.download)
     if data.num_classes != teacher.num_classes:
         raise DataError(f"the data has {data.num_classes} classes but the teacher {teacher.num_classes}")
@@ -103,27 +107,36 @@ def cmd_train_teacher(args) -> int:
     return 0
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} takes comma-separated integers, e.g. 4,3; got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{option} needs at least one value")
+    return values
+
+
 def cmd_sweep(args) -> int:
-    bits = [int(b) for b in args.bits.split(",")]
-    methods = args.methods.split(",")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    bits = _int_list(args.bits, "--bits")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    seeds = _int_list(args.seeds, "--seeds")
+    if not methods:
+        raise ConfigError("--methods needs at least one method")
     for m in methods:
         if m not in METHODS:
             raise ConfigError(f"unknown method {m!r}; choose from {METHODS}")
-    base = parse_overrides(args.set)
+    base = preset(args.preset, **parse_overrides(args.set))
+    configs = sweep_configs(base, bits, methods, seeds)  # every setting checked before the first run
     rows = []
     out = Path(args.out)
-    for b in bits:
-        for m in methods:
-            for s in seeds:
-                cfg = preset(args.preset, **{**base, "method": m, "wbits": b, "abits": b, "seed": s})
-                print(f"[{len(rows) + 1}/{len(bits) * len(methods) * len(seeds)}] {m} W{b}A{b} seed {s}",
-                      file=sys.stderr)
-                fin = _progress(run(cfg), quiet=args.quiet)
-                sm = fin.summary
-                rows.append({k: sm[k] for k in ("method", "wbits", "abits", "seed", "fp_top1", "quant_top1",
-                                                "best_top1", "seconds", "run")})
-                write_csv(out, rows)  # after every run: a crash keeps what is done
+    for i, cfg in enumerate(configs):
+        print(f"[{i + 1}/{len(configs)}] {cfg.method} W{cfg.wbits}A{cfg.abits} seed {cfg.seed}", file=sys.stderr)
+        fin = _progress(run(cfg), quiet=args.quiet)
+        sm = fin.summary
+        rows.append({k: sm[k] for k in ("method", "wbits", "abits", "seed", "fp_top1", "quant_top1",
+                                        "best_top1", "seconds", "run")})
+        write_csv(out, rows)  # after every run: a crash keeps what is done
     print(f"wrote {out}", file=sys.stderr)
     for b in bits:
         for m in methods:
@@ -220,3 +233,6 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130

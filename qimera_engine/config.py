@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 
@@ -114,7 +115,16 @@ class RunConfig:
         need(self.batch_size >= 2, "batch_size must be >= 2 (BatchNorm statistics need two samples)")
         need(0 <= self.warmup_epochs <= self.epochs, f"warmup_epochs must be in [0, epochs={self.epochs}]")
         need(0 <= self.calib_epochs <= self.epochs, f"calib_epochs must be in [0, epochs={self.epochs}]")
+        need(self.calib_epochs >= 1 or self.abits == 32,
+             f"calib_epochs must be >= 1 when abits < 32: the activation ranges are calibrated in those epochs "
+             f"(with 0, every activation would be quantized to a range of zero)")
+        need(self.lr_gamma > 0, f"lr_gamma must be > 0 (the learning rate is multiplied by it), got {self.lr_gamma}")
+        need(all(isinstance(m, int) and m >= 1 for m in self.milestones), "milestones must be epochs >= 1")
+        need(isinstance(self.seed, int) and 0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}")
         need(self.lr_g > 0 and self.lr_s >= 0, "learning rates must be positive")
+        for name in ("lr_g", "lr_s", "superpose_p", "noise_scale", "kd_tau", "kd_alpha", "ce_weight", "bns_weight",
+                     "weight_decay", "momentum", "dirichlet_alpha", "ema_beta", "lr_gamma"):
+            need(math.isfinite(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)}")
         need(len(self.g_betas) == 2 and all(0 <= b < 1 for b in self.g_betas), "g_betas must be two values in [0, 1)")
         need(0 < self.ema_beta < 1, "ema_beta must be in (0, 1)")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),

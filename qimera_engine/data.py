@@ -70,8 +70,11 @@ class ImageData:
                        self.labels[i:i + batch_size].to(device))
             return
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, num_workers=min(4, os.cpu_count() or 1))
-        for x, y in loader:
-            yield self.normalise(x).to(device), y.to(device)
+        try:
+            for x, y in loader:
+                yield self.normalise(x).to(device), y.to(device)
+        except DataError as e:  # from a worker: its message carries the worker's traceback; keep the reason
+            raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
     def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The images at ``idx`` as stored (uint8, (N, C, H, W)) and their labels."""
@@ -169,7 +172,7 @@ def _folder(kind: str, path: str, spec: InputSpec) -> ImageData:
     tf = (T.Compose([T.Resize(int(spec.image_size * 256 / 224)), T.CenterCrop(spec.image_size), T.PILToTensor()])
           if big else T.Compose([T.Resize((spec.image_size, spec.image_size)), T.PILToTensor()]))
     try:
-        ds = torchvision.datasets.ImageFolder(str(root), transform=tf)
+        ds = torchvision.datasets.ImageFolder(str(root), transform=tf, loader=read_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{root} is not an image folder (expected ROOT/<class>/<image>): {e}") from None
     if big:
@@ -178,10 +181,42 @@ def _folder(kind: str, path: str, spec: InputSpec) -> ImageData:
     return ImageData(f"{kind}:{root.name}", spec, ds.classes, images, labels)
 
 
+MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused (a decompression bomb is tiny on disk)
+
+
+def read_image(path: str):
+    """An image file as RGB, or a DataError that names the file and says what is wrong with it."""
+    import warnings
+
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise DataError(f"cannot read image {path}: {im.width}x{im.height} pixels is more than this "
+                                    f"tool reads ({MAX_IMAGE_PIXELS} pixels)")
+                return im.convert("RGB")
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"cannot read image {path}: it is too large (a decompression bomb?)") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+        why = "not an image file, or a damaged one" if isinstance(e, Image.UnidentifiedImageError) else str(e)[:160]
+        raise DataError(f"cannot read image {path}: {why}") from None
+
+
 def _cached_folder(root: Path, ds, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode a small-image folder once and keep the uint8 tensor in $QIMERA_HOME/cache."""
-    stamp = f"{root.resolve()}|{len(ds)}|{size}|{max(os.path.getmtime(p) for p, _ in ds.samples)}"
-    cache = qimera_home() / "cache" / f"folder-{hashlib.sha1(stamp.encode()).hexdigest()[:16]}.pt"
+    """Decode a small-image folder once and keep the uint8 tensor in $QIMERA_HOME/cache.
+
+    The cache is keyed by the folder's content as the file system describes it: every file's path
+    relative to the root, its class, size and modification time, so renaming, moving, adding or
+    editing a file makes a new cache."""
+    h = hashlib.sha256(f"{root.resolve()}|{size}|".encode())
+    for p, target in ds.samples:
+        st = os.stat(p)
+        h.update(f"{os.path.relpath(p, root)}|{target}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    cache = qimera_home() / "cache" / f"folder-{h.hexdigest()[:24]}.pt"
     if cache.exists():
         try:
             d = torch.load(cache, weights_only=True)

@@ -11,6 +11,10 @@ from .models import features_and_logits
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageData, *, batch_size: int = 500, device="cpu") -> dict:
     """Top-1 (percent) and mean cross-entropy; one host sync at the end."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    if len(data) == 0:
+        raise ValueError(f"{data.name} holds no images to evaluate on")
     was_training = model.training
     model.eval()
     correct = torch.zeros((), device=device)

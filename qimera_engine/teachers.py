@@ -89,6 +89,8 @@ def get_teacher(name: str, data_spec: str, checkpoint: str | None = None, pretra
     ``teacher.info["sha256"]`` is the content hash of its weights. With ``sha256`` (a run being
     resumed), exactly those weights are loaded, or ``TeacherChanged`` says why they cannot be.
     """
+    if name not in TEACHERS:
+        raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
     if checkpoint or pretrained:
         teacher = build_teacher(name, num_classes, checkpoint=checkpoint, pretrained=pretrained)
     else:
@@ -103,9 +105,9 @@ def get_teacher(name: str, data_spec: str, checkpoint: str | None = None, pretra
         elif name == "digits-cnn" and parse_spec(data_spec)[0] == "digits":
             teacher = train_and_cache(name, data_spec, device=device, log=log)
         else:
-            raise ValueError(f"teacher {name!r} has no weights: give a checkpoint (--checkpoint PATH), "
-                             f"pretrained=True for zoo weights, or train one first (python -m qimera_engine "
-                             f"train-teacher --teacher {name} --data SPEC)")
+            raise ValueError(f"no weights for teacher {name!r} on {parse_spec(data_spec)[0]} data in the cache: give "
+                             f"a checkpoint (--checkpoint PATH), pretrained=True for zoo weights, or train one first "
+                             f"(python -m qimera_engine train-teacher --teacher {name} --data {data_spec})")
     teacher.info["sha256"] = state_dict_sha256(teacher.model)
     if sha256 and teacher.info["sha256"] != sha256:
         raise TeacherChanged(f"the teacher's weights ({teacher.info['weights']}) have changed since this run "
@@ -133,7 +135,11 @@ def train_and_cache(name: str, data_spec: str, *, epochs: int | None = None, dev
         teacher = build_teacher(name, 100 if kind == "cifar100" else 10)
     spec = InputSpec.of(teacher)
     train, test = load_data(data_spec, spec, "train"), load_data(data_spec, spec, "test")
-    epochs = epochs or (30 if kind == "digits" else 60)
+    if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed!r}")
+    if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    epochs = epochs if epochs is not None else (30 if kind == "digits" else 60)
     start = time.perf_counter()
     if log:
         log(f"training teacher {name} on {kind} ({len(train)} images, {epochs} epochs)")

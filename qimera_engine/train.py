@@ -11,6 +11,7 @@ import contextlib
 import csv
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -39,10 +40,18 @@ StopFlag = threading.Event | Callable[[], bool] | None
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """auto (a CUDA GPU when there is one), cpu, cuda or cuda:N; a clear error for anything else."""
+    name = str(name).strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device=cuda was asked for, but no CUDA GPU is available")
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("device=cuda was asked for, but no CUDA GPU is available")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return torch.device(name)
 
 
@@ -106,6 +115,8 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
     state is missing or damaged refuses (``RunDamaged``) unless ``restart`` starts it again from
     epoch 0, which replaces its results.
     """
+    t_start = time.perf_counter()
+    logs: list[str] = []
     if resume is not None:
         folder = open_run(resume)
         cfg = folder.config.resolved()
@@ -113,13 +124,27 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
         raise ValueError("run needs a config, or a run folder to resume")
     else:
         cfg = config.resolved()
-        folder = create_run(cfg.to_dict(), cfg.method, cfg.wbits, cfg.abits, out)
+        if out is not None and (Path(out).expanduser() / Run.CONFIG).exists():  # say so before the work below
+            raise FileExistsError(f"{out} already holds a run; resume it or choose another --out")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     should_stop = (stop.is_set if isinstance(stop, threading.Event) else stop) or (lambda: False)
+    parts = None
+    if resume is None:  # a teacher or data set that cannot be used fails here, before any folder exists
+        parts = Parts.build(cfg, logs.append)
+        folder = create_run(cfg.to_dict(), cfg.method, cfg.wbits, cfg.abits, out)
     with folder.lock():
+        # a resume's refusals (damaged state, another teacher) happen before anything is written
         state = _resume_state(folder, restart) if resume is not None else None
+        if parts is None:
+            parts = Parts.build(cfg, logs.append, teacher_sha256=folder.teacher_sha256 if state else None)
+        if state is None or folder.teacher_sha256 is None:  # the teacher's identity, checked on resume
+            write_json(folder.path / Run.TEACHER, {k: parts.teacher.info.get(k) for k in ("sha256", "weights")})
         folder.set_status("running", pid=os.getpid(), host=socket.gethostname())
         try:
-            yield from _execute(cfg, folder, should_stop, state)
+            for text in logs:
+                yield Log(text)
+            yield from _execute(parts, folder, should_stop, state, t_start)
         except GeneratorExit:
             _final_status(folder, "cancelled", reason="the caller stopped reading events")
             raise
@@ -193,17 +218,9 @@ def run_to_end(config: RunConfig, on_event: Callable[[Event], None] | None = Non
     return summary
 
 
-def _execute(cfg: RunConfig, folder: Run, should_stop: Callable[[], bool], st: dict | None) -> Iterator[Event]:
-    t_start = time.perf_counter()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    logs: list[str] = []
-    recorded = folder.teacher_sha256 if st is not None else None
-    parts = Parts.build(cfg, logs.append, teacher_sha256=recorded)
-    if recorded is None:  # the teacher's identity, checked when the run is resumed
-        write_json(folder.path / Run.TEACHER, {k: parts.teacher.info.get(k) for k in ("sha256", "weights")})
-    for text in logs:
-        yield Log(text)
+def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dict | None,
+             t_start: float) -> Iterator[Event]:
+    cfg = parts.cfg
     dev, teacher, student, gen = parts.device, parts.teacher.model, parts.student, parts.generator
 
     opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr_s, momentum=cfg.momentum, nesterov=cfg.momentum > 0,

@@ -106,3 +106,28 @@ def test_cifar_teacher_training_needs_a_gpu(tmp_path, monkeypatch):
     fake_cifar10(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="needs a GPU"):
         train_and_cache("resnet20", f"cifar10:{tmp_path}", device="cpu")
+
+
+def test_folder_cache_follows_the_files(tmp_path, monkeypatch):
+    """The decoded-folder cache is keyed by the files: swapping two classes with mv is seen."""
+    import numpy as np
+    from PIL import Image
+
+    from qimera_engine.data import InputSpec, load_data
+    monkeypatch.setenv("QIMERA_HOME", str(tmp_path / "home"))
+    root = tmp_path / "imgs"
+    for cls, value in (("a", 0), ("b", 255)):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(root / cls / f"{i}.png")
+    spec = InputSpec(8, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+    def white_labels():
+        d = load_data(f"folder:{root}", spec)
+        return sorted(int(y) for x, y in zip(d.images, d.labels) if int(x.float().mean()) == 255)
+    assert white_labels() == [1, 1, 1]  # class b (index 1) is white
+    (root / "a").rename(root / "tmp")
+    (root / "b").rename(root / "a")
+    (root / "tmp").rename(root / "b")
+    assert white_labels() == [0, 0, 0]  # now class a is white
+    assert len(list((tmp_path / "home" / "cache").iterdir())) == 2

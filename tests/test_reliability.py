@@ -205,3 +205,43 @@ def test_resume_refuses_a_changed_checkpoint(tmp_path, digits_teacher):
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, ckpt)
     with pytest.raises(TeacherChanged, match="have changed since this run started"):
         run_to_end(None, resume=folder)
+
+
+# --------------------------------------------------------------------------- how a run ends
+
+def test_disk_full_during_a_save(tmp_path, digits_teacher, monkeypatch, capsys):
+    import errno
+    from qimera_engine import cli
+    from qimera_engine import train as train_module
+    from qimera_engine.runs import Run
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(train_module, "save_state_dict", full)
+    code = cli.main(["quantize", "--quiet", "--out", str(tmp_path / "r"), *[f"--set={k}={v}" for k, v in SMALL.items()]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == "error: [Errno 28] No space left on device"
+    st = Run(tmp_path / "r").status
+    assert st["status"] == "failed" and "No space left" in st["error"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_the_run_cancelled(tmp_path, digits_teacher):
+    import signal
+    import time as _time
+    from qimera_engine.runs import Run
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    folder = tmp_path / "r"
+    p = subprocess.Popen([sys.executable, "-m", "qimera_engine", "quantize", "--out", str(folder),
+                          *[f"--set={k}={v}" for k, v in {**SMALL, "epochs": 200, "iters_per_epoch": 20}.items()]],
+                         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = _time.time() + 120
+    while not (folder / "state.pt").exists() and _time.time() < deadline:
+        _time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert "--resume" in err
+    run = Run(folder)
+    assert run.state == "cancelled" and run.status["reason"] == "interrupted (SIGINT)"
+    assert len(run.metrics) >= 1  # the completed epochs are kept

@@ -79,11 +79,11 @@ def test_baselines_run(digits_teacher, tmp_path, method):
         assert all(row["student_trained"] == 0 for row in r.metrics)
 
 
-def test_a_failed_run_is_marked_and_keeps_its_files(digits_teacher, tmp_path):
-    with pytest.raises(Exception):
+def test_bad_data_fails_before_a_folder_is_made(digits_teacher, tmp_path):
+    from qimera_engine import DataError
+    with pytest.raises(DataError, match="image folder not found"):
         run_to_end(preset("digits", **TINY, test_data="folder:/no/such/place"), out=tmp_path / "bad")
-    r = open_run(tmp_path / "bad")
-    assert r.status["status"] == "failed" and "not found" in r.status["error"]
+    assert not (tmp_path / "bad").exists()
 
 
 def test_atomic_writes_leave_nothing_half_written(tmp_path):

@@ -60,6 +60,10 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{source} holds NaN or infinite values (in {', '.join(bad[:3])}"
+                              f"{' and more' if len(bad) > 3 else ''}): a model with them cannot be quantized")
     if missing or unexpected or wrong:
         def show(keys):
             return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
