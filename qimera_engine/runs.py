@@ -94,6 +94,16 @@ class RunDamaged(ValueError):
     """A run folder whose files cannot be read as a run."""
 
 
+def _read_metrics(path: Path) -> list[dict]:
+    rows = read_csv(path)
+    if not rows and path.read_text().strip():
+        raise ValueError("no rows under its header")
+    for i, row in enumerate(rows):
+        if row.get("epoch") != i or not isinstance(row.get("top1"), (int, float)):
+            raise ValueError(f"row {i + 1} is not epoch {i} with a top-1 value")
+    return rows
+
+
 def _object(obj) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, found {type(obj).__name__}")
@@ -133,7 +143,8 @@ class Run:
 
     @property
     def metrics(self) -> list[dict]:
-        return self._read(self.METRICS, read_csv, [])
+        """One row per completed epoch (``epoch`` 0, 1, ... and a numeric ``top1`` at least)."""
+        return self._read(self.METRICS, _read_metrics, [])
 
     @property
     def summary(self) -> dict | None:

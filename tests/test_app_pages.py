@@ -358,3 +358,53 @@ def test_features_task_projects_every_source(finished_home, monkeypatch):
     assert all(s["xy"].shape == (100, 2) for s in src.values())
     assert src["superposed"]["labels"].shape == (100, 2) and src["real"]["coeffs"].shape == (100, 1)
     assert reports == sorted(reports) and len(out["classes"]) == 10
+
+
+@pytest.fixture
+def damaged_home(finished_home, tmp_path, monkeypatch):
+    """The finished runs and, beside them, run folders damaged in four ways."""
+    import json
+    import shutil
+    home = tmp_path / "home"
+    shutil.copytree(finished_home, home)
+    runs = sorted((home / "runs").iterdir())
+    damage = {"bad-summary": ("summary.json", "{not json"),
+              "unknown-key": ("config.json", json.dumps({**json.loads((runs[0] / "config.json").read_text()),
+                                                          "no_such_setting": 1})),
+              "status-list": ("status.json", "[1, 2]"),
+              "metrics-binary": ("metrics.csv", "\x00\x01garbage"),
+              "metrics-text": ("metrics.csv", "epoch,top1\nx,y\n")}
+    for name, (file, text) in damage.items():
+        shutil.copytree(runs[-1], home / "runs" / name)
+        (home / "runs" / name / file).write_text(text)
+    monkeypatch.setenv("QIMERA_HOME", str(home))
+    fresh_registry()
+    return sorted(damage)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_survives_damaged_run_folders(damaged_home, page):
+    at = open_page(page)
+    assert not at.exception and not at.error
+    if page in ("app.py", "pages/1_Teacher.py"):  # pages that list no runs
+        return
+    (notice,) = [e for e in at.expander if "damaged run folder" in e.label]
+    assert notice.label.startswith(f"{len(damaged_home)} damaged")
+    text = " ".join(m.value for m in notice.markdown)
+    for name in damaged_home:
+        assert f"**{name}**" in text
+    assert "summary.json is damaged" in text and "unknown setting(s): 'no_such_setting'" in text
+
+
+def test_runs_command_lists_damaged_folders(damaged_home, capsys):
+    from qimera_engine import cli
+    assert cli.main(["runs"]) == 0
+    out = capsys.readouterr().out
+    for name in damaged_home:
+        assert f"{name}" in out and "damaged:" in out
+    good = [line for line in out.splitlines() if "damaged:" not in line]
+    assert len(good) == len(list_runs()) - len(damaged_home) >= 2 and all(" finished " in g for g in good)
+    assert cli.main(["runs", "--json"]) == 0
+    import json
+    rows = json.loads(capsys.readouterr().out)
+    assert sorted(r["run"] for r in rows if r["status"] == "damaged") == damaged_home
