@@ -31,9 +31,12 @@ def test_weight_fake_quant_equals_torch_per_channel(bits):
     ref = torch.fake_quantize_per_channel_affine(w, scale.flatten(), zp.flatten().int(), 0,
                                                  -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
-    assert ours.reshape(16, -1).unique(dim=1).shape[1] <= 2 ** bits * 72  # sanity: it did quantize
+    assert not torch.equal(ours, w)  # it did quantize, within half a step of each channel's grid
+    assert ((ours - w).abs().reshape(16, -1) <= scale.reshape(16, 1) / 2 + 1e-6).all()
     for c in range(16):
         assert ours[c].unique().numel() <= 2 ** bits
+        steps = (ours[c] / scale.flatten()[c]).flatten()
+        torch.testing.assert_close(steps, steps.round(), atol=1e-3, rtol=0)  # on the grid (zero point aside)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -26,7 +26,7 @@ def test_run_saves_everything_and_reloads(digits_teacher, tmp_path):
     for name in (Run.CONFIG, Run.METRICS, Run.SUMMARY, Run.GENERATOR, Run.STUDENT, Run.STATE):
         assert (r.path / name).exists(), name
     assert len(r.metrics) == 2 and r.metrics[1]["student_trained"] == 1 and r.metrics[0]["student_trained"] == 0
-    assert summary["fp_top1"] > 95 and 0 <= summary["quant_top1"] <= 100 and summary["wbits"] == 4
+    assert summary["fp_top1"] > 95 and summary["quant_top1"] > 80 and summary["wbits"] == 4  # chance: 10
     assert r.config.method == "qimera" and json.loads((r.path / Run.SUMMARY).read_text()) == summary
     student = load_student(r, digits_teacher)
     from qimera_engine import evaluate, load_data, InputSpec
@@ -72,7 +72,7 @@ def test_reproducible_with_the_same_seed_and_different_with_another(digits_teach
 @pytest.mark.parametrize("method", ["gdfq", "ptq", "real-data"])
 def test_baselines_run(digits_teacher, tmp_path, method):
     s = run_to_end(preset("digits", **TINY, method=method), out=tmp_path / method)
-    assert s["method"] == method and s["quant_top1"] > 10
+    assert s["method"] == method and s["quant_top1"] > 70  # chance is 10; seeds 0-2 give 82-99
     r = open_run(tmp_path / method)
     assert r.has_generator == (method != "real-data")
     if method == "ptq":
@@ -129,6 +129,8 @@ def test_cli_quantize_end_to_end(digits_teacher, tmp_path):
 
     listed = _cli("runs", "--json")
     assert listed.returncode == 0
+    (row,) = [r for r in json.loads(listed.stdout) if r["path"] == str(out)]
+    assert row["status"] == "finished" and row["summary"] == s
 
     ev = _cli("evaluate", "--teacher", "digits-cnn", "--test-data", "digits")
     assert ev.returncode == 0 and json.loads(ev.stdout)["top1"] == pytest.approx(s["fp_top1"], abs=1e-3)
@@ -164,7 +166,7 @@ def test_cli_sweep_writes_a_table(digits_teacher, tmp_path):
     assert p.returncode == 0, p.stderr
     import csv
     rows = list(csv.DictReader(out.open()))
-    assert [r["method"] for r in rows] == ["ptq", "qimera"] and all(float(r["quant_top1"]) > 10 for r in rows)
+    assert [r["method"] for r in rows] == ["ptq", "qimera"] and all(float(r["quant_top1"]) > 70 for r in rows)
     assert "W4A4 qimera" in p.stdout
 
 
@@ -195,6 +197,11 @@ def test_imagenet_sized_run_end_to_end(tmp_path):
                  epochs=1, iters_per_epoch=1, batch_size=2, warmup_epochs=0, calib_epochs=1, superpose_k=2,
                  gen_width=8, eval_batch_size=4)
     s = run_to_end(cfg, out=tmp_path / "run")
-    assert s["epochs_done"] == 1 and 0 <= s["quant_top1"] <= 100
-    gen = load_generator(open_run(tmp_path / "run"))
+    assert s["epochs_done"] == 1
+    run = open_run(tmp_path / "run")
+    from qimera_engine import InputSpec, evaluate, load_data, load_student, load_teacher
+    teacher = load_teacher(run)
+    acc = evaluate(load_student(run, teacher), load_data(cfg.test_data, InputSpec.of(teacher)), batch_size=4)
+    assert acc["n"] == 4 and acc["top1"] == pytest.approx(s["quant_top1"], abs=1e-3)  # what was reported
+    gen = load_generator(run)
     assert gen.conditional_bn and gen.image_size == 224 and gen.embed_dim == 512
