@@ -2,6 +2,7 @@
 import streamlit as st
 
 from qimera_engine import TEACHERS, DataError, InputSpec
+from qimera_engine.data import data_stamp
 from qimera_engine.ui import common
 from qimera_engine.ui.logic import DATASETS, teachers_for
 from qimera_engine.ui.paths import ALLOWED_ENV, PathNotAllowed, allowed_data_spec, allowed_path
@@ -94,7 +95,7 @@ st.subheader("Real test images")
 _, size, channels, mean, std, _ = TEACHERS[name]
 try:
     images, labels, classes = common.real_images(spec, InputSpec(size, channels, tuple(mean), tuple(std)), 32, 0,
-                                                 common.home_key())
+                                                 common.home_key(), data_stamp(spec))
     common.show_image_grid(images, ncols=16)
     st.caption("Labels, row by row: " + ", ".join(classes[int(y)] for y in labels))
 except (DataError, ValueError, OSError) as e:

@@ -109,6 +109,29 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
                     f"folder:PATH, imagenet:PATH, or an existing image folder")
 
 
+def data_stamp(spec: str) -> str:
+    """A cheap fingerprint of a data set's files for in-memory caches: it changes when a class folder
+    or image is added, removed or renamed, and when CIFAR's files change (``load_data`` reads the
+    files themselves; its decode cache is keyed by every file, see ``_cached_folder``)."""
+    try:
+        kind, arg = parse_spec(spec)
+    except DataError:
+        return "invalid"
+    if kind == "digits":
+        return "digits"
+    root = Path(arg).expanduser() if arg else qimera_home() / "data"
+    parts = []
+    try:
+        for p in sorted([root, *(c for c in root.iterdir() if c.is_dir())]):
+            st = p.stat()
+            parts.append(f"{p.name}|{st.st_mtime_ns}")
+            if kind in ("cifar10", "cifar100") and p != root:
+                parts += [f"{f.name}|{f.stat().st_size}|{f.stat().st_mtime_ns}" for f in sorted(p.iterdir())]
+    except OSError:
+        return "unreadable"
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def load_data(spec: str, input_spec: InputSpec, split: str = "test", download: bool = False) -> ImageData:
     """Load a data set for a teacher's input convention. ``split`` is train or test."""
     kind, arg = parse_spec(spec)

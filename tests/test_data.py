@@ -131,3 +131,14 @@ def test_folder_cache_follows_the_files(tmp_path, monkeypatch):
     (root / "tmp").rename(root / "b")
     assert white_labels() == [0, 0, 0]  # now class a is white
     assert len(list((tmp_path / "home" / "cache").iterdir())) == 2
+
+
+def test_data_stamp_changes_with_the_files(tmp_path):
+    from qimera_engine.data import data_stamp
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "1.png").write_bytes(b"x")
+    first = data_stamp(f"folder:{tmp_path}")
+    assert data_stamp(f"folder:{tmp_path}") == first
+    (tmp_path / "a" / "1.png").rename(tmp_path / "a" / "2.png")
+    assert data_stamp(f"folder:{tmp_path}") != first
+    assert data_stamp("digits") == "digits" and data_stamp(f"folder:{tmp_path / 'none'}") == "unreadable"

@@ -95,8 +95,10 @@ def run_networks(run: Run):
 
 
 @st.cache_data(max_entries=16, show_spinner="Reading real images...")
-def real_images(spec: str, input_spec: InputSpec, n: int, seed: int, home: str) -> tuple[np.ndarray, np.ndarray, list]:
-    """n stored images (uint8, for display) with labels and class names; ``home`` keys the cache."""
+def real_images(spec: str, input_spec: InputSpec, n: int, seed: int, home: str,
+                stamp: str = "") -> tuple[np.ndarray, np.ndarray, list]:
+    """n stored images (uint8, for display) with labels and class names; ``home`` and ``stamp``
+    (data.data_stamp) key the cache."""
     data = load_data(spec, input_spec, "test")
     x, y = data.raw(n, seed)
     return x.numpy(), y.numpy(), data.classes

@@ -5,18 +5,28 @@ its result, so the same request is computed once and shared by every session.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from .. import analysis
 from ..artifacts import load_generator, load_teacher
-from ..data import InputSpec, load_data
+from ..data import InputSpec, data_stamp, load_data
 from ..evaluate import evaluate
 from ..runs import Run, open_run, qimera_home
 from ..teachers import get_teacher, train_and_cache
 
 
 def teacher_key(name: str, spec: str, checkpoint: str | None, pretrained: bool, train: bool) -> str:
-    return f"teacher|{qimera_home()}|{name}|{spec}|{checkpoint}|{pretrained}|{train}"
+    """Names one teacher result; it changes with the files behind it (the data set, a checkpoint)."""
+    weights = checkpoint
+    if checkpoint:
+        try:
+            st = Path(checkpoint).stat()
+            weights = f"{checkpoint}@{st.st_size}@{st.st_mtime_ns}"
+        except OSError:
+            weights = f"{checkpoint}@missing"
+    return f"teacher|{qimera_home()}|{name}|{spec}@{data_stamp(spec)}|{weights}|{pretrained}|{train}"
 
 
 def teacher_task(name: str, spec: str, checkpoint: str | None = None, pretrained: bool = False,
