@@ -236,3 +236,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:  # torch reports running out of memory as a RuntimeError
+        if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
+            raise
+        print(f"error: out of memory ({str(e).splitlines()[0][:200]}); lower batch_size or eval_batch_size",
+              file=sys.stderr)
+        return 2

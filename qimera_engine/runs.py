@@ -104,6 +104,14 @@ def _read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def _read_teacher(path: Path) -> dict:
+    record = _object(read_json(path))
+    sha = record.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise ValueError("sha256 is not a SHA-256 hex digest")
+    return record
+
+
 def _object(obj) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, found {type(obj).__name__}")
@@ -214,7 +222,7 @@ class Run:
     @property
     def teacher_sha256(self) -> str | None:
         """The content hash of the teacher the run was started with (None for older runs)."""
-        return self._read(self.TEACHER, lambda p: _object(read_json(p)), {}).get("sha256")
+        return self._read(self.TEACHER, _read_teacher, {}).get("sha256")
 
     @property
     def has_generator(self) -> bool:

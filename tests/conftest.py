@@ -19,6 +19,11 @@ SHARED_DATA = SHARED / "data" / "cifar10-dev"
 TINY = dict(epochs=2, iters_per_epoch=6, warmup_epochs=1, calib_epochs=1, batch_size=16, log_every=2)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+    shutil.rmtree(os.environ["QIMERA_HOME"], ignore_errors=True)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~10 s; runs in CI all the same")
     config.addinivalue_line("markers", "browser: drives the app in chromium (Playwright); see tests/test_browser.py")

@@ -225,6 +225,20 @@ def test_disk_full_during_a_save(tmp_path, digits_teacher, monkeypatch, capsys):
     assert st["status"] == "failed" and "No space left" in st["error"]
 
 
+def test_out_of_memory_is_one_line(tmp_path, digits_teacher, monkeypatch, capsys):
+    from qimera_engine import cli
+    from qimera_engine import train as train_module
+    from qimera_engine.runs import Run
+
+    def oom(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1000000000000 bytes.")
+    monkeypatch.setattr(train_module, "_student_step", oom)
+    code = cli.main(["quantize", "--quiet", "--out", str(tmp_path / "r"), *[f"--set={k}={v}" for k, v in SMALL.items()]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: out of memory (DefaultCPUAllocator") and len(err.splitlines()) == 1
+    assert "lower batch_size" in err and Run(tmp_path / "r").status["status"] == "failed"
+
+
 @pytest.mark.slow
 def test_ctrl_c_marks_the_run_cancelled(tmp_path, digits_teacher):
     import signal
