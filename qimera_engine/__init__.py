@@ -12,6 +12,7 @@ from .artifacts import load_generator, load_student, load_teacher
 from .config import METHODS, PRESETS, ConfigError, RunConfig, parse_overrides, preset
 from .data import DataError, ImageData, InputSpec, load_data
 from .evaluate import collect_features, evaluate
+from .export import ExportError, export, load_int
 from .events import EpochEnd, Evaluated, Event, Finished, Log, Started, Step
 from .generator import Generator, generate_images, sample_coefficients, soft_targets, superpose
 from .losses import bn_statistics_loss, kd_loss, soft_cross_entropy
@@ -24,9 +25,9 @@ from .train import pick_device, run, run_to_end
 __version__ = "0.1.0"
 
 __all__ = ["METHODS", "PRESETS", "TEACHERS", "CheckpointError", "ConfigError", "DataError", "EpochEnd",
-           "Evaluated", "Event", "Finished", "Generator", "ImageData", "InputSpec", "Log", "Run", "RunConfig",
+           "Evaluated", "Event", "ExportError", "Finished", "Generator", "ImageData", "InputSpec", "Log", "Run", "RunConfig",
            "Started", "Step", "Teacher", "bn_statistics_loss", "build_teacher", "collect_features", "evaluate",
-           "generate_images", "get_teacher", "kd_loss", "list_runs", "load_data", "load_generator",
+           "export", "generate_images", "get_teacher", "kd_loss", "list_runs", "load_data", "load_generator", "load_int",
            "load_student", "load_teacher", "open_run", "parse_overrides", "pick_device", "preset",
            "qimera_home", "quantize_model", "run", "run_to_end", "sample_coefficients", "set_calibration",
            "soft_cross_entropy", "soft_targets", "superpose", "train_and_cache"]

@@ -1,4 +1,4 @@
-"""Command line: python -m qimera_engine {quantize, evaluate, train-teacher, sweep, runs}."""
+"""Command line: python -m qimera_engine {quantize, evaluate, train-teacher, sweep, export, runs}."""
 from __future__ import annotations
 
 import argparse
@@ -171,6 +171,15 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+    t0 = time.perf_counter()
+    path = export(args.run, args.format, args.out)
+    print(json.dumps({"run": str(args.run), "format": args.format, "file": str(path),
+                      "bytes": path.stat().st_size, "seconds": round(time.perf_counter() - t0, 2)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m qimera_engine", description="Data-free quantization by Qimera.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -219,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="sweep.csv")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_sweep)
+
+    x = sub.add_parser("export", help="the quantized student as integer weights or an ONNX model")
+    x.add_argument("run", help="run folder or id")
+    x.add_argument("--format", required=True, choices=("int", "onnx"),
+                   help="int: .safetensors with integer codes, scales, zero points; onnx: QDQ graph for ONNX Runtime")
+    x.add_argument("--out", help="file to write (default: RUN/student-int.safetensors or RUN/student.onnx)")
+    x.set_defaults(fn=cmd_export)
 
     r = sub.add_parser("runs", help="list runs")
     r.add_argument("--json", action="store_true")

@@ -26,11 +26,22 @@ def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch
     return scale, zero_point
 
 
-def _fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+def quantize_affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integer codes q of ``x`` (as floats), in [-2^(b-1), 2^(b-1) - 1]."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     # one new tensor, then in-place passes: the same arithmetic as torch's fake-quantize kernels
     y = x * (1.0 / scale)
-    return y.add_(zero_point).round_().clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+    return y.add_(zero_point).round_().clamp_(qmin, qmax)
+
+
+def dequantize_affine(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """(q - zero_point) * scale, in place on a float ``q``; with the codes of ``quantize_affine``
+    this is bit for bit what fake quantization gives."""
+    return q.sub_(zero_point).mul_(scale)
+
+
+def _fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    return dequantize_affine(quantize_affine(x, scale, zero_point, bits), scale, zero_point)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):

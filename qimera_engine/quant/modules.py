@@ -16,11 +16,15 @@ def _check_bits(bits: int) -> int:
 
 
 class QuantConv2d(nn.Conv2d):
-    """Conv2d whose weight is fake-quantized per output channel at every forward."""
+    """Conv2d whose weight is fake-quantized per output channel at every forward.
+
+    ``prequantized``: the weight already holds its dequantized codes (a student loaded from an
+    integer export), so it is used as it is, bit for bit what fake quantization gave."""
 
     def __init__(self, *args, wbits: int = FULL_PRECISION, **kwargs):
         super().__init__(*args, **kwargs)
         self.wbits = _check_bits(wbits)
+        self.prequantized = False
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, wbits: int) -> "QuantConv2d":
@@ -38,18 +42,21 @@ class QuantConv2d(nn.Conv2d):
         return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, fake_quantize_weight(self.weight, self.wbits), self.bias)
+        w = self.weight if self.prequantized else fake_quantize_weight(self.weight, self.wbits)
+        return self._conv_forward(x, w, self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", wbits={self.wbits}"
 
 
 class QuantLinear(nn.Linear):
-    """Linear whose weight is fake-quantized per output row at every forward."""
+    """Linear whose weight is fake-quantized per output row at every forward (``prequantized``:
+    see QuantConv2d)."""
 
     def __init__(self, *args, wbits: int = FULL_PRECISION, **kwargs):
         super().__init__(*args, **kwargs)
         self.wbits = _check_bits(wbits)
+        self.prequantized = False
 
     @classmethod
     def from_float(cls, lin: nn.Linear, wbits: int) -> "QuantLinear":
@@ -65,7 +72,8 @@ class QuantLinear(nn.Linear):
         return lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, fake_quantize_weight(self.weight, self.wbits), self.bias)
+        w = self.weight if self.prequantized else fake_quantize_weight(self.weight, self.wbits)
+        return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", wbits={self.wbits}"
