@@ -71,3 +71,4 @@ else:
             run = next(r for r in runs if r.id == rid)
             common.registry().start_run(None, resume=str(run.path), label=f"resume {rid}")
             st.rerun()
+    common.export_panel(runs, key="q")

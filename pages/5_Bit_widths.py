@@ -10,7 +10,8 @@ st.title("Bit widths")
 st.markdown("How accuracy falls as weights and activations get fewer bits (W = A), per method: every finished "
             "run counts, and a sweep started below adds to it.")
 
-table = bitwidth_table(common.all_runs())
+runs = common.all_runs()
+table = bitwidth_table(runs)
 if table.empty:
     st.info("No finished runs with W = A between 2 and 8 yet: start a sweep below (or runs on the Quantize page).")
 else:
@@ -23,6 +24,7 @@ else:
     st.dataframe(part, hide_index=True, key="w_table")
     st.download_button("Download CSV", part.to_csv(index=False).encode(), "bit_widths.csv", "text/csv",
                        key="w_csv")
+    common.export_panel([r for r in runs if r.id in set(part["run"])], key="w")
 
 st.header("Sweep")
 with st.form("sweep-form"):

@@ -408,3 +408,15 @@ def test_runs_command_lists_damaged_folders(damaged_home, capsys):
     import json
     rows = json.loads(capsys.readouterr().out)
     assert sorted(r["run"] for r in rows if r["status"] == "damaged") == damaged_home
+
+
+@pytest.mark.parametrize("page, key", [("pages/2_Quantize.py", "q"), ("pages/5_Bit_widths.py", "w")])
+def test_export_and_download_a_run(with_runs, page, key):
+    at = open_page(page)
+    at.radio(key=f"{key}-export-format").set_value("onnx").run()
+    at.button(key=f"{key}-export-go").click().run()
+    assert not at.exception and not at.error
+    run_id = at.selectbox(key=f"{key}-export-run").value
+    (button,) = [b for b in at.get("download_button") if b.proto.label.startswith("Download student.onnx")]
+    exported = next(r for r in list_runs() if r.id == run_id).path / "student.onnx"
+    assert exported.exists() and f"{exported.stat().st_size / 2**20:.2f} MB" in button.proto.label

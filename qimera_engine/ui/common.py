@@ -180,6 +180,36 @@ def save_upload(uploaded, shared: bool = False) -> Path:
     return paths.save_upload(uploaded.getvalue(), uploaded.name, session_token(), shared)
 
 
+_EXPORT_FORMATS = {"onnx": "ONNX (QDQ), for ONNX Runtime", "int": "Integer weights (.safetensors)"}
+
+
+def export_panel(runs: list[Run], key: str) -> None:
+    """Export a run's quantized student (ONNX or integer weights) into its folder and download it."""
+    from .. import ExportError, export
+    ready = [r for r in runs if (r.path / Run.STUDENT).exists() and r.state != "running"]
+    if not ready:
+        return
+    with st.expander("Export a quantized model", icon="📦"):
+        c1, c2 = st.columns([3, 2])
+        ids = [r.id for r in ready]
+        rid = c1.selectbox("Run", ids, key=f"{key}-export-run", format_func=lambda i: run_label(ready[ids.index(i)]))
+        fmt = c2.radio("Format", list(_EXPORT_FORMATS), format_func=_EXPORT_FORMATS.get, horizontal=True,
+                       key=f"{key}-export-format")
+        run = ready[ids.index(rid)]
+        if st.button("Export", key=f"{key}-export-go", help="Writes the file into the run's folder; then download it."):
+            try:
+                with st.spinner("Exporting..."):
+                    st.session_state[f"{key}-export-file"] = str(export(run.path, fmt))
+            except (ExportError, OSError, ValueError) as e:
+                st.error(f"Cannot export {rid}: {e}")
+        done = st.session_state.get(f"{key}-export-file")
+        if done and Path(done).parent == run.path and Path(done).exists():
+            st.download_button(f"Download {Path(done).name} ({Path(done).stat().st_size / 2**20:.2f} MB)",
+                               Path(done).read_bytes(), f"{rid}-{Path(done).name}", key=f"{key}-export-download")
+            st.caption("Load it with `onnxruntime.InferenceSession(file)` or `qimera_engine.load_int(file)`; "
+                       "see the README.")
+
+
 def need_runs_message(what: str) -> None:
     st.info(f"No {what} yet. Start one on the **Quantize** page, or press **Run the demo** on the Home page "
             f"(digits, about half a minute on a CPU).")
@@ -224,5 +254,5 @@ def stamp(run: Run) -> float:
 
 
 __all__ = ["all_runs", "class_names", "device_description", "home_key", "job_panel", "jobs_section", "mixed_samples",
-           "mixing_path", "need_runs_message", "pick_run", "real_images", "registry", "run_networks", "save_upload",
+           "mixing_path", "export_panel", "need_runs_message", "pick_run", "real_images", "registry", "run_networks", "save_upload",
            "setting_widget", "setup_page", "show_image_grid", "stamp"]
