@@ -4,7 +4,8 @@ import pandas as pd
 import streamlit as st
 
 from qimera_engine.ui import common, figures
-from qimera_engine.ui.logic import coefficient_formula, gdfq_partner, generator_runs, normalise_coefficients
+from qimera_engine.ui.logic import (boundary_sentence, coefficient_formula, gdfq_partner, generator_runs,
+                                    normalise_coefficients)
 
 common.setup_page("Boundary samples", "🧬")
 st.title("Boundary samples")
@@ -89,10 +90,8 @@ for col, (title, r) in zip(st.columns(len(panels)), panels):
             st.warning(f"No path for this run: {e}")
             continue
         st.image(strip["strip"], caption=f"{names[a]} → {names[b]}")
-        st.plotly_chart(figures.path_figure(strip, names[a], names[b]), key=f"b_path_{r.id}")
-        cross = strip["crossing_alpha"]
-        st.caption("The teacher's decision flips at coefficient "
-                   f"{cross:.2f}." if cross is not None else "The teacher never switches to class B on this path.")
+        st.plotly_chart(figures.path_figure(strip, names[a], names[b], names), key=f"b_path_{r.id}")
+        st.caption(boundary_sentence(strip, names, a, b))
 if partner is None and mixable:
     st.info("No GDFQ run with this teacher yet: start one on the Quantize page (method gdfq) to compare "
             "its path here.")

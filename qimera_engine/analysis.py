@@ -341,6 +341,24 @@ def crossing_point(alphas, p_a, p_b) -> float | None:
     return float(alphas[i - 1] + t * (alphas[i] - alphas[i - 1]))
 
 
+def decision_boundary(alphas, probs) -> dict | None:
+    """Where the teacher's top-1 class first changes along a path: ``{"alpha", "from", "to"}``, the
+    alpha interpolated between the two steps where p(to) overtakes p(from); None if it never changes.
+
+    This is the decision boundary whatever class wins after it: on a path from A to B the top-1
+    may change to a third class while p(B) stays low."""
+    probs = np.asarray(probs, dtype=np.float64)
+    alphas = np.asarray(alphas, dtype=np.float64)
+    pred = probs.argmax(1)
+    changed = np.flatnonzero(pred != pred[0])
+    if len(changed) == 0:
+        return None
+    i = int(changed[0])
+    c0, c1 = int(pred[0]), int(pred[i])
+    alpha = crossing_point(alphas[i - 1:i + 1], probs[i - 1:i + 1, c0], probs[i - 1:i + 1, c1])
+    return {"alpha": float(alphas[i]) if alpha is None else alpha, "from": c0, "to": c1}
+
+
 @torch.no_grad()
 def path_strip(generator: Generator, teacher, student, class_a: int, class_b: int, steps: int = 11,
                seed: int = 0) -> dict:
@@ -349,7 +367,9 @@ def path_strip(generator: Generator, teacher, student, class_a: int, class_b: in
     Qimera generator: superposed samples with labels (A, B), coefficients (1 - alpha, alpha) and one
     fixed seed (METHOD 4). GDFQ generator (no superposition): ``latent_interpolation`` instead, an
     interpolation of the generator input, not superposition. ``student`` may be None.
-    crossing_alpha: where the teacher's p_b first exceeds p_a (None if it never does).
+    boundary: where the teacher's top-1 class first changes (``decision_boundary``), None if never;
+    p_other / other_class: per step, the probability and index of the strongest class that is
+    neither A nor B (a path can cross into a third class).
     """
     for c in (class_a, class_b):
         if not 0 <= c < generator.num_classes:
@@ -364,13 +384,17 @@ def path_strip(generator: Generator, teacher, student, class_a: int, class_b: in
         images = generate_images(generator, [[class_a, class_b]] * steps, coeffs, [seed] * steps)
     images = images.cpu()
     _, p = collect_features(teacher.model, images)
+    others = p.clone()
+    others[:, [class_a, class_b]] = -1.0
+    p_other, other_class = others.max(1)
     out = {"alphas": alphas, "images": images, "p_a": p[:, class_a].numpy(), "p_b": p[:, class_b].numpy(),
+           "p_other": p_other.numpy(), "other_class": other_class.numpy(),
            "teacher_pred": p.argmax(1).numpy(), "student_p_a": None, "student_p_b": None, "student_pred": None}
     if student is not None:
         _, q = collect_features(student, images)
         out.update(student_p_a=q[:, class_a].numpy(), student_p_b=q[:, class_b].numpy(),
                    student_pred=q.argmax(1).numpy())
-    out["crossing_alpha"] = crossing_point(alphas, out["p_a"], out["p_b"])
+    out["boundary"] = decision_boundary(alphas, p.numpy())
     return out
 
 # --------------------------------------------------------------------------- display

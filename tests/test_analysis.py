@@ -203,16 +203,36 @@ def test_crossing_point_on_hand_made_curves():
     assert crossing_point(alphas, [0.9, 0.5, 0.1], [0.1, 0.5, 0.9]) == pytest.approx(0.5)  # a tie is not yet a crossing
 
 
+def test_decision_boundary_is_where_the_top1_class_changes():
+    alphas = np.linspace(0, 1, 5)
+    # A -> B: p(B) overtakes p(A) between 0.5 and 0.75
+    probs = np.array([[.9, .1, 0], [.8, .2, 0], [.6, .4, 0], [.3, .7, 0], [.1, .9, 0]])
+    bd = analysis.decision_boundary(alphas, probs)
+    assert bd["from"] == 0 and bd["to"] == 1 and bd["alpha"] == pytest.approx(0.5 + 0.25 * (0.2 / 0.6))
+    # a third class wins while p(B) stays at 0.2: the boundary is there, and it is not B's
+    probs = np.array([[.8, .1, .1], [.6, .1, .3], [.3, .2, .5], [.2, .2, .6], [.1, .2, .7]])
+    bd = analysis.decision_boundary(alphas, probs)
+    assert bd["to"] == 2 and 0.25 < bd["alpha"] < 0.5
+    assert analysis.decision_boundary(alphas, [[.9, .1]] * 5) is None
+    from qimera_engine.ui.logic import boundary_sentence
+    text = boundary_sentence({"boundary": bd, "teacher_pred": probs.argmax(1), "p_b": probs[:, 1]}, ["a", "b", "c"], 0, 1)
+    assert "from a to c" in text and "third class, not b" in text and "reaches only 0.20" in text
+    text = boundary_sentence({"boundary": None, "teacher_pred": [0] * 5, "p_b": [.1] * 5}, ["a", "b", "c"], 0, 1)
+    assert "stays a" in text
+
+
 def test_path_strip_runs_from_class_a_to_class_b(nets):
     gen, teacher, student = nets["qimera"], nets["teacher"], nets["qimera-student"]
     pairs = [(a, b) for a in range(10) for b in range(10) if a != b]
     ends_right = 0
     for a, b in pairs:
         out = analysis.path_strip(gen, teacher, student, a, b, steps=9, seed=2)
-        c = out["crossing_alpha"]
-        assert c is None or 0.0 <= c <= 1.0
-        if out["p_b"][-1] > out["p_a"][-1]:
-            assert c is not None  # B wins at the end, so the curves crossed on the way
+        bd, pred = out["boundary"], out["teacher_pred"]
+        assert (bd is None) == (pred == pred[0]).all()  # a boundary exactly when the top-1 class changes
+        if bd is not None:
+            first = int(np.flatnonzero(pred != pred[0])[0])
+            assert bd["to"] == pred[first] and out["alphas"][first - 1] <= bd["alpha"] <= out["alphas"][first]
+        assert ((out["p_other"] <= 1) & (out["other_class"] != a) & (out["other_class"] != b)).all()
         ends_right += out["teacher_pred"][0] == a and out["teacher_pred"][-1] == b
     assert ends_right >= 0.8 * len(pairs)  # a short run: most, not all, endpoints are clean
     np.testing.assert_allclose(out["alphas"], np.linspace(0, 1, 9))
@@ -235,7 +255,7 @@ def test_gdfq_path_interpolates_the_generator_input(nets):
     gen = nets["gdfq"]
     out = analysis.path_strip(gen, nets["teacher"], nets["gdfq-student"], 1, 7, steps=5, seed=4)
     assert out["images"].shape == (5, 1, 8, 8)
-    assert out["crossing_alpha"] is None or 0.0 <= out["crossing_alpha"] <= 1.0
+    assert out["boundary"] is None or 0.0 <= out["boundary"]["alpha"] <= 1.0
     # The endpoints are GDFQ's own images of class A and class B with the same noise.
     ends = generate_images(gen, [1, 7], [1.0, 1.0], [4, 4])
     torch.testing.assert_close(out["images"][0], ends[0], atol=1e-5, rtol=1e-5)

@@ -263,14 +263,15 @@ def test_path_figure_marks_the_crossing_and_disagreement():
     path = {"alphas": np.linspace(0, 1, 5), "p_a": np.array([.9, .8, .5, .2, .1]),
             "p_b": np.array([.1, .2, .5, .8, .9]), "teacher_pred": np.array([0, 0, 0, 1, 1]),
             "student_pred": np.array([0, 1, 0, 1, 1]), "student_p_a": None, "student_p_b": None,
-            "crossing_alpha": 0.55}
-    fig = figures.path_figure(path, "cat", "dog")
-    assert [t.name for t in fig.data] == ["teacher p(cat)", "teacher p(dog)"]
+            "p_other": np.array([0, 0, 0, 0, 0]), "boundary": {"alpha": 0.55, "from": 0, "to": 1}}
+    fig = figures.path_figure(path, "cat", "dog", ["cat", "dog"])
+    assert [t.name for t in fig.data] == ["teacher p(cat)", "teacher p(dog)", "teacher p(any other class)"]
     kinds = [(s.type, s.x0) for s in fig.layout.shapes]
     assert ("line", 0.55) in kinds  # the boundary
+    assert fig.layout.annotations[0].text == "top-1 → dog at 0.55"
     assert sum(k == "rect" for k, _ in kinds) == 1  # one step where the student disagrees
-    path.update(student_p_a=path["p_a"], student_p_b=path["p_b"], crossing_alpha=None)
-    assert len(figures.path_figure(path, "cat", "dog").data) == 4
+    path.update(student_p_a=path["p_a"], student_p_b=path["p_b"], boundary=None)
+    assert len(figures.path_figure(path, "cat", "dog").data) == 5
 
 
 def test_feature_scatter_colours_by_class_and_marks_sources():

@@ -100,14 +100,18 @@ def probability_figure(probs, classes: list[str], row_labels: list[str] | None =
     return fig
 
 
-def path_figure(path: dict, name_a: str, name_b: str) -> go.Figure:
-    """p(A) and p(B) along the path A -> B; the boundary crossing marked; teacher/student disagreement shaded."""
+def path_figure(path: dict, name_a: str, name_b: str, names: list[str] | None = None) -> go.Figure:
+    """p(A), p(B) and the strongest other class along the path A -> B; where the teacher's top-1
+    class changes marked; teacher/student disagreement shaded."""
     alphas = _np(path["alphas"]).astype(float)
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=alphas, y=_np(path["p_a"]), mode="lines+markers", name=f"teacher p({name_a})",
                              line=dict(color=SAFE[1])))
     fig.add_trace(go.Scatter(x=alphas, y=_np(path["p_b"]), mode="lines+markers", name=f"teacher p({name_b})",
                              line=dict(color=SAFE[4])))
+    if path.get("p_other") is not None:
+        fig.add_trace(go.Scatter(x=alphas, y=_np(path["p_other"]), mode="lines", name="teacher p(any other class)",
+                                 line=dict(color="grey", dash="dash")))
     for key, name, color in (("student_p_a", name_a, SAFE[1]), ("student_p_b", name_b, SAFE[4])):
         if path.get(key) is not None:
             fig.add_trace(go.Scatter(x=alphas, y=_np(path[key]), mode="lines", name=f"student p({name})",
@@ -119,10 +123,11 @@ def path_figure(path: dict, name_a: str, name_b: str) -> go.Figure:
         for a, t, s in zip(alphas, tp, sp):
             if t != s:
                 fig.add_vrect(x0=a - step, x1=a + step, fillcolor="orange", opacity=0.2, line_width=0)
-    crossing = path.get("crossing_alpha")
-    if crossing is not None:
-        fig.add_vline(x=float(crossing), line_dash="dash", line_color="black",
-                      annotation_text=f"boundary at {float(crossing):.2f}")
+    boundary = path.get("boundary")
+    if boundary is not None:
+        to = names[boundary["to"]] if names else str(boundary["to"])
+        fig.add_vline(x=float(boundary["alpha"]), line_dash="dash", line_color="black",
+                      annotation_text=f"top-1 → {to} at {float(boundary['alpha']):.2f}")
     fig.update_layout(title=f"From {name_a} (0) to {name_b} (1)", xaxis_title=f"coefficient of {name_b}",
                       yaxis_title="probability", yaxis_range=[0, 1.02], height=320,
                       margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h"))

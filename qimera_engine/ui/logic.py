@@ -180,6 +180,21 @@ def bitwidth_table(runs: list[Run]) -> pd.DataFrame:
     return df[df["bits"].notna() & df["W"].between(2, 8)].astype({"bits": int}).reset_index(drop=True)
 
 
+def boundary_sentence(path: dict, names: list[str], a: int, b: int) -> str:
+    """What the teacher decides along a path A -> B, in words (the boundary is where its top-1 changes)."""
+    bd = path.get("boundary")
+    start = int(path["teacher_pred"][0])
+    if bd is None:
+        return f"The teacher's top-1 class stays {names[start]} along this whole path: no decision boundary is crossed."
+    text = f"The teacher's top-1 class changes from {names[bd['from']]} to {names[bd['to']]} at λ_B ≈ {bd['alpha']:.2f}."
+    if bd["to"] != b:
+        text += (f" That is a third class, not {names[b]}: p({names[b]}) reaches only "
+                 f"{float(np.max(path['p_b'])):.2f} on this path.")
+    if start != a:
+        text += f" (Even at λ_B = 0 the teacher does not say {names[a]}.)"
+    return text
+
+
 def generator_runs(runs: list[Run]) -> list[Run]:
     """Runs that have saved a generator (at least one epoch done)."""
     out = []
