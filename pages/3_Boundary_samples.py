@@ -4,8 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from qimera_engine.ui import common, figures
-from qimera_engine.ui.logic import (boundary_sentence, coefficient_formula, gdfq_partner, generator_runs,
-                                    normalise_coefficients)
+from qimera_engine.ui.logic import boundary_sentence, coefficient_formula, generator_runs, normalise_coefficients
 
 common.setup_page("Boundary samples", "🧬")
 st.title("Boundary samples")
@@ -77,7 +76,7 @@ if not mixable:
 c1, c2 = st.columns(2)
 steps = c1.slider("Steps along the path", 3, 21, 11, 2, key="b_steps")
 path_seed = c2.number_input("Path seed", 0, 10**6, int(first), key="b_path_seed")
-partner = gdfq_partner(run, runs) if mixable else None
+partner = common.pick_partner(run, runs, key="b") if mixable else None
 panels = [("This run" + (" (Qimera: superposed embeddings)" if mixable else " (GDFQ: input interpolation)"), run)]
 if partner is not None:
     panels.append((f"GDFQ run {partner.id} (no superposition: input interpolation)", partner))
@@ -92,7 +91,4 @@ for col, (title, r) in zip(st.columns(len(panels)), panels):
         st.image(strip["strip"], caption=f"{names[a]} → {names[b]}")
         st.plotly_chart(figures.path_figure(strip, names[a], names[b], names), key=f"b_path_{r.id}")
         st.caption(boundary_sentence(strip, names, a, b))
-if partner is None and mixable:
-    st.info("No GDFQ run with this teacher yet: start one on the Quantize page (method gdfq) to compare "
-            "its path here.")
 st.caption("Orange bands: steps where the quantized student disagrees with the FP teacher.")

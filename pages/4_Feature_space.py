@@ -4,8 +4,7 @@ import streamlit as st
 
 from qimera_engine import analysis
 from qimera_engine.ui import common, figures
-from qimera_engine.ui.logic import (dominant_class, gdfq_partner, generator_runs, hover_coefficients,
-                                    selected_points)
+from qimera_engine.ui.logic import dominant_class, generator_runs, hover_coefficients, selected_points
 from qimera_engine.ui.tasks import features_key, features_task
 
 common.setup_page("Feature space", "🗺️")
@@ -21,17 +20,14 @@ if not gen_runs:
     st.stop()
 
 run = common.pick_run("Run (generator)", gen_runs, key="f_run")
-partner = gdfq_partner(run, runs)
-c1, c2, c3, c4 = st.columns(4)
+partner = common.pick_partner(run, runs, key="f") if run.config.method != "gdfq" else None
+c1, c2, c3 = st.columns(3)
 method = c1.segmented_control("Projection", ["pca", "umap"], default="pca", key="f_method",
                               format_func=str.upper, help="PCA is exact and instant; UMAP shows neighbourhoods "
                               "better but distorts distances and takes longer (it runs in the background).") or "pca"
 n = c2.select_slider("Samples per source", [200, 500, 1000, 2000], 500, key="f_n")
 seed = int(c3.number_input("Seed", 0, 10**6, 0, key="f_seed"))
-use_gdfq = c4.checkbox(f"Include GDFQ run {partner.id}" if partner else "Include a GDFQ run (none yet)",
-                       value=partner is not None, disabled=partner is None, key="f_gdfq")
-
-gdfq_path = str(partner.path) if partner is not None and use_gdfq else None
+gdfq_path = str(partner.path) if partner is not None else None
 key = features_key(run, partner if gdfq_path else None, n, seed, method)
 job = common.registry().find(key)
 if job is None or job.status in ("failed", "cancelled"):

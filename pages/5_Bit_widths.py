@@ -18,6 +18,11 @@ else:
     groups = sorted({(t, d) for t, d in zip(table["teacher"], table["data"])})
     group = st.selectbox("Teacher and data", groups, format_func=lambda g: f"{g[0]} on {g[1]}", key="w_group")
     part = table[(table["teacher"] == group[0]) & (table["data"] == group[1])]
+    budgets = part["budget"].value_counts()  # the budget with the most runs first
+    chosen = st.selectbox("Budget (generated images per run)", list(budgets.index), key="w_budget",
+                          format_func=lambda b: f"{b:,} ({budgets[b]} run(s))",
+                          help="Runs of different budgets are never averaged together.")
+    part = part[part["budget"] == chosen]
     value = st.radio("Accuracy", ["top1", "best_top1"], horizontal=True, key="w_value",
                      format_func={"top1": "final epoch", "best_top1": "best epoch (the paper's choice)"}.get)
     st.plotly_chart(figures.bitwidth_figure(part, part["fp_top1"].mean(), value), key="w_chart")

@@ -421,3 +421,55 @@ def test_export_and_download_a_run(with_runs, page, key):
     (button,) = [b for b in at.get("download_button") if b.proto.label.startswith("Download student.onnx")]
     exported = next(r for r in list_runs() if r.id == run_id).path / "student.onnx"
     assert exported.exists() and f"{exported.stat().st_size / 2**20:.2f} MB" in button.proto.label
+
+
+@pytest.fixture
+def mismatched_home(finished_home, tmp_path, monkeypatch):
+    """The finished runs and a GDFQ run of another bit width and budget (its config edited)."""
+    import json
+    import shutil
+    home = tmp_path / "home"
+    shutil.copytree(finished_home, home)
+    gdfq = next(p for p in (home / "runs").iterdir() if json.loads((p / "config.json").read_text())["method"] == "gdfq")
+    other = home / "runs" / "zz-gdfq-w8a8-long"
+    shutil.copytree(gdfq, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "wbits": 8, "abits": 8, "epochs": 40, "warmup_epochs": 1}))
+    monkeypatch.setenv("QIMERA_HOME", str(home))
+    fresh_registry()
+    return {r.config.method + ("-w8" if r.config.wbits == 8 else ""): r for r in list_runs()}
+
+
+def test_comparisons_pair_only_like_with_like(mismatched_home):
+    runs = list(mismatched_home.values())
+    q, same, other = mismatched_home["qimera"], mismatched_home["gdfq"], mismatched_home["gdfq-w8"]
+    assert logic.comparable(q.config, same.config) and not logic.comparable(q.config, other.config)
+    assert [r.id for r in logic.partner_runs(q, runs)] == [same.id]
+    assert {r.id for r in logic.partner_runs(q, runs, same_setting=False)} == {same.id, other.id}
+    assert logic.gdfq_partner(q, runs).id == same.id
+    at = open_page("pages/3_Boundary_samples.py")
+    at.selectbox(key="b_run").select(q.id).run()
+    assert at.selectbox(key="b-partner").options == ["no comparison", f"{same.id} ({logic.setting_label(same.config)})"]
+    assert not at.warning
+    at.checkbox(key="b-partner-wide").check().run()
+    at.selectbox(key="b-partner").select(other.id).run()
+    assert not at.exception
+    assert any("Not a like-for-like comparison" in w.value and "W8A8" in w.value for w in at.warning)
+    at.selectbox(key="b-partner").select("none").run()
+    assert not any("GDFQ run" in h.value for h in at.subheader)  # no comparison panel
+
+
+def test_bit_widths_never_pools_budgets(mismatched_home):
+    import json
+    # a finished W4A4 GDFQ run of a longer budget: listed under its own budget, never averaged with the short one
+    other = mismatched_home["gdfq-w8"]
+    cfg = json.loads((other.path / "config.json").read_text())
+    (other.path / "config.json").write_text(json.dumps({**cfg, "wbits": 4, "abits": 4}))
+    summary = json.loads((other.path / "summary.json").read_text())
+    (other.path / "summary.json").write_text(json.dumps({**summary, "quant_top1": 12.5}))
+    table = logic.bitwidth_table(list_runs())
+    assert set(table["budget"]) == {logic.budget(mismatched_home["qimera"].config), logic.budget(other.config)}
+    at = open_page("pages/5_Bit_widths.py")
+    assert not at.exception
+    shown = at.dataframe[0].value
+    assert shown["budget"].nunique() == 1 and 12.5 not in list(shown["top1"])  # the default budget: the short runs

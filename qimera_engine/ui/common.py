@@ -17,7 +17,7 @@ from ..data import InputSpec, load_data
 from ..jobs import Job, JobRegistry, shared_registry
 from ..runs import Run, list_runs, open_run, qimera_home, runs_dir
 from . import figures, paths
-from .logic import mix_samples, run_label, split_damaged
+from .logic import comparable, mix_samples, partner_runs, run_label, setting_label, split_damaged
 
 POLL_SECONDS = 1.0  # how often live panels redraw while a job runs
 
@@ -180,6 +180,27 @@ def save_upload(uploaded, shared: bool = False) -> Path:
     return paths.save_upload(uploaded.getvalue(), uploaded.name, session_token(), shared)
 
 
+def pick_partner(run: Run, runs: list[Run], key: str) -> Run | None:
+    """The GDFQ run to compare with, chosen by the user: comparable runs (same teacher, data, bits and
+    budget) unless widened on purpose; None when there is none or the user picks none."""
+    wide = st.checkbox("Also GDFQ runs with other bit widths or budgets", key=f"{key}-partner-wide",
+                       help="A fair comparison needs the same bit widths and the same number of generated images.")
+    found = partner_runs(run, runs, same_setting=not wide)
+    if not found:
+        st.caption(f"No GDFQ run with this teacher{'' if wide else ' and ' + setting_label(run.config)} yet: "
+                   "start one on the Quantize page (method gdfq) to compare.")
+        return None
+    ids = ["none"] + [r.id for r in found]
+    chosen = st.selectbox("Compare with (GDFQ run)", ids, index=1, key=f"{key}-partner",
+                          format_func=lambda i: "no comparison" if i == "none" else
+                          f"{i} ({setting_label(found[ids.index(i) - 1].config)})")
+    partner = None if chosen == "none" else found[ids.index(chosen) - 1]
+    if partner is not None and not comparable(run.config, partner.config):
+        st.warning(f"Not a like-for-like comparison: this run is {setting_label(run.config)}, the GDFQ run "
+                   f"{setting_label(partner.config)}.")
+    return partner
+
+
 _EXPORT_FORMATS = {"onnx": "ONNX (QDQ), for ONNX Runtime", "int": "Integer weights (.safetensors)"}
 
 
@@ -254,5 +275,5 @@ def stamp(run: Run) -> float:
 
 
 __all__ = ["all_runs", "class_names", "device_description", "home_key", "job_panel", "jobs_section", "mixed_samples",
-           "mixing_path", "export_panel", "need_runs_message", "pick_run", "real_images", "registry", "run_networks", "save_upload",
+           "mixing_path", "export_panel", "need_runs_message", "pick_partner", "pick_run", "real_images", "registry", "run_networks", "save_upload",
            "setting_widget", "setup_page", "show_image_grid", "stamp"]

@@ -165,17 +165,21 @@ def runs_table(runs: list[Run], active_dirs: set[str] | frozenset = frozenset())
 
 
 def bitwidth_table(runs: list[Run]) -> pd.DataFrame:
-    """Finished runs with W = A, for the bit-width chart: method, bits, seed, top-1 (final and best)."""
+    """Finished runs with W = A, for the bit-width chart: method, bits, seed, top-1 (final and best),
+    and the budget (generated images): runs of different budgets are never pooled."""
     rows = []
     for r in runs:
         s = r.summary
         if not s or r.status.get("status") != "finished" or s.get("quant_top1") is None:
             continue
+        c = r.config
         rows.append({"method": s["method"], "bits": s["wbits"] if s["wbits"] == s["abits"] else None,
-                     "W": s["wbits"], "A": s["abits"], "seed": s.get("seed"), "teacher": s.get("teacher"),
-                     "data": s.get("test_data"), "top1": s["quant_top1"], "best_top1": s.get("best_top1"),
-                     "fp_top1": s.get("fp_top1"), "run": r.id})
-    cols = ["method", "bits", "W", "A", "seed", "teacher", "data", "top1", "best_top1", "fp_top1", "run"]
+                     "W": s["wbits"], "A": s["abits"], "budget": budget(c),
+                     "schedule": f"{c.epochs} × {c.iters_per_epoch} × {c.batch_size}", "seed": s.get("seed"),
+                     "teacher": s.get("teacher"), "data": s.get("test_data"), "top1": s["quant_top1"],
+                     "best_top1": s.get("best_top1"), "fp_top1": s.get("fp_top1"), "run": r.id})
+    cols = ["method", "bits", "W", "A", "budget", "schedule", "seed", "teacher", "data", "top1", "best_top1",
+            "fp_top1", "run"]
     df = pd.DataFrame(rows, columns=cols)
     return df[df["bits"].notna() & df["W"].between(2, 8)].astype({"bits": int}).reset_index(drop=True)
 
@@ -207,14 +211,38 @@ def generator_runs(runs: list[Run]) -> list[Run]:
     return out
 
 
-def gdfq_partner(run: Run, runs: list[Run]) -> Run | None:
-    """The newest GDFQ run with the same teacher and data as ``run`` (for side-by-side views)."""
+def budget(cfg: RunConfig) -> int:
+    """A run's schedule as generated images: epochs x iterations x batch."""
+    return cfg.epochs * cfg.iters_per_epoch * cfg.batch_size
+
+
+def comparable(a: RunConfig, b: RunConfig) -> bool:
+    """Whether two runs can be compared fairly: same teacher, data, bit widths and budget."""
+    return (a.teacher, a.test_data, a.wbits, a.abits, budget(a)) == (b.teacher, b.test_data, b.wbits, b.abits, budget(b))
+
+
+def partner_runs(run: Run, runs: list[Run], method: str = "gdfq", same_setting: bool = True) -> list[Run]:
+    """Runs of ``method`` with a generator to set beside ``run``, newest first: by default only those
+    with the same teacher, data, bit widths and budget; else any with the same teacher and data."""
     c = run.config
+    out = []
     for r in generator_runs(runs):
         rc = r.config
-        if r.path != run.path and rc.method == "gdfq" and rc.teacher == c.teacher and rc.test_data == c.test_data:
-            return r
-    return None
+        if r.path == run.path or rc.method != method or (rc.teacher, rc.test_data) != (c.teacher, c.test_data):
+            continue
+        if not same_setting or comparable(c, rc):
+            out.append(r)
+    return out
+
+
+def gdfq_partner(run: Run, runs: list[Run]) -> Run | None:
+    """The newest GDFQ run comparable with ``run`` (same teacher, data, bits and budget), if any."""
+    found = partner_runs(run, runs)
+    return found[0] if found else None
+
+
+def setting_label(cfg: RunConfig) -> str:
+    return f"W{cfg.wbits}A{cfg.abits}, {budget(cfg):,} generated images ({cfg.epochs} × {cfg.iters_per_epoch} × {cfg.batch_size})"
 
 # --------------------------------------------------------------------------- boundary samples
 
