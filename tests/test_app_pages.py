@@ -247,6 +247,11 @@ def test_image_grid_tiles_and_unnormalises():
     assert shown.shape == (4, 8, 3) and tuple(shown[0, 0]) == (128, 64, 255)
     with pytest.raises(ValueError):
         figures.image_grid(np.zeros((0, 1, 8, 8)))
+    # by default each image gets at least 96 pixels a side, pixel for pixel (nearest neighbour)
+    digits = np.arange(2 * 64, dtype=np.uint8).reshape(2, 1, 8, 8)
+    g = figures.image_grid(digits, 2, pad=0)
+    assert g.shape == (96, 192, 3) and (g[:12, :12] == digits[0, 0, 0, 0]).all() and (g[84:, 180:] == 127).all()
+    assert figures.image_grid(np.zeros((1, 3, 32, 32), np.uint8), pad=0).shape == (96, 96, 3)
 
 
 def test_progress_figures():

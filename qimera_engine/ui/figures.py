@@ -27,11 +27,15 @@ def to_display(x, mean, std) -> np.ndarray:
     return np.clip(x * s + m, 0.0, 1.0).transpose(0, 2, 3, 1)
 
 
+MIN_IMAGE_PX = 96
+
+
 def image_grid(images, ncols: int = 8, *, mean=None, std=None, scale: int | None = None, pad: int = 1) -> np.ndarray:
     """A grid of images as one uint8 RGB array (H, W, 3).
 
     ``images``: uint8 (B, C, H, W) as stored, or normalised floats with ``mean``/``std`` given.
-    Small images are enlarged by an integer ``scale`` (nearest neighbour; default: to ~64 px).
+    Small images are enlarged by an integer ``scale`` (nearest neighbour, so pixels stay sharp;
+    default: to at least ``MIN_IMAGE_PX`` pixels, 96: 8x8 digits x12, 32x32 CIFAR x3).
     """
     arr = _np(images)
     if arr.ndim != 4 or len(arr) == 0:
@@ -43,7 +47,7 @@ def image_grid(images, ncols: int = 8, *, mean=None, std=None, scale: int | None
     if f.shape[-1] == 1:
         f = np.repeat(f, 3, axis=-1)
     b, h, w, _ = f.shape
-    scale = scale or max(1, 64 // max(h, w))
+    scale = scale or max(1, -(-MIN_IMAGE_PX // max(h, w)))
     f = f.repeat(scale, axis=1).repeat(scale, axis=2)
     h, w = h * scale, w * scale
     ncols = max(1, min(ncols, b))
