@@ -72,3 +72,4 @@ else:
             common.registry().start_run(None, resume=str(run.path), label=f"resume {rid}")
             st.rerun()
     common.export_panel(runs, key="q")
+    common.runs_tools(runs)

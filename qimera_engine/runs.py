@@ -269,6 +269,13 @@ def _create_exclusive(path: Path, text: str, exists_message: str) -> None:
         os.unlink(tmp)
 
 
+def delete_run(run: Run) -> None:
+    """Remove a run folder and all its files; ``RunLocked`` while a run is writing to it."""
+    import shutil
+    with run.lock():  # no writer can start while the folder goes
+        shutil.rmtree(run.path)
+
+
 ELSEWHERE = "runs-elsewhere.txt"  # in $QIMERA_HOME: run folders written outside runs/ (--out), one per line
 
 

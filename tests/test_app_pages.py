@@ -478,3 +478,27 @@ def test_bit_widths_never_pools_budgets(mismatched_home):
     assert not at.exception
     shown = at.dataframe[0].value
     assert shown["budget"].nunique() == 1 and 12.5 not in list(shown["top1"])  # the default budget: the short runs
+
+
+def test_runs_overlay_download_and_delete(mismatched_home):
+    at = open_page("pages/2_Quantize.py")
+    overlay = at.multiselect(key="q-overlay")
+    assert len(overlay.value) == 2
+    chart = at.get("plotly_chart")
+    assert any("Test accuracy per epoch" in c.proto.spec for c in chart)
+    downloads = [b.proto.label for b in at.get("download_button")]
+    assert sum(label.startswith("Download metrics of") for label in downloads) == 2
+    victim = mismatched_home["gdfq-w8"]
+    at.selectbox(key="q-delete-run").select(victim.id).run()
+    assert at.button(key="q-delete-go").disabled  # not without the confirmation
+    at.checkbox(key="q-delete-sure").check().run()
+    at.button(key="q-delete-go").click().run()
+    assert not at.exception and not victim.path.exists()
+    assert victim.id not in set(at.dataframe[0].value["run"])
+    # a run being written cannot be deleted
+    from qimera_engine.runs import RunLocked, delete_run
+    busy = mismatched_home["qimera"]
+    with busy.lock():
+        with pytest.raises(RunLocked):
+            delete_run(busy)
+    assert busy.path.exists()

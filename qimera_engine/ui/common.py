@@ -201,6 +201,38 @@ def pick_partner(run: Run, runs: list[Run], key: str) -> Run | None:
     return partner
 
 
+def runs_tools(runs: list[Run]) -> None:
+    """Compare runs' curves on one chart, download a run's metrics, delete a run (with confirmation)."""
+    from ..runs import RunLocked, delete_run
+    with_metrics = [r for r in runs if r.metrics]
+    if with_metrics:
+        st.subheader("Compare runs")
+        ids = [r.id for r in with_metrics]
+        picked = st.multiselect("Runs to overlay", ids, ids[:2], key="q-overlay",
+                                format_func=lambda i: run_label(with_metrics[ids.index(i)]))
+        chosen = [with_metrics[ids.index(i)] for i in picked]
+        if chosen:
+            fp = {r.id: (r.summary or {}).get("fp_top1") for r in chosen}
+            st.plotly_chart(figures.overlay_figure({run_label(r): r.metrics for r in chosen},
+                                                   {k: v for k, v in fp.items() if v is not None}), key="q-overlay-chart")
+            for r in chosen:
+                st.download_button(f"Download metrics of {r.id} (CSV)", (r.path / Run.METRICS).read_bytes(),
+                                   f"{r.id}-metrics.csv", "text/csv", key=f"q-metrics-{r.id}")
+    with st.expander("Delete a run", icon="🗑️"):
+        ids = [r.id for r in runs]
+        rid = st.selectbox("Run to delete", ids, key="q-delete-run", format_func=lambda i: run_label(runs[ids.index(i)]))
+        sure = st.checkbox(f"Yes, delete {rid} and all its files", key="q-delete-sure")
+        if st.button("Delete run", key="q-delete-go", disabled=not sure):
+            try:
+                delete_run(runs[ids.index(rid)])
+            except (RunLocked, OSError) as e:
+                st.error(f"Cannot delete {rid}: {e}")
+            else:
+                st.session_state.pop("q-delete-sure", None)
+                st.toast(f"Deleted {rid}")
+                st.rerun()
+
+
 _EXPORT_FORMATS = {"onnx": "ONNX (QDQ), for ONNX Runtime", "int": "Integer weights (.safetensors)"}
 
 
@@ -275,5 +307,5 @@ def stamp(run: Run) -> float:
 
 
 __all__ = ["all_runs", "class_names", "device_description", "home_key", "job_panel", "jobs_section", "mixed_samples",
-           "mixing_path", "export_panel", "need_runs_message", "pick_partner", "pick_run", "real_images", "registry", "run_networks", "save_upload",
+           "mixing_path", "export_panel", "need_runs_message", "pick_partner", "runs_tools", "pick_run", "real_images", "registry", "run_networks", "save_upload",
            "setting_widget", "setup_page", "show_image_grid", "stamp"]

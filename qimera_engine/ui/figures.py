@@ -88,6 +88,18 @@ def accuracy_figure(metrics: list[dict], fp_top1: float | None = None) -> go.Fig
                       margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h"))
     return fig
 
+def overlay_figure(curves: dict[str, list[dict]], fp_top1: dict[str, float] | None = None) -> go.Figure:
+    """Several runs' top-1 per epoch on one chart and one y-axis (one line per run label)."""
+    fig = go.Figure()
+    for i, (label, metrics) in enumerate(curves.items()):
+        fig.add_trace(go.Scatter(x=[r["epoch"] + 1 for r in metrics], y=[r["top1"] for r in metrics],
+                                 mode="lines+markers", name=label, line=dict(color=SAFE[i % len(SAFE)])))
+    for value in sorted(set((fp_top1 or {}).values())):
+        fig.add_hline(y=value, line_dash="dash", line_color="gray", annotation_text=f"FP teacher {value:.2f}%")
+    fig.update_layout(title="Test accuracy per epoch", xaxis_title="epoch", yaxis_title="top-1 (%)", height=340,
+                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h"))
+    return fig
+
 # --------------------------------------------------------------------------- boundary samples
 
 
