@@ -189,6 +189,9 @@ def test_home_runs_the_demo_to_the_end(server, page, demo):
     assert demo.endswith("finished"), demo
     expect(page.get_by_role("button", name="Cancel")).to_have_count(0)  # nothing left to cancel
     assert page.get_by_text("Runs are stored in").count() == 1
+    nav = page.locator('[data-testid="stSidebarNav"]').inner_text().split("\n")
+    assert [n.strip() for n in nav if any(c.isalpha() for c in n)] == ["Home", "Teacher", "Quantize", "Boundary samples",
+                                                         "Feature space", "Bit widths"], nav
     device = page.locator('[data-testid="stMetricValue"]').first.inner_text()
     assert device == ("GPU" if "GPU:" in page.locator('[data-testid="stSidebar"]').inner_text() else "CPU")
     assert page.locator('[data-testid="stPlotlyChart"]').count() >= 2  # the method picture and the live curves

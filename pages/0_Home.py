@@ -1,0 +1,44 @@
+"""Home: what data-free quantization and Qimera are, and the demo (the app's first page, see app.py)."""
+import streamlit as st
+
+# The title and the introduction need no engine: they go out first and show while the first page of a
+# new server imports torch (about 2 s on a 2-core CPU).
+st.title("Qimera Explorer")
+st.markdown(
+    "**Data-free quantization** turns a full-precision (FP) classifier into a low-bit one (e.g. 4-bit weights "
+    "and activations) *without any of its training data*: a generator learns to make images that the FP "
+    "*teacher* finds typical (matching its BatchNorm statistics), and the quantized *student* is fine-tuned to "
+    "copy the teacher on them.\n\n"
+    "**Qimera** (NeurIPS 2021) notices that such images gather at the class centres, far from the decision "
+    "boundaries where the student most needs guidance. It *superposes* class embeddings, "
+    "z = λ·e_A + (1-λ)·e_B, so the generator also makes **boundary supporting samples** between classes.")
+
+from qimera_engine import preset  # noqa: E402  (after the title, see above)
+from qimera_engine.runs import runs_dir  # noqa: E402
+from qimera_engine.ui import common, figures  # noqa: E402
+
+common.setup_page("Home", "🧪")
+st.plotly_chart(figures.method_picture(), key="method-picture")
+st.caption("A sketch with toy 2-D data, not a run: plain synthetic samples sit at the class centres; "
+           "superposed ones fill the space between the classes and cross the decision boundary.")
+
+c1, c2 = st.columns(2)
+c1.metric("Device in use", "GPU" if common.device_description().startswith("GPU") else "CPU")
+c1.caption(common.device_description())
+c2.markdown(f"**Runs are stored in** `{runs_dir()}`  \nSet the environment variable `QIMERA_HOME` to change it.")
+
+st.header("Run the demo")
+st.markdown("Quantizes a small CNN on 8×8 digits to W4A4 with Qimera, end to end: the teacher is trained on "
+            "the spot the first time (seconds), then generator and student train for 12 short epochs.")
+if st.button("Run the demo", type="primary", key="run-demo",
+             help="Starts the digits preset in the background; you can switch pages while it runs."):
+    common.registry().start_run(preset("digits"), label="demo: digits W4A4 (Qimera)")
+common.jobs_section("run", key="home", limit=1)
+
+st.header("Explore")
+st.page_link("pages/1_Teacher.py", label="Teacher: choose the data set and the FP model", icon="🎓")
+st.page_link("pages/2_Quantize.py", label="Quantize: every setting, live progress, the list of runs", icon="⚙️")
+st.page_link("pages/3_Boundary_samples.py", label="Boundary samples: mix classes and see what the teacher sees",
+             icon="🧬")
+st.page_link("pages/4_Feature_space.py", label="Feature space: real vs synthetic features in 2-D", icon="🗺️")
+st.page_link("pages/5_Bit_widths.py", label="Bit widths: accuracy from 2 to 8 bits, per method", icon="📉")
