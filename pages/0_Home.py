@@ -18,6 +18,24 @@ from qimera_engine.runs import runs_dir  # noqa: E402
 from qimera_engine.ui import common, figures  # noqa: E402
 
 common.setup_page("Home", "🧪")
+st.header("Run the demo")
+st.markdown("Quantizes a small CNN on 8×8 digits to W4A4 with Qimera, end to end: the teacher is trained on "
+            "the spot the first time (seconds), then generator and student train for 12 short epochs.")
+if st.button("Run the demo", type="primary", key="run-demo",
+             help="Starts the digits preset in the background; you can switch pages while it runs."):
+    common.registry().start_run(preset("digits"), label="demo: digits W4A4 (Qimera)")
+common.jobs_section("run", key="home", limit=1)
+demo = next((j for j in common.registry().jobs("run") if j.label.startswith("demo:")), None)
+if demo is not None and demo.status == "finished":
+    st.success("The demo run is done. Next: see what its generator makes, and how the student compares.")
+    c1, c2, c3 = st.columns(3)
+    with c1:
+        st.page_link("pages/3_Boundary_samples.py", label="Mix two classes: boundary samples", icon="🧬")
+    with c2:
+        st.page_link("pages/4_Feature_space.py", label="Real vs synthetic features", icon="🗺️")
+    with c3:
+        st.page_link("pages/2_Quantize.py", label="Its curves, and a GDFQ run to compare", icon="⚙️")
+
 st.plotly_chart(figures.method_picture(), key="method-picture")
 st.caption("A sketch with toy 2-D data, not a run: plain synthetic samples sit at the class centres; "
            "superposed ones fill the space between the classes and cross the decision boundary.")
@@ -26,14 +44,6 @@ c1, c2 = st.columns(2)
 c1.metric("Device in use", "GPU" if common.device_description().startswith("GPU") else "CPU")
 c1.caption(common.device_description())
 c2.markdown(f"**Runs are stored in** `{runs_dir()}`  \nSet the environment variable `QIMERA_HOME` to change it.")
-
-st.header("Run the demo")
-st.markdown("Quantizes a small CNN on 8×8 digits to W4A4 with Qimera, end to end: the teacher is trained on "
-            "the spot the first time (seconds), then generator and student train for 12 short epochs.")
-if st.button("Run the demo", type="primary", key="run-demo",
-             help="Starts the digits preset in the background; you can switch pages while it runs."):
-    common.registry().start_run(preset("digits"), label="demo: digits W4A4 (Qimera)")
-common.jobs_section("run", key="home", limit=1)
 
 st.header("Explore")
 st.page_link("pages/1_Teacher.py", label="Teacher: choose the data set and the FP model", icon="🎓")

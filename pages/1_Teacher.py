@@ -4,7 +4,7 @@ import streamlit as st
 from qimera_engine import TEACHERS, DataError, InputSpec
 from qimera_engine.data import data_stamp
 from qimera_engine.ui import common
-from qimera_engine.ui.logic import DATASETS, teachers_for
+from qimera_engine.ui.logic import DATASETS, page_hint, teachers_for
 from qimera_engine.ui.paths import ALLOWED_ENV, PathNotAllowed, allowed_data_spec, allowed_path
 from qimera_engine.ui.tasks import teacher_key, teacher_task
 
@@ -64,8 +64,9 @@ if st.button("Load or train the teacher", type="primary", key="t_go"):
     else:
         common.registry().start_task(teacher_task(name, spec, checkpoint, pretrained, download, train),
                                      label=f"teacher {name} on {spec}", key=key)
-        st.session_state["teacher_choice"] = dict(teacher=name, test_data=spec, checkpoint=checkpoint,
-                                                  pretrained=pretrained, download=download)
+        # becomes the Quantize page's choice once it has loaded (see teacher_status)
+        st.session_state.setdefault("teacher_pending", {})[key] = dict(
+            teacher=name, test_data=spec, checkpoint=checkpoint, pretrained=pretrained, download=download)
 
 
 @st.fragment(run_every=common.POLL_SECONDS if (j := common.registry().find(key)) and j.active else None)
@@ -78,9 +79,13 @@ def teacher_status():
     if job.active:
         common.job_panel(job, curves=False, key="teacher")
     elif job.status == "failed":
-        st.error(f"Could not prepare the teacher: {job.error}")
+        st.error(f"Could not prepare the teacher: {page_hint(job.error or '')}")
+        if st.session_state.get("teacher_choice") == st.session_state.get("teacher_pending", {}).get(key):
+            st.session_state.pop("teacher_choice", None)  # a failed choice is never kept
     elif job.result:
         r = job.result
+        if key in st.session_state.get("teacher_pending", {}):
+            st.session_state["teacher_choice"] = st.session_state["teacher_pending"][key]
         c1, c2, c3 = st.columns(3)
         c1.metric("FP top-1", f"{r['top1']:.2f}%")
         c2.metric("Classes", r["classes"])
@@ -99,4 +104,4 @@ try:
     common.show_image_grid(images, ncols=16)
     st.caption("Labels, row by row: " + ", ".join(classes[int(y)] for y in labels))
 except (DataError, ValueError, OSError) as e:
-    st.warning(f"No images to show for {spec!r}: {e}")
+    st.warning(f"No images to show for {spec!r}: {page_hint(str(e))}")

@@ -285,6 +285,7 @@ def _record(job: Job, r: RunProgress, ev) -> None:
         job.message = f"started in {ev.run_dir}"
     elif isinstance(ev, Log):
         job.log.append(ev.text)
+        job.message = ev.text
         del job.log[:-200]
     elif isinstance(ev, Step):
         r.step, r.total_steps, r.epoch, r.losses, r.images_per_s = ev.step, ev.total_steps, ev.epoch, dict(ev.losses), ev.images_per_s

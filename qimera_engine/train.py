@@ -128,6 +128,8 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     should_stop = (stop.is_set if isinstance(stop, threading.Event) else stop) or (lambda: False)
+    yield Log(f"loading the teacher {cfg.teacher} and the test data {cfg.test_data} (a teacher that is not cached "
+              f"yet is trained first: seconds for digits)")
     parts = None
     if resume is None:  # a teacher or data set that cannot be used fails here, before any folder exists
         parts = Parts.build(cfg, logs.append)

@@ -502,3 +502,34 @@ def test_runs_overlay_download_and_delete(mismatched_home):
         with pytest.raises(RunLocked):
             delete_run(busy)
     assert busy.path.exists()
+
+
+def test_teacher_errors_name_the_pages_controls_and_a_failed_choice_is_not_kept(empty_home):
+    msg = ("no weights for teacher 'resnet20' on cifar10 data in the cache: give a checkpoint (--checkpoint PATH), "
+           "pretrained=True for zoo weights, or train one first (python -m qimera_engine train-teacher "
+           "--teacher resnet20 --data cifar10)")
+    assert "--" not in logic.page_hint(msg) and "**Checkpoint file path**" in logic.page_hint(msg)
+    cifar = ("CIFAR-10 not found under /x (Dataset not found). Pass download=True (--set download=true) to fetch "
+             "it, or point to a folder that has it.")
+    assert "Tick **Download if missing** above to fetch it" in logic.page_hint(cifar)
+    at = open_page("pages/1_Teacher.py")
+    at.selectbox(key="t_data").select("cifar10").run()
+    at.button(key="t_go").click().run()
+    wait_idle(empty_home)
+    at.run()
+    assert not at.exception
+    (err,) = at.error
+    assert "Could not prepare the teacher" in err.value and "**Checkpoint file path**" in err.value
+    assert "--checkpoint" not in err.value and "teacher_choice" not in at.session_state
+    assert any("Tick **Download if missing**" in w.value for w in at.warning)  # no CIFAR files in the home
+
+
+def test_quantize_preset_follows_the_chosen_teacher(empty_home):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.switch_page("pages/2_Quantize.py")
+    at.session_state["teacher_choice"] = dict(teacher="resnet20", test_data="cifar10", checkpoint="/x.th",
+                                              pretrained=False, download=False)
+    at.run()
+    assert not at.exception
+    assert at.selectbox(key="q_preset").value == "cifar10-resnet20-cpu"
+    assert any("Teacher **resnet20** · data **cifar10**" in c.value for c in at.caption)

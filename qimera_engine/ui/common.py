@@ -135,7 +135,26 @@ def job_panel(job: Job, *, curves: bool = True, key: str = "") -> None:
     if curves and (run.loss_history or run.metrics):
         c1, c2 = st.columns(2)
         c1.plotly_chart(figures.loss_figure(run.loss_history), key=f"loss-{job.id}-{key}")
+        c1.caption(LOSS_NAMES)
         c2.plotly_chart(figures.accuracy_figure(run.metrics, run.fp_top1), key=f"acc-{job.id}-{key}")
+        note = above_teacher_note(run.metrics, run.fp_top1)
+        if note:
+            c2.caption(note)
+
+
+LOSS_NAMES = ("**loss_g** = ce_g + w·bns, the generator's loss: **ce_g**, the teacher's cross-entropy against the "
+              "generator's (soft) targets; **bns**, how far the teacher's BatchNorm statistics on generated images "
+              "are from those it learnt. **loss_s** = kd + ce_s, the student's loss: **kd**, distillation from the "
+              "teacher's logits; **ce_s**, the student's cross-entropy against the targets. The student's losses "
+              "are 0 during the warm-up epochs (only the generator trains).")
+
+
+def above_teacher_note(metrics: list[dict], fp_top1: float | None) -> str:
+    """A word when a quantized student scores above its FP teacher (noise of a small test set)."""
+    if not metrics or fp_top1 is None or max(r["top1"] for r in metrics) <= fp_top1:
+        return ""
+    return ("The quantized student scores above its FP teacher here: on a small test set a few images decide "
+            "that, so differences this small are noise, not a better model.")
 
 
 def jobs_section(kind: str | None = None, *, key: str, limit: int = 3, curves: bool = True) -> None:

@@ -113,6 +113,24 @@ def teachers_for(kind: str) -> list[str]:
     return [n for n in TEACHERS if n != "digits-cnn"]
 
 
+_PAGE_HINTS = [
+    (r"Pass download=True \(--set download=true\) to fetch it", "Tick **Download if missing** above to fetch it"),
+    (r"give a checkpoint \(--checkpoint PATH\), pretrained=True for zoo weights, or train one first "
+     r"\(python -m qimera_engine train-teacher [^)]*\)",
+     "choose **Checkpoint file path** or **Upload a checkpoint** under Weights, or **Model zoo (download)**"),
+    (r"Give a local checkpoint instead \(--checkpoint PATH\)", "Choose **Checkpoint file path** under Weights instead"),
+    (r"on a CPU use a checkpoint \(--checkpoint PATH\)", "on a CPU choose **Checkpoint file path** under Weights"),
+]
+
+
+def page_hint(message: str) -> str:
+    """An engine error as the Teacher page says it: the page's own controls instead of command-line flags."""
+    import re
+    for pattern, text in _PAGE_HINTS:
+        message = re.sub(pattern, text, message)
+    return message
+
+
 def preset_for(kind: str) -> str:
     return {"digits": "digits", "cifar10": "cifar10-resnet20-cpu", "cifar100": "cifar100-resnet20",
             "imagenet": "imagenet-resnet18"}.get(kind, "cifar10-resnet20-cpu")
