@@ -57,6 +57,10 @@ out = common.mixed_samples(path, stamp, tuple(chosen), tuple(round(float(c), 2) 
 left, right = st.columns([2, 3])
 with left:
     st.image(out["grid"], caption="Generated images, one per seed (four per row)")
+    st.caption("Generated images are not photographs: the generator only learns images that the teacher "
+               "classifies as asked and whose BatchNorm statistics match the teacher's, so they show the colours "
+               "and textures the teacher relies on, rarely a recognisable object. Seeds can look alike: a short "
+               "training finds a few patterns that satisfy the teacher.")
     table = pd.DataFrame({"seed": seeds, "teacher says": [names[i] for i in out["teacher_pred"]],
                           "teacher p": out["teacher_probs"].max(1).round(3),
                           "student says": [names[i] for i in out["student_pred"]],

@@ -4,7 +4,8 @@ import streamlit as st
 
 from qimera_engine import analysis
 from qimera_engine.ui import common, figures
-from qimera_engine.ui.logic import dominant_class, generator_runs, hover_coefficients, selected_points
+from qimera_engine.ui.logic import (FEATURE_NUMBERS, dominant_class, feature_verdict, generator_runs,
+                                    hover_coefficients, selected_points)
 from qimera_engine.ui.tasks import features_key, features_task
 
 common.setup_page("Feature space", "🗺️")
@@ -50,12 +51,17 @@ def progress():
 
 progress()
 job = common.registry().find(key)
-if job is None or job.status != "finished" or not job.result:
+if job is not None and job.status == "finished" and job.result:
+    st.session_state["f_last_key"] = key
+    result = job.result
+else:
     if job is not None and job.status == "failed":
         st.error(f"Could not compute the features: {job.error}")
-    st.stop()
-
-result = job.result
+    last = common.registry().find(st.session_state.get("f_last_key", ""))
+    if last is None or not last.result or job is None or not job.active:
+        st.stop()
+    st.info("Showing the previous projection until the new one is ready.")  # the chart does not vanish
+    result = last.result
 sources, classes = result["sources"], result["classes"]
 left, right = st.columns([3, 1])
 with right:
@@ -72,6 +78,9 @@ with right:
                                                                                    s["features"], k)})
     st.dataframe(pd.DataFrame(rows).style.format({"near boundary": "{:.1%}", "coverage": "{:.1%}"},
                                                  na_rep="-"), hide_index=True, key="f_numbers")
+    st.caption(FEATURE_NUMBERS)
+    for line in feature_verdict({r["source"]: {"near": r["near boundary"], "coverage": r["coverage"]} for r in rows}):
+        (st.success if line.startswith("As expected") else st.warning)(line)
 with left:
     coords = {name: s["xy"] for name, s in sources.items()}
     labels = {name: dominant_class(s["labels"], s["coeffs"]) for name, s in sources.items()}

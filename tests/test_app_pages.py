@@ -533,3 +533,15 @@ def test_quantize_preset_follows_the_chosen_teacher(empty_home):
     assert not at.exception
     assert at.selectbox(key="q_preset").value == "cifar10-resnet20-cpu"
     assert any("Teacher **resnet20** · data **cifar10**" in c.value for c in at.caption)
+
+
+def test_feature_space_says_when_a_run_shows_the_opposite():
+    good = logic.feature_verdict({"real": {"near": .1, "coverage": None}, "plain": {"near": .05, "coverage": .3},
+                                  "superposed": {"near": .4, "coverage": .5}, "gdfq": {"near": .1, "coverage": .2}})
+    assert len(good) == 2 and all(line.startswith("As expected") for line in good)
+    bad = logic.feature_verdict({"plain": {"near": .05, "coverage": .3}, "superposed": {"near": .2, "coverage": .4},
+                                 "gdfq": {"near": .3, "coverage": .6}})
+    assert bad[0].startswith("As expected")
+    assert bad[1].startswith("Not as expected: the GDFQ run's samples") and "(30% vs 20%)" in bad[1]
+    assert "cover more of the real features (60% vs 40%)" in bad[2]
+    assert logic.feature_verdict({"plain": {"near": .1, "coverage": .1}}) == []  # a GDFQ run alone: nothing to say

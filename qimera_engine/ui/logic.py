@@ -217,6 +217,37 @@ def boundary_sentence(path: dict, names: list[str], a: int, b: int) -> str:
     return text
 
 
+FEATURE_NUMBERS = ("**near boundary**: share of samples whose teacher hesitates (its top-1 probability minus its "
+                   "top-2 is below the threshold). **coverage**: share of real test images that have a synthetic "
+                   "sample among their k nearest neighbours, in the teacher's feature space (higher: the synthetic "
+                   "samples reach more of where real data lives). What Qimera expects: superposed samples near the "
+                   "boundary more often than plain ones and than GDFQ's, and a higher coverage.")
+
+
+def feature_verdict(numbers: dict[str, dict]) -> list[str]:
+    """What this run's numbers say against what Qimera expects, plainly, including when it is the
+    opposite. ``numbers[source]``: {"near": share, "coverage": share or None}."""
+    out = []
+    sup = numbers.get("superposed")
+    if sup is None:
+        return out
+    for other in ("plain", "gdfq"):
+        o = numbers.get(other)
+        if o is None:
+            continue
+        who = "this run's plain samples" if other == "plain" else "the GDFQ run's samples"
+        if sup["near"] > o["near"]:
+            out.append(f"As expected, superposed samples are near the boundary more often than {who} "
+                       f"({sup['near']:.0%} vs {o['near']:.0%}).")
+        else:
+            out.append(f"Not as expected: {who} are near the boundary at least as often as the superposed ones "
+                       f"({o['near']:.0%} vs {sup['near']:.0%}). Short runs, a few samples or a strong teacher can "
+                       f"do that; the mixing coefficients matter too.")
+        if sup.get("coverage") is not None and o.get("coverage") is not None and sup["coverage"] < o["coverage"]:
+            out.append(f"And {who} cover more of the real features ({o['coverage']:.0%} vs {sup['coverage']:.0%}).")
+    return out
+
+
 def generator_runs(runs: list[Run]) -> list[Run]:
     """Runs that have saved a generator (at least one epoch done)."""
     out = []
