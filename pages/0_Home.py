@@ -13,8 +13,7 @@ st.markdown(
     "boundaries where the student most needs guidance. It *superposes* class embeddings, "
     "z = λ·e_A + (1-λ)·e_B, so the generator also makes **boundary supporting samples** between classes.")
 
-from qimera_engine import preset  # noqa: E402  (after the title, see above)
-from qimera_engine.runs import runs_dir  # noqa: E402
+from qimera_engine import preset, runs_dir  # noqa: E402  (after the title, see above)
 from qimera_engine.ui import common, figures  # noqa: E402
 
 common.setup_page("Home", "🧪")

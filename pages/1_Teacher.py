@@ -1,8 +1,7 @@
 """Teacher: the data set and the full-precision model that Qimera quantizes."""
 import streamlit as st
 
-from qimera_engine import TEACHERS, DataError, InputSpec
-from qimera_engine.data import data_stamp
+from qimera_engine import TEACHERS, DataError, InputSpec, data_stamp
 from qimera_engine.ui import common
 from qimera_engine.ui.logic import DATASETS, page_hint, teachers_for
 from qimera_engine.ui.paths import ALLOWED_ENV, PathNotAllowed, allowed_data_spec, allowed_path

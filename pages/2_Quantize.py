@@ -1,9 +1,8 @@
 """Quantize: every setting of a run, live progress while it trains, and the list of runs."""
 import streamlit as st
 
-from qimera_engine import ConfigError, preset
+from qimera_engine import ConfigError, parse_spec, preset
 from qimera_engine.ui import common
-from qimera_engine.data import parse_spec
 from qimera_engine.ui.logic import config_from_values, preset_for, runs_table, settings_by_section, start_presets
 
 common.setup_page("Quantize", "⚙️")

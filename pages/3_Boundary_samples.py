@@ -4,7 +4,8 @@ import pandas as pd
 import streamlit as st
 
 from qimera_engine.ui import common, figures
-from qimera_engine.ui.logic import boundary_sentence, coefficient_formula, generator_runs, normalise_coefficients
+from qimera_engine.analysis import normalise_coefficients
+from qimera_engine.ui.logic import boundary_sentence, coefficient_formula, generator_runs
 
 common.setup_page("Boundary samples", "🧬")
 st.title("Boundary samples")

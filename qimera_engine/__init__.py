@@ -10,21 +10,24 @@ This package never imports Streamlit.
 """
 from .artifacts import load_generator, load_student, load_teacher
 from .config import METHODS, PRESETS, ConfigError, RunConfig, parse_overrides, preset
-from .data import DataError, ImageData, InputSpec, load_data
+from .data import DataError, ImageData, InputSpec, data_stamp, load_data, parse_spec
 from .evaluate import collect_features, evaluate
 from .export import ExportError, export, load_int
 from .events import EpochEnd, Evaluated, Event, Finished, Log, Started, Step
 from .generator import Generator, generate_images, sample_coefficients, soft_targets, superpose
 from .losses import bn_statistics_loss, kd_loss, soft_cross_entropy
 from .models import TEACHERS, CheckpointError, Teacher, build_teacher
+from .jobs import Job, JobRegistry, shared_registry, sweep_configs
 from .quant import quantize_model, set_calibration
-from .runs import Run, list_runs, open_run, qimera_home
+from .runs import Run, RunDamaged, RunLocked, atomic_path, delete_run, list_runs, open_run, qimera_home, runs_dir
 from .teachers import get_teacher, train_and_cache
 from .train import pick_device, run, run_to_end
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "PRESETS", "TEACHERS", "CheckpointError", "ConfigError", "DataError", "EpochEnd",
+__all__ = ["Job", "JobRegistry", "RunDamaged", "RunLocked", "atomic_path", "data_stamp", "delete_run", "parse_spec",
+           "runs_dir", "shared_registry", "sweep_configs",
+           "METHODS", "PRESETS", "TEACHERS", "CheckpointError", "ConfigError", "DataError", "EpochEnd",
            "Evaluated", "Event", "ExportError", "Finished", "Generator", "ImageData", "InputSpec", "Log", "Run", "RunConfig",
            "Started", "Step", "Teacher", "bn_statistics_loss", "build_teacher", "collect_features", "evaluate",
            "export", "generate_images", "get_teacher", "kd_loss", "list_runs", "load_data", "load_generator", "load_int",

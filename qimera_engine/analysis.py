@@ -397,6 +397,33 @@ def path_strip(generator: Generator, teacher, student, class_a: int, class_b: in
     out["boundary"] = decision_boundary(alphas, p.numpy())
     return out
 
+def normalise_coefficients(weights) -> np.ndarray:
+    """Slider values -> coefficients on the simplex (all zero -> equal weights)."""
+    w = np.clip(np.asarray(weights, dtype=np.float64), 0.0, None)
+    return np.full(len(w), 1.0 / len(w)) if w.sum() <= 0 else w / w.sum()
+
+
+@torch.no_grad()
+def mix_samples(generator, teacher_model, student, classes: list[int], coeffs, seeds: list[int]) -> dict:
+    """Images mixing ``classes`` with ``coeffs`` for each seed; teacher and student read them.
+
+    Returns images (B, C, H, W) normalised, teacher_probs / student_probs (B, num_classes),
+    teacher_pred / student_pred (B,).
+    """
+    coeffs = normalise_coefficients(coeffs)
+    if generator.input_mode == "gdfq" and len(classes) > 1:
+        raise ValueError("a GDFQ generator takes one class per image: it cannot mix classes")
+    b = len(seeds)
+    labels = torch.tensor([list(classes)] * b)
+    lam = torch.tensor(np.tile(coeffs, (b, 1)), dtype=torch.float32)
+    x = generate_images(generator, labels, lam, seeds)
+    _, t_probs = collect_features(teacher_model, x)
+    out = {"images": x, "teacher_probs": t_probs.numpy(), "teacher_pred": t_probs.argmax(1).numpy()}
+    if student is not None:
+        _, s_probs = collect_features(student, x)
+        out.update(student_probs=s_probs.numpy(), student_pred=s_probs.argmax(1).numpy())
+    return out
+
 # --------------------------------------------------------------------------- display
 
 

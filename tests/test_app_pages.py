@@ -14,6 +14,7 @@ from streamlit.testing.v1 import AppTest
 from qimera_engine import ConfigError, list_runs, load_generator, load_student, load_teacher, preset, run_to_end
 from qimera_engine import jobs as jobs_module
 from qimera_engine.teachers import train_and_cache
+from qimera_engine import analysis
 from qimera_engine.ui import figures, logic, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,19 +330,19 @@ def test_mix_samples_reads_generated_images(finished_home, monkeypatch):
     run = by_method()["qimera"]
     teacher = load_teacher(run)
     gen, student = load_generator(run), load_student(run, teacher)
-    out = logic.mix_samples(gen, teacher.model, student, [3, 8], [1, 3], [0, 1, 2])
+    out = analysis.mix_samples(gen, teacher.model, student, [3, 8], [1, 3], [0, 1, 2])
     assert out["images"].shape == (3, 1, 8, 8)
     assert np.allclose(out["teacher_probs"].sum(1), 1, atol=1e-5)
     assert (out["teacher_pred"] == out["teacher_probs"].argmax(1)).all() and out["student_pred"].shape == (3,)
-    again = logic.mix_samples(gen, teacher.model, student, [3, 8], [0.25, 0.75], [0, 1, 2])
+    again = analysis.mix_samples(gen, teacher.model, student, [3, 8], [0.25, 0.75], [0, 1, 2])
     assert torch.equal(out["images"], again["images"])  # coefficients are normalised; seeds decide
     with pytest.raises(ValueError, match="GDFQ"):
-        logic.mix_samples(load_generator(by_method()["gdfq"]), teacher.model, None, [1, 2], [.5, .5], [0])
+        analysis.mix_samples(load_generator(by_method()["gdfq"]), teacher.model, None, [1, 2], [.5, .5], [0])
 
 
 def test_small_logic_helpers():
-    assert np.allclose(logic.normalise_coefficients([0, 0]), [0.5, 0.5])
-    assert np.allclose(logic.normalise_coefficients([1, 3]), [0.25, 0.75])
+    assert np.allclose(analysis.normalise_coefficients([0, 0]), [0.5, 0.5])
+    assert np.allclose(analysis.normalise_coefficients([1, 3]), [0.25, 0.75])
     assert logic.coefficient_formula([1, 1], ["3", "8"]) == r"z = 0.50\,M(e_{3}) + 0.50\,M(e_{8})"
     assert list(logic.dominant_class(np.array([[1, 2], [4, 5]]), np.array([[.2, .8], [.6, .4]]))) == [2, 4]
     assert logic.teachers_for("digits") == ["digits-cnn"] and "resnet20" in logic.teachers_for("cifar10")
@@ -545,3 +546,27 @@ def test_feature_space_says_when_a_run_shows_the_opposite():
     assert bad[1].startswith("Not as expected: the GDFQ run's samples") and "(30% vs 20%)" in bad[1]
     assert "cover more of the real features (60% vs 40%)" in bad[2]
     assert logic.feature_verdict({"plain": {"near": .1, "coverage": .1}}) == []  # a GDFQ run alone: nothing to say
+
+
+def test_ui_and_pages_use_only_the_engines_public_api():
+    """qimera_engine/ui and pages/ import the engine's top-level names (and its public analysis module),
+    never its other modules; the engine proper never imports Streamlit (test_jobs checks that)."""
+    import ast
+    import qimera_engine
+    files = sorted((ROOT / "qimera_engine" / "ui").glob("*.py")) + sorted((ROOT / "pages").glob("*.py")) + [ROOT / "app.py"]
+    bad = []
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                mod = ("qimera_engine" if node.level == 2 else "qimera_engine.ui" if node.level == 1 else "") + \
+                    (("." if node.level else "") + node.module if node.module else "")
+                mod = mod.lstrip(".")
+                if mod == "qimera_engine":
+                    bad += [f"{f.name}: {a.name}" for a in node.names
+                            if a.name not in qimera_engine.__all__ and a.name not in ("analysis", "ui")]
+                elif mod.startswith("qimera_engine") and not mod.startswith(("qimera_engine.ui", "qimera_engine.analysis")):
+                    bad.append(f"{f.name}: from {mod}")
+            elif isinstance(node, ast.Import):
+                bad += [f"{f.name}: import {a.name}" for a in node.names
+                        if a.name.startswith("qimera_engine.") and not a.name.startswith("qimera_engine.ui")]
+    assert bad == []

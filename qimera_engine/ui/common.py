@@ -12,12 +12,11 @@ import numpy as np
 import streamlit as st
 import torch
 
-from ..artifacts import load_generator, load_student, load_teacher
-from ..data import InputSpec, load_data
-from ..jobs import Job, JobRegistry, shared_registry
-from ..runs import Run, list_runs, open_run, qimera_home, runs_dir
+from .. import (ExportError, InputSpec, Job, JobRegistry, Run, RunLocked, analysis, delete_run, export, list_runs,
+               load_data, load_generator, load_student, load_teacher, open_run, qimera_home, runs_dir,
+               shared_registry)
 from . import figures, paths
-from .logic import comparable, mix_samples, partner_runs, run_label, setting_label, split_damaged
+from .logic import comparable, partner_runs, run_label, setting_label, split_damaged
 
 POLL_SECONDS = 1.0  # how often live panels redraw while a job runs
 
@@ -222,7 +221,6 @@ def pick_partner(run: Run, runs: list[Run], key: str) -> Run | None:
 
 def runs_tools(runs: list[Run]) -> None:
     """Compare runs' curves on one chart, download a run's metrics, delete a run (with confirmation)."""
-    from ..runs import RunLocked, delete_run
     with_metrics = [r for r in runs if r.metrics]
     if with_metrics:
         st.subheader("Compare runs")
@@ -257,7 +255,6 @@ _EXPORT_FORMATS = {"onnx": "ONNX (QDQ), for ONNX Runtime", "int": "Integer weigh
 
 def export_panel(runs: list[Run], key: str) -> None:
     """Export a run's quantized student (ONNX or integer weights) into its folder and download it."""
-    from .. import ExportError, export
     ready = [r for r in runs if (r.path / Run.STUDENT).exists() and r.state != "running"]
     if not ready:
         return
@@ -304,9 +301,9 @@ def class_names(run_path: str, stamp: float) -> list[str]:
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def mixed_samples(run_path: str, stamp: float, classes: tuple, coeffs: tuple, seeds: tuple) -> dict:
-    """logic.mix_samples, cached by (run, classes, rounded coefficients, seeds); images displayable."""
+    """analysis.mix_samples, cached by (run, classes, rounded coefficients, seeds); images displayable."""
     teacher, gen, student = _networks(run_path, stamp)
-    out = mix_samples(gen, teacher.model, student, list(classes), list(coeffs), list(seeds))
+    out = analysis.mix_samples(gen, teacher.model, student, list(classes), list(coeffs), list(seeds))
     out["grid"] = figures.image_grid(out.pop("images"), 4, mean=teacher.mean, std=teacher.std)
     return out
 
@@ -314,7 +311,6 @@ def mixed_samples(run_path: str, stamp: float, classes: tuple, coeffs: tuple, se
 @st.cache_data(max_entries=32, show_spinner=False)
 def mixing_path(run_path: str, stamp: float, a: int, b: int, steps: int, seed: int) -> dict:
     """analysis.path_strip, cached; images as one displayable strip."""
-    from .. import analysis
     teacher, gen, student = _networks(run_path, stamp)
     out = analysis.path_strip(gen, teacher, student, a, b, steps, seed)
     out["strip"] = figures.image_grid(out.pop("images"), steps, mean=teacher.mean, std=teacher.std)

@@ -8,12 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 
-from ..config import METHODS, RunConfig, preset
-from ..generator import generate_images
-from ..models import TEACHERS, features_and_logits
-from ..runs import Run
+from .. import METHODS, TEACHERS, Run, RunConfig, preset
+from ..analysis import normalise_coefficients
 
 # --------------------------------------------------------------------------- Quantize settings
 
@@ -294,34 +291,6 @@ def setting_label(cfg: RunConfig) -> str:
     return f"W{cfg.wbits}A{cfg.abits}, {budget(cfg):,} generated images ({cfg.epochs} × {cfg.iters_per_epoch} × {cfg.batch_size})"
 
 # --------------------------------------------------------------------------- boundary samples
-
-
-def normalise_coefficients(weights) -> np.ndarray:
-    """Slider values -> coefficients on the simplex (all zero -> equal weights)."""
-    w = np.clip(np.asarray(weights, dtype=np.float64), 0.0, None)
-    return np.full(len(w), 1.0 / len(w)) if w.sum() <= 0 else w / w.sum()
-
-
-@torch.no_grad()
-def mix_samples(generator, teacher_model, student, classes: list[int], coeffs, seeds: list[int]) -> dict:
-    """Images mixing ``classes`` with ``coeffs`` for each seed; teacher and student read them.
-
-    Returns images (B, C, H, W) normalised, teacher_probs / student_probs (B, num_classes),
-    teacher_pred / student_pred (B,).
-    """
-    coeffs = normalise_coefficients(coeffs)
-    if generator.input_mode == "gdfq" and len(classes) > 1:
-        raise ValueError("a GDFQ generator takes one class per image: it cannot mix classes")
-    b = len(seeds)
-    labels = torch.tensor([list(classes)] * b)
-    lam = torch.tensor(np.tile(coeffs, (b, 1)), dtype=torch.float32)
-    x = generate_images(generator, labels, lam, seeds)
-    t_probs = features_and_logits(teacher_model.eval(), x)[1].softmax(1)
-    out = {"images": x, "teacher_probs": t_probs.numpy(), "teacher_pred": t_probs.argmax(1).numpy()}
-    if student is not None:
-        s_probs = features_and_logits(student.eval(), x)[1].softmax(1)
-        out.update(student_probs=s_probs.numpy(), student_pred=s_probs.argmax(1).numpy())
-    return out
 
 
 def coefficient_formula(coeffs, names: list[str]) -> str:

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from ..runs import qimera_home
+from .. import atomic_path, qimera_home
 
 ALLOWED_ENV = "QIMERA_ALLOWED_DIRS"
 _UPLOAD_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
@@ -95,7 +95,6 @@ def save_upload(data: bytes, filename: str, session: str, shared: bool = False) 
     folder = qimera_home() / "uploads" / ("shared" if shared else session)
     dest = folder / f"{hashlib.sha256(data).hexdigest()}{suffix}"
     if not dest.exists():
-        from ..runs import atomic_path
         with atomic_path(dest) as tmp:
             tmp.write_bytes(data)
     return dest

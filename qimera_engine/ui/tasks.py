@@ -9,12 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import analysis
-from ..artifacts import load_generator, load_teacher
-from ..data import InputSpec, data_stamp, load_data
-from ..evaluate import evaluate
-from ..runs import Run, open_run, qimera_home
-from ..teachers import get_teacher, train_and_cache
+from .. import (InputSpec, Run, analysis, data_stamp, evaluate, get_teacher, load_data, load_generator, load_teacher,
+               open_run, qimera_home, train_and_cache)
 
 
 def teacher_key(name: str, spec: str, checkpoint: str | None, pretrained: bool, train: bool) -> str:
