@@ -245,9 +245,13 @@ def export_onnx_model(model: nn.Module, example: torch.Tensor, out: str | Path) 
     out = Path(out)
     with atomic_path(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
-        torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        try:
+            torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
+                              input_names=["images"], output_names=["logits"],
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        except (RuntimeError, TypeError, ValueError, torch.onnx.errors.OnnxExporterError) as e:
+            raise ExportError(f"this model has a part that ONNX export does not support "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         graph = onnx.load(str(tmp))
         _fold_weight_quantize(graph)
         onnx.checker.check_model(graph)

@@ -116,3 +116,20 @@ def test_bad_exports_and_runs(runs, tmp_path, digits_teacher):
         with pytest.raises(ExportError, match="still running"):
             export(run, "int")
     run.set_status("finished")
+
+
+def test_unsupported_model_parts_get_a_clear_message(tmp_path):
+    import torch.nn as nn
+    from qimera_engine.export import act_codes, export_onnx_model
+    from qimera_engine.quant import ActQuantizer
+    site = ActQuantizer(4)
+    site.ema_lo.fill_(100.0), site.ema_hi.fill_(100.001), site.steps.fill_(100)  # a range far from zero
+    with pytest.raises(ExportError, match="does not fit an int8 container"):
+        act_codes(site)
+
+    class Odd(nn.Module):  # an operation ONNX has no counterpart for
+        def forward(self, x):
+            return torch.fft.fft(x).real
+    with pytest.raises(ExportError, match="ONNX export does not support"):
+        export_onnx_model(Odd(), torch.zeros(1, 1, 8, 8), tmp_path / "odd.onnx")
+    assert not (tmp_path / "odd.onnx").exists()
