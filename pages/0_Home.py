@@ -14,7 +14,7 @@ st.markdown(
     "z = λ·e_A + (1-λ)·e_B, so the generator also makes **boundary supporting samples** between classes.")
 
 from qimera_engine import preset, runs_dir  # noqa: E402  (after the title, see above)
-from qimera_engine.ui import common, figures  # noqa: E402
+from qimera_engine.ui import common, figures, paths  # noqa: E402
 
 common.setup_page("Home", "🧪")
 st.header("Run the demo")
@@ -34,6 +34,26 @@ if demo is not None and demo.status == "finished":
         st.page_link("pages/4_Feature_space.py", label="Real vs synthetic features", icon="🗺️")
     with c3:
         st.page_link("pages/2_Quantize.py", label="Its curves, and a GDFQ run to compare", icon="⚙️")
+
+shipped = [r for r in paths.shipped_runs() if r.config.method == "qimera"]
+if shipped:
+    st.header("CIFAR-10, ready to look at")
+    show = shipped[0]
+    names = common.class_names(str(show.path), common.stamp(show))
+    a, b = names.index("cat") if "cat" in names else 0, names.index("dog") if "dog" in names else 1
+    out = common.mixed_samples(str(show.path), common.stamp(show), (a, b), (0.5, 0.5), tuple(range(8)))
+    left, right = st.columns([3, 2])
+    left.image(out["grid"], caption=f"Half {names[a]}, half {names[b]}: superposed samples of the shipped Qimera "
+                                    f"run ({common.run_label(show)}); eight noise seeds.")
+    with right:
+        s = show.summary or {}
+        st.markdown(f"ResNet-20 on CIFAR-10 quantized to W{show.config.wbits}A{show.config.abits} without its "
+                    f"training data: FP {s.get('fp_top1', 0):.2f}% → {s.get('quant_top1', 0):.2f}% top-1 on 5,000 "
+                    f"CIFAR-10 test images. The teacher reads these images as: "
+                    + ", ".join(f"{names[p]}" for p in out["teacher_pred"]) + ".")
+        st.caption("Shipped with the app (read-only), so there is something to see before any run of your own.")
+        st.page_link("pages/3_Boundary_samples.py", label="Mix classes yourself", icon="🧬")
+        st.page_link("pages/4_Feature_space.py", label="Where these samples sit among real images", icon="🗺️")
 
 st.plotly_chart(figures.method_picture(), key="method-picture")
 st.caption("A sketch with toy 2-D data, not a run: plain synthetic samples sit at the class centres; "

@@ -19,13 +19,14 @@ from .losses import bn_statistics_loss, kd_loss, soft_cross_entropy
 from .models import TEACHERS, CheckpointError, Teacher, build_teacher
 from .jobs import Job, JobRegistry, shared_registry, sweep_configs
 from .quant import quantize_model, set_calibration
-from .runs import Run, RunDamaged, RunLocked, atomic_path, delete_run, list_runs, open_run, qimera_home, runs_dir
+from .runs import (Run, RunDamaged, RunLocked, ShippedRun, atomic_path, delete_run, list_runs, open_run, qimera_home,
+                   runs_dir)
 from .teachers import get_teacher, train_and_cache
 from .train import pick_device, run, run_to_end
 
 __version__ = "0.1.0"
 
-__all__ = ["Job", "JobRegistry", "RunDamaged", "RunLocked", "atomic_path", "data_stamp", "delete_run", "parse_spec",
+__all__ = ["Job", "JobRegistry", "RunDamaged", "RunLocked", "ShippedRun", "atomic_path", "data_stamp", "delete_run", "parse_spec",
            "runs_dir", "shared_registry", "sweep_configs",
            "METHODS", "PRESETS", "TEACHERS", "CheckpointError", "ConfigError", "DataError", "EpochEnd",
            "Evaluated", "Event", "ExportError", "Finished", "Generator", "ImageData", "InputSpec", "Log", "Run", "RunConfig",

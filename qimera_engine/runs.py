@@ -15,6 +15,7 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 
@@ -122,6 +123,8 @@ def _object(obj) -> dict:
 class Run:
     """A run folder. ``status`` is running, finished, cancelled or failed."""
     path: Path
+
+    read_only: ClassVar[bool] = False  # shipped runs (ShippedRun) are never written to
 
     CONFIG, METRICS, SUMMARY, STATUS, STATE = "config.json", "metrics.csv", "summary.json", "status.json", "state.pt"
     GENERATOR, STUDENT, TEACHER, LOCK = "generator.safetensors", "student.safetensors", "teacher.json", "run.lock"
@@ -269,9 +272,29 @@ def _create_exclusive(path: Path, text: str, exists_message: str) -> None:
         os.unlink(tmp)
 
 
+@dataclass
+class ShippedRun(Run):
+    """A finished run that ships with the app (assets/): read-only, and the file paths in its config
+    (checkpoint, test data folder) are relative to its own folder, so it works wherever it is."""
+
+    read_only: ClassVar[bool] = True
+
+    @property
+    def config(self):
+        cfg = super().config
+        if cfg.checkpoint and not Path(cfg.checkpoint).is_absolute():
+            cfg.checkpoint = str((self.path / cfg.checkpoint).resolve())
+        kind, sep, arg = cfg.test_data.partition(":")
+        if sep and arg and not Path(arg).is_absolute():
+            cfg.test_data = f"{kind}:{(self.path / arg).resolve()}"
+        return cfg
+
+
 def delete_run(run: Run) -> None:
     """Remove a run folder and all its files; ``RunLocked`` while a run is writing to it."""
     import shutil
+    if run.read_only:
+        raise RunLocked(f"run {run.id} ships with the app and cannot be deleted")
     with run.lock():  # no writer can start while the folder goes
         shutil.rmtree(run.path)
 

@@ -10,6 +10,10 @@ import pytest
 # Before any test imports the engine: a fresh home for the whole session (the digits teacher is
 # trained once into it); tests that need an empty home set their own with monkeypatch.
 os.environ["QIMERA_HOME"] = tempfile.mkdtemp(prefix="qimera-test-home-")
+# The pages show the shipped CIFAR-10 showcase beside the user's runs; tests see it only where they ask
+# for it (tests/test_showcase.py), so "nothing run yet" means nothing at all.
+SHOWCASE = Path(__file__).resolve().parents[1] / "assets" / "showcase"
+os.environ["QIMERA_SHOWCASE"] = str(Path(os.environ["QIMERA_HOME"]) / "no-showcase")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_MODEL = SHARED / "models" / "resnet20-cifar10.th"

@@ -53,8 +53,9 @@ def setup_page(title: str, icon: str = "🧪") -> None:
 
 def all_runs() -> list[Run]:
     """Readable run folders inside the app's allowed folders, newest first (read fresh each time:
-    they are small files). Damaged folders are named, with what is wrong, in a collapsed notice."""
-    runs, damaged = split_damaged([r for r in list_runs() if paths.is_allowed(r.path)])
+    they are small files), then the shipped CIFAR-10 showcase runs, so pages open on the user's own
+    runs once there are any. Damaged folders are named, with what is wrong, in a collapsed notice."""
+    runs, damaged = split_damaged([r for r in list_runs() if paths.is_allowed(r.path)] + paths.shipped_runs())
     if damaged:
         with st.expander(f"{len(damaged)} damaged run folder(s) left out", icon="⚠️"):
             st.markdown("\n".join(f"- **{rid}**: {problem}" for rid, problem in damaged))
@@ -235,7 +236,11 @@ def runs_tools(runs: list[Run]) -> None:
             for r in chosen:
                 st.download_button(f"Download metrics of {r.id} (CSV)", (r.path / Run.METRICS).read_bytes(),
                                    f"{r.id}-metrics.csv", "text/csv", key=f"q-metrics-{r.id}")
+    mine = [r for r in runs if not r.read_only]
+    if not mine:
+        return
     with st.expander("Delete a run", icon="🗑️"):
+        runs = mine
         ids = [r.id for r in runs]
         rid = st.selectbox("Run to delete", ids, key="q-delete-run", format_func=lambda i: run_label(runs[ids.index(i)]))
         sure = st.checkbox(f"Yes, delete {rid} and all its files", key="q-delete-sure")
@@ -268,11 +273,12 @@ def export_panel(runs: list[Run], key: str) -> None:
         if st.button("Export", key=f"{key}-export-go", help="Writes the file into the run's folder; then download it."):
             try:
                 with st.spinner("Exporting..."):
-                    st.session_state[f"{key}-export-file"] = str(export(run.path, fmt))
+                    st.session_state[f"{key}-export-file"] = str(export(run, fmt, paths.export_target(run, fmt)))
             except (ExportError, OSError, ValueError) as e:
                 st.error(f"Cannot export {rid}: {e}")
         done = st.session_state.get(f"{key}-export-file")
-        if done and Path(done).parent == run.path and Path(done).exists():
+        target = paths.export_target(run, fmt)
+        if done and Path(done).parent == (target.parent if target else run.path) and Path(done).exists():
             st.download_button(f"Download {Path(done).name} ({Path(done).stat().st_size / 2**20:.2f} MB)",
                                Path(done).read_bytes(), f"{rid}-{Path(done).name}", key=f"{key}-export-download")
             st.caption("Load it with `onnxruntime.InferenceSession(file)` or `qimera_engine.load_int(file)`; "
@@ -322,5 +328,5 @@ def stamp(run: Run) -> float:
 
 
 __all__ = ["all_runs", "class_names", "device_description", "home_key", "job_panel", "jobs_section", "mixed_samples",
-           "mixing_path", "export_panel", "need_runs_message", "pick_partner", "runs_tools", "pick_run", "real_images", "registry", "run_networks", "save_upload",
+           "mixing_path", "export_panel", "run_label", "need_runs_message", "pick_partner", "runs_tools", "pick_run", "real_images", "registry", "run_networks", "save_upload",
            "setting_widget", "setup_page", "show_image_grid", "stamp"]

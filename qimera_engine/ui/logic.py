@@ -138,7 +138,8 @@ def preset_for(kind: str) -> str:
 def run_label(run: Run) -> str:
     try:
         c = run.config
-        return f"{run.id}  ({c.method} W{c.wbits}A{c.abits}, {c.teacher}, seed {c.seed})"
+        shipped = ", shipped with the app" if run.read_only else ""
+        return f"{run.id}  ({c.method} W{c.wbits}A{c.abits}, {c.teacher}, seed {c.seed}{shipped})"
     except Exception:
         return run.id
 
@@ -165,7 +166,7 @@ def runs_table(runs: list[Run], active_dirs: set[str] | frozenset = frozenset())
             rows.append({"run": r.id, "status": f"unreadable: {e}"})
             continue
         s = r.summary or {}
-        status = r.state
+        status = "shipped" if r.read_only else r.state
         if status == "running" and str(r.path) not in active_dirs:
             status = "running elsewhere"  # another process (e.g. the command line) holds its lock
         metrics = r.metrics if not s else []

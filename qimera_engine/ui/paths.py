@@ -12,9 +12,16 @@ import os
 import re
 from pathlib import Path
 
-from .. import atomic_path, qimera_home
+from .. import ShippedRun, atomic_path, qimera_home
 
 ALLOWED_ENV = "QIMERA_ALLOWED_DIRS"
+SHOWCASE_ENV = "QIMERA_SHOWCASE"
+
+
+def showcase_dir() -> Path:
+    """The CIFAR-10 showcase that ships with the app (assets/showcase, built by assets/build_showcase.py);
+    read, never written. ``QIMERA_SHOWCASE`` points elsewhere (the tests use it)."""
+    return Path(os.environ.get(SHOWCASE_ENV) or Path(__file__).resolve().parents[2] / "assets" / "showcase")
 _UPLOAD_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 
@@ -26,7 +33,7 @@ class PathNotAllowed(ValueError):
 def allowed_roots() -> list[Path]:
     """$QIMERA_HOME, then the folders of QIMERA_ALLOWED_DIRS (resolved; empty entries ignored)."""
     extra = [p for p in os.environ.get(ALLOWED_ENV, "").split(os.pathsep) if p.strip()]
-    roots = [qimera_home(), *(Path(p).expanduser() for p in extra)]
+    roots = [qimera_home(), showcase_dir(), *(Path(p).expanduser() for p in extra)]
     return list(dict.fromkeys(Path(os.path.realpath(r)) for r in roots))
 
 
@@ -55,6 +62,22 @@ def allowed_path(text: str) -> Path:
     if not any(real == root or root in real.parents for root in allowed_roots()):
         raise PathNotAllowed(refusal())
     return real
+
+
+def shipped_runs() -> list[ShippedRun]:
+    """The showcase's runs (read-only), in a fixed order; none when the showcase is not there."""
+    folder = showcase_dir() / "runs"
+    if not folder.is_dir():
+        return []
+    return [ShippedRun(p) for p in sorted(folder.iterdir()) if (p / "config.json").is_file()]
+
+
+def export_target(run, fmt: str) -> Path | None:
+    """Where an export of ``run`` goes: its own folder (None: the default), or, for a shipped run,
+    $QIMERA_HOME/exports/<run>/ (the showcase is never written to)."""
+    if not run.read_only:
+        return None
+    return qimera_home() / "exports" / run.id / ("student.onnx" if fmt == "onnx" else "student-int.safetensors")
 
 
 def is_allowed(path: str | Path) -> bool:

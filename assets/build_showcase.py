@@ -1,0 +1,92 @@
+"""Build assets/showcase/: what the app shows of CIFAR-10 from an empty $QIMERA_HOME, offline.
+
+    python assets/build_showcase.py --qimera RUN --gdfq RUN --checkpoint resnet20-cifar10.th \
+        --data cifar10-dev [--per-class 50]
+
+Copies the ResNet-20 teacher (as .safetensors, with its licence), the two finished runs (config,
+metrics, summary, generator, student; not the resume state) and a sample of real CIFAR-10 test
+images (``--per-class`` per class, PNG) into assets/showcase/. The runs' configs point to the
+shipped teacher and images by paths relative to their own folder, so the folder works wherever the
+project is cloned. The app lists these runs as shipped and read-only (``qimera_engine.ShippedRun``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qimera_engine import open_run  # noqa: E402
+from qimera_engine.models import load_state_dict_file, save_state_dict, state_dict_sha256  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "showcase"
+RUN_FILES = ("config.json", "metrics.csv", "summary.json", "status.json", "teacher.json", "generator.json",
+             "generator.safetensors", "student.safetensors")
+TEACHER = "teacher/resnet20-cifar10.safetensors"
+SAMPLE = "data/cifar10-sample"
+LICENCE = """The ResNet-20 weights in this folder (resnet20-cifar10.safetensors) are the file
+pretrained_models/resnet20-12fca82f.th of https://github.com/akamaster/pytorch_resnet_cifar10,
+converted to safetensors (the same tensors). They are distributed under that project's licence:
+
+Copyright (c) 2018, Yerlan Idelbayev
+
+Redistribution and use in source and binary forms, with or without modification, are permitted provided that the following conditions are met:
+
+1. Redistributions of source code must retain the above copyright notice, this list of conditions and the following disclaimer.
+
+2. Redistributions in binary form must reproduce the above copyright notice, this list of conditions and the following disclaimer in the documentation and/or other materials provided with the distribution.
+
+THIS SOFTWARE IS PROVIDED BY THE COPYRIGHT HOLDERS AND CONTRIBUTORS "AS IS" AND ANY EXPRESS OR IMPLIED WARRANTIES, INCLUDING, BUT NOT LIMITED TO, THE IMPLIED WARRANTIES OF MERCHANTABILITY AND FITNESS FOR A PARTICULAR PURPOSE ARE DISCLAIMED. IN NO EVENT SHALL THE COPYRIGHT HOLDER OR CONTRIBUTORS BE LIABLE FOR ANY DIRECT, INDIRECT, INCIDENTAL, SPECIAL, EXEMPLARY, OR CONSEQUENTIAL DAMAGES (INCLUDING, BUT NOT LIMITED TO, PROCUREMENT OF SUBSTITUTE GOODS OR SERVICES; LOSS OF USE, DATA, OR PROFITS; OR BUSINESS INTERRUPTION) HOWEVER CAUSED AND ON ANY THEORY OF LIABILITY, WHETHER IN CONTRACT, STRICT LIABILITY, OR TORT (INCLUDING NEGLIGENCE OR OTHERWISE) ARISING IN ANY WAY OUT OF THE USE OF THIS SOFTWARE, EVEN IF ADVISED OF THE POSSIBILITY OF SUCH DAMAGE.
+"""
+
+
+def copy_run(src: Path, name: str, teacher_sha: str) -> None:
+    run = open_run(src)
+    if run.state != "finished":
+        raise SystemExit(f"{src} is {run.state}; ship finished runs only")
+    dest = OUT / "runs" / name
+    dest.mkdir(parents=True)
+    for f in RUN_FILES:
+        shutil.copy2(src / f, dest / f)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["checkpoint"] = os.path.relpath(OUT / TEACHER, dest)
+    cfg["test_data"] = f"folder:{os.path.relpath(OUT / SAMPLE, dest)}"
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if json.loads((dest / "teacher.json").read_text())["sha256"] != teacher_sha:
+        raise SystemExit(f"{src} was trained with another teacher than {TEACHER}")
+    (dest / "teacher.json").write_text(json.dumps({"sha256": teacher_sha, "weights": cfg["checkpoint"]}) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--qimera", required=True, help="a finished Qimera run folder")
+    ap.add_argument("--gdfq", required=True, help="a finished GDFQ run folder of the same budget")
+    ap.add_argument("--checkpoint", required=True, help="the ResNet-20 checkpoint both runs used")
+    ap.add_argument("--data", required=True, help="an ImageFolder of CIFAR-10 test images")
+    ap.add_argument("--per-class", type=int, default=50)
+    args = ap.parse_args()
+    if OUT.exists():
+        shutil.rmtree(OUT)
+    (OUT / "teacher").mkdir(parents=True)
+    from qimera_engine import build_teacher
+    teacher = build_teacher("resnet20", checkpoint=args.checkpoint)
+    save_state_dict(load_state_dict_file(args.checkpoint), OUT / TEACHER)
+    (OUT / "teacher" / "LICENSE-resnet20.txt").write_text(LICENCE)
+    sha = state_dict_sha256(teacher.model)
+    copy_run(Path(args.qimera), "cifar10-resnet20-qimera-w4a4", sha)
+    copy_run(Path(args.gdfq), "cifar10-resnet20-gdfq-w4a4", sha)
+    for cls in sorted(p for p in Path(args.data).iterdir() if p.is_dir()):
+        (OUT / SAMPLE / cls.name).mkdir(parents=True)
+        for img in sorted(cls.iterdir())[: args.per_class]:
+            from PIL import Image
+            Image.open(img).convert("RGB").save(OUT / SAMPLE / cls.name / f"{img.stem}.png", optimize=True)
+    size = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
+    print(f"wrote {OUT} ({size / 2**20:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
