@@ -8,6 +8,7 @@
 2. Slider re-render, server side: AppTest on the Boundary samples page with a finished small run;
    the median of `slider.set_value(v).run()` over new values (each a new grid) and over a value seen
    before (cached), and the grid function alone (logic.mix_samples + figures.image_grid). Target < 0.3 s.
+2b. The shipped CIFAR-10 showcase, from an empty $QIMERA_HOME: page opened to its content. Target < 10 s.
 3. UMAP of ~3,000 points, first call in a process and again: bench/bench_umap.py in a fresh
    process (its own output is shown). Targets < 15 s and < 3 s.
 """
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-TARGETS = {"first page": 3.0, "slider": 0.3, "umap first": 15.0, "umap again": 3.0}
+TARGETS = {"first page": 3.0, "slider": 0.3, "umap first": 15.0, "umap again": 3.0, "showcase": 10.0}
 
 
 def verdict(value: float, target: float) -> str:
@@ -62,6 +63,37 @@ def bench_first_page() -> float:
     return t_page
 
 
+def bench_showcase() -> None:
+    """From an empty $QIMERA_HOME, no network: seconds from opening each page to its CIFAR-10 content
+    (the shipped showcase): Home's preview, Boundary samples' images and A->B path, Feature space's chart."""
+    from playwright.sync_api import sync_playwright
+    from test_browser import CHROMIUM, CHROMIUM_ARGS, VIEWPORT, start_server, stop_server, wait_healthy
+    os.environ.pop("QIMERA_SHOWCASE", None)  # the shipped assets/showcase
+    with tempfile.TemporaryDirectory(prefix="qimera-bench-app-") as tmp, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport=VIEWPORT)
+        log = Path(tmp) / "streamlit.log"
+        proc, base = start_server(Path(tmp) / "home", log)
+        try:
+            wait_healthy(proc, base, log)
+            for path, what, wait in [
+                    ("", "Home: the shipped CIFAR-10 samples", lambda: page.get_by_text("CIFAR-10, ready to look at")
+                     .wait_for(timeout=120_000) or page.locator('[data-testid="stImage"] img').first.wait_for(timeout=120_000)),
+                    ("Boundary_samples", "Boundary samples: images and the A->B path",
+                     lambda: page.get_by_text("Orange bands").wait_for(timeout=120_000)
+                     or page.locator('[data-testid="stImage"] img').nth(1).wait_for(timeout=120_000)),
+                    ("Feature_space", "Feature space: the PCA chart",
+                     lambda: page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').first.wait_for(timeout=120_000))]:
+                t = time.perf_counter()
+                page.goto(f"{base}/{path}")
+                wait()
+                dt = time.perf_counter() - t
+                print(f"{what:<52} {dt:7.2f} s  {verdict(dt, TARGETS['showcase'])}")
+        finally:
+            stop_server(proc)
+            browser.close()
+
+
 def bench_slider(repeats: int) -> float:
     """Boundary samples: one slider change re-run server side (AppTest), and the grid function alone."""
     with tempfile.TemporaryDirectory(prefix="qimera-bench-app-") as home:
@@ -69,7 +101,8 @@ def bench_slider(repeats: int) -> float:
         from streamlit.testing.v1 import AppTest
         from qimera_engine import list_runs, load_generator, load_student, load_teacher, preset, run_to_end
         from qimera_engine.teachers import train_and_cache
-        from qimera_engine.ui import figures, logic
+        from qimera_engine import analysis
+        from qimera_engine.ui import figures
 
         t = time.perf_counter()
         train_and_cache("digits-cnn", "digits", epochs=3)
@@ -108,7 +141,7 @@ def bench_slider(repeats: int) -> float:
         grid = []
         for v in values:
             t = time.perf_counter()
-            out = logic.mix_samples(gen, teacher.model, student, [0, 1], [1 - v, v], list(range(8)))
+            out = analysis.mix_samples(gen, teacher.model, student, [0, 1], [1 - v, v], list(range(8)))
             figures.image_grid(out["images"], 8, mean=teacher.mean, std=teacher.std)
             grid.append(time.perf_counter() - t)
         print(f"{'grid function alone (mix_samples + image_grid, 8 seeds)':<52} {statistics.median(grid):7.3f} s")
@@ -137,6 +170,7 @@ def main() -> None:
     args = ap.parse_args()
     if not args.skip_browser:
         bench_first_page()
+        bench_showcase()
     bench_slider(args.repeats)
     if not args.skip_umap:
         bench_umap()

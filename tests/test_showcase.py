@@ -44,3 +44,68 @@ def open_page(page: str) -> AppTest:
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     return at
+
+
+@pytest.fixture
+def showcase(tmp_path, monkeypatch):
+    """An empty $QIMERA_HOME and the shipped showcase (part of the repository)."""
+    assert (SHOWCASE / "runs").is_dir(), f"the shipped showcase is missing: {SHOWCASE} (assets/build_showcase.py)"
+    monkeypatch.setenv("QIMERA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("QIMERA_SHOWCASE", str(SHOWCASE))
+    from test_app_pages import fresh_registry
+    yield fresh_registry()
+
+
+def test_the_showcase_is_small_and_complete():
+    files = [p for p in SHOWCASE.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 25 * 2**20
+    assert (SHOWCASE / "teacher" / "LICENSE-resnet20.txt").read_text().startswith("The ResNet-20 weights")
+    runs = {json.loads((p / "config.json").read_text())["method"]: p for p in (SHOWCASE / "runs").iterdir()}
+    assert set(runs) == {"qimera", "gdfq"}
+    budgets = {m: (c["epochs"], c["iters_per_epoch"], c["batch_size"], c["wbits"], c["abits"])
+               for m, c in ((m, json.loads((p / "config.json").read_text())) for m, p in runs.items())}
+    assert budgets["qimera"] == budgets["gdfq"]  # the same budget and bit widths: a fair pair
+    for p in runs.values():
+        assert not (p / "state.pt").exists() and not (p / "run.lock").exists()
+        assert json.loads((p / "status.json").read_text())["status"] == "finished"
+
+
+def test_home_shows_cifar10_at_once(showcase):
+    t = time.perf_counter()
+    at = open_page("app.py")
+    assert any(h.value == "CIFAR-10, ready to look at" for h in at.header)
+    assert len(at.get("image")) >= 1 and time.perf_counter() - t < 60
+    assert any("shipped" in c.value.lower() for c in at.caption)
+
+
+def test_boundary_samples_shows_the_shipped_pair(showcase):
+    at = open_page("pages/3_Boundary_samples.py")
+    assert "qimera" in at.selectbox(key="b_run").value
+    assert "cifar10-resnet20-gdfq-w4a4" in at.selectbox(key="b-partner").value  # the comparable GDFQ run
+    assert len(at.get("image")) >= 3  # the grid and two path strips
+    assert not at.warning
+
+
+def test_feature_space_and_bit_widths_show_the_showcase(showcase):
+    at = open_page("pages/4_Feature_space.py")
+    deadline = time.time() + 120
+    while not at.get("plotly_chart") and time.time() < deadline:
+        time.sleep(0.5)
+        at.run()
+    assert at.get("plotly_chart"), "no projection"
+    at = open_page("pages/5_Bit_widths.py")
+    table = at.dataframe[0].value
+    assert set(table["method"]) == {"qimera", "gdfq"} and set(table["W"]) == {4}
+
+
+def test_shipped_runs_are_read_only_in_the_app(showcase, tmp_path):
+    at = open_page("pages/2_Quantize.py")
+    table = at.dataframe[0].value
+    assert set(table["status"]) == {"shipped"}
+    assert not [e for e in at.expander if e.label == "Delete a run"]  # nothing of the user's to delete
+    at.radio(key="q-export-format").set_value("int").run()
+    at.button(key="q-export-go").click().run()
+    assert not at.exception and not at.error
+    exported = list((tmp_path / "home" / "exports").rglob("student-int.safetensors"))
+    assert len(exported) == 1
+    assert not list(SHOWCASE.rglob("student-int.safetensors")) and not list(SHOWCASE.rglob("run.lock"))
