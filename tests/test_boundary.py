@@ -77,6 +77,9 @@ def test_uploads_by_content_and_private_to_their_session(home):
         save_upload(b"x", "evil.sh", "session-aaaaaaaa")
     with pytest.raises(ValueError, match="session"):
         save_upload(b"x", "m.pt", "../../etc")
+    for typed in (str(a), str(a.parent), "uploads", str(shared)):  # another session's upload, by its path
+        with pytest.raises(PathNotAllowed):
+            allowed_path(typed)
 
 
 def _teacher_page() -> AppTest:

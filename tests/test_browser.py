@@ -66,6 +66,7 @@ def start_server(home: Path, log: Path) -> tuple[subprocess.Popen, str]:
     # 2-core machine shared with another torch process (a CI job, a sweep), spinning threads slow the
     # demo's teacher training by 10-20x; passive waiting costs nothing measurable when the cores are free.
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "QIMERA_HOME": str(home)}
+    env.pop("QIMERA_SHOWCASE", None)  # the app as a user gets it: with the shipped CIFAR-10 showcase
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
@@ -195,6 +196,11 @@ def test_home_runs_the_demo_to_the_end(server, page, demo):
     device = page.locator('[data-testid="stMetricValue"]').first.inner_text()
     assert device == ("GPU" if "GPU:" in page.locator('[data-testid="stSidebar"]').inner_text() else "CPU")
     assert page.locator('[data-testid="stPlotlyChart"]').count() >= 2  # the method picture and the live curves
+    # the shipped CIFAR-10 samples, four per row, each at least 96 pixels wide on screen
+    preview = page.locator('[data-testid="stImage"] img').first
+    preview.wait_for()
+    assert page.get_by_text("CIFAR-10, ready to look at").count() == 1
+    assert preview.bounding_box()["width"] >= 4 * 96, preview.bounding_box()
     screenshot(page, "home")
 
 

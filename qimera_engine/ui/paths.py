@@ -46,7 +46,8 @@ def allowed_path(text: str) -> Path:
     """The resolved path of ``text`` if it lies inside an allowed folder, else ``PathNotAllowed``.
 
     Relative paths are taken inside $QIMERA_HOME. Symbolic links are followed before the check, so
-    a link inside an allowed folder does not lead out of it. The refusal is the same whether or not
+    a link inside an allowed folder does not lead out of it. Uploaded files are reached only through
+    the upload widget, never by a typed path (they are private to their browser session). The refusal is the same whether or not
     the path exists, so a page cannot be used to probe the disk.
     """
     text = (text or "").strip()
@@ -60,6 +61,9 @@ def allowed_path(text: str) -> Path:
     except (OSError, ValueError):
         raise PathNotAllowed(refusal()) from None
     if not any(real == root or root in real.parents for root in allowed_roots()):
+        raise PathNotAllowed(refusal())
+    uploads = Path(os.path.realpath(qimera_home() / "uploads"))
+    if real == uploads or uploads in real.parents:  # other sessions' uploads are private
         raise PathNotAllowed(refusal())
     return real
 
