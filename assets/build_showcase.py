@@ -59,6 +59,7 @@ def copy_run(src: Path, name: str, teacher_sha: str) -> None:
     if json.loads((dest / "teacher.json").read_text())["sha256"] != teacher_sha:
         raise SystemExit(f"{src} was trained with another teacher than {TEACHER}")
     (dest / "teacher.json").write_text(json.dumps({"sha256": teacher_sha, "weights": cfg["checkpoint"]}) + "\n")
+    (dest / "shipped.json").write_text(json.dumps({"source": "assets/build_showcase.py", "from": run.id}) + "\n")
 
 
 def main() -> None:

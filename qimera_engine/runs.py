@@ -128,6 +128,7 @@ class Run:
 
     CONFIG, METRICS, SUMMARY, STATUS, STATE = "config.json", "metrics.csv", "summary.json", "status.json", "state.pt"
     GENERATOR, STUDENT, TEACHER, LOCK = "generator.safetensors", "student.safetensors", "teacher.json", "run.lock"
+    SHIPPED = "shipped.json"  # marks a run that ships with the app (ShippedRun)
 
     @property
     def id(self) -> str:
@@ -275,7 +276,8 @@ def _create_exclusive(path: Path, text: str, exists_message: str) -> None:
 @dataclass
 class ShippedRun(Run):
     """A finished run that ships with the app (assets/): read-only, and the file paths in its config
-    (checkpoint, test data folder) are relative to its own folder, so it works wherever it is."""
+    (checkpoint, test data folder) are relative to its own folder, so it works wherever it is. Its
+    folder holds ``shipped.json``; ``open_run`` and ``list_runs`` return one for such a folder."""
 
     read_only: ClassVar[bool] = True
 
@@ -288,6 +290,11 @@ class ShippedRun(Run):
         if sep and arg and not Path(arg).is_absolute():
             cfg.test_data = f"{kind}:{(self.path / arg).resolve()}"
         return cfg
+
+
+def run_at(path: Path) -> Run:
+    """The run in folder ``path``: a ShippedRun when the folder is marked as shipped."""
+    return ShippedRun(path) if (path / Run.SHIPPED).is_file() else Run(path)
 
 
 def delete_run(run: Run) -> None:
@@ -324,7 +331,7 @@ def list_runs(root: str | Path | None = None) -> list[Run]:
         try:
             if (p / Run.CONFIG).is_file() and p.resolve() not in seen:
                 seen.add(p.resolve())
-                runs.append((Run(p), (p / Run.CONFIG).stat().st_mtime))
+                runs.append((run_at(p), (p / Run.CONFIG).stat().st_mtime))
         except OSError:  # a folder that vanished or cannot be read
             continue
     return [r for r, _ in sorted(runs, key=lambda x: x[1], reverse=True)]
@@ -337,4 +344,4 @@ def open_run(run: str | Path) -> Run:
         p = runs_dir() / str(run)
     if not (p / Run.CONFIG).is_file():
         raise FileNotFoundError(f"no run at {run} (looked for {Run.CONFIG})")
-    return Run(p)
+    return run_at(p)

@@ -11,7 +11,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import SHOWCASE
-from qimera_engine import RunLocked, ShippedRun, delete_run, load_student, load_teacher, preset, run_to_end
+from qimera_engine import RunLocked, ShippedRun, delete_run, load_student, load_teacher, open_run, preset, run_to_end
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,8 +28,9 @@ def test_shipped_runs_resolve_their_paths_and_stay_read_only(tmp_path, digits_te
     cfg = json.loads((dest / "config.json").read_text())
     (dest / "config.json").write_text(json.dumps({**cfg, "checkpoint": "../../teacher.safetensors"}))
     shutil.rmtree(src)
-    run = ShippedRun(dest)
-    assert run.read_only and run.config.checkpoint == str((tmp_path / "show" / "teacher.safetensors").resolve())
+    (dest / "shipped.json").write_text("{}")
+    run = open_run(dest)  # the marker makes it a ShippedRun
+    assert isinstance(run, ShippedRun) and run.read_only and run.config.checkpoint == str((tmp_path / "show" / "teacher.safetensors").resolve())
     student = load_student(run, load_teacher(run))
     assert student is not None
     with pytest.raises(RunLocked, match="ships with the app"):

@@ -73,7 +73,7 @@ def shipped_runs() -> list[ShippedRun]:
     folder = showcase_dir() / "runs"
     if not folder.is_dir():
         return []
-    return [ShippedRun(p) for p in sorted(folder.iterdir()) if (p / "config.json").is_file()]
+    return [ShippedRun(p) for p in sorted(folder.iterdir()) if (p / ShippedRun.SHIPPED).is_file()]
 
 
 def export_target(run, fmt: str) -> Path | None:
