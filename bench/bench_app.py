@@ -7,7 +7,7 @@
    running when the clock starts), and to the whole of Home (its last element). Target < 3 s.
 2. Slider re-render, server side: AppTest on the Boundary samples page with a finished small run;
    the median of `slider.set_value(v).run()` over new values (each a new grid) and over a value seen
-   before (cached), and the grid function alone (logic.mix_samples + figures.image_grid). Target < 0.3 s.
+   before (cached), and the grid function alone (analysis.mix_samples + figures.image_grid). Target < 0.3 s.
 2b. The shipped CIFAR-10 showcase, from an empty $QIMERA_HOME: page opened to its content. Target < 10 s.
 3. UMAP of ~3,000 points, first call in a process and again: bench/bench_umap.py in a fresh
    process (its own output is shown). Targets < 15 s and < 3 s.

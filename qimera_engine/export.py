@@ -75,9 +75,11 @@ def _sites(student: nn.Module):
 # --------------------------------------------------------------------------- checks
 
 
-def exportable_run(run: Run | str | Path) -> Run:
+def exportable_run(run: Run | str | Path, out: str | Path | None = None) -> Run:
     """The run, if it has a finished (or stopped) student; ``ExportError`` saying why not."""
     run = run if isinstance(run, Run) else open_run(run)
+    if run.read_only and out is None:
+        raise ExportError(f"run {run.id} ships with the app and is read-only: give a file to write (--out FILE)")
     if run.state == "running":
         raise ExportError(f"run {run.id} is still running; export it when it has finished or been stopped")
     if not (run.path / Run.STUDENT).exists():
@@ -120,7 +122,7 @@ def int_tensors(student: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict
 def export_int(run: Run | str | Path, out: str | Path | None = None) -> Path:
     """Write the run's student as integer codes to ``out`` (default RUN/student-int.safetensors)."""
     from safetensors.torch import save_file
-    run = exportable_run(run)
+    run = exportable_run(run, out)
     teacher = load_teacher(run)
     student = load_student(run, teacher)
     state, layer_bits, sites = int_tensors(student)
@@ -294,7 +296,7 @@ def _fold_weight_quantize(model) -> None:
 
 def export_onnx(run: Run | str | Path, out: str | Path | None = None) -> Path:
     """Write the run's student as an ONNX QDQ model to ``out`` (default RUN/student.onnx)."""
-    run = exportable_run(run)
+    run = exportable_run(run, out)
     teacher = load_teacher(run)
     student = load_student(run, teacher)
     out = Path(out) if out else run.path / "student.onnx"

@@ -31,7 +31,7 @@ from .generator import BatchSampler, Generator, LatentBatch
 from .losses import BNStatisticsLoss, kd_loss, soft_cross_entropy
 from .models import Teacher, save_state_dict
 from .quant import set_calibration
-from .runs import Run, RunDamaged, atomic_path, create_run, open_run, write_csv, write_json
+from .runs import Run, RunDamaged, RunLocked, atomic_path, create_run, open_run, write_csv, write_json
 from .seeding import RunRandom, seeded_init
 from .teachers import random_shift, get_teacher
 
@@ -118,6 +118,8 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
     logs: list[str] = []
     if resume is not None:
         folder = open_run(resume)
+        if folder.read_only:
+            raise RunLocked(f"run {folder.id} ships with the app and is read-only: it cannot be resumed")
         cfg = folder.config.resolved()
     elif config is None:
         raise ValueError("run needs a config, or a run folder to resume")

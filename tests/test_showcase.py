@@ -35,6 +35,12 @@ def test_shipped_runs_resolve_their_paths_and_stay_read_only(tmp_path, digits_te
     assert student is not None
     with pytest.raises(RunLocked, match="ships with the app"):
         delete_run(run)
+    with pytest.raises(RunLocked, match="cannot be resumed"):
+        run_to_end(None, resume=dest)
+    from qimera_engine import ExportError, export
+    with pytest.raises(ExportError, match="read-only: give a file"):
+        export(run, "onnx")
+    assert export(run, "int", tmp_path / "x.safetensors").exists()
     assert dest.exists() and not (dest / "run.lock").exists()  # nothing written
 
 
