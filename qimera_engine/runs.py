@@ -15,8 +15,8 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 
 def qimera_home() -> Path:
@@ -184,7 +184,7 @@ class Run:
         path = self.path / self.LOCK
         if not path.exists():
             return False
-        with open(path, "a+") as f:
+        with open(path) as f:  # read-only: asking about a lock writes nothing
             try:
                 fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
