@@ -20,10 +20,17 @@ common.setup_page("Home", "🧪")
 st.header("Run the demo")
 st.markdown("Quantizes a small CNN on 8×8 digits to W4A4 with Qimera, end to end: the teacher is trained on "
             "the spot the first time (seconds), then generator and student train for 12 short epochs.")
-if st.button("Run the demo", type="primary", key="run-demo",
+c1, c2 = st.columns(2)
+if c1.button("Run the demo", type="primary", key="run-demo",
              help="Starts the digits preset in the background; you can switch pages while it runs."):
     common.registry().start_run(preset("digits"), label="demo: digits W4A4 (Qimera)")
+if c2.button("Qimera vs GDFQ at W4A4", key="run-pair",
+             help="Two digits runs with the same teacher, bit widths, budget and seed, one per method (about a "
+                  "minute on 2 CPU cores): the fair pair that Boundary samples, Feature space and Bit widths compare."):
+    common.registry().start_sweep(preset("digits"), [4], ["qimera", "gdfq"], [0],
+                                  label="comparison: Qimera vs GDFQ at W4A4 (digits)")
 common.jobs_section("run", key="home", limit=1)
+common.jobs_section("sweep", key="home-pair", limit=1, curves=False)
 demo = next((j for j in common.registry().jobs("run") if j.label.startswith("demo:")), None)
 if demo is not None and demo.status == "finished":
     st.success("The demo run is done. Next: see what its generator makes, and how the student compares.")

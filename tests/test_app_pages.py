@@ -570,3 +570,16 @@ def test_ui_and_pages_use_only_the_engines_public_api():
                 bad += [f"{f.name}: import {a.name}" for a in node.names
                         if a.name.startswith("qimera_engine.") and not a.name.startswith("qimera_engine.ui")]
     assert bad == []
+
+
+def test_home_starts_a_fair_qimera_vs_gdfq_pair(empty_home):
+    at = open_page("app.py")
+    at.button(key="run-pair").click().run()
+    assert not at.exception
+    (job,) = empty_home.jobs("sweep")
+    configs = [r.config for r in job.runs]
+    assert [c["method"] for c in configs] == ["qimera", "gdfq"]
+    same = lambda c: (c["wbits"], c["abits"], c["epochs"], c["iters_per_epoch"], c["batch_size"], c["seed"])  # noqa: E731
+    assert same(configs[0]) == same(configs[1]) == (4, 4, 12, 40, 64, 0)
+    empty_home.cancel(job.id)
+    assert empty_home.wait(job.id, 120).status in ("cancelled", "finished", "failed")
