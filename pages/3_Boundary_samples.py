@@ -79,21 +79,20 @@ a, b = chosen[0], chosen[1] if len(chosen) > 1 else (chosen[0] + 1) % len(names)
 if not mixable:
     b = st.selectbox("Class B", range(len(names)), index=b, format_func=lambda c: f"{c}: {names[c]}", key="b_path_b")
 c1, c2 = st.columns(2)
-steps = c1.slider("Steps along the path", 3, 21, 11, 2, key="b_steps")
+steps = c1.slider("Steps along the path", 3, 21, 9, 2, key="b_steps",
+                  help="Each step's image sits above its point on the chart; fewer steps, larger images.")
 path_seed = c2.number_input("Path seed", 0, 10**6, int(first), key="b_path_seed")
 partner = common.pick_partner(run, runs, key="b") if mixable else None
 panels = [("This run" + (" (Qimera: superposed embeddings)" if mixable else " (GDFQ: input interpolation)"), run)]
 if partner is not None:
     panels.append((f"GDFQ run {partner.id} (no superposition: input interpolation)", partner))
-for col, (title, r) in zip(st.columns(len(panels)), panels):
-    with col:
-        st.subheader(title)
-        try:
-            strip = common.mixing_path(str(r.path), common.stamp(r), a, b, steps, int(path_seed))
-        except (ValueError, RuntimeError) as e:
-            st.warning(f"No path for this run: {e}")
-            continue
-        st.image(strip["strip"], caption=f"{names[a]} → {names[b]}")
-        st.plotly_chart(figures.path_figure(strip, names[a], names[b], names), key=f"b_path_{r.id}")
-        st.caption(boundary_sentence(strip, names, a, b))
+for title, r in panels:  # one above the other: full width, so each step's image stays large
+    st.subheader(title)
+    try:
+        strip = common.mixing_path(str(r.path), common.stamp(r), a, b, steps, int(path_seed))
+    except (ValueError, RuntimeError) as e:
+        st.warning(f"No path for this run: {e}")
+        continue
+    st.plotly_chart(figures.path_figure(strip, names[a], names[b], names, strip["tiles"]), key=f"b_path_{r.id}")
+    st.caption(boundary_sentence(strip, names, a, b))
 st.caption("Orange bands: steps where the quantized student disagrees with the FP teacher.")

@@ -196,7 +196,10 @@ def test_boundary_samples_page(with_runs):
     slider.set_value(0.3).run()
     assert not at.exception
     assert "0.70" in at.latex[0].value and "0.30" in at.latex[0].value
-    assert len(at.get("image")) >= 2  # the grid and at least one path strip
+    assert len(at.get("image")) == 1  # the grid; the path's images are drawn inside its chart
+    paths = [c for c in at.get("plotly_chart") if "From " in c.proto.spec and "layout" in c.proto.spec]
+    assert len(paths) == 2
+    assert all(c.proto.spec.count("data:image\\u002fpng;base64") == 9 for c in paths)
     assert any("GDFQ run" in h.value for h in at.subheader)  # the GDFQ run beside the Qimera one
     at.radio(key="b_k").set_value(3).run()
     assert not at.exception and [s.label for s in at.slider][:3] == [f"Coefficient of class {c}" for c in "ABC"]
@@ -278,6 +281,10 @@ def test_path_figure_marks_the_crossing_and_disagreement():
     assert sum(k == "rect" for k, _ in kinds) == 1  # one step where the student disagrees
     path.update(student_p_a=path["p_a"], student_p_b=path["p_b"], boundary=None)
     assert len(figures.path_figure(path, "cat", "dog").data) == 5
+    tiles = [np.full((96, 96, 3), i * 50, np.uint8) for i in range(5)]
+    fig = figures.path_figure(path, "cat", "dog", tiles=tiles)
+    assert [im.x for im in fig.layout.images] == list(path["alphas"])  # each image over its own step
+    assert fig.layout.xaxis.range == (-0.125, 1.125) and fig.layout.yaxis.domain == (0, 0.62)
 
 
 def test_feature_scatter_colours_by_class_and_marks_sources():

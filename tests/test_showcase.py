@@ -89,7 +89,8 @@ def test_boundary_samples_shows_the_shipped_pair(showcase):
     at = open_page("pages/3_Boundary_samples.py")
     assert "qimera" in at.selectbox(key="b_run").value
     assert "cifar10-resnet20-gdfq-w4a4" in at.selectbox(key="b-partner").value  # the comparable GDFQ run
-    assert len(at.get("image")) >= 3  # the grid and two path strips
+    assert len(at.get("image")) == 1  # the grid (the path images are inside the two path charts)
+    assert sum("data:image\\u002fpng;base64" in c.proto.spec for c in at.get("plotly_chart")) == 2
     assert not at.warning
 
 

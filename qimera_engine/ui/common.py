@@ -316,10 +316,12 @@ def mixed_samples(run_path: str, stamp: float, classes: tuple, coeffs: tuple, se
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def mixing_path(run_path: str, stamp: float, a: int, b: int, steps: int, seed: int) -> dict:
-    """analysis.path_strip, cached; images as one displayable strip."""
+    """analysis.path_strip, cached; its images as displayable tiles (upscaled like every grid)."""
     teacher, gen, student = _networks(run_path, stamp)
     out = analysis.path_strip(gen, teacher, student, a, b, steps, seed)
-    out["strip"] = figures.image_grid(out.pop("images"), steps, mean=teacher.mean, std=teacher.std)
+    images = out.pop("images")
+    out["tiles"] = [figures.image_grid(images[i:i + 1], 1, mean=teacher.mean, std=teacher.std, pad=0)
+                    for i in range(len(images))]
     return out
 
 

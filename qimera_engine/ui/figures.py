@@ -116,11 +116,27 @@ def probability_figure(probs, classes: list[str], row_labels: list[str] | None =
     return fig
 
 
-def path_figure(path: dict, name_a: str, name_b: str, names: list[str] | None = None) -> go.Figure:
+def _png_uri(image: np.ndarray) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def path_figure(path: dict, name_a: str, name_b: str, names: list[str] | None = None,
+                tiles: list[np.ndarray] | None = None) -> go.Figure:
     """p(A), p(B) and the strongest other class along the path A -> B; where the teacher's top-1
-    class changes marked; teacher/student disagreement shaded."""
+    class changes marked; teacher/student disagreement shaded. ``tiles`` (one uint8 HxWx3 image per
+    step) are drawn above the curves, each centred on its own step of the x-axis."""
     alphas = _np(path["alphas"]).astype(float)
     fig = go.Figure()
+    spacing = (alphas[1] - alphas[0]) if len(alphas) > 1 else 1.0
+    for a, tile in zip(alphas, tiles or []):
+        fig.add_layout_image(source=_png_uri(tile), xref="x", yref="paper", x=a, y=1.0, sizex=spacing,
+                             sizey=0.34, xanchor="center", yanchor="top", sizing="contain", layer="above")
     fig.add_trace(go.Scatter(x=alphas, y=_np(path["p_a"]), mode="lines+markers", name=f"teacher p({name_a})",
                              line=dict(color=SAFE[1])))
     fig.add_trace(go.Scatter(x=alphas, y=_np(path["p_b"]), mode="lines+markers", name=f"teacher p({name_b})",
@@ -147,6 +163,9 @@ def path_figure(path: dict, name_a: str, name_b: str, names: list[str] | None = 
     fig.update_layout(title=f"From {name_a} (0) to {name_b} (1)", xaxis_title=f"coefficient of {name_b}",
                       yaxis_title="probability", yaxis_range=[0, 1.02], height=320,
                       margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h"))
+    if tiles:  # the images take the top third, the curves the rest, on one shared x-axis
+        fig.update_layout(height=470, yaxis_domain=[0, 0.62],
+                          xaxis_range=[alphas[0] - spacing / 2, alphas[-1] + spacing / 2])
     return fig
 
 # --------------------------------------------------------------------------- feature space
