@@ -65,7 +65,7 @@ else:
     st.info("Showing the previous projection until the new one is ready.")  # the chart does not vanish
     result = last.result
 sources, classes = result["sources"], result["classes"]
-left, right = st.columns([3, 1])
+left, right = st.columns([2, 1])  # wide enough for the table of numbers
 with right:
     st.markdown("**Near the decision boundary**")
     threshold = st.slider("Margin threshold", 0.0, 1.0, 0.2, 0.01, key="f_threshold",

@@ -293,7 +293,10 @@ def test_feature_scatter_colours_by_class_and_marks_sources():
     hover = {"superposed": logic.hover_coefficients(np.array([[1, 2], [1, 0], [2, 1]]),
                                                     np.array([[.6, .4], [.9, .1], [.7, .3]]), ["a", "b", "c"])}
     fig = figures.feature_scatter(coords, labels, ["a", "b", "c"], hover)
-    assert [t.name for t in fig.data] == ["real: a", "real: b", "superposed: b", "superposed: c"]
+    assert [t.name for t in fig.data[:4]] == ["real: a", "real: b", "superposed: b", "superposed: c"]
+    legend = [(t.name, t.legend) for t in fig.data if t.showlegend is not False]
+    assert legend == [("a", None), ("b", None), ("c", None), ("real", "legend2"), ("superposed", "legend2")]
+    assert fig.data[1].legendgroup == fig.data[2].legendgroup == "b"  # one legend entry toggles a class everywhere
     assert fig.data[2].marker.symbol == "x" and fig.data[0].marker.symbol == "circle"
     assert fig.data[2].marker.color == fig.data[1].marker.color  # same class, same colour
     assert fig.data[2].customdata[0][2] == "0.60 x b + 0.40 x c"
