@@ -32,44 +32,47 @@ if not mixable:
     st.warning("This is a GDFQ run: its generator takes one class per image, so there is nothing to mix. "
                "Pick a Qimera run to mix classes; this one shows plain samples.")
 
-n_classes = st.radio("Classes to mix", [2, 3], horizontal=True, key="b_k", disabled=not mixable) if mixable else 1
-cols = st.columns(max(n_classes, 2))
-letters = "ABC"
-chosen = [cols[i].selectbox(f"Class {letters[i]}", range(len(names)), index=i % len(names),
-                            format_func=lambda c: f"{c}: {names[c]}", key=f"b_class_{i}") for i in range(n_classes)]
-if n_classes == 2:
-    lam_b = st.slider("Coefficient of class B (λ_B)", 0.0, 1.0, 0.5, 0.01, key="b_coeff_b",
-                      help="λ_A = 1 - λ_B. 0 gives a plain image of class A, 1 one of class B.")
-    coeffs = [1 - lam_b, lam_b]
-elif n_classes == 3:
-    raw = [cols[i].slider(f"Coefficient of class {letters[i]}", 0.0, 1.0, 1 / 3, 0.01, key=f"b_coeff_{i}",
-                          help="Weights are rescaled to sum to 1.") for i in range(3)]
-    coeffs = list(normalise_coefficients(raw))
-else:
-    coeffs = [1.0]
-st.latex(coefficient_formula(coeffs, [names[c] for c in chosen]))
-
-c1, c2 = st.columns(2)
-n_seeds = c1.slider("Images (seeds)", 4, 32, 8, 4, key="b_seeds", help="One image per noise seed.")
-first = c2.number_input("First seed", 0, 10**6, 0, key="b_first_seed")
+# controls on the left, the images they make on the right: both in the first screen (1280 x 720)
+controls, results = st.columns([2, 3])
+with controls:
+    n_classes = st.radio("Classes to mix", [2, 3], horizontal=True, key="b_k", disabled=not mixable) if mixable else 1
+    cols = st.columns(max(n_classes, 2))
+    letters = "ABC"
+    chosen = [cols[i].selectbox(f"Class {letters[i]}", range(len(names)), index=i % len(names),
+                                format_func=lambda c: f"{c}: {names[c]}", key=f"b_class_{i}") for i in range(n_classes)]
+    if n_classes == 2:
+        lam_b = st.slider("Coefficient of class B (λ_B)", 0.0, 1.0, 0.5, 0.01, key="b_coeff_b",
+                          help="λ_A = 1 - λ_B. 0 gives a plain image of class A, 1 one of class B.")
+        coeffs = [1 - lam_b, lam_b]
+    elif n_classes == 3:
+        raw = [cols[i].slider(f"Coefficient of class {letters[i]}", 0.0, 1.0, 1 / 3, 0.01, key=f"b_coeff_{i}",
+                              help="Weights are rescaled to sum to 1.") for i in range(3)]
+        coeffs = list(normalise_coefficients(raw))
+    else:
+        coeffs = [1.0]
+    st.latex(coefficient_formula(coeffs, [names[c] for c in chosen]))
+    c1, c2 = st.columns(2)
+    n_seeds = c1.slider("Images (seeds)", 4, 32, 8, 4, key="b_seeds", help="One image per noise seed.")
+    first = c2.number_input("First seed", 0, 10**6, 0, key="b_first_seed")
 seeds = tuple(range(int(first), int(first) + n_seeds))
 out = common.mixed_samples(path, stamp, tuple(chosen), tuple(round(float(c), 2) for c in coeffs), seeds)
-
-left, right = st.columns([2, 3])
-with left:
+table = pd.DataFrame({"seed": seeds, "teacher says": [names[i] for i in out["teacher_pred"]],
+                      "teacher p": out["teacher_probs"].max(1).round(3),
+                      "student says": [names[i] for i in out["student_pred"]],
+                      "agree": out["teacher_pred"] == out["student_pred"]})
+margin = np.sort(out["teacher_probs"], 1)
+with results:
     st.image(out["grid"], caption="Generated images, one per seed (four per row)")
+    st.caption(f"Teacher and student agree on {table['agree'].mean():.0%}; mean top-2 margin of the teacher "
+               f"{(margin[:, -1] - margin[:, -2]).mean():.2f} (0: on the boundary).")
     st.caption("Generated images are not photographs: the generator only learns images that the teacher "
                "classifies as asked and whose BatchNorm statistics match the teacher's, so they show the colours "
                "and textures the teacher relies on, rarely a recognisable object. Seeds can look alike: a short "
                "training finds a few patterns that satisfy the teacher.")
-    table = pd.DataFrame({"seed": seeds, "teacher says": [names[i] for i in out["teacher_pred"]],
-                          "teacher p": out["teacher_probs"].max(1).round(3),
-                          "student says": [names[i] for i in out["student_pred"]],
-                          "agree": out["teacher_pred"] == out["student_pred"]})
+
+left, right = st.columns([2, 3])
+with left:
     st.dataframe(table, hide_index=True, key="b_table")
-    margin = np.sort(out["teacher_probs"], 1)
-    st.caption(f"Teacher and student agree on {table['agree'].mean():.0%}; mean top-2 margin of the teacher "
-               f"{(margin[:, -1] - margin[:, -2]).mean():.2f} (0: on the boundary).")
 with right:
     st.plotly_chart(figures.probability_figure(out["teacher_probs"], names, [f"seed {s}" for s in seeds]),
                     key="b_probs")

@@ -262,3 +262,22 @@ def test_bit_widths_shows_a_chart(server, page, demo):
     assert page.get_by_text("No finished runs").count() == 0
     page.get_by_role("button", name="Start sweep").wait_for()
     screenshot(page, "bit_widths")
+
+
+def test_boundary_controls_and_images_in_one_screen(server, page, demo):
+    """At 1280 x 720 the mixing slider and the images it makes are both on the first screen."""
+    page.set_viewport_size({"width": 1280, "height": 720})
+    try:
+        open_page(page, server, "Boundary_samples", "Boundary samples")
+        page.get_by_text("Orange bands").wait_for()
+        wait_rendered(page)
+        slider = page.locator('[data-testid="stSlider"]').filter(has_text="Coefficient of class B")
+        image = page.locator('[data-testid="stImage"] img').first
+        for element in (slider, image):
+            box = element.bounding_box()
+            assert box is not None and box["y"] >= 0 and box["y"] + box["height"] <= 720, box
+        assert image.bounding_box()["width"] >= 4 * 96  # four images per row, each at least 96 px
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "boundary_samples_1280x720.png"))
+    finally:
+        page.set_viewport_size(VIEWPORT)
