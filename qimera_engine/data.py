@@ -126,7 +126,7 @@ def data_stamp(spec: str) -> str:
             st = p.stat()
             parts.append(f"{p.name}|{st.st_mtime_ns}")
             if kind in ("cifar10", "cifar100") and p != root:
-                parts += [f"{f.name}|{f.stat().st_size}|{f.stat().st_mtime_ns}" for f in sorted(p.iterdir())]
+                parts += [f"{f.name}|{s.st_size}|{s.st_mtime_ns}" for f in sorted(p.iterdir()) for s in [f.stat()]]
     except OSError:
         return "unreadable"
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .artifacts import load_student, load_teacher
 from .models import build_teacher
 from .quant import ActQuantizer, QuantConv2d, QuantLinear, quantize_model
+from .quant.convert import set_submodule
 from .quant.functional import FULL_PRECISION, affine_qparams, dequantize_affine, per_channel_range, quantize_affine
 from .runs import Run, atomic_path, open_run
 
@@ -57,6 +58,13 @@ def act_codes(q: ActQuantizer) -> tuple[float, int]:
     return float(scale), int(_int8(zp.reshape(1), "activation zero point"))
 
 
+def dequantized_weight(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """The fake-quantized weight from its codes (any integer dtype), per-channel scale and zero point (C,):
+    bit for bit what the layer's forward pass computes."""
+    shape = (-1,) + (1,) * (q.dim() - 1)
+    return dequantize_affine(q.float(), scale.reshape(shape), zero_point.float().reshape(shape))
+
+
 def _int8(zp: torch.Tensor, what: str) -> torch.Tensor:
     if zp.numel() and (zp.min() < -128 or zp.max() > 127):
         raise ExportError(f"a {what} ({int(zp.min())}..{int(zp.max())}) does not fit an int8 container: "
@@ -85,6 +93,13 @@ def exportable_run(run: Run | str | Path, out: str | Path | None = None) -> Run:
     if not (run.path / Run.STUDENT).exists():
         raise ExportError(f"run {run.id} has no student yet (no epoch was completed)")
     return run
+
+
+def _run_student(run: Run | str | Path, out: str | Path | None):
+    """(run, teacher, student) of an exportable run."""
+    run = exportable_run(run, out)
+    teacher = load_teacher(run)
+    return run, teacher, load_student(run, teacher)
 
 
 def _metadata(run: Run, layer_bits: dict, sites: dict, teacher) -> dict[str, str]:
@@ -122,9 +137,7 @@ def int_tensors(student: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict
 def export_int(run: Run | str | Path, out: str | Path | None = None) -> Path:
     """Write the run's student as integer codes to ``out`` (default RUN/student-int.safetensors)."""
     from safetensors.torch import save_file
-    run = exportable_run(run, out)
-    teacher = load_teacher(run)
-    student = load_student(run, teacher)
+    run, teacher, student = _run_student(run, out)
     state, layer_bits, sites = int_tensors(student)
     out = Path(out) if out else run.path / "student-int.safetensors"
     with atomic_path(out) as tmp:
@@ -168,11 +181,9 @@ def load_int(path: str | Path) -> nn.Module:
         for name, layer in _layers(student):
             if layer_bits.get(name) != layer.wbits:
                 raise ExportError(f"layer {name}: {layer_bits.get(name)} bits in the file, {layer.wbits} in the model")
-            q = state.pop(f"{name}.weight_int8").float()
-            shape = (-1,) + (1,) * (q.dim() - 1)
-            scale = state.pop(f"{name}.weight_scale").reshape(shape)
-            zp = state.pop(f"{name}.weight_zero_point").float().reshape(shape)
-            state[f"{name}.weight"] = dequantize_affine(q, scale, zp)
+            state[f"{name}.weight"] = dequantized_weight(state.pop(f"{name}.weight_int8"),
+                                                         state.pop(f"{name}.weight_scale"),
+                                                         state.pop(f"{name}.weight_zero_point"))
             layer.prequantized = True
         for name, _ in _sites(student):
             state.pop(f"{name}.scale"), state.pop(f"{name}.zero_point")
@@ -194,8 +205,7 @@ class _QDQLayer(nn.Module):
         super().__init__()
         q, scale, zp = weight_codes(layer)
         self.layer = layer
-        shape = (-1,) + (1,) * (q.dim() - 1)
-        self.register_buffer("w", dequantize_affine(q.float(), scale.reshape(shape), zp.float().reshape(shape)))
+        self.register_buffer("w", dequantized_weight(q, scale, zp))
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zp.to(torch.int32))
 
@@ -224,18 +234,13 @@ class _QDQAct(nn.Module):
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, -128, 127)
 
 
-def _set(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
 def qdq_model(student: nn.Module) -> nn.Module:
     """A copy of the student whose quantizers are ONNX's QuantizeLinear/DequantizeLinear ops."""
     m = copy.deepcopy(student).cpu().eval()
     for name, layer in _layers(m):
-        _set(m, name, _QDQLayer(layer))
+        set_submodule(m, name, _QDQLayer(layer))
     for name, site in _sites(m):
-        _set(m, name, _QDQAct(site))
+        set_submodule(m, name, _QDQAct(site))
     return m
 
 
@@ -296,9 +301,7 @@ def _fold_weight_quantize(model) -> None:
 
 def export_onnx(run: Run | str | Path, out: str | Path | None = None) -> Path:
     """Write the run's student as an ONNX QDQ model to ``out`` (default RUN/student.onnx)."""
-    run = exportable_run(run, out)
-    teacher = load_teacher(run)
-    student = load_student(run, teacher)
+    run, teacher, student = _run_student(run, out)
     out = Path(out) if out else run.path / "student.onnx"
     return export_onnx_model(qdq_model(student), teacher.example_input(), out)
 

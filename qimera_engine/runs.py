@@ -11,6 +11,7 @@ import fcntl
 import io
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -299,7 +300,6 @@ def run_at(path: Path) -> Run:
 
 def delete_run(run: Run) -> None:
     """Remove a run folder and all its files; ``RunLocked`` while a run is writing to it."""
-    import shutil
     if run.read_only:
         raise RunLocked(f"run {run.id} ships with the app and cannot be deleted")
     with run.lock():  # no writer can start while the folder goes

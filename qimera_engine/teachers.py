@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .data import ImageData, InputSpec, load_data, parse_spec
 from .evaluate import evaluate
-from .models import TEACHERS, Teacher, build_teacher, load_weights, save_state_dict, state_dict_sha256
+from .models import Teacher, build_teacher, check_teacher_name, load_weights, save_state_dict, state_dict_sha256
 from .runs import qimera_home, read_json, write_json, write_text
 from .seeding import seeded_init
 
@@ -89,8 +89,7 @@ def get_teacher(name: str, data_spec: str, checkpoint: str | None = None, pretra
     ``teacher.info["sha256"]`` is the content hash of its weights. With ``sha256`` (a run being
     resumed), exactly those weights are loaded, or ``TeacherChanged`` says why they cannot be.
     """
-    if name not in TEACHERS:
-        raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
+    check_teacher_name(name)
     if checkpoint or pretrained:
         teacher = build_teacher(name, num_classes, checkpoint=checkpoint, pretrained=pretrained)
     else:
@@ -125,20 +124,19 @@ def train_and_cache(name: str, data_spec: str, *, epochs: int | None = None, dev
                     log: Callable[[str], None] | None = None) -> Teacher:
     """Train a teacher on the data set's train split, evaluate it, and cache it under $QIMERA_HOME/teachers."""
     kind, _ = parse_spec(data_spec)
-    if name not in TEACHERS:
-        raise ValueError(f"unknown teacher {name!r}")
+    check_teacher_name(name)
     if kind not in ("digits", "cifar10", "cifar100"):
         raise ValueError("teachers are trained on digits, cifar10 or cifar100 (their train split)")
     if kind != "digits" and not str(device).startswith("cuda"):
         raise ValueError("training a CIFAR teacher needs a GPU; on a CPU use a checkpoint (--checkpoint PATH)")
-    with seeded_init(seed):  # the initial weights too, so the cached teacher is reproducible
-        teacher = build_teacher(name, 100 if kind == "cifar100" else 10)
-    spec = InputSpec.of(teacher)
-    train, test = load_data(data_spec, spec, "train"), load_data(data_spec, spec, "test")
     if not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed!r}")
     if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    with seeded_init(seed):  # the initial weights too, so the cached teacher is reproducible
+        teacher = build_teacher(name, 100 if kind == "cifar100" else 10)
+    spec = InputSpec.of(teacher)
+    train, test = load_data(data_spec, spec, "train"), load_data(data_spec, spec, "test")
     epochs = epochs if epochs is not None else (30 if kind == "digits" else 60)
     start = time.perf_counter()
     if log:

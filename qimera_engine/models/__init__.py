@@ -68,6 +68,11 @@ def _pytorchcv(name: str, pretrained: bool = False) -> nn.Module:
     return get_model(name, pretrained=pretrained)
 
 
+def check_teacher_name(name: str) -> None:
+    if name not in TEACHERS:
+        raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
+
+
 def build_teacher(name: str, num_classes: int | None = None, checkpoint: str | None = None,
                   pretrained: bool = False) -> Teacher:
     """Build a teacher by name; load ``checkpoint`` (weights_only) or the zoo's weights if asked.
@@ -75,8 +80,7 @@ def build_teacher(name: str, num_classes: int | None = None, checkpoint: str | N
     ``pretrained`` downloads the public weights of torchvision / pytorchcv models (needs
     internet); a checkpoint file is the offline way.
     """
-    if name not in TEACHERS:
-        raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
+    check_teacher_name(name)
     builder, size, channels, mean, std, default_classes = TEACHERS[name]
     classes = int(num_classes or default_classes)
     try:
@@ -123,6 +127,6 @@ def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     return captured[-1].flatten(1), logits
 
 
-__all__ = ["TEACHERS", "CheckpointError", "CifarResNet", "DigitsCNN", "Teacher", "build_teacher",
+__all__ = ["TEACHERS", "CheckpointError", "check_teacher_name", "CifarResNet", "DigitsCNN", "Teacher", "build_teacher",
            "classifier_layer", "features_and_logits", "load_state_dict_file", "load_weights",
            "save_state_dict", "state_dict_sha256"]

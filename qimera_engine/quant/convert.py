@@ -70,7 +70,8 @@ def _reset_call_counters(root: nn.Module, args) -> None:
         site.calls = 0
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted ``name`` inside ``root`` (replacing what is there)."""
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
@@ -102,12 +103,12 @@ def quantize_model(model: nn.Module, wbits: int, abits: int, *, keep_first_last_
     for name, m in list(student.named_modules()):
         bits = max(wbits, 8) if name in edge else wbits
         if type(m) is nn.Conv2d:
-            _set_submodule(student, name, QuantConv2d.from_float(m, bits))
+            set_submodule(student, name, QuantConv2d.from_float(m, bits))
         elif type(m) is nn.Linear:
-            _set_submodule(student, name, QuantLinear.from_float(m, bits))
+            set_submodule(student, name, QuantLinear.from_float(m, bits))
         elif isinstance(m, ACTIVATIONS) and name:
             wrapped = QuantAct(m, abits, call_sites=sites.get(name, 1), beta=beta).to(device)
-            _set_submodule(student, name, wrapped)
+            set_submodule(student, name, wrapped)
             act_sites.append(wrapped)
     student._qimera_act_sites = act_sites
     student.register_forward_pre_hook(_reset_call_counters)

@@ -240,13 +240,12 @@ def runs_tools(runs: list[Run]) -> None:
     if not mine:
         return
     with st.expander("Delete a run", icon="🗑️"):
-        runs = mine
-        ids = [r.id for r in runs]
-        rid = st.selectbox("Run to delete", ids, key="q-delete-run", format_func=lambda i: run_label(runs[ids.index(i)]))
+        ids = [r.id for r in mine]
+        rid = st.selectbox("Run to delete", ids, key="q-delete-run", format_func=lambda i: run_label(mine[ids.index(i)]))
         sure = st.checkbox(f"Yes, delete {rid} and all its files", key="q-delete-sure")
         if st.button("Delete run", key="q-delete-go", disabled=not sure):
             try:
-                delete_run(runs[ids.index(rid)])
+                delete_run(mine[ids.index(rid)])
             except (RunLocked, OSError) as e:
                 st.error(f"Cannot delete {rid}: {e}")
             else:
