@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 METHODS = ("qimera", "gdfq", "ptq", "real-data")
 SAMPLERS = ("softmax", "dirichlet", "fixed")
 KD_REDUCTIONS = ("mean", "batchmean")
+WEIGHT_CLIPS = ("minmax", "mse")
+ACT_CALIBS = ("ema", "mse")
+LR_SCHEDULES = ("step", "cosine")
+CE_ROWS = ("all", "plain", "agree")
 
 
 class ConfigError(ValueError):
@@ -75,6 +79,14 @@ class RunConfig:
     student_train_mode: bool = False  # reference keeps the student in eval mode (BN running stats)
     eval_batch_size: int = 500
 
+    # --- Qimera+ (the project's own recipe, not the paper's; each default is the paper's behaviour) ---
+    weight_clip: str = "minmax"     # minmax: each channel's current min/max (paper) | mse: MSE-optimal clipping ratio
+    act_calib: str = "ema"          # ema: EMA of batch min/max (paper) | mse: then clip at the MSE-optimal point
+    lr_schedule: str = "step"       # the student's lr: step (milestones, paper) | cosine (to 0 over its steps)
+    ce_rows: str = "all"            # student CE on: all rows (paper) | plain (one-hot targets) | agree (teacher's top-1 = target's)
+    lowpass_d0: float = 0.0         # > 0: Gaussian low-pass filter (cut-off D0, in frequency bins) on the student's images
+    student_steps: int = 1          # student steps on each generated batch
+
     # --- machine ---
     device: str = "auto"            # auto (CUDA when present) | cpu | cuda
     amp: bool = False               # bfloat16 autocast on CUDA
@@ -108,9 +120,15 @@ class RunConfig:
         need(self.embed_dim is None or self.embed_dim >= 1, "embed_dim must be positive")
         need(self.kd_reduction in KD_REDUCTIONS, f"kd_reduction must be one of {KD_REDUCTIONS}")
         need(self.kd_tau > 0, "kd_tau must be > 0")
+        need(self.weight_clip in WEIGHT_CLIPS, f"weight_clip must be one of {WEIGHT_CLIPS}, got {self.weight_clip!r}")
+        need(self.act_calib in ACT_CALIBS, f"act_calib must be one of {ACT_CALIBS}, got {self.act_calib!r}")
+        need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        need(self.ce_rows in CE_ROWS, f"ce_rows must be one of {CE_ROWS}, got {self.ce_rows!r}")
+        need(math.isfinite(self.lowpass_d0) and self.lowpass_d0 >= 0,
+             f"lowpass_d0 must be >= 0 (0: no filter), got {self.lowpass_d0}")
         for name in ("bns_weight", "kd_alpha", "ce_weight", "weight_decay", "momentum"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0")
-        for name in ("epochs", "iters_per_epoch", "batch_size", "eval_batch_size", "log_every"):
+        for name in ("epochs", "iters_per_epoch", "batch_size", "eval_batch_size", "log_every", "student_steps"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"{name} must be an integer >= 1")
         need(self.batch_size >= 2, "batch_size must be >= 2 (BatchNorm statistics need two samples)")
         need(0 <= self.warmup_epochs <= self.epochs, f"warmup_epochs must be in [0, epochs={self.epochs}]")

@@ -46,6 +46,8 @@ def weight_codes(layer: QuantConv2d | QuantLinear) -> tuple[torch.Tensor, torch.
     with the arithmetic of its forward pass, so dequantizing them gives its fake-quantized weight."""
     w = layer.weight.detach().float().cpu()
     lo, hi = per_channel_range(w)
+    if layer.clip is not None:  # weight_clip="mse": the forward pass's clipped range
+        lo, hi = lo * layer.clip.float().cpu(), hi * layer.clip.float().cpu()
     scale, zp = affine_qparams(lo, hi, layer.wbits)
     q = quantize_affine(w, scale, zp, layer.wbits)
     return q.to(torch.int8), scale.flatten(), _int8(zp.flatten(), "weight zero point")
@@ -125,6 +127,7 @@ def int_tensors(student: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict
     for name, layer in _layers(student):
         q, scale, zp = weight_codes(layer)
         del state[f"{name}.weight"]
+        state.pop(f"{name}.clip", None)  # weight_clip: already in the codes' scale and zero point
         state.update({f"{name}.weight_int8": q, f"{name}.weight_scale": scale, f"{name}.weight_zero_point": zp})
         layer_bits[name] = layer.wbits
     for name, site in _sites(student):

@@ -11,6 +11,38 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
+def masked_soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The soft cross-entropy of the selected ``rows`` (bool, (B,)), summed and divided by the whole
+    batch size, so its weight per row does not depend on how many rows are selected."""
+    per_row = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
+    return (per_row * rows).sum() / per_row.shape[0]
+
+
+def ce_row_mask(which: str, targets: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Rows where the student's cross-entropy applies: all; plain (one-hot targets, no superposition);
+    agree (the teacher's top-1 class is the target's largest class)."""
+    if which == "all":
+        return torch.ones(targets.shape[0], dtype=torch.bool, device=targets.device)
+    if which == "plain":
+        return targets.max(dim=1).values > 1 - 1e-6
+    if which == "agree":
+        return teacher_logits.argmax(dim=1) == targets.argmax(dim=1)
+    raise ValueError(f"ce rows must be all, plain or agree, got {which!r}")
+
+
+def low_pass(x: torch.Tensor, d0: float) -> torch.Tensor:
+    """Gaussian low-pass filter of images (..., H, W): each centred frequency at distance D from the
+    centre of the 2-D spectrum is scaled by exp(-D^2 / (2 d0^2)); ``d0`` <= 0 returns ``x``."""
+    if d0 <= 0:
+        return x
+    h, w = x.shape[-2:]
+    fy = torch.fft.fftfreq(h, d=1.0 / h, device=x.device)  # the same bins as fftshift's, uncentred
+    fx = torch.fft.fftfreq(w, d=1.0 / w, device=x.device)
+    dist2 = fy[:, None] ** 2 + fx[None, :] ** 2
+    gain = torch.exp(-dist2 / (2 * d0 ** 2)).to(x.dtype)
+    return torch.fft.ifft2(torch.fft.fft2(x.float()) * gain).real.to(x.dtype)
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 20.0,
             reduction: str = "mean") -> torch.Tensor:
     """tau^2 * KL(softmax(T/tau) || softmax(Q/tau)).

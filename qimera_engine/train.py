@@ -28,9 +28,9 @@ from .data import ImageData, InputSpec, load_data
 from .evaluate import evaluate
 from .events import EpochEnd, Evaluated, Event, Finished, Log, Started, Step
 from .generator import BatchSampler, Generator, LatentBatch
-from .losses import BNStatisticsLoss, kd_loss, soft_cross_entropy
+from .losses import BNStatisticsLoss, ce_row_mask, kd_loss, low_pass, masked_soft_cross_entropy, soft_cross_entropy
 from .models import Teacher, save_state_dict
-from .quant import set_calibration
+from .quant import enable_weight_clip, fit_ranges_mse, set_calibration, start_range_sampling
 from .runs import Run, RunDamaged, RunLocked, atomic_path, create_run, open_run, write_csv, write_json
 from .seeding import RunRandom, seeded_init
 from .teachers import random_shift, get_teacher
@@ -98,6 +98,8 @@ class Parts:
         teacher.model.to(device).eval().requires_grad_(False)
         student = student_of(teacher, cfg).requires_grad_(True)
         student.train(cfg.student_train_mode)
+        if cfg.weight_clip == "mse":  # a resumed run loads its saved ratios over these
+            enable_weight_clip(student, fit=True)
         with seeded_init(cfg.seed):  # the generator's initial weights, then the run's stream continues
             generator = None if cfg.method == "real-data" else build_generator(cfg, teacher, device)
             rng = RunRandom.create(cfg.seed, device, cpu_state=torch.get_rng_state())
@@ -263,12 +265,18 @@ def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dic
     bns = BNStatisticsLoss(teacher) if gen is not None else None
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and dev.type == "cuda"
            else contextlib.nullcontext())
+    cosine = cfg.lr_schedule == "cosine"
+    student_start = cfg.warmup_epochs  # the student's first epoch (ptq never trains it)
+    student_total = (cfg.epochs - student_start) * cfg.iters_per_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t_epoch = time.perf_counter()
             calibrating = epoch < cfg.calib_epochs
             train_student = epoch >= cfg.warmup_epochs and cfg.method != "ptq"
             set_calibration(student, calibrating)
+            last_calibration = cfg.act_calib == "mse" and epoch == cfg.calib_epochs - 1
+            if last_calibration:  # the ranges of the last calibration batches are then clipped (MSE)
+                start_range_sampling(student, ACT_SAMPLE_BATCHES)
             sums = torch.zeros(6, device=dev)  # loss_g, ce_g, bns, loss_s, kd, ce_s
             window, t_window = torch.zeros(6, device=dev), time.perf_counter()
             for it in range(cfg.iters_per_epoch):
@@ -281,7 +289,11 @@ def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dic
                         x, targets, t_logits, g_losses = _generator_step(cfg, gen, teacher, bns, opt_g, sampler, dev)
                     else:
                         x, targets, t_logits, g_losses = _real_batch(cfg, parts, teacher, dev)
-                    s_losses = _student_step(cfg, student, opt_s, x, targets, t_logits, train_student, calibrating)
+                    if cosine and train_student:  # per step, from the step count: nothing to save for resume
+                        opt_s.param_groups[0]["lr"] = cosine_lr(cfg.lr_s, (epoch - student_start) * cfg.iters_per_epoch
+                                                                + it, student_total)
+                    s_losses = _student_step(cfg, student, opt_s, x, targets, t_logits, train_student, calibrating,
+                                             teacher)
                 vec = torch.stack([*g_losses, *s_losses]).float()
                 sums += vec
                 window += vec
@@ -300,9 +312,12 @@ def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dic
                     t_window = time.perf_counter()
             with warnings.catch_warnings():  # warm-up epochs never step the student's optimizer
                 warnings.simplefilter("ignore", UserWarning)
-                sched_s.step()
+                if not cosine:  # cosine sets the student's lr at every step instead
+                    sched_s.step()
             if sched_g is not None:
                 sched_g.step()
+            if last_calibration:
+                fit_ranges_mse(student)
             set_calibration(student, False)
             acc = evaluate(student, parts.test, batch_size=cfg.eval_batch_size, device=dev)["top1"]
             best = max(best, acc)
@@ -326,6 +341,8 @@ def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dic
     folder.set_status("finished")
     yield Finished(str(folder.path), "finished", summary)
 
+
+ACT_SAMPLE_BATCHES = 40  # act_calib="mse": activations of the last 40 calibration batches choose the clipping
 
 _LOSS_NAMES = ("loss_g", "ce_g", "bns", "loss_s", "kd", "ce_s")
 
@@ -359,21 +376,33 @@ def _real_batch(cfg, parts, teacher, dev):
     return x, targets, t_logits, (zero, zero, zero)
 
 
-def _student_step(cfg, student, opt_s, x, targets, t_logits, train_student: bool, calibrating: bool):
+def _student_step(cfg, student, opt_s, x, targets, t_logits, train_student: bool, calibrating: bool,
+                  teacher=None):
     zero = torch.zeros((), device=x.device)
+    if cfg.lowpass_d0 > 0 and (train_student or calibrating):  # the student sees filtered images, and
+        x = low_pass(x, cfg.lowpass_d0)                        # learns the teacher's view of those
+        with torch.no_grad():
+            t_logits = teacher(x)
     if not train_student:
         if calibrating:  # the forward pass calibrates the activation ranges
             with torch.no_grad():
                 student(x)
         return zero, zero, zero
-    s_logits = student(x).float()
-    kd = kd_loss(s_logits, t_logits.float(), cfg.kd_tau, cfg.kd_reduction)
-    ce = soft_cross_entropy(s_logits, targets)
-    loss = cfg.kd_alpha * kd + cfg.ce_weight * ce
-    opt_s.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_s.step()
+    rows = None if cfg.ce_rows == "all" else ce_row_mask(cfg.ce_rows, targets, t_logits)
+    for _ in range(cfg.student_steps):
+        s_logits = student(x).float()
+        kd = kd_loss(s_logits, t_logits.float(), cfg.kd_tau, cfg.kd_reduction)
+        ce = soft_cross_entropy(s_logits, targets) if rows is None else masked_soft_cross_entropy(s_logits, targets, rows)
+        loss = cfg.kd_alpha * kd + cfg.ce_weight * ce
+        opt_s.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_s.step()
     return loss.detach(), kd.detach(), ce.detach()
+
+
+def cosine_lr(base: float, step: int, total: int) -> float:
+    """The learning rate after ``step`` of ``total`` steps of a cosine decay from ``base`` to 0."""
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
 def _tuples(x):

@@ -1,8 +1,10 @@
 """Fake quantization: pure functions, modules, and the model converter."""
-from .convert import act_quantizers, count_quantized, quantize_model, reset_calibration, set_calibration
+from .convert import (act_quantizers, count_quantized, enable_weight_clip, fit_ranges_mse, quantize_model,
+                      reset_calibration, set_calibration, start_range_sampling, weight_layers)
 from .functional import FULL_PRECISION, affine_qparams, fake_quantize, fake_quantize_weight
 from .modules import ActQuantizer, QuantAct, QuantConv2d, QuantLinear
 
 __all__ = ["FULL_PRECISION", "ActQuantizer", "QuantAct", "QuantConv2d", "QuantLinear", "act_quantizers",
            "affine_qparams", "count_quantized", "fake_quantize", "fake_quantize_weight", "quantize_model",
-           "reset_calibration", "set_calibration"]
+           "reset_calibration", "set_calibration", "enable_weight_clip", "fit_ranges_mse", "start_range_sampling",
+           "weight_layers"]

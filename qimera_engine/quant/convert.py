@@ -125,6 +125,29 @@ def set_calibration(model: nn.Module, on: bool) -> None:
         q.calibrating = bool(on)
 
 
+def weight_layers(model: nn.Module) -> Iterable[QuantConv2d | QuantLinear]:
+    return (m for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear)))
+
+
+def enable_weight_clip(model: nn.Module, fit: bool = False) -> None:
+    """Give every quantized weight layer a per-channel clipping ratio (``weight_clip="mse"``):
+    ones (to load saved ratios into), or with ``fit`` the MSE-optimal ratios for its current weights."""
+    for m in weight_layers(model):
+        m.fit_clip() if fit else m.enable_clip()
+
+
+def start_range_sampling(model: nn.Module, batches: int) -> None:
+    """Every activation quantizer keeps a sample of its next ``batches`` calibrating forwards."""
+    for q in act_quantizers(model):
+        q.start_sampling(batches)
+
+
+def fit_ranges_mse(model: nn.Module) -> None:
+    """Clip every sampled activation range at its MSE-optimal point (see ActQuantizer.fit_range_mse)."""
+    for q in act_quantizers(model):
+        q.fit_range_mse()
+
+
 def reset_calibration(model: nn.Module) -> None:
     for q in act_quantizers(model):
         q.ema_lo.zero_(), q.ema_hi.zero_(), q.steps.zero_()

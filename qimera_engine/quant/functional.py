@@ -71,9 +71,48 @@ def per_channel_range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lo.reshape(shape), hi.reshape(shape)
 
 
-def fake_quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel asymmetric fake quantization; the range is the weights' current min/max."""
+def fake_quantize_weight(w: torch.Tensor, bits: int, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-output-channel asymmetric fake quantization; the range is the weights' current min/max,
+    times ``clip`` (a per-channel ratio in (0, 1], broadcast against ``w``) when given."""
     if bits >= FULL_PRECISION:
         return w
     lo, hi = per_channel_range(w)
+    if clip is not None:
+        lo, hi = lo * clip, hi * clip
     return fake_quantize(w, lo, hi, bits)
+
+
+# Clipping ratios searched by the MSE-optimal range searches: 0.5 .. 1.0 for weights (a 4-bit
+# channel rarely gains from clipping more than half of its range), 0.2 .. 1.0 for activations.
+WEIGHT_CLIP_GRID = tuple(0.5 + 0.01 * i for i in range(51))
+ACT_CLIP_GRID = tuple(0.2 + 0.02 * i for i in range(41))
+
+
+@torch.no_grad()
+def mse_weight_clip(w: torch.Tensor, bits: int, grid=WEIGHT_CLIP_GRID) -> torch.Tensor:
+    """Per output channel, the ratio r of the grid whose range [r*min, r*max] gives the smallest
+    squared quantization error of that channel; shaped to broadcast against ``w``. Ties keep the
+    largest range (the grid is searched from 1.0 down)."""
+    lo, hi = per_channel_range(w)
+    best = torch.full_like(lo, float("inf"))
+    ratio = torch.ones_like(lo)
+    for r in sorted(grid, reverse=True):
+        err = (fake_quantize(w, lo * r, hi * r, bits) - w).pow(2).flatten(1).sum(1).view_as(lo)
+        better = err < best
+        best = torch.where(better, err, best)
+        ratio = torch.where(better, torch.full_like(ratio, r), ratio)
+    return ratio
+
+
+@torch.no_grad()
+def mse_act_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int,
+                  grid=ACT_CLIP_GRID) -> torch.Tensor:
+    """The upper end of a per-tensor range: the lo + r*(hi - lo) of the grid with the smallest mean
+    squared quantization error over the sample ``x`` (ties keep the largest range)."""
+    best, best_hi = float("inf"), hi
+    for r in sorted(grid, reverse=True):
+        h = lo + (hi - lo) * r
+        err = float((fake_quantize(x, lo, h, bits) - x).pow(2).mean())
+        if err < best:
+            best, best_hi = err, h
+    return best_hi

@@ -1,11 +1,13 @@
 """Fake-quantized modules: weights of Conv2d/Linear and activations at every call site."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import FULL_PRECISION, fake_quantize, fake_quantize_weight
+from .functional import FULL_PRECISION, fake_quantize, fake_quantize_weight, mse_act_range, mse_weight_clip
 
 
 def _check_bits(bits: int) -> int:
@@ -15,7 +17,33 @@ def _check_bits(bits: int) -> int:
     return bits
 
 
-class QuantConv2d(nn.Conv2d):
+class _WeightClip:
+    """Optional per-output-channel clipping of the weight range (``weight_clip="mse"``).
+
+    Without it (the paper) a channel's range is its current min/max. ``enable_clip`` adds a
+    ``clip`` buffer of ratios (saved with the weights); ``fit_clip`` sets each to the MSE-optimal
+    ratio for the current weights, and the range becomes ``clip`` x (min, max) from then on.
+    """
+
+    clip: torch.Tensor | None
+
+    def enable_clip(self) -> None:
+        if self.clip is None:
+            shape = (self.weight.shape[0],) + (1,) * (self.weight.dim() - 1)
+            self.clip = torch.ones(shape, device=self.weight.device, dtype=self.weight.dtype)
+
+    def fit_clip(self) -> None:
+        self.enable_clip()
+        if self.wbits < FULL_PRECISION:
+            self.clip.copy_(mse_weight_clip(self.weight.detach(), self.wbits))
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.prequantized:
+            return self.weight
+        return fake_quantize_weight(self.weight, self.wbits, self.clip)
+
+
+class QuantConv2d(_WeightClip, nn.Conv2d):
     """Conv2d whose weight is fake-quantized per output channel at every forward.
 
     ``prequantized``: the weight already holds its dequantized codes (a student loaded from an
@@ -25,6 +53,7 @@ class QuantConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.wbits = _check_bits(wbits)
         self.prequantized = False
+        self.register_buffer("clip", None)  # a tensor only with weight clipping (not in the state dict before)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, wbits: int) -> "QuantConv2d":
@@ -38,18 +67,17 @@ class QuantConv2d(nn.Conv2d):
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, self.groups, self.bias is not None, self.padding_mode,
                          device=self.weight.device, dtype=self.weight.dtype)
-        conv.load_state_dict(self.state_dict())
+        conv.load_state_dict({k: v for k, v in self.state_dict().items() if k != "clip"})
         return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight if self.prequantized else fake_quantize_weight(self.weight, self.wbits)
-        return self._conv_forward(x, w, self.bias)
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", wbits={self.wbits}"
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(_WeightClip, nn.Linear):
     """Linear whose weight is fake-quantized per output row at every forward (``prequantized``:
     see QuantConv2d)."""
 
@@ -57,6 +85,7 @@ class QuantLinear(nn.Linear):
         super().__init__(*args, **kwargs)
         self.wbits = _check_bits(wbits)
         self.prequantized = False
+        self.register_buffer("clip", None)  # a tensor only with weight clipping (not in the state dict before)
 
     @classmethod
     def from_float(cls, lin: nn.Linear, wbits: int) -> "QuantLinear":
@@ -68,12 +97,11 @@ class QuantLinear(nn.Linear):
     def to_float(self) -> nn.Linear:
         lin = nn.Linear(self.in_features, self.out_features, self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
-        lin.load_state_dict(self.state_dict())
+        lin.load_state_dict({k: v for k, v in self.state_dict().items() if k != "clip"})
         return lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight if self.prequantized else fake_quantize_weight(self.weight, self.wbits)
-        return F.linear(x, w, self.bias)
+        return F.linear(x, self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", wbits={self.wbits}"
@@ -96,6 +124,8 @@ class ActQuantizer(nn.Module):
         self.register_buffer("ema_lo", torch.zeros(()))
         self.register_buffer("ema_hi", torch.zeros(()))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.samples: list[torch.Tensor] | None = None  # kept by calibrating forwards while a list
+        self.keep = 0
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The bias-corrected range (lo, hi); (0, 0) before any calibration batch."""
@@ -108,6 +138,27 @@ class ActQuantizer(nn.Module):
         self.ema_lo.mul_(self.beta).add_(lo.to(self.ema_lo.dtype), alpha=1 - self.beta)
         self.ema_hi.mul_(self.beta).add_(hi.to(self.ema_hi.dtype), alpha=1 - self.beta)
         self.steps.add_(1)
+        if self.samples is not None:
+            self.samples.append(_spread_sample(x.detach().float(), self.SAMPLE))
+            del self.samples[:-self.keep]
+
+    SAMPLE = 16384  # activation values kept per calibration batch for the range search
+
+    def start_sampling(self, batches: int) -> None:
+        """Keep a sample of the activations of the next calibrating forwards (the last ``batches``)."""
+        self.samples, self.keep = [], max(1, int(batches))
+
+    @torch.no_grad()
+    def fit_range_mse(self) -> None:
+        """Move the upper end of the calibrated range to the MSE-optimal clipping point for the
+        sampled activations (``act_calib="mse"``), then stop sampling. The EMA keeps the result."""
+        samples, self.samples = self.samples, None
+        if not samples or self.bits >= FULL_PRECISION:
+            return
+        lo, hi = self.range()
+        new_hi = mse_act_range(torch.cat(samples).to(lo.device), lo, hi, self.bits)
+        correction = 1.0 - self.beta ** self.steps.clamp(min=1).to(self.ema_hi.dtype)
+        self.ema_hi.copy_(new_hi * correction)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits >= FULL_PRECISION:
@@ -119,6 +170,16 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, beta={self.beta}"
+
+
+def _spread_sample(x: torch.Tensor, n: int) -> torch.Tensor:
+    """About ``n`` values of ``x`` at a fixed stride coprime to 2, 3, 5 and 7, so the sample does not
+    fall on the same rows or columns of every image (no random numbers drawn)."""
+    flat = x.reshape(-1)
+    stride = max(1, flat.numel() // n)
+    while stride > 1 and math.gcd(stride, 210) != 1:
+        stride += 1
+    return flat[::stride][:n].clone()
 
 
 class QuantAct(nn.Module):
