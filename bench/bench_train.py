@@ -22,11 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from qimera_engine.config import preset  # noqa: E402
-from qimera_engine.generator import BatchSampler  # noqa: E402
-from qimera_engine.losses import BNStatisticsLoss  # noqa: E402
 from qimera_engine.models import build_teacher  # noqa: E402
 from qimera_engine.quant import quantize_model  # noqa: E402
-from qimera_engine.train import _generator_step, _student_step, build_generator  # noqa: E402
+from qimera_engine.seeding import RunRandom  # noqa: E402
+from qimera_engine.train import Trainer, build_generator  # noqa: E402
 
 CASES = {"digits": ("digits", "digits-cnn"), "resnet20": ("cifar10-resnet20-cpu", "resnet20")}
 
@@ -37,22 +36,24 @@ def bench(case: str, batch: int, iters: int, device: str, warmup: int = 3, block
     torch.manual_seed(0)
     teacher = build_teacher(teacher_name)  # random weights: the arithmetic is the same as a trained one
     dev = torch.device(device)
-    teacher.model.to(dev)
+    teacher.model.to(dev).eval().requires_grad_(False)
     student = quantize_model(teacher.model, 4, 4).requires_grad_(True).eval()
     gen = build_generator(cfg, teacher, dev)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_g, betas=tuple(cfg.g_betas))
-    opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr_s, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    sampler = BatchSampler(teacher.num_classes, gen.embed_dim, cfg.superpose_p, cfg.superpose_k, seed=0)
-    bns = BNStatisticsLoss(teacher.model)
+    # the runner's own training state and steps (optimizers, sampler, BN hooks as a run builds them)
+    trainer = Trainer(cfg, teacher.model, student, gen, teacher.num_classes, RunRandom.create(0, dev), dev)
 
     def step():
-        x, t, logits, _ = _generator_step(cfg, gen, teacher.model, bns, opt_g, sampler, dev)
-        _student_step(cfg, student, opt_s, x, t, logits, True, False)
+        trainer.student_step(trainer.generator_step(), train=True, calibrating=False)
 
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    with trainer.bn_hooks():
+        return _time(step, sync, case, batch, iters, device, warmup, blocks)
+
+
+def _time(step, sync, case, batch, iters, device, warmup, blocks) -> dict:
     for _ in range(warmup):
         step()
     sync()

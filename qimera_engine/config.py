@@ -78,6 +78,8 @@ class RunConfig:
     ema_beta: float = 0.9
     student_train_mode: bool = False  # reference keeps the student in eval mode (BN running stats)
     eval_batch_size: int = 500
+    eval_images: int = 0            # > 0: epochs before the last are evaluated on a fixed draw of this many test
+                                    # images (faster); the last epoch always on the whole test set. 0: all, always
 
     # --- Qimera+ (the project's own recipe, not the paper's; each default is the paper's behaviour) ---
     weight_clip: str = "minmax"     # minmax: each channel's current min/max (paper) | mse: MSE-optimal clipping ratio
@@ -134,8 +136,8 @@ class RunConfig:
         need(0 <= self.warmup_epochs <= self.epochs, f"warmup_epochs must be in [0, epochs={self.epochs}]")
         need(0 <= self.calib_epochs <= self.epochs, f"calib_epochs must be in [0, epochs={self.epochs}]")
         need(self.calib_epochs >= 1 or self.abits == 32,
-             f"calib_epochs must be >= 1 when abits < 32: the activation ranges are calibrated in those epochs "
-             f"(with 0, every activation would be quantized to a range of zero)")
+             "calib_epochs must be >= 1 when abits < 32: the activation ranges are calibrated in those epochs "
+             "(with 0, every activation would be quantized to a range of zero)")
         need(self.lr_gamma > 0, f"lr_gamma must be > 0 (the learning rate is multiplied by it), got {self.lr_gamma}")
         need(all(isinstance(m, int) and m >= 1 for m in self.milestones), "milestones must be epochs >= 1")
         need(isinstance(self.seed, int) and 0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}")
@@ -148,6 +150,8 @@ class RunConfig:
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device must be auto, cpu or cuda, got {self.device!r}")
         need(self.num_threads is None or self.num_threads >= 1, "num_threads must be >= 1")
+        need(isinstance(self.eval_images, int) and self.eval_images >= 0,
+             f"eval_images must be an integer >= 0 (0: the whole test set), got {self.eval_images!r}")
 
     # --- derived settings ---
     def resolved(self) -> "RunConfig":

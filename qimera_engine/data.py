@@ -91,6 +91,11 @@ class ImageData:
         images, labels = self.take(self._draw(n, seed))
         return self.normalise(images), labels
 
+    def sample(self, n: int, seed: int = 0) -> "ImageData":
+        """A smaller set of n of these images (the same fixed draw as ``subset``), held in memory."""
+        images, labels = self.take(self._draw(n, seed))
+        return ImageData(f"{self.name} ({len(labels)} of {len(self)})", self.spec, self.classes, images, labels)
+
     def raw(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """n uint8 images as stored (for showing them), with labels."""
         return self.take(self._draw(n, seed))

@@ -85,6 +85,12 @@ class BNStatisticsLoss:
             mean, var = bn_statistics(args[0])
             self._terms.append(F.mse_loss(mean, module.running_mean) + F.mse_loss(var, module.running_var))
 
+    def __enter__(self) -> "BNStatisticsLoss":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
     def pop(self) -> torch.Tensor:
         if not self._terms:
             raise RuntimeError("no BatchNorm statistics were recorded; run the teacher while active")

@@ -221,54 +221,184 @@ def run_to_end(config: RunConfig, on_event: Callable[[Event], None] | None = Non
     return summary
 
 
+@dataclass
+class Batch:
+    """One training batch: images, soft targets, the teacher's logits on them, and the generator's
+    losses (loss_g, ce_g, bns; zeros without a generator)."""
+    x: torch.Tensor
+    targets: torch.Tensor
+    t_logits: torch.Tensor
+    g_losses: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class Trainer:
+    """A run's training state and its two steps (METHOD.md 7-8).
+
+    Holds the networks, the optimizers and schedulers, the latent sampler and the teacher's
+    BN-statistics hooks. One iteration is ``batch = next_batch()`` (``generator_step`` or, for the
+    real-data baseline, ``real_batch``) then ``student_step(batch, ...)``; the runner adds epochs,
+    evaluation, saving and events around them, and benchmarks call the same two steps.
+    """
+
+    def __init__(self, cfg: RunConfig, teacher: nn.Module, student: nn.Module, generator: Generator | None,
+                 num_classes: int, rng: RunRandom, device: torch.device, train: ImageData | None = None,
+                 image_size: int = 32):
+        self.cfg, self.teacher, self.student, self.generator = cfg, teacher, student, generator
+        self.rng, self.device, self.train, self.image_size = rng, torch.device(device), train, image_size
+        self.opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr_s, momentum=cfg.momentum,
+                                     nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        self.sched_s = torch.optim.lr_scheduler.MultiStepLR(self.opt_s, cfg.milestones, cfg.lr_gamma)
+        self.opt_g = self.sched_g = None
+        if generator is not None:
+            self.opt_g = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_g,
+                                          betas=tuple(cfg.g_betas))
+            self.sched_g = torch.optim.lr_scheduler.MultiStepLR(self.opt_g, cfg.milestones, cfg.lr_gamma)
+        self.sampler = BatchSampler(num_classes, generator.embed_dim if generator else 1, cfg.superpose_p,
+                                    cfg.superpose_k, cfg.coeff_sampler, cfg.dirichlet_alpha, cfg.fixed_coeffs,
+                                    seed=cfg.seed, generator=rng.device)
+        self.bns: BNStatisticsLoss | None = None
+        # the student's steps, for a cosine learning rate: it trains from the end of the warm-up on
+        self.student_total = (cfg.epochs - cfg.warmup_epochs) * cfg.iters_per_epoch
+
+    @classmethod
+    def from_parts(cls, parts: Parts) -> "Trainer":
+        return cls(parts.cfg, parts.teacher.model, parts.student, parts.generator, parts.teacher.num_classes,
+                   parts.rng, parts.device, parts.train, parts.teacher.image_size)
+
+    @contextlib.contextmanager
+    def bn_hooks(self):
+        """The teacher's BN-statistics hooks (L_BNS), installed for the block; nothing without a generator."""
+        if self.generator is None:
+            yield self
+            return
+        with BNStatisticsLoss(self.teacher) as self.bns:
+            try:
+                yield self
+            finally:
+                self.bns = None
+
+    # --- one iteration
+
+    def next_batch(self) -> Batch:
+        return self.generator_step() if self.generator is not None else self.real_batch()
+
+    def generator_step(self) -> Batch:
+        """Generate a batch and step G on L_G = CE_soft(T(x), t) + w * L_BNS (inside ``bn_hooks``)."""
+        if self.bns is None:
+            raise RuntimeError("generator_step needs the BN-statistics hooks: call it inside `with trainer.bn_hooks():`")
+        cfg = self.cfg
+        latent: LatentBatch = self.sampler(cfg.batch_size, self.device)
+        x = self.generator(latent.labels, latent.coeffs, latent.noise)
+        self.bns.active = True
+        t_logits = self.teacher(x)
+        self.bns.active = False
+        l_bns = self.bns.pop()
+        ce_g = soft_cross_entropy(t_logits.float(), latent.targets)
+        loss_g = ce_g + cfg.bns_weight * l_bns
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_g.step()
+        return Batch(x.detach(), latent.targets, t_logits.detach(), (loss_g.detach(), ce_g.detach(), l_bns.detach()))
+
+    def real_batch(self) -> Batch:
+        """The real-data baseline's batch: real training images (randomly shifted), one-hot targets."""
+        data = self.train
+        idx = torch.randint(len(data), (self.cfg.batch_size,), generator=self.rng.cpu)
+        images, labels = data.take(idx)
+        x, y = data.normalise(images).to(self.device), labels.to(self.device)
+        x = random_shift(x, max(1, self.image_size // 8), self.rng.cpu)
+        with torch.no_grad():
+            t_logits = self.teacher(x)
+        targets = torch.nn.functional.one_hot(y, t_logits.shape[1]).float()
+        zero = torch.zeros((), device=self.device)
+        return Batch(x, targets, t_logits, (zero, zero, zero))
+
+    def student_step(self, batch: Batch, train: bool, calibrating: bool) -> tuple[torch.Tensor, ...]:
+        """``student_steps`` steps of the student on L_S = alpha * KD + w * CE (``train``), or only a forward
+        pass that calibrates the activation ranges (``calibrating``); returns (loss_s, kd, ce_s)."""
+        cfg, student = self.cfg, self.student
+        x, targets, t_logits = batch.x, batch.targets, batch.t_logits
+        zero = torch.zeros((), device=x.device)
+        if cfg.lowpass_d0 > 0 and (train or calibrating):  # the student sees filtered images, and
+            x = low_pass(x, cfg.lowpass_d0)                  # learns the teacher's view of those
+            with torch.no_grad():
+                t_logits = self.teacher(x)
+        if not train:
+            if calibrating:  # the forward pass calibrates the activation ranges
+                with torch.no_grad():
+                    student(x)
+            return zero, zero, zero
+        rows = None if cfg.ce_rows == "all" else ce_row_mask(cfg.ce_rows, targets, t_logits)
+        for _ in range(cfg.student_steps):
+            s_logits = student(x).float()
+            kd = kd_loss(s_logits, t_logits.float(), cfg.kd_tau, cfg.kd_reduction)
+            ce = (soft_cross_entropy(s_logits, targets) if rows is None
+                  else masked_soft_cross_entropy(s_logits, targets, rows))
+            loss = cfg.kd_alpha * kd + cfg.ce_weight * ce
+            self.opt_s.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_s.step()
+        return loss.detach(), kd.detach(), ce.detach()
+
+    def set_student_lr(self, epoch: int, it: int) -> None:
+        """``lr_schedule="cosine"``: the student's lr for this iteration (from the step count alone, so
+        resume needs nothing saved). The step schedule moves at ``end_epoch`` instead."""
+        if self.cfg.lr_schedule == "cosine" and epoch >= self.cfg.warmup_epochs:
+            step = (epoch - self.cfg.warmup_epochs) * self.cfg.iters_per_epoch + it
+            self.opt_s.param_groups[0]["lr"] = cosine_lr(self.cfg.lr_s, step, self.student_total)
+
+    def end_epoch(self) -> None:
+        with warnings.catch_warnings():  # warm-up epochs never step the student's optimizer
+            warnings.simplefilter("ignore", UserWarning)
+            if self.cfg.lr_schedule == "step":
+                self.sched_s.step()
+        if self.sched_g is not None:
+            self.sched_g.step()
+
+    # --- resume
+
+    def state_dict(self) -> dict:
+        """Everything resume needs, under the keys of earlier state files (so those still resume)."""
+        st = {"student": self.student.state_dict(), "opt_s": self.opt_s.state_dict(),
+              "sched_s": self.sched_s.state_dict(), "rng_sampler": self.sampler.rng.getstate(), **self.rng.state()}
+        if self.generator is not None:
+            st.update(generator=self.generator.state_dict(), opt_g=self.opt_g.state_dict(),
+                      sched_g=self.sched_g.state_dict())
+        return st
+
+    def load_state_dict(self, st: dict) -> None:
+        self.student.load_state_dict(st["student"])
+        self.opt_s.load_state_dict(st["opt_s"])
+        self.sched_s.load_state_dict(st["sched_s"])
+        if self.generator is not None:
+            self.generator.load_state_dict(st["generator"])
+            self.opt_g.load_state_dict(st["opt_g"])
+            self.sched_g.load_state_dict(st["sched_g"])
+        self.rng.load_state(st)
+        self.sampler.rng.setstate(_tuples(st["rng_sampler"]))
+
+
 def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dict | None,
              t_start: float) -> Iterator[Event]:
-    cfg = parts.cfg
-    dev, teacher, student, gen = parts.device, parts.teacher.model, parts.student, parts.generator
-
-    opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr_s, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                            weight_decay=cfg.weight_decay)
-    sched_s = torch.optim.lr_scheduler.MultiStepLR(opt_s, cfg.milestones, cfg.lr_gamma)
-    opt_g = sched_g = None
-    if gen is not None:
-        opt_g = torch.optim.Adam([p for p in gen.parameters() if p.requires_grad], lr=cfg.lr_g,
-                                 betas=tuple(cfg.g_betas))
-        sched_g = torch.optim.lr_scheduler.MultiStepLR(opt_g, cfg.milestones, cfg.lr_gamma)
-    sampler = BatchSampler(parts.teacher.num_classes, gen.embed_dim if gen else 1, cfg.superpose_p,
-                           cfg.superpose_k, cfg.coeff_sampler, cfg.dirichlet_alpha, cfg.fixed_coeffs, seed=cfg.seed,
-                           generator=parts.rng.device)
-
+    cfg, dev = parts.cfg, parts.device
+    trainer = Trainer.from_parts(parts)
     rows: list[dict] = []
     start_epoch, best, fp_top1, elapsed_before = 0, -1.0, None, 0.0
     if st is not None:
-        try:
-            student.load_state_dict(st["student"])
-            opt_s.load_state_dict(st["opt_s"])
-            sched_s.load_state_dict(st["sched_s"])
-            if gen is not None:
-                gen.load_state_dict(st["generator"])
-                opt_g.load_state_dict(st["opt_g"])
-                sched_g.load_state_dict(st["sched_g"])
-            parts.rng.load_state(st)
-            sampler.rng.setstate(_tuples(st["rng_sampler"]))
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise RunDamaged(f"run {folder.id}: its resume state {Run.STATE} does not fit the run "
-                             f"({type(e).__name__}: {str(e)[:120]}); resume with --restart to start it again") from None
+        _restore(trainer, st, folder)
         start_epoch, best, fp_top1 = int(st["epoch"]) + 1, float(st["best"]), float(st["fp_top1"])
         elapsed_before = float(st["seconds"])
         rows = list(st["rows"])
     if fp_top1 is None:
-        fp_top1 = evaluate(teacher, parts.test, batch_size=cfg.eval_batch_size, device=dev)["top1"]
+        fp_top1 = evaluate(parts.teacher.model, parts.test, batch_size=cfg.eval_batch_size, device=dev)["top1"]
     total = cfg.epochs * cfg.iters_per_epoch
     yield Started(str(folder.path), cfg.to_dict(), str(dev), total, start_epoch, fp_top1)
 
-    bns = BNStatisticsLoss(teacher) if gen is not None else None
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and dev.type == "cuda"
            else contextlib.nullcontext())
-    cosine = cfg.lr_schedule == "cosine"
-    student_start = cfg.warmup_epochs  # the student's first epoch (ptq never trains it)
-    student_total = (cfg.epochs - student_start) * cfg.iters_per_epoch
-    try:
+    eval_subset = parts.test.sample(cfg.eval_images) if 0 < cfg.eval_images < len(parts.test) else None
+    student = parts.student
+    with trainer.bn_hooks():
         for epoch in range(start_epoch, cfg.epochs):
             t_epoch = time.perf_counter()
             calibrating = epoch < cfg.calib_epochs
@@ -285,19 +415,12 @@ def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dic
                     yield Finished(str(folder.path), "cancelled", _summary(cfg, folder, rows, fp_top1, elapsed_before + time.perf_counter() - t_start))
                     return
                 with amp:
-                    if gen is not None:
-                        x, targets, t_logits, g_losses = _generator_step(cfg, gen, teacher, bns, opt_g, sampler, dev)
-                    else:
-                        x, targets, t_logits, g_losses = _real_batch(cfg, parts, teacher, dev)
-                    if cosine and train_student:  # per step, from the step count: nothing to save for resume
-                        opt_s.param_groups[0]["lr"] = cosine_lr(cfg.lr_s, (epoch - student_start) * cfg.iters_per_epoch
-                                                                + it, student_total)
-                    s_losses = _student_step(cfg, student, opt_s, x, targets, t_logits, train_student, calibrating,
-                                             teacher)
-                vec = torch.stack([*g_losses, *s_losses]).float()
+                    batch = trainer.next_batch()
+                    trainer.set_student_lr(epoch, it)
+                    s_losses = trainer.student_step(batch, train_student, calibrating)
+                vec = torch.stack([*batch.g_losses, *s_losses]).float()
                 sums += vec
                 window += vec
-                step = epoch * cfg.iters_per_epoch + it + 1
                 if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iters_per_epoch:
                     n = (it % cfg.log_every) + 1
                     vals = (window / n).tolist()  # the one host sync per log interval
@@ -307,35 +430,24 @@ def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dic
                             f"({dict(zip(_LOSS_NAMES, vals))}); lower the learning rates, kd_alpha or kd_tau. "
                             f"The run folder keeps the last completed epoch.")
                     rate = n * cfg.batch_size / max(time.perf_counter() - t_window, 1e-9)
+                    step = epoch * cfg.iters_per_epoch + it + 1
                     yield Step(epoch, it, step, total, dict(zip(_LOSS_NAMES, vals)), rate)
                     window.zero_()
                     t_window = time.perf_counter()
-            with warnings.catch_warnings():  # warm-up epochs never step the student's optimizer
-                warnings.simplefilter("ignore", UserWarning)
-                if not cosine:  # cosine sets the student's lr at every step instead
-                    sched_s.step()
-            if sched_g is not None:
-                sched_g.step()
+            trainer.end_epoch()
             if last_calibration:
                 fit_ranges_mse(student)
             set_calibration(student, False)
-            acc = evaluate(student, parts.test, batch_size=cfg.eval_batch_size, device=dev)["top1"]
-            best = max(best, acc)
-            seconds = time.perf_counter() - t_epoch
-            means = (sums / cfg.iters_per_epoch).tolist()
-            row = {"epoch": epoch, "top1": round(acc, 4), "best_top1": round(best, 4),
-                   **{k: round(v, 6) for k, v in zip(_LOSS_NAMES, means)},
-                   "lr_g": opt_g.param_groups[0]["lr"] if opt_g else 0.0, "lr_s": opt_s.param_groups[0]["lr"],
-                   "calibrating": int(calibrating), "student_trained": int(train_student),
-                   "seconds": round(seconds, 3), "images_per_s": round(cfg.iters_per_epoch * cfg.batch_size / seconds, 1)}
+            on = eval_subset if eval_subset is not None and epoch < cfg.epochs - 1 else parts.test
+            result = evaluate(student, on, batch_size=cfg.eval_batch_size, device=dev)
+            best = max(best, result["top1"])
+            row = _metrics_row(cfg, trainer, epoch, result, best, sums, calibrating, train_student,
+                               time.perf_counter() - t_epoch)
             rows.append(row)
             elapsed = elapsed_before + time.perf_counter() - t_start
-            _save_epoch(folder, parts, epoch, best, fp_top1, elapsed, rows, opt_s, sched_s, opt_g, sched_g, sampler)
-            yield Evaluated(epoch, acc, best)
+            _save_epoch(folder, parts, trainer, epoch, best, fp_top1, elapsed, rows)
+            yield Evaluated(epoch, result["top1"], best)
             yield EpochEnd(epoch, row)
-    finally:
-        if bns is not None:
-            bns.remove()
     summary = _summary(cfg, folder, rows, fp_top1, elapsed_before + time.perf_counter() - t_start)
     write_json(folder.path / Run.SUMMARY, summary)
     folder.set_status("finished")
@@ -347,57 +459,25 @@ ACT_SAMPLE_BATCHES = 40  # act_calib="mse": activations of the last 40 calibrati
 _LOSS_NAMES = ("loss_g", "ce_g", "bns", "loss_s", "kd", "ce_s")
 
 
-def _generator_step(cfg, gen, teacher, bns, opt_g, sampler, dev):
-    batch: LatentBatch = sampler(cfg.batch_size, dev)
-    x = gen(batch.labels, batch.coeffs, batch.noise)
-    bns.active = True
-    t_logits = teacher(x)
-    bns.active = False
-    l_bns = bns.pop()
-    ce_g = soft_cross_entropy(t_logits.float(), batch.targets)
-    loss_g = ce_g + cfg.bns_weight * l_bns
-    opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    opt_g.step()
-    return x.detach(), batch.targets, t_logits.detach(), (loss_g.detach(), ce_g.detach(), l_bns.detach())
+def _restore(trainer: Trainer, st: dict, folder: Run) -> None:
+    try:
+        trainer.load_state_dict(st)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise RunDamaged(f"run {folder.id}: its resume state {Run.STATE} does not fit the run "
+                         f"({type(e).__name__}: {str(e)[:120]}); resume with --restart to start it again") from None
 
 
-def _real_batch(cfg, parts, teacher, dev):
-    """The real-data baseline's batch: real training images, one-hot targets."""
-    data = parts.train
-    idx = torch.randint(len(data), (cfg.batch_size,), generator=parts.rng.cpu)
-    images, labels = data.take(idx)
-    x, y = data.normalise(images).to(dev), labels.to(dev)
-    x = random_shift(x, max(1, parts.teacher.image_size // 8), parts.rng.cpu)
-    with torch.no_grad():
-        t_logits = teacher(x)
-    targets = torch.nn.functional.one_hot(y, parts.teacher.num_classes).float()
-    zero = torch.zeros((), device=dev)
-    return x, targets, t_logits, (zero, zero, zero)
-
-
-def _student_step(cfg, student, opt_s, x, targets, t_logits, train_student: bool, calibrating: bool,
-                  teacher=None):
-    zero = torch.zeros((), device=x.device)
-    if cfg.lowpass_d0 > 0 and (train_student or calibrating):  # the student sees filtered images, and
-        x = low_pass(x, cfg.lowpass_d0)                        # learns the teacher's view of those
-        with torch.no_grad():
-            t_logits = teacher(x)
-    if not train_student:
-        if calibrating:  # the forward pass calibrates the activation ranges
-            with torch.no_grad():
-                student(x)
-        return zero, zero, zero
-    rows = None if cfg.ce_rows == "all" else ce_row_mask(cfg.ce_rows, targets, t_logits)
-    for _ in range(cfg.student_steps):
-        s_logits = student(x).float()
-        kd = kd_loss(s_logits, t_logits.float(), cfg.kd_tau, cfg.kd_reduction)
-        ce = soft_cross_entropy(s_logits, targets) if rows is None else masked_soft_cross_entropy(s_logits, targets, rows)
-        loss = cfg.kd_alpha * kd + cfg.ce_weight * ce
-        opt_s.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_s.step()
-    return loss.detach(), kd.detach(), ce.detach()
+def _metrics_row(cfg: RunConfig, trainer: Trainer, epoch: int, result: dict, best: float, sums: torch.Tensor,
+                 calibrating: bool, train_student: bool, seconds: float) -> dict:
+    """One line of metrics.csv: accuracy, mean losses, learning rates, phase, time."""
+    means = (sums / cfg.iters_per_epoch).tolist()
+    return {"epoch": epoch, "top1": round(result["top1"], 4), "best_top1": round(best, 4),
+            **{k: round(v, 6) for k, v in zip(_LOSS_NAMES, means)},
+            "lr_g": trainer.opt_g.param_groups[0]["lr"] if trainer.opt_g else 0.0,
+            "lr_s": trainer.opt_s.param_groups[0]["lr"],
+            "calibrating": int(calibrating), "student_trained": int(train_student),
+            "seconds": round(seconds, 3), "images_per_s": round(cfg.iters_per_epoch * cfg.batch_size / seconds, 1),
+            "eval_images": result["n"]}
 
 
 def cosine_lr(base: float, step: int, total: int) -> float:
@@ -410,12 +490,11 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def _save_epoch(folder, parts, epoch, best, fp_top1, seconds, rows, opt_s, sched_s, opt_g, sched_g, sampler):
+def _save_epoch(folder: Run, parts: Parts, trainer: Trainer, epoch: int, best: float, fp_top1: float,
+                seconds: float, rows: list[dict]) -> None:
     state = {"epoch": epoch, "best": best, "fp_top1": fp_top1, "seconds": seconds, "rows": rows,
-             "student": parts.student.state_dict(), "opt_s": opt_s.state_dict(), "sched_s": sched_s.state_dict(),
-             "rng_sampler": sampler.rng.getstate(), **parts.rng.state()}
+             **trainer.state_dict()}
     if parts.generator is not None:
-        state.update(generator=parts.generator.state_dict(), opt_g=opt_g.state_dict(), sched_g=sched_g.state_dict())
         save_state_dict(parts.generator, folder.path / Run.GENERATOR)
         write_json(folder.path / "generator.json", parts.generator.config())
     save_state_dict(parts.student, folder.path / Run.STUDENT)

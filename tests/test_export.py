@@ -3,8 +3,6 @@ Runtime runs with the engine's top-1 (no GPU, no download)."""
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest

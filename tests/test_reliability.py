@@ -232,7 +232,7 @@ def test_out_of_memory_is_one_line(tmp_path, digits_teacher, monkeypatch, capsys
 
     def oom(*a, **k):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1000000000000 bytes.")
-    monkeypatch.setattr(train_module, "_student_step", oom)
+    monkeypatch.setattr(train_module.Trainer, "student_step", oom)
     code = cli.main(["quantize", "--quiet", "--out", str(tmp_path / "r"), *[f"--set={k}={v}" for k, v in SMALL.items()]])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: out of memory (DefaultCPUAllocator") and len(err.splitlines()) == 1

@@ -1,0 +1,194 @@
+"""Qimera+ switches: at their defaults the engine behaves as before them (golden metrics), and each
+one does what it says in a short digits run."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from qimera_engine import load_student, load_teacher, preset, run_to_end
+from qimera_engine.config import ConfigError
+from qimera_engine.export import export_int, load_int
+from qimera_engine.losses import ce_row_mask, low_pass, masked_soft_cross_entropy, soft_cross_entropy
+from qimera_engine.quant import ActQuantizer, act_quantizers, fake_quantize, weight_layers
+from qimera_engine.quant.functional import mse_act_range, mse_weight_clip, per_channel_range
+from qimera_engine.quant.modules import _spread_sample
+from qimera_engine.runs import open_run
+from qimera_engine.train import cosine_lr
+
+GOLDEN = Path(__file__).parent / "golden" / "paper_defaults.json"
+SHORT = dict(epochs=3, iters_per_epoch=6, warmup_epochs=1, calib_epochs=1, batch_size=16, milestones=[2],
+             log_every=3, seed=0)
+
+
+# --------------------------------------------------------------------------- defaults = the old engine
+
+@pytest.mark.parametrize("case", ["qimera", "gdfq", "ptq", "real-data"])
+def test_defaults_reproduce_the_engine_before_the_switches(case, tmp_path, digits_teacher):
+    """tests/golden/make_golden.py wrote these metrics with the engine before the switches existed.
+    Same seed, same schedule: the losses agree to float rounding (another CPU may round differently
+    in the last bits) and top-1 to at most one test image."""
+    golden = json.loads(GOLDEN.read_text())[case]
+    run_to_end(preset("digits", **golden["config"]), out=tmp_path / "run")
+    rows = open_run(tmp_path / "run").metrics
+    assert len(rows) == len(golden["rows"])
+    for got, want in zip(rows, golden["rows"]):
+        for key, value in want.items():
+            if key == "top1":
+                assert abs(got[key] - value) <= 100 / 450 + 1e-6, (case, got["epoch"], key)
+            else:
+                assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (case, got["epoch"], key)
+
+
+# --------------------------------------------------------------------------- the pieces
+
+def test_mse_weight_clip_never_worse_than_min_max_and_clips_outliers():
+    torch.manual_seed(0)
+    w = torch.randn(8, 64, 3, 3)  # Gaussian channels: 4 bits over min/max waste the tails' levels
+    w[0, 0, 0, 0] = 6.0  # one outlier: its channel is clipped hardest
+    ratio = mse_weight_clip(w, 4)
+    lo, hi = per_channel_range(w)
+    err = lambda r: (fake_quantize(w, lo * r, hi * r, 4) - w).pow(2).flatten(1).sum(1)
+    assert ratio.shape == (8, 1, 1, 1) and bool(((ratio >= 0.5) & (ratio <= 1.0)).all())
+    assert bool((err(ratio) <= err(torch.ones_like(ratio)) + 1e-6).all())
+    assert float(ratio.max()) < 1.0 and float(ratio[0]) == float(ratio.min())
+
+
+def test_mse_act_range_lowers_the_error():
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(20000)) ** 2  # a long tail: min/max wastes most levels
+    lo, hi = x.min(), x.max()
+    new_hi = mse_act_range(x, lo, hi, 4)
+    mse = lambda h: float((fake_quantize(x, lo, h, 4) - x).pow(2).mean())
+    assert float(new_hi) < 0.7 * float(hi) and mse(new_hi) < 0.6 * mse(hi)
+
+
+def test_activation_sample_is_spread_and_bounded():
+    x = torch.arange(64 * 16 * 32 * 32, dtype=torch.float32).reshape(64, 16, 32, 32)
+    s = _spread_sample(x, 16384)
+    assert s.numel() <= 16384 and s.numel() > 15000
+    columns = (s.long() % 32).unique()
+    assert columns.numel() == 32  # not always the same column of the image
+
+
+def test_quantizer_keeps_only_the_last_batches_then_clips():
+    torch.manual_seed(0)
+    q = ActQuantizer(4)
+    q.calibrating = True
+    q.start_sampling(3)
+    batches = [torch.relu(torch.randn(1000)) ** 2 for _ in range(5)]  # long-tailed
+    for x in batches:
+        q(x)
+    assert len(q.samples) == 3 and all(torch.equal(s, x) for s, x in zip(q.samples, batches[2:]))
+    _, hi_before = q.range()
+    q.fit_range_mse()
+    assert q.samples is None and float(q.range()[1]) < 0.95 * float(hi_before)
+    q(torch.full((10,), 1e3))  # no longer sampling
+    assert q.samples is None
+
+
+def test_ce_rows_and_masked_ce():
+    targets = torch.tensor([[1.0, 0, 0], [0.3, 0.7, 0], [0, 0, 1.0]])
+    t_logits = torch.tensor([[5.0, 0, 0], [3.0, 1, 0], [0, 4.0, 0]])
+    assert ce_row_mask("all", targets, t_logits).tolist() == [True, True, True]
+    assert ce_row_mask("plain", targets, t_logits).tolist() == [True, False, True]
+    assert ce_row_mask("agree", targets, t_logits).tolist() == [True, False, False]
+    logits = torch.randn(3, 3)
+    all_rows = torch.ones(3, dtype=torch.bool)
+    assert torch.allclose(masked_soft_cross_entropy(logits, targets, all_rows), soft_cross_entropy(logits, targets))
+    one = masked_soft_cross_entropy(logits, targets, torch.tensor([True, False, False]))
+    assert torch.allclose(one, soft_cross_entropy(logits[:1], targets[:1]) / 3)
+    with pytest.raises(ValueError, match="all, plain or agree"):
+        ce_row_mask("some", targets, t_logits)
+
+
+def test_low_pass_keeps_the_mean_and_removes_high_frequencies():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    y = low_pass(x, 4.0)
+    assert torch.allclose(y.mean(dim=(-2, -1)), x.mean(dim=(-2, -1)), atol=1e-5)
+    checker = torch.ones(32, 32)
+    checker[::2] *= -1
+    checker[:, ::2] *= -1  # the highest frequency: gain exp(-(16^2+16^2)/32) ~ 1e-7
+    assert float(low_pass(checker, 4.0).abs().max()) < 1e-4
+    assert torch.equal(low_pass(x, 0.0), x)
+
+
+def test_cosine_lr_runs_from_base_to_zero():
+    assert cosine_lr(0.1, 0, 100) == pytest.approx(0.1)
+    assert cosine_lr(0.1, 50, 100) == pytest.approx(0.05)
+    assert cosine_lr(0.1, 100, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("weight_clip", "l2", "weight_clip must be one of"), ("act_calib", "max", "act_calib must be one of"),
+    ("lr_schedule", "linear", "lr_schedule must be one of"), ("ce_rows", "some", "ce_rows must be one of"),
+    ("lowpass_d0", -1.0, "lowpass_d0 must be >= 0"), ("lowpass_d0", math.inf, "lowpass_d0 must be >= 0"),
+    ("student_steps", 0, "student_steps must be an integer >= 1")])
+def test_bad_switch_values_are_refused(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        preset("digits", **{field: value})
+
+
+# --------------------------------------------------------------------------- each switch in a run
+
+def _run(tmp_path, name, **switches):
+    folder = tmp_path / name
+    run_to_end(preset("digits", **SHORT, **switches), out=folder)
+    return folder
+
+
+def test_weight_clip_is_fitted_saved_loaded_and_exported(tmp_path, digits_teacher):
+    folder = _run(tmp_path, "clip", weight_clip="mse")
+    teacher = load_teacher(folder)
+    student = load_student(folder, teacher)
+    ratios = torch.cat([m.clip.flatten() for m in weight_layers(student)])
+    assert bool((ratios <= 1).all()) and bool((ratios < 1).any())  # loaded from the run, not ones
+    x = torch.randn(32, 1, 8, 8)
+    rebuilt = load_int(export_int(folder, tmp_path / "s.safetensors"))
+    assert torch.equal(rebuilt(x), student(x))  # the integer codes carry the clipped ranges
+    assert open_run(folder).summary["quant_top1"] > 80
+
+
+def test_mse_activation_ranges_are_inside_the_ema_ranges(tmp_path, digits_teacher):
+    """The generator never sees the student, so both runs calibrate on the same batches: the
+    MSE-clipped ranges lie inside the EMA ranges, and at least one is narrower."""
+    highs = {}
+    for calib in ("ema", "mse"):
+        folder = _run(tmp_path, calib, act_calib=calib, method="ptq")
+        student = load_student(folder)
+        highs[calib] = torch.stack([q.range()[1] for q in act_quantizers(student)])
+    assert bool((highs["mse"] <= highs["ema"] + 1e-6).all()) and bool((highs["mse"] < highs["ema"] - 1e-3).any())
+
+
+def test_cosine_schedule_ends_near_zero(tmp_path, digits_teacher):
+    rows = open_run(_run(tmp_path, "cos", lr_schedule="cosine", lr_s=1e-3)).metrics
+    lrs = [r["lr_s"] for r in rows if r["student_trained"]]
+    steps = 2 * 6  # epochs 1 and 2 train the student; each row shows the lr of its epoch's last step
+    assert lrs == [pytest.approx(cosine_lr(1e-3, 5, steps)), pytest.approx(cosine_lr(1e-3, 11, steps))]
+    assert lrs[-1] < 2e-5
+
+
+@pytest.mark.parametrize("switches", [dict(ce_rows="plain", superpose_p=1.0), dict(ce_rows="agree"),
+                                      dict(lowpass_d0=2.0), dict(student_steps=3)])
+def test_student_switches_change_the_run_and_stay_finite(switches, tmp_path, digits_teacher):
+    base = {"superpose_p": switches.get("superpose_p", 0.4)}
+    ref = open_run(_run(tmp_path, "ref", **base)).metrics
+    got = open_run(_run(tmp_path, "sw", **{**base, **switches})).metrics
+    assert all(math.isfinite(r["loss_s"]) for r in got)
+    trained = [i for i, r in enumerate(got) if r["student_trained"]]
+    assert any(got[i]["loss_s"] != ref[i]["loss_s"] for i in trained)
+    if switches.get("ce_rows") == "plain":  # every batch superposed: only rows that drew one class twice
+        assert all(got[i]["ce_s"] < 0.5 * ref[i]["ce_s"] for i in trained)  # (about 1 in 10) keep their CE
+
+
+def test_eval_images_evaluates_a_sample_then_everything_at_the_end(tmp_path, digits_teacher):
+    folder = _run(tmp_path, "eval", eval_images=100)
+    rows = open_run(folder).metrics
+    assert [r["eval_images"] for r in rows] == [100] * (len(rows) - 1) + [450]
+    full = open_run(_run(tmp_path, "full")).metrics  # the same run, evaluated on all 450 every epoch
+    assert [r["eval_images"] for r in full] == [450] * len(full)
+    assert rows[-1]["top1"] == full[-1]["top1"] and rows[-1]["loss_s"] == full[-1]["loss_s"]
