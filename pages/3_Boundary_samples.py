@@ -82,7 +82,7 @@ a, b = chosen[0], chosen[1] if len(chosen) > 1 else (chosen[0] + 1) % len(names)
 if not mixable:
     b = st.selectbox("Class B", range(len(names)), index=b, format_func=lambda c: f"{c}: {names[c]}", key="b_path_b")
 c1, c2 = st.columns(2)
-steps = c1.slider("Steps along the path", 3, 21, 9, 2, key="b_steps",
+steps = c1.slider("Steps along the path", 3, 21, 7, 2, key="b_steps",  # 7: each image >= 96 px at 1280 px wide
                   help="Each step's image sits above its point on the chart; fewer steps, larger images.")
 path_seed = c2.number_input("Path seed", 0, 10**6, int(first), key="b_path_seed")
 partner = common.pick_partner(run, runs, key="b") if mixable else None

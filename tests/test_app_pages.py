@@ -199,7 +199,7 @@ def test_boundary_samples_page(with_runs):
     assert len(at.get("image")) == 1  # the grid; the path's images are drawn inside its chart
     paths = [c for c in at.get("plotly_chart") if "From " in c.proto.spec and "layout" in c.proto.spec]
     assert len(paths) == 2
-    assert all(c.proto.spec.count("data:image\\u002fpng;base64") == 9 for c in paths)
+    assert all(c.proto.spec.count("data:image\\u002fpng;base64") == 7 for c in paths)  # the default 7 steps
     assert any("GDFQ run" in h.value for h in at.subheader)  # the GDFQ run beside the Qimera one
     at.radio(key="b_k").set_value(3).run()
     assert not at.exception and [s.label for s in at.slider][:3] == [f"Coefficient of class {c}" for c in "ABC"]

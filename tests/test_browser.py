@@ -277,6 +277,11 @@ def test_boundary_controls_and_images_in_one_screen(server, page, demo):
             box = element.bounding_box()
             assert box is not None and box["y"] >= 0 and box["y"] + box["height"] <= 720, box
         assert image.bounding_box()["width"] >= 4 * 96  # four images per row, each at least 96 px
+        # the A -> B path: each step's image (a plotly layout image, fitted into its slot) at least 96 px
+        tiles = page.locator('[data-testid="stPlotlyChart"] g.layer-above image')
+        tiles.first.wait_for()
+        boxes = [tiles.nth(i).bounding_box() for i in range(tiles.count())]
+        assert len(boxes) >= 7 and min(min(b["width"], b["height"]) for b in boxes) >= 96, boxes
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SHOTS / "boundary_samples_1280x720.png"))
     finally:

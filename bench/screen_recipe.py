@@ -1,0 +1,115 @@
+"""Screen student-side recipe changes cheaply: record a run's generated batches once, replay them.
+
+    # once per seed and p: the generator's batches of a preset's schedule (about 6 minutes on 2 cores)
+    python bench/screen_recipe.py record --preset cifar10-resnet20-cpu --seed 0 --set superpose_p=0.4 \
+        --set checkpoint=resnet20-cifar10.th --set test_data=folder:cifar10-val --out s0p4.pt
+    # then each variant: calibration and fine-tuning on the recorded batches (about 2 minutes), top-1
+    python bench/screen_recipe.py replay s0p4.pt --set weight_clip=mse --set act_calib=mse
+
+The generator learns from the teacher alone (the student trains on detached images), so with the same
+seed and generator settings a run generates the same batches whatever the student does. ``replay``
+calibrates and trains the student exactly as a run does (the runner's own ``Trainer.student_step``) on
+the recorded batches instead of fresh ones, and prints one JSON line: top-1 right after calibration and
+at the end. Only student-side settings may change (a generator-side one would change the batches).
+The images are stored as float16 (1,600 batches of 64 CIFAR images: about 640 MB), which moves the
+replayed result slightly off the run's; ``--float32`` stores them exactly (a replay without ``--set``
+then ends where the run ends).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from qimera_engine.config import RunConfig, parse_overrides, preset  # noqa: E402
+from qimera_engine.evaluate import evaluate  # noqa: E402
+from qimera_engine.quant import fit_ranges_mse, set_calibration, start_range_sampling  # noqa: E402
+from qimera_engine.train import ACT_SAMPLE_BATCHES, Batch, Parts, Trainer  # noqa: E402
+
+# What a replay may change: everything the student's side reads, nothing the generator's side reads.
+STUDENT_SIDE = {"wbits", "abits", "keep_first_last_8bit", "kd_alpha", "kd_tau", "kd_reduction", "ce_weight",
+                "lr_s", "momentum", "weight_decay", "milestones", "lr_gamma", "calib_epochs", "warmup_epochs",
+                "ema_beta", "student_train_mode", "weight_clip", "act_calib", "lr_schedule", "ce_rows",
+                "lowpass_d0", "student_steps", "test_data", "eval_batch_size", "num_threads"}
+
+
+def record(cfg: RunConfig, out: Path, dtype: torch.dtype = torch.float16) -> None:
+    parts = Parts.build(cfg)
+    trainer = Trainer.from_parts(parts)
+    n, b = cfg.epochs * cfg.iters_per_epoch, cfg.batch_size
+    size = parts.teacher.image_size
+    x = torch.empty(n, b, parts.teacher.channels, size, size, dtype=dtype)
+    targets = torch.empty(n, b, parts.teacher.num_classes)
+    logits = torch.empty(n, b, parts.teacher.num_classes)
+    t0 = time.perf_counter()
+    with trainer.bn_hooks():
+        for i in range(n):
+            batch = trainer.generator_step()
+            x[i], targets[i], logits[i] = batch.x, batch.targets, batch.t_logits
+    torch.save({"config": cfg.to_dict(), "x": x, "targets": targets, "logits": logits}, out)
+    print(json.dumps({"recorded": n, "batch": b, "seconds": round(time.perf_counter() - t0, 1), "out": str(out)}))
+
+
+def replay(path: Path, overrides: dict) -> dict:
+    rec = torch.load(path, weights_only=True)
+    refused = sorted(set(overrides) - STUDENT_SIDE)
+    if refused:
+        raise SystemExit(f"error: {', '.join(refused)} change the generated batches: record them again instead")
+    cfg = RunConfig.from_dict({**rec["config"], **overrides}).resolved()
+    parts = Parts.build(cfg)
+    trainer, student = Trainer.from_parts(parts), parts.student
+    zero = torch.zeros(())
+    t0 = time.perf_counter()
+    out = {"overrides": overrides, "record": str(path)}
+    for epoch in range(cfg.epochs):
+        calibrating = epoch < cfg.calib_epochs
+        train = epoch >= cfg.warmup_epochs and cfg.method != "ptq"
+        set_calibration(student, calibrating)
+        last_calibration = cfg.act_calib == "mse" and epoch == cfg.calib_epochs - 1
+        if last_calibration:
+            start_range_sampling(student, ACT_SAMPLE_BATCHES)
+        for it in range(cfg.iters_per_epoch):
+            i = epoch * cfg.iters_per_epoch + it
+            batch = Batch(rec["x"][i].float(), rec["targets"][i], rec["logits"][i], (zero, zero, zero))
+            trainer.set_student_lr(epoch, it)
+            trainer.student_step(batch, train, calibrating)
+        trainer.end_epoch()
+        if last_calibration:
+            fit_ranges_mse(student)
+        set_calibration(student, False)
+        if epoch == cfg.calib_epochs - 1:
+            out["calibrated_top1"] = round(evaluate(student, parts.test, batch_size=cfg.eval_batch_size)["top1"], 2)
+    out["top1"] = round(evaluate(student, parts.test, batch_size=cfg.eval_batch_size)["top1"], 2)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("record")
+    r.add_argument("--preset", default="cifar10-resnet20-cpu")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--set", action="append", default=[])
+    r.add_argument("--out", required=True)
+    r.add_argument("--float32", action="store_true", help="store the images exactly (twice the size); a replay "
+                   "with no --set then ends exactly where the run does")
+    p = sub.add_parser("replay")
+    p.add_argument("record")
+    p.add_argument("--set", action="append", default=[])
+    args = ap.parse_args()
+    if args.cmd == "record":
+        record(preset(args.preset, seed=args.seed, **parse_overrides(args.set)).resolved(), Path(args.out),
+               torch.float32 if args.float32 else torch.float16)
+    else:
+        print(json.dumps(replay(Path(args.record), parse_overrides(args.set))))
+
+
+if __name__ == "__main__":
+    main()
