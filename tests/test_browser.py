@@ -160,9 +160,10 @@ def screenshot(page, name: str) -> Path:
     page.evaluate("() => document.activeElement?.blur()")
     from playwright.sync_api import expect
     expect(page.locator('[data-baseweb="tooltip"]')).to_have_count(0)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    first_screen(page, SHOTS / f"{name}_1280x720.png")
     height = page.evaluate("() => Math.max(...['[data-testid=\"stMain\"]', '[data-testid=\"stAppViewContainer\"]']"
                            ".map(s => document.querySelector(s)).filter(Boolean).map(e => e.scrollHeight))")
-    SHOTS.mkdir(parents=True, exist_ok=True)
     out = SHOTS / f"{name}.png"
     page.set_viewport_size({"width": VIEWPORT["width"], "height": max(VIEWPORT["height"], int(height) + 40)})
     try:
@@ -171,6 +172,18 @@ def screenshot(page, name: str) -> Path:
         page.set_viewport_size(VIEWPORT)
     assert out.stat().st_size > 10_000  # a rendered page, not a blank one
     return out
+
+
+def first_screen(page, out: Path) -> None:
+    """What a 1280 x 720 screen shows of the page without scrolling (the viewport is set back after)."""
+    page.set_viewport_size({"width": 1280, "height": 720})
+    try:
+        wait_rendered(page)
+        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        page.screenshot(path=str(out))
+    finally:
+        page.set_viewport_size(VIEWPORT)
+    assert out.stat().st_size > 10_000
 
 
 def first_image_bytes(page) -> tuple[str, bytes]:
