@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -81,7 +82,10 @@ def bench_showcase() -> None:
                      .wait_for(timeout=120_000) or page.locator('[data-testid="stImage"] img').first.wait_for(timeout=120_000)),
                     ("Boundary_samples", "Boundary samples: images and the A->B path",
                      lambda: page.get_by_text("Orange bands").wait_for(timeout=120_000)
-                     or page.locator('[data-testid="stImage"] img').nth(1).wait_for(timeout=120_000)),
+                     or page.locator('[data-testid="stImage"] img').first.wait_for(timeout=120_000)
+                     # the path's images are drawn inside its chart (plotly layout images)
+                     or page.locator('[data-testid="stPlotlyChart"] g.layer-above image').first.wait_for(
+                         timeout=120_000)),
                     ("Feature_space", "Feature space: the PCA chart",
                      lambda: page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').first.wait_for(timeout=120_000))]:
                 t = time.perf_counter()
@@ -91,7 +95,7 @@ def bench_showcase() -> None:
                 print(f"{what:<52} {dt:7.2f} s  {verdict(dt, TARGETS['showcase'])}")
             # UMAP on the same page: the first in this server (umap's import and numba compiling included),
             # then another seed (new samples and a new fit; the compiled code is warm)
-            page.get_by_role("button", name="UMAP").click()
+            page.locator("button").filter(has_text=re.compile(r"^\s*UMAP\s*$")).first.click()  # segmented control
             for what, seed in (("Feature space: UMAP, first in the server", None), ("Feature space: UMAP, seed 1", 1)):
                 if seed is not None:
                     box = page.get_by_label("Seed")
