@@ -25,12 +25,12 @@ from qimera_engine.config import preset  # noqa: E402
 from qimera_engine.models import build_teacher  # noqa: E402
 from qimera_engine.quant import quantize_model  # noqa: E402
 from qimera_engine.seeding import RunRandom  # noqa: E402
-from qimera_engine.train import Trainer, build_generator  # noqa: E402
+from qimera_engine.train import Trainer, autocast_for, build_generator  # noqa: E402
 
 CASES = {"digits": ("digits", "digits-cnn"), "resnet20": ("cifar10-resnet20-cpu", "resnet20")}
 
 
-def bench(case: str, batch: int, iters: int, device: str, warmup: int = 3, blocks: int = 3) -> dict:
+def bench(case: str, batch: int, iters: int, device: str, warmup: int = 3, blocks: int = 3, amp: bool = False) -> dict:
     preset_name, teacher_name = CASES[case]
     cfg = preset(preset_name, batch_size=batch, device=device).resolved()
     torch.manual_seed(0)
@@ -43,14 +43,15 @@ def bench(case: str, batch: int, iters: int, device: str, warmup: int = 3, block
     trainer = Trainer(cfg, teacher.model, student, gen, teacher.num_classes, RunRandom.create(0, dev), dev)
 
     def step():
-        trainer.student_step(trainer.generator_step(), train=True, calibrating=False)
+        with autocast_for(amp, dev):  # as a run with amp=True: bf16 on a GPU or a CPU with native bf16
+            trainer.student_step(trainer.generator_step(), train=True, calibrating=False)
 
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
     with trainer.bn_hooks():
-        return _time(step, sync, case, batch, iters, device, warmup, blocks)
+        return {**_time(step, sync, case, batch, iters, device, warmup, blocks), "amp": amp}
 
 
 def _time(step, sync, case, batch, iters, device, warmup, blocks) -> dict:
@@ -75,13 +76,14 @@ def main():
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast, as amp=True (GPU, or a CPU with native bf16)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
     for case in args.cases.split(","):
-        print(json.dumps(bench(case, args.batch, args.iters, args.device)), flush=True)
+        print(json.dumps(bench(case, args.batch, args.iters, args.device, amp=args.amp)), flush=True)
 
 
 if __name__ == "__main__":

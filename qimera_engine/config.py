@@ -91,7 +91,7 @@ class RunConfig:
 
     # --- machine ---
     device: str = "auto"            # auto (CUDA when present) | cpu | cuda
-    amp: bool = False               # bfloat16 autocast on CUDA
+    amp: bool = False               # bfloat16 autocast on CUDA or a CPU with native bf16 (quantizers stay fp32)
     num_threads: int | None = None  # CPU threads; None: PyTorch's default
     log_every: int = 10             # iterations between step events (each costs one sync on a GPU)
 

@@ -61,7 +61,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: flo
 
 def bn_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and biased variance of a BN layer's input over (N, H, W), each (C,)."""
-    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)  # fp32 under bf16 autocast too
     return mean, var
 
 

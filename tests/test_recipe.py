@@ -192,3 +192,23 @@ def test_eval_images_evaluates_a_sample_then_everything_at_the_end(tmp_path, dig
     full = open_run(_run(tmp_path, "full")).metrics  # the same run, evaluated on all 450 every epoch
     assert [r["eval_images"] for r in full] == [450] * len(full)
     assert rows[-1]["top1"] == full[-1]["top1"] and rows[-1]["loss_s"] == full[-1]["loss_s"]
+
+
+def test_quantizer_computes_in_fp32_under_bf16_autocast():
+    q = ActQuantizer(4)
+    q.calibrating = True
+    x = torch.relu(torch.randn(4, 8, 5, 5)).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = q(x)
+    q2 = ActQuantizer(4)
+    q2.calibrating = True
+    assert y.dtype == torch.float32 and torch.equal(y, q2(x.float()))
+
+
+def test_amp_run_on_the_cpu(tmp_path, digits_teacher):
+    """amp=True: bf16 autocast where this CPU has native bf16, plain fp32 elsewhere; the run works either way."""
+    from qimera_engine.train import autocast_for, cpu_has_native_bf16
+    ctx = autocast_for(True, torch.device("cpu"))
+    assert isinstance(ctx, torch.autocast) == cpu_has_native_bf16()
+    rows = open_run(_run(tmp_path, "amp", amp=True)).metrics
+    assert all(math.isfinite(r["loss_s"]) and math.isfinite(r["loss_g"]) for r in rows) and rows[-1]["top1"] > 80

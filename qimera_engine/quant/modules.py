@@ -163,6 +163,7 @@ class ActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits >= FULL_PRECISION:
             return x
+        x = x.float()  # under bf16 autocast the quantizer still computes in fp32 (no-op for fp32 inputs)
         if self.calibrating:
             self.observe(x)
         lo, hi = self.range()
