@@ -29,8 +29,7 @@ import torch  # noqa: E402
 
 from qimera_engine.config import RunConfig, parse_overrides, preset  # noqa: E402
 from qimera_engine.evaluate import evaluate  # noqa: E402
-from qimera_engine.quant import fit_ranges_mse, set_calibration, start_range_sampling  # noqa: E402
-from qimera_engine.train import ACT_SAMPLE_BATCHES, Batch, Parts, Trainer  # noqa: E402
+from qimera_engine.train import Batch, Parts, Trainer  # noqa: E402
 
 # What a replay may change: everything the student's side reads, nothing the generator's side reads.
 STUDENT_SIDE = {"wbits", "abits", "keep_first_last_8bit", "kd_alpha", "kd_tau", "kd_reduction", "ce_weight",
@@ -68,21 +67,13 @@ def replay(path: Path, overrides: dict) -> dict:
     t0 = time.perf_counter()
     out = {"overrides": overrides, "record": str(path)}
     for epoch in range(cfg.epochs):
-        calibrating = epoch < cfg.calib_epochs
-        train = epoch >= cfg.warmup_epochs and cfg.method != "ptq"
-        set_calibration(student, calibrating)
-        last_calibration = cfg.act_calib == "mse" and epoch == cfg.calib_epochs - 1
-        if last_calibration:
-            start_range_sampling(student, ACT_SAMPLE_BATCHES)
+        calibrating, train = trainer.begin_epoch(epoch)
         for it in range(cfg.iters_per_epoch):
             i = epoch * cfg.iters_per_epoch + it
             batch = Batch(rec["x"][i].float(), rec["targets"][i], rec["logits"][i], (zero, zero, zero))
             trainer.set_student_lr(epoch, it)
             trainer.student_step(batch, train, calibrating)
-        trainer.end_epoch()
-        if last_calibration:
-            fit_ranges_mse(student)
-        set_calibration(student, False)
+        trainer.end_epoch(epoch)
         if epoch == cfg.calib_epochs - 1:
             out["calibrated_top1"] = round(evaluate(student, parts.test, batch_size=cfg.eval_batch_size)["top1"], 2)
     out["top1"] = round(evaluate(student, parts.test, batch_size=cfg.eval_batch_size)["top1"], 2)

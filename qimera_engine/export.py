@@ -27,7 +27,7 @@ from .artifacts import load_student, load_teacher
 from .models import build_teacher
 from .quant import ActQuantizer, QuantConv2d, QuantLinear, quantize_model
 from .quant.convert import set_submodule
-from .quant.functional import FULL_PRECISION, affine_qparams, dequantize_affine, per_channel_range, quantize_affine
+from .quant.functional import FULL_PRECISION, affine_qparams, dequantize_affine, quantize_affine, weight_range
 from .runs import Run, atomic_path, open_run
 
 FORMAT = "qimera-int/1"
@@ -45,9 +45,7 @@ def weight_codes(layer: QuantConv2d | QuantLinear) -> tuple[torch.Tensor, torch.
     """(codes int8 like the weight, scale (C,) float32, zero point (C,) int8) of a quantized layer,
     with the arithmetic of its forward pass, so dequantizing them gives its fake-quantized weight."""
     w = layer.weight.detach().float().cpu()
-    lo, hi = per_channel_range(w)
-    if layer.clip is not None:  # weight_clip="mse": the forward pass's clipped range
-        lo, hi = lo * layer.clip.float().cpu(), hi * layer.clip.float().cpu()
+    lo, hi = weight_range(w, None if layer.clip is None else layer.clip.float().cpu())  # the forward pass's range
     scale, zp = affine_qparams(lo, hi, layer.wbits)
     q = quantize_affine(w, scale, zp, layer.wbits)
     return q.to(torch.int8), scale.flatten(), _int8(zp.flatten(), "weight zero point")

@@ -6,15 +6,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def soft_cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-sum_c t_c * log_softmax(logits)_c of each row, (B,)."""
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """mean over the batch of -sum_c t_c * log_softmax(logits)_c."""
-    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    return soft_cross_entropy_rows(logits, targets).mean()
 
 
 def masked_soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The soft cross-entropy of the selected ``rows`` (bool, (B,)), summed and divided by the whole
     batch size, so its weight per row does not depend on how many rows are selected."""
-    per_row = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
+    per_row = soft_cross_entropy_rows(logits, targets)
     return (per_row * rows).sum() / per_row.shape[0]
 
 

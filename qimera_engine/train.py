@@ -347,13 +347,34 @@ class Trainer:
             step = (epoch - self.cfg.warmup_epochs) * self.cfg.iters_per_epoch + it
             self.opt_s.param_groups[0]["lr"] = cosine_lr(self.cfg.lr_s, step, self.student_total)
 
-    def end_epoch(self) -> None:
+    # --- epochs: the schedule's phases (METHOD.md 8)
+
+    def begin_epoch(self, epoch: int) -> tuple[bool, bool]:
+        """Set the student up for ``epoch``; returns (calibrating, train_student). Activation ranges are
+        calibrated in the first ``calib_epochs``; with ``act_calib="mse"`` the last of them also keeps a
+        sample of the activations, whose MSE-optimal clipping ``end_epoch`` applies."""
+        cfg = self.cfg
+        calibrating = epoch < cfg.calib_epochs
+        set_calibration(self.student, calibrating)
+        if self._last_mse_calibration(epoch):
+            start_range_sampling(self.student, ACT_SAMPLE_BATCHES)
+        return calibrating, epoch >= cfg.warmup_epochs and cfg.method != "ptq"
+
+    def end_epoch(self, epoch: int) -> None:
+        """Step the schedulers and freeze the activation ranges (clipped first, after the last
+        calibration epoch of ``act_calib="mse"``)."""
         with warnings.catch_warnings():  # warm-up epochs never step the student's optimizer
             warnings.simplefilter("ignore", UserWarning)
             if self.cfg.lr_schedule == "step":
                 self.sched_s.step()
         if self.sched_g is not None:
             self.sched_g.step()
+        if self._last_mse_calibration(epoch):
+            fit_ranges_mse(self.student)
+        set_calibration(self.student, False)
+
+    def _last_mse_calibration(self, epoch: int) -> bool:
+        return self.cfg.act_calib == "mse" and epoch == self.cfg.calib_epochs - 1
 
     # --- resume
 
@@ -400,12 +421,7 @@ def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dic
     with trainer.bn_hooks():
         for epoch in range(start_epoch, cfg.epochs):
             t_epoch = time.perf_counter()
-            calibrating = epoch < cfg.calib_epochs
-            train_student = epoch >= cfg.warmup_epochs and cfg.method != "ptq"
-            set_calibration(student, calibrating)
-            last_calibration = cfg.act_calib == "mse" and epoch == cfg.calib_epochs - 1
-            if last_calibration:  # the ranges of the last calibration batches are then clipped (MSE)
-                start_range_sampling(student, ACT_SAMPLE_BATCHES)
+            calibrating, train_student = trainer.begin_epoch(epoch)
             sums = torch.zeros(6, device=dev)  # loss_g, ce_g, bns, loss_s, kd, ce_s
             window, t_window = torch.zeros(6, device=dev), time.perf_counter()
             for it in range(cfg.iters_per_epoch):
@@ -433,10 +449,7 @@ def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dic
                     yield Step(epoch, it, step, total, dict(zip(_LOSS_NAMES, vals)), rate)
                     window.zero_()
                     t_window = time.perf_counter()
-            trainer.end_epoch()
-            if last_calibration:
-                fit_ranges_mse(student)
-            set_calibration(student, False)
+            trainer.end_epoch(epoch)
             on = eval_subset if eval_subset is not None and epoch < cfg.epochs - 1 else parts.test
             result = evaluate(student, on, batch_size=cfg.eval_batch_size, device=dev)
             best = max(best, result["top1"])

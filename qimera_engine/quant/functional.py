@@ -71,14 +71,20 @@ def per_channel_range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lo.reshape(shape), hi.reshape(shape)
 
 
-def fake_quantize_weight(w: torch.Tensor, bits: int, clip: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-output-channel asymmetric fake quantization; the range is the weights' current min/max,
-    times ``clip`` (a per-channel ratio in (0, 1], broadcast against ``w``) when given."""
-    if bits >= FULL_PRECISION:
-        return w
+def weight_range(w: torch.Tensor, clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-output-channel range a weight is quantized over: its current min/max, times ``clip``
+    (a per-channel ratio in (0, 1], broadcast against ``w``) when given."""
     lo, hi = per_channel_range(w)
     if clip is not None:
         lo, hi = lo * clip, hi * clip
+    return lo, hi
+
+
+def fake_quantize_weight(w: torch.Tensor, bits: int, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-output-channel asymmetric fake quantization over ``weight_range(w, clip)``."""
+    if bits >= FULL_PRECISION:
+        return w
+    lo, hi = weight_range(w, clip)
     return fake_quantize(w, lo, hi, bits)
 
 

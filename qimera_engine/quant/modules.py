@@ -37,6 +37,10 @@ class _WeightClip:
         if self.wbits < FULL_PRECISION:
             self.clip.copy_(mse_weight_clip(self.weight.detach(), self.wbits))
 
+    def float_state(self) -> dict[str, torch.Tensor]:
+        """The state a plain Conv2d/Linear loads (without the clipping ratios)."""
+        return {k: v for k, v in self.state_dict().items() if k != "clip"}
+
     def quantized_weight(self) -> torch.Tensor:
         if self.prequantized:
             return self.weight
@@ -67,7 +71,7 @@ class QuantConv2d(_WeightClip, nn.Conv2d):
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, self.groups, self.bias is not None, self.padding_mode,
                          device=self.weight.device, dtype=self.weight.dtype)
-        conv.load_state_dict({k: v for k, v in self.state_dict().items() if k != "clip"})
+        conv.load_state_dict(self.float_state())
         return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +101,7 @@ class QuantLinear(_WeightClip, nn.Linear):
     def to_float(self) -> nn.Linear:
         lin = nn.Linear(self.in_features, self.out_features, self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
-        lin.load_state_dict({k: v for k, v in self.state_dict().items() if k != "clip"})
+        lin.load_state_dict(self.float_state())
         return lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,8 +133,12 @@ class ActQuantizer(nn.Module):
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The bias-corrected range (lo, hi); (0, 0) before any calibration batch."""
-        correction = 1.0 - self.beta ** self.steps.clamp(min=1).to(self.ema_lo.dtype)
+        correction = self._correction()
         return self.ema_lo / correction, self.ema_hi / correction
+
+    def _correction(self) -> torch.Tensor:
+        """The EMA's bias correction 1 - beta^t (t >= 1)."""
+        return 1.0 - self.beta ** self.steps.clamp(min=1).to(self.ema_lo.dtype)
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -157,8 +165,7 @@ class ActQuantizer(nn.Module):
             return
         lo, hi = self.range()
         new_hi = mse_act_range(torch.cat(samples).to(lo.device), lo, hi, self.bits)
-        correction = 1.0 - self.beta ** self.steps.clamp(min=1).to(self.ema_hi.dtype)
-        self.ema_hi.copy_(new_hi * correction)
+        self.ema_hi.copy_(new_hi * self._correction())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits >= FULL_PRECISION:
