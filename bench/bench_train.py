@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -30,9 +31,10 @@ from qimera_engine.train import Trainer, autocast_for, build_generator  # noqa: 
 CASES = {"digits": ("digits", "digits-cnn"), "resnet20": ("cifar10-resnet20-cpu", "resnet20")}
 
 
-def bench(case: str, batch: int, iters: int, device: str, warmup: int = 3, blocks: int = 3, amp: bool = False) -> dict:
+def bench(case: str, batch: int, iters: int, device: str, warmup: int = 3, blocks: int = 3, amp: bool = False,
+          compile: str = "off") -> dict:
     preset_name, teacher_name = CASES[case]
-    cfg = preset(preset_name, batch_size=batch, device=device).resolved()
+    cfg = preset(preset_name, batch_size=batch, device=device, compile=compile).resolved()
     torch.manual_seed(0)
     teacher = build_teacher(teacher_name)  # random weights: the arithmetic is the same as a trained one
     dev = torch.device(device)
@@ -51,7 +53,8 @@ def bench(case: str, batch: int, iters: int, device: str, warmup: int = 3, block
             torch.cuda.synchronize()
 
     with trainer.bn_hooks():
-        return {**_time(step, sync, case, batch, iters, device, warmup, blocks), "amp": amp}
+        warmup = warmup if compile == "off" else max(warmup, 10)  # compilation and recompiles happen in these
+        return {**_time(step, sync, case, batch, iters, device, warmup, blocks), "amp": amp, "compile": compile}
 
 
 def _time(step, sync, case, batch, iters, device, warmup, blocks) -> dict:
@@ -66,7 +69,15 @@ def _time(step, sync, case, batch, iters, device, warmup, blocks) -> dict:
         sync()
         rates.append(iters * batch / (time.perf_counter() - t0))
     return {"case": case, "batch": batch, "device": device, "threads": torch.get_num_threads(),
-            "images_per_s": round(statistics.median(rates), 1), "blocks": [round(r, 1) for r in rates]}
+            "images_per_s": round(statistics.median(rates), 1), "blocks": [round(r, 1) for r in rates],
+            "peak_mb": _peak_mb(device)}
+
+
+def _peak_mb(device: str) -> float:
+    """Peak memory so far: the GPU's max allocated, or the process's peak RSS on the CPU (Linux: KiB)."""
+    if torch.device(device).type == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def main():
@@ -77,13 +88,15 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int)
     p.add_argument("--amp", action="store_true", help="bf16 autocast, as amp=True (GPU, or a CPU with native bf16)")
+    p.add_argument("--compile", default="off", help="torch.compile mode of the three networks, as compile=MODE "
+                   "(off | default | reduce-overhead)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
     for case in args.cases.split(","):
-        print(json.dumps(bench(case, args.batch, args.iters, args.device, amp=args.amp)), flush=True)
+        print(json.dumps(bench(case, args.batch, args.iters, args.device, amp=args.amp, compile=args.compile)), flush=True)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from qimera_engine.train import Batch, Parts, Trainer  # noqa: E402
 STUDENT_SIDE = {"wbits", "abits", "keep_first_last_8bit", "kd_alpha", "kd_tau", "kd_reduction", "ce_weight",
                 "lr_s", "momentum", "weight_decay", "milestones", "lr_gamma", "calib_epochs", "warmup_epochs",
                 "ema_beta", "student_train_mode", "weight_clip", "act_calib", "lr_schedule", "ce_rows",
-                "lowpass_d0", "student_steps", "test_data", "eval_batch_size", "num_threads"}
+                "lowpass_d0", "student_steps", "act_learn", "act_lr", "test_data", "eval_batch_size", "num_threads"}
 
 
 def record(cfg: RunConfig, out: Path, dtype: torch.dtype = torch.float16) -> None:

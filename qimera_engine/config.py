@@ -18,6 +18,7 @@ WEIGHT_CLIPS = ("minmax", "mse")
 ACT_CALIBS = ("ema", "mse")
 LR_SCHEDULES = ("step", "cosine")
 CE_ROWS = ("all", "plain", "agree")
+COMPILE_MODES = ("off", "default", "reduce-overhead")
 
 
 class ConfigError(ValueError):
@@ -88,10 +89,13 @@ class RunConfig:
     ce_rows: str = "all"            # student CE on: all rows (paper) | plain (one-hot targets) | agree (teacher's top-1 = target's)
     lowpass_d0: float = 0.0         # > 0: Gaussian low-pass filter (cut-off D0, in frequency bins) on the student's images
     student_steps: int = 1          # student steps on each generated batch
+    act_learn: bool = False         # after calibration, train the activation ranges' upper ends with the student (PACT/LSQ+)
+    act_lr: float = 1e-3            # their learning rate (Adam)
 
     # --- machine ---
     device: str = "auto"            # auto (CUDA when present) | cpu | cuda
     amp: bool = False               # bfloat16 autocast on CUDA or a CPU with native bf16 (quantizers stay fp32)
+    compile: str = "off"            # torch.compile the three networks: off | default | reduce-overhead (CUDA graphs)
     num_threads: int | None = None  # CPU threads; None: PyTorch's default
     log_every: int = 10             # iterations between step events (each costs one sync on a GPU)
 
@@ -150,6 +154,8 @@ class RunConfig:
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"device must be auto, cpu or cuda, got {self.device!r}")
         need(self.num_threads is None or self.num_threads >= 1, "num_threads must be >= 1")
+        need(math.isfinite(self.act_lr) and self.act_lr > 0, f"act_lr must be > 0, got {self.act_lr}")
+        need(self.compile in COMPILE_MODES, f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         need(isinstance(self.eval_images, int) and self.eval_images >= 0,
              f"eval_images must be an integer >= 0 (0: the whole test set), got {self.eval_images!r}")
 
@@ -210,7 +216,7 @@ _HINTS = typing.get_type_hints(RunConfig)
 
 # The Qimera+ switches at the paper's behaviour (``RunConfig.label`` marks a run that leaves any of them).
 PAPER_SETTINGS = {"weight_clip": "minmax", "act_calib": "ema", "lr_schedule": "step", "ce_rows": "all",
-                  "lowpass_d0": 0.0, "student_steps": 1, "kd_reduction": "mean"}
+                  "lowpass_d0": 0.0, "student_steps": 1, "act_learn": False, "kd_reduction": "mean"}
 
 
 def _coerce(name: str, value):

@@ -30,7 +30,8 @@ from .events import EpochEnd, Evaluated, Event, Finished, Log, Started, Step
 from .generator import BatchSampler, Generator, LatentBatch
 from .losses import BNStatisticsLoss, ce_row_mask, kd_loss, low_pass, masked_soft_cross_entropy, soft_cross_entropy
 from .models import Teacher, save_state_dict
-from .quant import enable_weight_clip, fit_ranges_mse, set_calibration, start_range_sampling
+from .quant import (enable_weight_clip, fit_ranges_mse, make_ranges_learnable, set_calibration,
+                    start_range_sampling)
 from .runs import Run, RunDamaged, RunLocked, atomic_path, create_run, open_run, write_csv, write_json
 from .seeding import RunRandom, seeded_init
 from .teachers import random_shift, get_teacher
@@ -245,8 +246,13 @@ class Trainer:
                  image_size: int = 32):
         self.cfg, self.teacher, self.student, self.generator = cfg, teacher, student, generator
         self.rng, self.device, self.train, self.image_size = rng, torch.device(device), train, image_size
-        self.opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr_s, momentum=cfg.momentum,
+        ranges = make_ranges_learnable(student) if cfg.act_learn else []
+        weights = [p for p in student.parameters() if all(p is not r for r in ranges)]
+        self.opt_s = torch.optim.SGD(weights, lr=cfg.lr_s, momentum=cfg.momentum,
                                      nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        # act_learn: the activation ranges' own optimizer; Adam, so its steps do not depend on the
+        # gradients' scale (a range's gradient sums over a whole activation tensor)
+        self.opt_r = torch.optim.Adam(ranges, lr=cfg.act_lr) if ranges else None
         self.sched_s = torch.optim.lr_scheduler.MultiStepLR(self.opt_s, cfg.milestones, cfg.lr_gamma)
         self.opt_g = self.sched_g = None
         if generator is not None:
@@ -257,6 +263,15 @@ class Trainer:
                                     cfg.superpose_k, cfg.coeff_sampler, cfg.dirichlet_alpha, cfg.fixed_coeffs,
                                     seed=cfg.seed, generator=rng.device)
         self.bns: BNStatisticsLoss | None = None
+        # the networks' forward passes, compiled with ``compile`` (the modules themselves stay as they are,
+        # so saving, evaluation and calibration see the same parameters and buffers)
+        self.gen_fwd, self.teacher_fwd, self.student_fwd = generator, teacher, student
+        # CUDA graphs (compile="reduce-overhead") reuse their output memory: each step starts a new graph
+        # step, and what outlives a step (the batch) is copied out
+        self.graphs = cfg.compile == "reduce-overhead" and self.device.type == "cuda"
+        if cfg.compile != "off":
+            self.gen_fwd, self.teacher_fwd, self.student_fwd = (
+                compiled(m, cfg.compile) if m is not None else None for m in (generator, teacher, student))
         # the student's steps, for a cosine learning rate: it trains from the end of the warm-up on
         self.student_total = (cfg.epochs - cfg.warmup_epochs) * cfg.iters_per_epoch
 
@@ -288,9 +303,11 @@ class Trainer:
             raise RuntimeError("generator_step needs the BN-statistics hooks: call it inside `with trainer.bn_hooks():`")
         cfg = self.cfg
         latent: LatentBatch = self.sampler(cfg.batch_size, self.device)
-        x = self.generator(latent.labels, latent.coeffs, latent.noise)
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        x = self.gen_fwd(latent.labels, latent.coeffs, latent.noise)
         self.bns.active = True
-        t_logits = self.teacher(x)
+        t_logits = self.teacher_fwd(x)
         self.bns.active = False
         l_bns = self.bns.pop()
         ce_g = soft_cross_entropy(t_logits.float(), latent.targets)
@@ -298,7 +315,8 @@ class Trainer:
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
-        return Batch(x.detach(), latent.targets, t_logits.detach(), (loss_g.detach(), ce_g.detach(), l_bns.detach()))
+        x, t_logits = (x.detach().clone(), t_logits.detach().clone()) if self.graphs else (x.detach(), t_logits.detach())
+        return Batch(x, latent.targets, t_logits, (loss_g.detach(), ce_g.detach(), l_bns.detach()))
 
     def real_batch(self) -> Batch:
         """The real-data baseline's batch: real training images (randomly shifted), one-hot targets."""
@@ -330,14 +348,20 @@ class Trainer:
             return zero, zero, zero
         rows = None if cfg.ce_rows == "all" else ce_row_mask(cfg.ce_rows, targets, t_logits)
         for _ in range(cfg.student_steps):
-            s_logits = student(x).float()
+            if self.graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            s_logits = self.student_fwd(x).float()
             kd = kd_loss(s_logits, t_logits.float(), cfg.kd_tau, cfg.kd_reduction)
             ce = (soft_cross_entropy(s_logits, targets) if rows is None
                   else masked_soft_cross_entropy(s_logits, targets, rows))
             loss = cfg.kd_alpha * kd + cfg.ce_weight * ce
             self.opt_s.zero_grad(set_to_none=True)
+            if self.opt_r is not None:
+                self.opt_r.zero_grad(set_to_none=True)
             loss.backward()
             self.opt_s.step()
+            if self.opt_r is not None:
+                self.opt_r.step()
         return loss.detach(), kd.detach(), ce.detach()
 
     def set_student_lr(self, epoch: int, it: int) -> None:
@@ -382,6 +406,8 @@ class Trainer:
         """Everything resume needs, under the keys of earlier state files (so those still resume)."""
         st = {"student": self.student.state_dict(), "opt_s": self.opt_s.state_dict(),
               "sched_s": self.sched_s.state_dict(), "rng_sampler": self.sampler.rng.getstate(), **self.rng.state()}
+        if self.opt_r is not None:
+            st["opt_r"] = self.opt_r.state_dict()
         if self.generator is not None:
             st.update(generator=self.generator.state_dict(), opt_g=self.opt_g.state_dict(),
                       sched_g=self.sched_g.state_dict())
@@ -391,6 +417,8 @@ class Trainer:
         self.student.load_state_dict(st["student"])
         self.opt_s.load_state_dict(st["opt_s"])
         self.sched_s.load_state_dict(st["sched_s"])
+        if self.opt_r is not None:
+            self.opt_r.load_state_dict(st["opt_r"])
         if self.generator is not None:
             self.generator.load_state_dict(st["generator"])
             self.opt_g.load_state_dict(st["opt_g"])
@@ -511,6 +539,15 @@ def autocast_for(amp: bool, device: torch.device):
     if amp and device.type == "cpu" and cpu_has_native_bf16():
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def compiled(module: nn.Module, mode: str = "default"):
+    """``torch.compile(module, mode=mode)``, or the module itself where compilation is unavailable here."""
+    try:
+        return torch.compile(module, mode=mode)
+    except (RuntimeError, ImportError) as e:  # e.g. no compiler for this platform
+        warnings.warn(f"torch.compile is unavailable ({type(e).__name__}: {str(e)[:100]}); running eagerly")
+        return module
 
 
 def cosine_lr(base: float, step: int, total: int) -> float:

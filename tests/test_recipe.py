@@ -2,8 +2,10 @@
 one does what it says in a short digits run."""
 from __future__ import annotations
 
+import copy
 import json
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,10 +16,10 @@ from qimera_engine.config import ConfigError
 from qimera_engine.export import export_int, load_int
 from qimera_engine.losses import ce_row_mask, low_pass, masked_soft_cross_entropy, soft_cross_entropy
 from qimera_engine.quant import ActQuantizer, act_quantizers, fake_quantize, weight_layers
-from qimera_engine.quant.functional import mse_act_range, mse_weight_clip, per_channel_range
+from qimera_engine.quant.functional import fake_quantize_learned, mse_act_range, mse_weight_clip, per_channel_range
 from qimera_engine.quant.modules import _spread_sample
 from qimera_engine.runs import open_run
-from qimera_engine.train import cosine_lr
+from qimera_engine.train import Parts, Trainer, cosine_lr
 
 GOLDEN = Path(__file__).parent / "golden" / "paper_defaults.json"
 SHORT = dict(epochs=3, iters_per_epoch=6, warmup_epochs=1, calib_epochs=1, batch_size=16, milestones=[2],
@@ -127,7 +129,8 @@ def test_cosine_lr_runs_from_base_to_zero():
     ("weight_clip", "l2", "weight_clip must be one of"), ("act_calib", "max", "act_calib must be one of"),
     ("lr_schedule", "linear", "lr_schedule must be one of"), ("ce_rows", "some", "ce_rows must be one of"),
     ("lowpass_d0", -1.0, "lowpass_d0 must be >= 0"), ("lowpass_d0", math.inf, "lowpass_d0 must be >= 0"),
-    ("student_steps", 0, "student_steps must be an integer >= 1")])
+    ("student_steps", 0, "student_steps must be an integer >= 1"), ("act_lr", 0.0, "act_lr must be > 0"),
+    ("compile", "fast", "compile must be one of")])
 def test_bad_switch_values_are_refused(field, value, message):
     with pytest.raises(ConfigError, match=message):
         preset("digits", **{field: value})
@@ -212,3 +215,60 @@ def test_amp_run_on_the_cpu(tmp_path, digits_teacher):
     assert isinstance(ctx, torch.autocast) == cpu_has_native_bf16()
     rows = open_run(_run(tmp_path, "amp", amp=True)).metrics
     assert all(math.isfinite(r["loss_s"]) and math.isfinite(r["loss_g"]) for r in rows) and rows[-1]["top1"] > 80
+
+
+def test_learned_fake_quantize_has_the_same_values_and_range_gradients():
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(4, 8, 5, 5)).requires_grad_(True)
+    lo, hi = torch.tensor(0.0), torch.tensor(1.0, requires_grad=True)
+    y = fake_quantize_learned(x, lo, hi, 4)
+    assert torch.equal(y.detach(), fake_quantize(x.detach(), lo, hi.detach(), 4))  # export sees the same codes
+    y.sum().backward()
+    v = x.detach()
+    assert bool((x.grad[(v > 0) & (v < 1)] == 1).all())  # PACT: straight through inside the range,
+    assert bool((x.grad[v > 1] == 0).all()) and bool((v > 1).any())  # nothing through clipped values
+    assert float(hi.grad) > 0  # raising the clipping point lets the clipped values grow
+
+
+def test_act_learn_moves_only_the_upper_ends_and_resumes(tmp_path, digits_teacher):
+    """Both runs calibrate on the same batches (the generator never sees the student): the lower ends
+    stay, the upper ends move; a resumed act_learn run ends where an uninterrupted one does."""
+    from qimera_engine import run
+    from qimera_engine.events import EpochEnd
+    ranges = {}
+    for learn in (False, True):
+        folder = _run(tmp_path, f"learn{learn}", act_learn=learn, act_lr=1e-2)
+        ranges[learn] = torch.stack([torch.stack(q.range()) for q in act_quantizers(load_student(folder))])
+    assert torch.equal(ranges[True][:, 0], ranges[False][:, 0])
+    assert float((ranges[True][:, 1] - ranges[False][:, 1]).abs().max()) > 1e-3
+    stop = threading.Event()
+    for ev in run(preset("digits", **SHORT, act_learn=True, act_lr=1e-2), out=tmp_path / "cut", stop=stop):
+        if isinstance(ev, EpochEnd) and ev.epoch == 1:  # after the ranges have started to move
+            stop.set()
+    resumed = run_to_end(None, resume=tmp_path / "cut")
+    assert resumed["quant_top1"] == open_run(tmp_path / "learnTrue").summary["quant_top1"]
+    got = torch.stack([torch.stack(q.range()) for q in act_quantizers(load_student(tmp_path / "cut"))])
+    assert torch.equal(got, ranges[True])
+
+
+@pytest.mark.slow
+def test_compiled_steps_match_the_eager_steps(digits_teacher):
+    """compile="default": the same two steps through torch.compile give the same losses and student
+    weights as eager ones, to float rounding (compiled kernels may fuse and reorder the arithmetic)."""
+    cfg = preset("digits", **SHORT)
+    parts = Parts.build(cfg)
+    results = []
+    for mode in ("off", "default"):
+        p = copy.deepcopy(parts)
+        p.cfg = cfg.with_overrides(compile=mode)
+        trainer = Trainer.from_parts(p)
+        with trainer.bn_hooks():
+            trainer.begin_epoch(0)  # one calibrating batch gives the activations their ranges
+            trainer.student_step(trainer.generator_step(), train=False, calibrating=True)
+            trainer.end_epoch(0)
+            losses = [trainer.student_step(trainer.generator_step(), train=True, calibrating=False)
+                      for _ in range(3)]
+        results.append((torch.stack([torch.stack(l) for l in losses]),
+                        torch.cat([q.detach().flatten() for q in p.student.parameters()])))
+    (l0, w0), (l1, w1) = results
+    assert torch.allclose(l0, l1, rtol=1e-4, atol=1e-5) and torch.allclose(w0, w1, rtol=1e-4, atol=1e-6)

@@ -148,6 +148,12 @@ def fit_ranges_mse(model: nn.Module) -> None:
         q.fit_range_mse()
 
 
+def make_ranges_learnable(model: nn.Module) -> list[nn.Parameter]:
+    """Every activation range becomes a pair of trainable parameters (see ActQuantizer.make_learnable)."""
+    return [p for q in act_quantizers(model) for p in q.make_learnable()]
+
+
+@torch.no_grad()
 def reset_calibration(model: nn.Module) -> None:
     for q in act_quantizers(model):
         q.ema_lo.zero_(), q.ema_hi.zero_(), q.steps.zero_()

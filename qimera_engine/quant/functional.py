@@ -64,6 +64,19 @@ def fake_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
     return _FakeQuantizeSTE.apply(x, scale, zero_point, bits)
 
 
+def fake_quantize_learned(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """``fake_quantize`` with gradients for the range too (``act_learn``): the same values, but the
+    backward pass is that of clamp(x, lo, hi) quantized with a straight-through rounding (PACT/LSQ+):
+    gradients reach ``x`` inside the range only, and ``lo``/``hi`` from the clipped values and the step."""
+    if bits >= FULL_PRECISION:
+        return x
+    exact = fake_quantize(x, lo.detach(), hi.detach(), bits)
+    scale = torch.clamp(hi - lo, min=1e-8) / (2**bits - 1)
+    code = (torch.clamp(x, lo, hi) - lo) / scale
+    surrogate = (code + (torch.round(code) - code).detach()) * scale + lo
+    return surrogate + (exact - surrogate).detach()
+
+
 def per_channel_range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of each output channel (dim 0), shaped to broadcast against ``w``."""
     lo, hi = torch.aminmax(w.detach().reshape(w.shape[0], -1), dim=1)

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import FULL_PRECISION, fake_quantize, fake_quantize_weight, mse_act_range, mse_weight_clip
+from .functional import (FULL_PRECISION, fake_quantize, fake_quantize_learned, fake_quantize_weight, mse_act_range,
+                         mse_weight_clip)
 
 
 def _check_bits(bits: int) -> int:
@@ -131,6 +132,18 @@ class ActQuantizer(nn.Module):
         self.samples: list[torch.Tensor] | None = None  # kept by calibrating forwards while a list
         self.keep = 0
 
+    def make_learnable(self) -> list[nn.Parameter]:
+        """Turn the upper end of the range (``ema_hi``) into a parameter that training moves
+        (``act_learn``); the lower end stays (0 after a ReLU) and the state dict keeps its keys.
+        Returns the new parameter (none at 32 bits)."""
+        if self.bits >= FULL_PRECISION:
+            return []
+        if not isinstance(self.ema_hi, nn.Parameter):
+            value = self.ema_hi.detach().clone()
+            del self._buffers["ema_hi"]
+            self.register_parameter("ema_hi", nn.Parameter(value))
+        return [self.ema_hi]
+
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The bias-corrected range (lo, hi); (0, 0) before any calibration batch."""
         correction = self._correction()
@@ -174,7 +187,9 @@ class ActQuantizer(nn.Module):
         if self.calibrating:
             self.observe(x)
         lo, hi = self.range()
-        return fake_quantize(x, lo, hi, self.bits)
+        if isinstance(self.ema_hi, nn.Parameter) and torch.is_grad_enabled() and not self.calibrating:
+            return fake_quantize_learned(x, lo, hi, self.bits)
+        return fake_quantize(x, lo.detach(), hi.detach(), self.bits)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, beta={self.beta}"
