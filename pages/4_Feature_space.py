@@ -6,7 +6,7 @@ from qimera_engine import analysis
 from qimera_engine.ui import common, figures
 from qimera_engine.ui.logic import (FEATURE_NUMBERS, dominant_class, feature_verdict, generator_runs,
                                     hover_coefficients, selected_points)
-from qimera_engine.ui.tasks import features_key, features_task
+from qimera_engine.ui.tasks import UMAP_PREPARE_KEY, features_key, features_task, prepare_umap_task
 
 common.setup_page("Feature space", "🗺️")
 st.title("Feature space")
@@ -56,6 +56,8 @@ job = common.registry().find(key)
 if job is not None and job.status == "finished" and job.result:
     st.session_state["f_last_key"] = key
     result = job.result
+    if method == "pca":  # while the user looks at PCA, compile UMAP's code (once per server), so it answers fast
+        common.registry().start_task(prepare_umap_task(), label="compiling UMAP", key=UMAP_PREPARE_KEY)
 else:
     if job is not None and job.status == "failed":
         st.error(f"Could not compute the features: {job.error}")

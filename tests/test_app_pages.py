@@ -375,6 +375,16 @@ def test_features_task_projects_every_source(finished_home, monkeypatch):
     assert all(s["xy"].shape == (100, 2) for s in src.values())
     assert src["superposed"]["labels"].shape == (100, 2) and src["real"]["coeffs"].shape == (100, 1)
     assert reports == sorted(reports) and len(out["classes"]) == 10
+    # UMAP of the same samples (the user switches from PCA): the features are reused, only the projection is new
+    calls = []
+    real = analysis.synthetic_features
+    monkeypatch.setattr(analysis, "synthetic_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    umap = tasks.features_task(str(qimera.path), str(gdfq.path), 100, 0, "umap")(lambda f, m: None, threading.Event())
+    assert calls == [] and umap["method"] == "umap"
+    assert all(np.array_equal(umap["sources"][k]["features"], src[k]["features"]) for k in src)
+    assert not np.allclose(umap["sources"]["real"]["xy"], src["real"]["xy"])
+    other = tasks.features_task(str(qimera.path), str(gdfq.path), 100, 1, "pca")(lambda f, m: None, threading.Event())
+    assert len(calls) == 3 and not np.array_equal(other["sources"]["plain"]["features"], src["plain"]["features"])
 
 
 @pytest.fixture

@@ -217,6 +217,35 @@ def test_home_runs_the_demo_to_the_end(server, page, demo):
     screenshot(page, "home")
 
 
+def test_guided_path_from_the_demo_through_every_page(server, page, demo):
+    """As a first-time user goes: the demo ends on Home, its next-step link opens Boundary samples, and
+    the sidebar leads through every other page and back to Home; each page runs without an error, and
+    the images of Boundary samples are at least 96 pixels each."""
+    open_page(page, server, "", "Qimera Explorer")
+    wait_rendered(page)
+    page.get_by_role("link", name=re.compile("Mix two classes: boundary samples")).click()
+    page.get_by_role("heading", name="Boundary samples", level=1).wait_for()
+    page.get_by_text("Orange bands").wait_for()
+    wait_rendered(page)
+    # four images per row, each >= 96 px, once the grid has loaded (an image is laid out when it arrives)
+    page.wait_for_function("() => [...document.querySelectorAll('[data-testid=\"stImage\"] img')]"
+                           ".some(e => e.complete && e.getBoundingClientRect().width >= 4 * 96)")
+    tiles = page.locator('[data-testid="stPlotlyChart"] g.layer-above image')
+    tiles.first.wait_for()
+    assert min(min(b["width"], b["height"]) for b in (tiles.nth(i).bounding_box() for i in range(tiles.count()))) >= 96
+    nav = page.locator('[data-testid="stSidebarNav"] a')
+    for name, wait in (("Feature space", lambda: page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot')
+                        .first.wait_for(timeout=120_000)),
+                       ("Bit widths", lambda: page.get_by_role("button", name="Start sweep").wait_for()),
+                       ("Teacher", lambda: page.get_by_text("Labels, row by row").wait_for()),
+                       ("Quantize", lambda: page.get_by_role("button", name="Start quantizing").wait_for()),
+                       ("Home", lambda: page.get_by_text("CIFAR-10, ready to look at").wait_for())):
+        nav.filter(has_text=name).first.click()
+        page.get_by_role("heading", name="Qimera Explorer" if name == "Home" else name, level=1).wait_for()
+        wait()
+        wait_rendered(page)
+
+
 def test_teacher_page_measures_the_teacher(server, page, demo):
     open_page(page, server, "Teacher", "Teacher")
     page.get_by_text("Labels, row by row").wait_for()

@@ -5,6 +5,8 @@ its result, so the same request is computed once and shared by every session.
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -52,39 +54,71 @@ def features_key(run: Run, gdfq: Run | None, n: int, seed: int, method: str) -> 
     return f"features|{stamp(run)}|{stamp(gdfq) if gdfq else None}|{n}|{seed}|{method}"
 
 
+_features: OrderedDict = OrderedDict()  # (run, gdfq, n, seed) -> sources: PCA and UMAP share their samples
+_features_lock = threading.Lock()
+FEATURE_CACHE = 4
+
+
 def features_task(run_path: str, gdfq_path: str | None, n: int, seed: int, method: str):
     """Real, plain, superposed (and GDFQ) features of a run's teacher, projected to 2-D.
 
     Result: per source ``features``, ``probs``, ``labels`` (N, K), ``coeffs`` (N, K), and ``xy`` (N, 2).
+    The features of the last few requests are kept, so another projection of the same samples (UMAP
+    after PCA) only fits the projection.
     """
     def work(report, stop):
         run = open_run(run_path)
         report(0.05, "loading the teacher and generator")
         teacher = load_teacher(run)
-        gen = load_generator(run)
-        cfg = run.config
-        report(0.15, f"real features ({n} test images)")
-        test = load_data(cfg.test_data, InputSpec.of(teacher), "test")
-        real = analysis.real_features(teacher, test, min(n, len(test)), seed)
-        real["labels"] = real["labels"][:, None]
-        real["coeffs"] = np.ones((len(real["labels"]), 1), np.float32)  # one class each
-        sources = {"real": real}
-        report(0.3, "plain synthetic features")
-        sources["plain"] = analysis.synthetic_features(gen, teacher, n, superposed=False, seed=seed)
-        if gen.input_mode != "gdfq":
-            report(0.4, "superposed synthetic features")
-            k = max(2, min(cfg.superpose_k, gen.num_classes))
-            sources["superposed"] = analysis.synthetic_features(gen, teacher, n, superposed=True, seed=seed, k=k)
-        if gdfq_path:
-            report(0.5, "GDFQ's synthetic features")
-            sources["gdfq"] = analysis.synthetic_features(load_generator(gdfq_path), teacher, n, superposed=False,
-                                                          seed=seed)
-        if stop.is_set():
-            return None
+        stamp = features_key(run, open_run(gdfq_path) if gdfq_path else None, n, seed, "")
+        with _features_lock:
+            cached = _features.get(stamp)
+        if cached is None:
+            cached = _sources(run, teacher, gdfq_path, n, seed, report)
+            if stop.is_set():
+                return None
+            with _features_lock:
+                _features[stamp] = cached
+                while len(_features) > FEATURE_CACHE:
+                    _features.popitem(last=False)
+        sources, test_classes = cached
         report(0.6, f"fitting {method.upper()} on the real features" + (" (UMAP takes a while)" if method == "umap" else ""))
-        xy = analysis.project(real["features"], {k: v["features"] for k, v in sources.items() if k != "real"},
-                              method=method, seed=seed)
-        for k, v in sources.items():
-            v["xy"] = xy[k]
-        return {"sources": sources, "classes": test.classes, "method": method}
+        xy = analysis.project(sources["real"]["features"],
+                              {k: v["features"] for k, v in sources.items() if k != "real"}, method=method, seed=seed)
+        return {"sources": {k: {**v, "xy": xy[k]} for k, v in sources.items()}, "classes": test_classes,
+                "method": method}
+    return work
+
+
+def _sources(run: Run, teacher, gdfq_path: str | None, n: int, seed: int, report) -> tuple[dict, list[str]]:
+    gen = load_generator(run)
+    cfg = run.config
+    report(0.15, f"real features ({n} test images)")
+    test = load_data(cfg.test_data, InputSpec.of(teacher), "test")
+    real = analysis.real_features(teacher, test, min(n, len(test)), seed)
+    real["labels"] = real["labels"][:, None]
+    real["coeffs"] = np.ones((len(real["labels"]), 1), np.float32)  # one class each
+    sources = {"real": real}
+    report(0.3, "plain synthetic features")
+    sources["plain"] = analysis.synthetic_features(gen, teacher, n, superposed=False, seed=seed)
+    if gen.input_mode != "gdfq":
+        report(0.4, "superposed synthetic features")
+        k = max(2, min(cfg.superpose_k, gen.num_classes))
+        sources["superposed"] = analysis.synthetic_features(gen, teacher, n, superposed=True, seed=seed, k=k)
+    if gdfq_path:
+        report(0.5, "GDFQ's synthetic features")
+        sources["gdfq"] = analysis.synthetic_features(load_generator(gdfq_path), teacher, n, superposed=False,
+                                                      seed=seed)
+    return sources, test.classes
+
+
+UMAP_PREPARE_KEY = "umap|prepare"
+
+
+def prepare_umap_task():
+    """Import umap and compile its code (see analysis.prepare_umap), so a first UMAP is quick."""
+    def work(report, stop):
+        report(0.1, "compiling UMAP's code in the background")
+        analysis.prepare_umap()
+        return {"prepared": True}
     return work
