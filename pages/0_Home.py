@@ -78,3 +78,5 @@ st.page_link("pages/3_Boundary_samples.py", label="Boundary samples: mix classes
              icon="🧬")
 st.page_link("pages/4_Feature_space.py", label="Feature space: real vs synthetic features in 2-D", icon="🗺️")
 st.page_link("pages/5_Bit_widths.py", label="Bit widths: accuracy from 2 to 8 bits, per method", icon="📉")
+
+common.warm_umap()  # while Home is read, so that Feature space's first UMAP does not wait for its compiling

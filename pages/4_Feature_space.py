@@ -6,7 +6,9 @@ from qimera_engine import analysis
 from qimera_engine.ui import common, figures
 from qimera_engine.ui.logic import (FEATURE_NUMBERS, dominant_class, feature_verdict, generator_runs,
                                     hover_coefficients, selected_points)
-from qimera_engine.ui.tasks import UMAP_PREPARE_KEY, features_key, features_task, prepare_umap_task
+from qimera_engine.ui.tasks import features_key, features_task
+
+QUICK_SECONDS = 1.5  # how long the page waits for a projection before it shows progress instead
 
 common.setup_page("Feature space", "🗺️")
 st.title("Feature space")
@@ -35,9 +37,10 @@ key = features_key(run, partner if gdfq_path else None, n, seed, method)
 job = common.registry().find(key)
 if job is None or job.status in ("failed", "cancelled"):
     if method == "pca" or st.button("Compute the UMAP projection", type="primary", key="f_go"):
-        common.registry().start_task(features_task(str(run.path), gdfq_path, n, seed, method),
-                                     label=f"{method.upper()} of {run.id} ({n} per source)", key=key)
-        job = common.registry().find(key)
+        job_id = common.registry().start_task(features_task(str(run.path), gdfq_path, n, seed, method),
+                                              label=f"{method.upper()} of {run.id} ({n} per source)", key=key)
+        # a quick answer (samples already computed, code compiled) is shown in this run, without polling
+        job = common.registry().wait(job_id, timeout=QUICK_SECONDS)
     elif job is not None:
         st.error(f"The last try failed: {job.error}")
 
@@ -56,8 +59,7 @@ job = common.registry().find(key)
 if job is not None and job.status == "finished" and job.result:
     st.session_state["f_last_key"] = key
     result = job.result
-    if method == "pca":  # while the user looks at PCA, compile UMAP's code (once per server), so it answers fast
-        common.registry().start_task(prepare_umap_task(), label="compiling UMAP", key=UMAP_PREPARE_KEY)
+    common.warm_umap()  # opened here directly: compile UMAP's code while the user looks at the PCA
 else:
     if job is not None and job.status == "failed":
         st.error(f"Could not compute the features: {job.error}")
@@ -90,7 +92,8 @@ with left:
     labels = {name: dominant_class(s["labels"], s["coeffs"]) for name, s in sources.items()}
     hover = {name: hover_coefficients(s["labels"], s["coeffs"], classes) for name, s in sources.items()}
     picked = st.plotly_chart(figures.feature_scatter(coords, labels, classes, hover, title=f"{result['method'].upper()} "
-                                                     f"of the teacher's features"), key="f_scatter",
+                                                     f"of the teacher's features (seed {result.get('seed', seed)}, "
+                                                     f"{result.get('n', n)} per source)"), key="f_scatter",
                              on_select="rerun", selection_mode=("points", "box", "lasso"))
 points = picked.selection.points if picked and picked.selection else []
 if points:

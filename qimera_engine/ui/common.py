@@ -27,6 +27,13 @@ def registry() -> JobRegistry:
     return shared_registry()
 
 
+def warm_umap() -> None:
+    """Compile UMAP's code in the background, once per server (while the user reads a page), so that
+    the first UMAP on Feature space does not wait for it."""
+    from .tasks import UMAP_PREPARE_KEY, prepare_umap_task
+    registry().start_task(prepare_umap_task(), label="compiling UMAP", key=UMAP_PREPARE_KEY)
+
+
 def device_description() -> str:
     if torch.cuda.is_available():
         return f"GPU: {torch.cuda.get_device_name(0)} (CUDA)"

@@ -86,7 +86,7 @@ def features_task(run_path: str, gdfq_path: str | None, n: int, seed: int, metho
         xy = analysis.project(sources["real"]["features"],
                               {k: v["features"] for k, v in sources.items() if k != "real"}, method=method, seed=seed)
         return {"sources": {k: {**v, "xy": xy[k]} for k, v in sources.items()}, "classes": test_classes,
-                "method": method}
+                "method": method, "seed": seed, "n": n}
     return work
 
 
@@ -119,6 +119,9 @@ def prepare_umap_task():
     """Import umap and compile its code (see analysis.prepare_umap), so a first UMAP is quick."""
     def work(report, stop):
         report(0.1, "compiling UMAP's code in the background")
-        analysis.prepare_umap()
+        try:
+            analysis.prepare_umap()
+        except ImportError:  # umap-learn not installed: the page says so when UMAP is chosen
+            return {"prepared": False}
         return {"prepared": True}
     return work
