@@ -88,6 +88,9 @@ SETTINGS: tuple[Setting, ...] = (
             "frequency bins; 32 px images: 4-16 filters).", "float", lo=0.0, hi=1000.0, section="Qimera+"),
     Setting("student_steps", "Student steps per batch", "1 (paper); more reuses each generated batch (cheaper "
             "than generating one).", "int", lo=1, hi=16, section="Qimera+"),
+    Setting("act_learn", "Learn activation ranges", "off (paper); on: after calibration, train each activation "
+            "range's upper end with the student (measured: worse on CIFAR-10 at this budget).", "bool",
+            section="Qimera+"),
     Setting("eval_images", "Images evaluated per epoch", "0: the whole test set every epoch (paper); > 0: a fixed "
             "sample, the whole set after the last epoch.", "int", lo=0, hi=10**7, section="Qimera+"),
 )
