@@ -177,6 +177,7 @@ class _UMAP:
             else:
                 self.model = self.umap.UMAP(**self.kw).fit(x)
         self.embedding = np.asarray(self.model.embedding_, dtype=np.float32)
+        _umap_compiled.set()
         return self
 
     def transform(self, x: np.ndarray) -> np.ndarray:
@@ -193,6 +194,14 @@ def prepare_umap() -> None:
     """
     x = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
     _UMAP(0, 5, 0.1, 20).fit(x).transform(x[:5] + 0.1)
+
+
+_umap_compiled = threading.Event()  # set once a UMAP has been fitted in this process
+
+
+def umap_ready() -> bool:
+    """Whether this process has compiled UMAP's code (``prepare_umap`` or a projection has run)."""
+    return _umap_compiled.is_set()
 
 
 def project(real, others: dict | None = None, method: str = "pca", seed: int = 0, *,

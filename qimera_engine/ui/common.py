@@ -31,7 +31,8 @@ def warm_umap() -> None:
     """Compile UMAP's code in the background, once per server (while the user reads a page), so that
     the first UMAP on Feature space does not wait for it."""
     from .tasks import UMAP_PREPARE_KEY, prepare_umap_task
-    registry().start_task(prepare_umap_task(), label="compiling UMAP", key=UMAP_PREPARE_KEY)
+    if not analysis.umap_ready():
+        registry().start_task(prepare_umap_task(), label="compiling UMAP", key=UMAP_PREPARE_KEY)
 
 
 def device_description() -> str:
