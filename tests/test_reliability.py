@@ -246,8 +246,13 @@ def test_ctrl_c_marks_the_run_cancelled(tmp_path, digits_teacher):
     from qimera_engine.runs import Run
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     folder = tmp_path / "r"
-    p = subprocess.Popen([sys.executable, "-m", "qimera_engine", "quantize", "--out", str(folder),
-                          *[f"--set={k}={v}" for k, v in {**SMALL, "epochs": 200, "iters_per_epoch": 20}.items()]],
+    args = ["quantize", "--out", str(folder),
+            *[f"--set={k}={v}" for k, v in {**SMALL, "epochs": 200, "iters_per_epoch": 20}.items()]]
+    # as from a terminal: Ctrl-C raises KeyboardInterrupt. (Python keeps SIGINT ignored when it starts with
+    # it ignored, as children of a shell's background job do: this test may run under one.)
+    launcher = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "sys.argv = ['qimera_engine'] + sys.argv[1:]; runpy.run_module('qimera_engine', run_name='__main__')")
+    p = subprocess.Popen([sys.executable, "-c", launcher, *args],
                          env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = _time.time() + 120
     while not (folder / "state.pt").exists() and _time.time() < deadline:
