@@ -56,6 +56,11 @@ def copy_run(src: Path, name: str, teacher_sha: str) -> None:
     cfg["checkpoint"] = os.path.relpath(OUT / TEACHER, dest)
     cfg["test_data"] = f"folder:{os.path.relpath(OUT / SAMPLE, dest)}"
     (dest / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    summary = json.loads((dest / "summary.json").read_text())  # measured on the whole split: named, not located
+    kind, _, path = summary["test_data"].partition(":")
+    summary["test_data"] = f"{kind}:{Path(path).name}" if path else kind
+    summary["run"] = name
+    (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if json.loads((dest / "teacher.json").read_text())["sha256"] != teacher_sha:
         raise SystemExit(f"{src} was trained with another teacher than {TEACHER}")
     (dest / "teacher.json").write_text(json.dumps({"sha256": teacher_sha, "weights": cfg["checkpoint"]}) + "\n")
