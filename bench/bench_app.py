@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import statistics
@@ -68,9 +69,9 @@ def bench_first_page() -> float:
     return t_page
 
 
-def bench_showcase() -> None:
-    """From an empty $QIMERA_HOME, no network: seconds from opening each page to its CIFAR-10 content
-    (the shipped showcase): Home's preview, Boundary samples' images and A->B path, Feature space's chart."""
+@contextlib.contextmanager
+def showcase_server():
+    """A fresh server on an empty $QIMERA_HOME (the shipped assets/showcase) and a chromium page: (page, base)."""
     from playwright.sync_api import sync_playwright
     from test_browser import CHROMIUM, CHROMIUM_ARGS, VIEWPORT, start_server, stop_server, wait_healthy
     os.environ.pop("QIMERA_SHOWCASE", None)  # the shipped assets/showcase
@@ -81,86 +82,80 @@ def bench_showcase() -> None:
         proc, base = start_server(Path(tmp) / "home", log)
         try:
             wait_healthy(proc, base, log)
-            for path, what, wait in [
-                    ("", "Home: the shipped CIFAR-10 samples", lambda: page.get_by_text("CIFAR-10, ready to look at")
-                     .wait_for(timeout=120_000) or page.locator('[data-testid="stImage"] img').first.wait_for(timeout=120_000)),
-                    ("Boundary_samples", "Boundary samples: images and the A->B path",
-                     lambda: page.get_by_text("Orange bands").wait_for(timeout=120_000)
-                     or page.locator('[data-testid="stImage"] img').first.wait_for(timeout=120_000)
-                     # the path's images are drawn inside its chart (plotly layout images)
-                     or page.locator('[data-testid="stPlotlyChart"] g.layer-above image').first.wait_for(
-                         timeout=120_000)),
-                    ("Feature_space", "Feature space: the PCA chart",
-                     lambda: page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').first.wait_for(timeout=120_000))]:
-                t = time.perf_counter()
-                page.goto(f"{base}/{path}")
-                wait()
-                dt = time.perf_counter() - t
-                print(f"{what:<52} {dt:7.2f} s  {verdict(dt, TARGETS['showcase'])}")
-            # UMAP on the same page: the first in this server (umap's import and numba compiling included),
-            # then another seed (new samples and a new fit; the compiled code is warm)
-            page.locator("button").filter(has_text=re.compile(r"^\s*UMAP\s*$")).first.click()  # segmented control
-            for what, seed in (("Feature space: UMAP, first in the server", None), ("Feature space: UMAP, seed 1", 1)):
-                if seed is not None:
-                    box = page.get_by_label("Seed")
-                    box.fill(str(seed))
-                    box.press("Enter")
-                go = page.get_by_role("button", name="Compute the UMAP projection")
-                go.wait_for(timeout=120_000)
-                t = time.perf_counter()
-                go.click()
-                wait_title(page, f"UMAP of the teacher's features (seed {seed or 0},")
-                dt = time.perf_counter() - t
-                print(f"{what:<52} {dt:7.2f} s  {verdict(dt, TARGETS['showcase'])}")
-            # warm: the samples on screen (a PCA of seed 2 first), then UMAP of them, compiled code warm
-            page.locator("button").filter(has_text=re.compile(r"^\s*PCA\s*$")).first.click()
-            box = page.get_by_label("Seed")
-            box.fill("2")
-            box.press("Enter")
-            wait_title(page, "PCA of the teacher's features (seed 2,")
-            page.locator("button").filter(has_text=re.compile(r"^\s*UMAP\s*$")).first.click()
-            go = page.get_by_role("button", name="Compute the UMAP projection")
-            go.wait_for(timeout=120_000)
-            t = time.perf_counter()
-            go.click()
-            wait_title(page, "UMAP of the teacher's features (seed 2,")
-            dt = time.perf_counter() - t
-            print(f"{'Feature space: UMAP of the samples on screen (seed 2)':<52} {dt:7.2f} s  "
-                  f"{verdict(dt, TARGETS['umap warm'])}")
+            yield page, base
         finally:
             stop_server(proc)
             browser.close()
+
+
+def choose_projection(page, method: str) -> None:
+    """Click PCA or UMAP in Feature space's segmented control."""
+    page.locator("button").filter(has_text=re.compile(rf"^\s*{method}\s*$")).first.click()
+
+
+def set_seed(page, seed: int) -> None:
+    box = page.get_by_label("Seed")
+    box.fill(str(seed))
+    box.press("Enter")
+
+
+def time_umap(page, seed: int) -> float:
+    """Seconds from pressing "Compute the UMAP projection" to the UMAP chart of ``seed`` on screen."""
+    go = page.get_by_role("button", name="Compute the UMAP projection")
+    go.wait_for(timeout=120_000)
+    t = time.perf_counter()
+    go.click()
+    wait_title(page, f"UMAP of the teacher's features (seed {seed},")
+    return time.perf_counter() - t
+
+
+def report(what: str, seconds: float, target: str) -> None:
+    print(f"{what:<52} {seconds:7.2f} s  {verdict(seconds, TARGETS[target])}")
+
+
+def bench_showcase() -> None:
+    """From an empty $QIMERA_HOME, no network: seconds from opening each page to its CIFAR-10 content
+    (the shipped showcase): Home's preview, Boundary samples' images and A->B path, Feature space's chart."""
+    with showcase_server() as (page, base):
+        for path, what, wait in [
+                ("", "Home: the shipped CIFAR-10 samples", lambda: page.get_by_text("CIFAR-10, ready to look at")
+                 .wait_for(timeout=120_000) or page.locator('[data-testid="stImage"] img').first.wait_for(timeout=120_000)),
+                ("Boundary_samples", "Boundary samples: images and the A->B path",
+                 lambda: page.get_by_text("Orange bands").wait_for(timeout=120_000)
+                 or page.locator('[data-testid="stImage"] img').first.wait_for(timeout=120_000)
+                 # the path's images are drawn inside its chart (plotly layout images)
+                 or page.locator('[data-testid="stPlotlyChart"] g.layer-above image').first.wait_for(
+                     timeout=120_000)),
+                ("Feature_space", "Feature space: the PCA chart",
+                 lambda: page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').first.wait_for(timeout=120_000))]:
+            t = time.perf_counter()
+            page.goto(f"{base}/{path}")
+            wait()
+            report(what, time.perf_counter() - t, "showcase")
+        # UMAP on the same page: the first in this server (its code compiled in the background since Home),
+        # then another seed (new samples and a new fit; the compiled code is warm)
+        choose_projection(page, "UMAP")
+        report("Feature space: UMAP, first in the server", time_umap(page, 0), "showcase")
+        set_seed(page, 1)
+        report("Feature space: UMAP, seed 1", time_umap(page, 1), "showcase")
+        # warm: the samples on screen (a PCA of seed 2 first), then UMAP of them, compiled code warm
+        choose_projection(page, "PCA")
+        set_seed(page, 2)
+        wait_title(page, "PCA of the teacher's features (seed 2,")
+        choose_projection(page, "UMAP")
+        report("Feature space: UMAP of the samples on screen (seed 2)", time_umap(page, 2), "umap warm")
 
 
 def bench_umap_direct() -> None:
     """A fresh server and Feature space opened directly (Home never seen, so UMAP's code has not been
     compiled in the background yet): the PCA chart, then UMAP at once."""
-    from playwright.sync_api import sync_playwright
-    from test_browser import CHROMIUM, CHROMIUM_ARGS, VIEWPORT, start_server, stop_server, wait_healthy
-    os.environ.pop("QIMERA_SHOWCASE", None)
-    with tempfile.TemporaryDirectory(prefix="qimera-bench-app-") as tmp, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport=VIEWPORT)
-        log = Path(tmp) / "streamlit.log"
-        proc, base = start_server(Path(tmp) / "home", log)
-        try:
-            wait_healthy(proc, base, log)
-            t = time.perf_counter()
-            page.goto(f"{base}/Feature_space")
-            wait_title(page, "PCA of the teacher's features (seed 0,")
-            dt = time.perf_counter() - t
-            print(f"{'Feature space opened first: the PCA chart':<52} {dt:7.2f} s  {verdict(dt, TARGETS['showcase'])}")
-            page.locator("button").filter(has_text=re.compile(r"^\s*UMAP\s*$")).first.click()
-            go = page.get_by_role("button", name="Compute the UMAP projection")
-            go.wait_for(timeout=120_000)
-            t = time.perf_counter()
-            go.click()
-            wait_title(page, "UMAP of the teacher's features (seed 0,")
-            dt = time.perf_counter() - t
-            print(f"{'  then UMAP at once (its code still compiling)':<52} {dt:7.2f} s  {verdict(dt, TARGETS['showcase'])}")
-        finally:
-            stop_server(proc)
-            browser.close()
+    with showcase_server() as (page, base):
+        t = time.perf_counter()
+        page.goto(f"{base}/Feature_space")
+        wait_title(page, "PCA of the teacher's features (seed 0,")
+        report("Feature space opened first: the PCA chart", time.perf_counter() - t, "showcase")
+        choose_projection(page, "UMAP")
+        report("  then UMAP at once (its code still compiling)", time_umap(page, 0), "showcase")
 
 
 def wait_title(page, start: str) -> None:

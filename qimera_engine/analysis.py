@@ -77,10 +77,37 @@ def real_features(teacher, data: ImageData, n: int, seed: int = 0) -> dict:
 
 # --------------------------------------------------------------------------- 2-D projection
 
-_CACHE_SIZE = 32
-_results: OrderedDict[str, dict] = OrderedDict()  # key -> {name: (N, 2)}
-_fitted: OrderedDict[str, object] = OrderedDict()  # key of (real, method, params) -> fitted projector
-_lock = threading.Lock()  # pages of several sessions may project at once
+class LRUCache:
+    """The ``size`` most recently used values by key, safe to share between threads (pages of several
+    sessions may project at once)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._store: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        """The value kept under ``key`` (now the most recently used), or None."""
+        with self._lock:
+            value = self._store.get(key)
+            if value is not None:
+                self._store.move_to_end(key)
+            return value
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._store[key] = value
+            self._store.move_to_end(key)
+            while len(self._store) > self.size:
+                self._store.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._store.clear()
+
+
+_results = LRUCache(32)  # key -> {name: (N, 2)}
+_fitted = LRUCache(4)  # key of (real, method, params) -> fitted projector
 
 
 def _as_features(x) -> np.ndarray:
@@ -100,22 +127,6 @@ def _digest(*parts) -> str:
             h.update(repr(p).encode())
         h.update(b"|")
     return h.hexdigest()
-
-
-def _remember(store: OrderedDict, key: str, value, size: int) -> None:
-    with _lock:
-        store[key] = value
-        store.move_to_end(key)
-        while len(store) > size:
-            store.popitem(last=False)
-
-
-def _recall(store: OrderedDict, key: str):
-    with _lock:
-        value = store.get(key)
-        if value is not None:
-            store.move_to_end(key)
-        return value
 
 
 class _PCA:
@@ -231,23 +242,22 @@ def project(real, others: dict | None = None, method: str = "pca", seed: int = 0
     params = (method, int(seed), int(n_neighbors), float(min_dist), n_epochs) if method == "umap" else (method,)
     fit_key = _digest(real, *params)
     key = _digest(fit_key, *[p for name in sorted(arrays) for p in (name, arrays[name])])
-    cached = _recall(_results, key)
+    cached = _results.get(key)
     if cached is None:
-        projector = _recall(_fitted, fit_key)
+        projector = _fitted.get(fit_key)
         if projector is None:
             projector = (_PCA() if method == "pca" else _UMAP(seed, n_neighbors, min_dist, n_epochs)).fit(real)
-            _remember(_fitted, fit_key, projector, 4)
+            _fitted.put(fit_key, projector)
         cached = {"real": projector.embedding}
         cached.update({name: projector.transform(x) if len(x) else np.zeros((0, 2), np.float32)
                        for name, x in arrays.items()})
-        _remember(_results, key, cached, _CACHE_SIZE)
+        _results.put(key, cached)
     return {"real": cached["real"].copy(), **{name: cached[name].copy() for name in others}}
 
 
 def clear_projection_cache() -> None:
-    with _lock:
-        _results.clear()
-        _fitted.clear()
+    _results.clear()
+    _fitted.clear()
 
 # --------------------------------------------------------------------------- boundary and coverage
 

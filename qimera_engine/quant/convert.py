@@ -149,7 +149,7 @@ def fit_ranges_mse(model: nn.Module) -> None:
 
 
 def make_ranges_learnable(model: nn.Module) -> list[nn.Parameter]:
-    """Every activation range becomes a pair of trainable parameters (see ActQuantizer.make_learnable)."""
+    """Every activation range's upper end becomes a trainable parameter (see ActQuantizer.make_learnable)."""
     return [p for q in act_quantizers(model) for p in q.make_learnable()]
 
 

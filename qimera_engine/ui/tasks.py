@@ -5,8 +5,6 @@ its result, so the same request is computed once and shared by every session.
 """
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +52,7 @@ def features_key(run: Run, gdfq: Run | None, n: int, seed: int, method: str) -> 
     return f"features|{stamp(run)}|{stamp(gdfq) if gdfq else None}|{n}|{seed}|{method}"
 
 
-_features: OrderedDict = OrderedDict()  # (run, gdfq, n, seed) -> sources: PCA and UMAP share their samples
-_features_lock = threading.Lock()
-FEATURE_CACHE = 4
+_features = analysis.LRUCache(4)  # (run, gdfq, n, seed) -> (sources, classes): PCA and UMAP share their samples
 
 
 def features_task(run_path: str, gdfq_path: str | None, n: int, seed: int, method: str):
@@ -68,19 +64,13 @@ def features_task(run_path: str, gdfq_path: str | None, n: int, seed: int, metho
     """
     def work(report, stop):
         run = open_run(run_path)
-        report(0.05, "loading the teacher and generator")
-        teacher = load_teacher(run)
         stamp = features_key(run, open_run(gdfq_path) if gdfq_path else None, n, seed, "")
-        with _features_lock:
-            cached = _features.get(stamp)
+        cached = _features.get(stamp)
         if cached is None:
-            cached = _sources(run, teacher, gdfq_path, n, seed, report)
+            cached = _sources(run, gdfq_path, n, seed, report)
             if stop.is_set():
                 return None
-            with _features_lock:
-                _features[stamp] = cached
-                while len(_features) > FEATURE_CACHE:
-                    _features.popitem(last=False)
+            _features.put(stamp, cached)
         sources, test_classes = cached
         report(0.6, f"fitting {method.upper()} on the real features" + (" (UMAP takes a while)" if method == "umap" else ""))
         xy = analysis.project(sources["real"]["features"],
@@ -90,7 +80,9 @@ def features_task(run_path: str, gdfq_path: str | None, n: int, seed: int, metho
     return work
 
 
-def _sources(run: Run, teacher, gdfq_path: str | None, n: int, seed: int, report) -> tuple[dict, list[str]]:
+def _sources(run: Run, gdfq_path: str | None, n: int, seed: int, report) -> tuple[dict, list[str]]:
+    report(0.05, "loading the teacher and generator")
+    teacher = load_teacher(run)
     gen = load_generator(run)
     cfg = run.config
     report(0.15, f"real features ({n} test images)")
