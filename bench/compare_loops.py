@@ -1,14 +1,15 @@
 """Training-loop throughput of this checkout against another one, side by side on one machine.
 
     git worktree add /tmp/qimera-old 2dc3c7b
-    python bench/compare_loops.py --old /tmp/qimera-old [--rounds 4] [--iters 20] [--batch 64]
+    python bench/compare_loops.py --old /tmp/qimera-old [--rounds 4] [--iters 20] [--batch 64] [--amp]
 
 Each round times one full iteration (generator step + student step, ResNet-20 W4A4, random weights)
 in a fresh process of each checkout, alternating old/new so that both see the same machine state.
 Both loops are set up the way their runner sets them up (teacher frozen and in eval mode, student in
 eval mode and stepped, activation calibration off): this checkout through its public ``Trainer``, an
-older one through the step functions it had then. Prints each round, the medians and their ratio,
-and each process's peak RSS.
+older one through the step functions it had then. ``--amp`` runs this checkout's loop as a run with
+``amp=true`` does (bf16 autocast where the CPU computes bf16 natively, fp32 elsewhere); the other
+checkout runs as it is. Prints each round, the medians and their ratio, and each process's peak RSS.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from qimera_engine.config import preset
 from qimera_engine.models import build_teacher
 from qimera_engine.quant import quantize_model
 from qimera_engine import train
-batch, iters, blocks = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+batch, iters, blocks, amp = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 cfg = preset("cifar10-resnet20-cpu", batch_size=batch, device="cpu").resolved()
 torch.manual_seed(0)
 teacher = build_teacher("resnet20")
@@ -43,7 +44,9 @@ if hasattr(train, "Trainer"):
     tr = train.Trainer(cfg, teacher.model, student, gen, teacher.num_classes, RunRandom.create(0, "cpu"),
                        torch.device("cpu"))
     hooks = tr.bn_hooks()
-    step = lambda: tr.student_step(tr.generator_step(), train=True, calibrating=False)
+    def step():
+        with train.autocast_for(amp, torch.device("cpu")):
+            tr.student_step(tr.generator_step(), train=True, calibrating=False)
 else:  # an older checkout: its private step functions, built as its runner built them
     from qimera_engine.generator import BatchSampler
     from qimera_engine.losses import BNStatisticsLoss
@@ -70,8 +73,8 @@ print(json.dumps({"images_per_s": statistics.median(rates), "blocks": rates,
 """
 
 
-def measure(tree: Path, batch: int, iters: int, blocks: int) -> dict:
-    p = subprocess.run([sys.executable, "-c", HARNESS, str(batch), str(iters), str(blocks)], cwd=tree,
+def measure(tree: Path, batch: int, iters: int, blocks: int, amp: bool = False) -> dict:
+    p = subprocess.run([sys.executable, "-c", HARNESS, str(batch), str(iters), str(blocks), str(int(amp))], cwd=tree,
                        capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"{tree}: {p.stderr[-2000:]}")
@@ -104,14 +107,15 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--amp", action="store_true", help="this checkout's loop with amp=true (bf16 where native)")
     args = ap.parse_args()
     import torch
     print(f"# {cpu_name()} ({cpu_flags()}); torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"ResNet-20 W4A4, batch {args.batch}")
+          f"ResNet-20 W4A4, batch {args.batch}; this checkout {'with' if args.amp else 'without'} amp")
     results = {"old": [], "new": []}
     for r in range(args.rounds):
         for name, tree in (("old", Path(args.old)), ("new", ROOT)):
-            m = measure(tree, args.batch, args.iters, args.blocks)
+            m = measure(tree, args.batch, args.iters, args.blocks, amp=args.amp and name == "new")
             results[name].append(m)
             print(f"round {r}: {name} {m['images_per_s']:7.1f} images/s  peak RSS {m['peak_rss_mb']:.0f} MB",
                   flush=True)

@@ -3,7 +3,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qimera_engine.losses import BNStatisticsLoss, bn_statistics_loss, kd_loss, soft_cross_entropy
+from qimera_engine.losses import (BNStatisticsLoss, _BNMoments, bn_statistics, bn_statistics_loss, kd_loss,
+                                  soft_cross_entropy)
 
 
 def test_soft_cross_entropy_equals_hard_ce_on_one_hot():
@@ -46,6 +47,25 @@ def test_bn_statistics_loss_by_hand():
         mu, var = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
         terms.append(F.mse_loss(mu, bn.running_mean) + F.mse_loss(var, bn.running_var))
     torch.testing.assert_close(loss, sum(terms) / 2)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_bn_statistics_match_var_mean_in_value_and_gradient(layout):
+    """The fast two-pass statistics and their one-pass backward against autograd through torch.var_mean."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 8, 5, 5, generator=g) * 3 + 1).contiguous(memory_format=layout)
+    w_mean, w_var = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    grads = []
+    for stats in (bn_statistics, lambda v: torch.var_mean(v, dim=(0, 2, 3), unbiased=False)[::-1]):
+        xi = x.clone().requires_grad_()
+        mean, var = stats(xi)
+        ((mean * w_mean).sum() + (var * w_var).sum()).backward()
+        grads.append((mean.detach(), var.detach(), xi.grad))
+    for fast, ref in zip(*grads):
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+    assert grads[0][2].is_contiguous(memory_format=layout)  # the gradient keeps the input's layout
+    x64 = torch.randn(3, 4, 2, 3, dtype=torch.float64, generator=g).contiguous(memory_format=layout)
+    assert torch.autograd.gradcheck(_BNMoments.apply, (x64.requires_grad_(),))
 
 
 def test_bn_loss_is_zero_on_matching_statistics_and_gradients_reach_the_input():
