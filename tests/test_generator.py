@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from qimera_engine.generator import (BatchSampler, Generator, generate_images, sample_coefficients,
-                                     sample_latents, soft_targets, standardise, superpose)
+                                     sample_latents, soft_targets, standardise, superpose, upsample_conv)
 
 
 def test_superpose_is_the_coefficient_weighted_sum():
@@ -115,3 +115,24 @@ def test_generate_images_rejects_bad_input():
         generate_images(g, [[10, 1]], [[0.5, 0.5]], [0])
     with pytest.raises(ValueError, match="seed"):
         generate_images(g, [[1, 2]], [[0.5, 0.5]], [0, 1])
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_upsample_conv_is_upsampling_then_the_convolution(layout):
+    """The CPU path without the upsampled copy: the same outputs and gradients (input, weights, bias) as
+    nearest x2 upsampling followed by the 3x3 convolution, in float64 to rounding; non-square input."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, padding=1).double()
+    x0 = torch.randn(3, 6, 4, 5, dtype=torch.float64).contiguous(memory_format=layout)
+    g = torch.randn(3, 5, 8, 10, dtype=torch.float64)
+    results = []
+    for f in (lambda x: conv(F.interpolate(x, scale_factor=2)), lambda x: upsample_conv(x, conv)):
+        conv.zero_grad()
+        x = x0.clone().requires_grad_()
+        y = f(x)
+        y.backward(g)
+        results.append((y.detach(), x.grad, conv.weight.grad.clone(), conv.bias.grad.clone()))
+    for new, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(new, ref, rtol=1e-12, atol=1e-12)
