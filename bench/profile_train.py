@@ -5,7 +5,7 @@
 Builds the ResNet-20 W4A4 loop as a run does (the runner's ``Trainer``; random weights, the arithmetic is
 the same), warms up, then profiles ``iters`` generator steps and ``iters`` student steps separately and
 prints, for each, its wall time per step and the operators with the most self time. Also prints the
-arithmetic of each network per image (multiply-adds of the convolutions and linear layers, forward).
+arithmetic of each network per image (multiply-adds as executed, forward).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from qimera_engine.config import preset  # noqa: E402
 from qimera_engine.models import build_teacher  # noqa: E402
@@ -27,25 +27,12 @@ from qimera_engine.seeding import RunRandom  # noqa: E402
 from qimera_engine.train import Trainer, build_generator  # noqa: E402
 
 
-def macs_per_image(model: nn.Module, run) -> float:
-    """Forward multiply-adds of Conv2d/Linear layers for one image (hooks on one batch of one)."""
-    total = 0
-
-    def hook(m, inputs, out):
-        nonlocal total
-        if isinstance(m, nn.Conv2d):
-            total += out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-        elif isinstance(m, nn.Linear):
-            total += out.numel() * m.in_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
-    return total
+def macs_per_image(run) -> float:
+    """Forward multiply-adds of one image, as executed (torch's FLOP counter: convolutions and matrix
+    products, whichever way a module calls them), at batch size one."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        run()
+    return counter.get_total_flops() / 2
 
 
 def main():
@@ -66,9 +53,9 @@ def main():
 
     one = trainer.sampler(1, dev)
     gen.eval()
-    g_macs = macs_per_image(gen, lambda: gen(one.labels, one.coeffs, one.noise))
+    g_macs = macs_per_image(lambda: gen(one.labels, one.coeffs, one.noise))
     gen.train()
-    t_macs = macs_per_image(teacher.model, lambda: teacher.model(torch.zeros(1, 3, 32, 32, device=dev)))
+    t_macs = macs_per_image(lambda: teacher.model(torch.zeros(1, 3, 32, 32, device=dev)))
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.device}")
     print(f"forward multiply-adds per image: generator {g_macs / 1e6:.1f} M, teacher/student {t_macs / 1e6:.1f} M")
 

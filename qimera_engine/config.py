@@ -91,6 +91,8 @@ class RunConfig:
     student_steps: int = 1          # student steps on each generated batch
     act_learn: bool = False         # after calibration, train the activation ranges' upper ends with the student (PACT/LSQ+)
     act_lr: float = 1e-3            # their learning rate (Adam)
+    student_ema: float = 0.0        # > 0: evaluate and save an exponential moving average of the student's weights
+                                    # over its steps (this decay per step); 0: the weights themselves (paper)
 
     # --- machine ---
     device: str = "auto"            # auto (CUDA when present) | cpu | cuda
@@ -155,6 +157,8 @@ class RunConfig:
              f"device must be auto, cpu or cuda, got {self.device!r}")
         need(self.num_threads is None or self.num_threads >= 1, "num_threads must be >= 1")
         need(math.isfinite(self.act_lr) and self.act_lr > 0, f"act_lr must be > 0, got {self.act_lr}")
+        need(math.isfinite(self.student_ema) and 0 <= self.student_ema < 1,
+             f"student_ema must be in [0, 1) (0: off), got {self.student_ema}")
         need(self.compile in COMPILE_MODES, f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         need(isinstance(self.eval_images, int) and self.eval_images >= 0,
              f"eval_images must be an integer >= 0 (0: the whole test set), got {self.eval_images!r}")
@@ -216,7 +220,8 @@ _HINTS = typing.get_type_hints(RunConfig)
 
 # The Qimera+ switches at the paper's behaviour (``RunConfig.label`` marks a run that leaves any of them).
 PAPER_SETTINGS = {"weight_clip": "minmax", "act_calib": "ema", "lr_schedule": "step", "ce_rows": "all",
-                  "lowpass_d0": 0.0, "student_steps": 1, "act_learn": False, "kd_reduction": "mean"}
+                  "lowpass_d0": 0.0, "student_steps": 1, "act_learn": False, "kd_reduction": "mean",
+                  "student_ema": 0.0}
 
 
 def _coerce(name: str, value):

@@ -263,6 +263,8 @@ class Trainer:
         # act_learn: the activation ranges' own optimizer; Adam, so its steps do not depend on the
         # gradients' scale (a range's gradient sums over a whole activation tensor)
         self.opt_r = torch.optim.Adam(ranges, lr=cfg.act_lr) if ranges else None
+        # student_ema: a moving average of the weights, started at the first student step
+        self.weights, self.ema = weights, None
         self.sched_s = torch.optim.lr_scheduler.MultiStepLR(self.opt_s, cfg.milestones, cfg.lr_gamma)
         self.opt_g = self.sched_g = None
         if generator is not None:
@@ -372,7 +374,33 @@ class Trainer:
             self.opt_s.step()
             if self.opt_r is not None:
                 self.opt_r.step()
+            self._update_ema()
         return loss.detach(), kd.detach(), ce.detach()
+
+    def _update_ema(self) -> None:
+        if self.cfg.student_ema <= 0:
+            return
+        with torch.no_grad():
+            if self.ema is None:
+                self.ema = [w.detach().clone() for w in self.weights]
+            else:
+                torch._foreach_lerp_(self.ema, [w.detach() for w in self.weights], 1.0 - self.cfg.student_ema)
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """The student with its averaged weights for the block (``student_ema``; before the first step, or
+        without it, the weights themselves); its own weights come back after."""
+        if self.ema is None:
+            yield self.student
+            return
+        own = [w.detach().clone() for w in self.weights]
+        with torch.no_grad():
+            torch._foreach_copy_([w.data for w in self.weights], self.ema)
+        try:
+            yield self.student
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([w.data for w in self.weights], own)
 
     def set_student_lr(self, epoch: int, it: int) -> None:
         """``lr_schedule="cosine"``: the student's lr for this iteration (from the step count alone, so
@@ -418,6 +446,8 @@ class Trainer:
               "sched_s": self.sched_s.state_dict(), "rng_sampler": self.sampler.rng.getstate(), **self.rng.state()}
         if self.opt_r is not None:
             st["opt_r"] = self.opt_r.state_dict()
+        if self.ema is not None:
+            st["student_ema"] = self.ema
         if self.generator is not None:
             st.update(generator=self.generator.state_dict(), opt_g=self.opt_g.state_dict(),
                       sched_g=self.sched_g.state_dict())
@@ -429,6 +459,8 @@ class Trainer:
         self.sched_s.load_state_dict(st["sched_s"])
         if self.opt_r is not None:
             self.opt_r.load_state_dict(st["opt_r"])
+        if "student_ema" in st:
+            self.ema = [t.to(w.device) for t, w in zip(st["student_ema"], self.weights)]
         if self.generator is not None:
             self.generator.load_state_dict(st["generator"])
             self.opt_g.load_state_dict(st["opt_g"])
@@ -489,7 +521,8 @@ def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dic
                     t_window = time.perf_counter()
             trainer.end_epoch(epoch)
             on = eval_subset if eval_subset is not None and epoch < cfg.epochs - 1 else parts.test
-            result = evaluate(student, on, batch_size=cfg.eval_batch_size, device=dev)
+            with trainer.averaged():
+                result = evaluate(student, on, batch_size=cfg.eval_batch_size, device=dev)
             best = max(best, result["top1"])
             row = _metrics_row(cfg, trainer, epoch, result, best, sums, calibrating, train_student,
                                time.perf_counter() - t_epoch)
@@ -577,7 +610,8 @@ def _save_epoch(folder: Run, parts: Parts, trainer: Trainer, epoch: int, best: f
     if parts.generator is not None:
         save_state_dict(parts.generator, folder.path / Run.GENERATOR)
         write_json(folder.path / "generator.json", parts.generator.config())
-    save_state_dict(parts.student, folder.path / Run.STUDENT)
+    with trainer.averaged():  # the student that was evaluated
+        save_state_dict(parts.student, folder.path / Run.STUDENT)
     write_csv(folder.path / Run.METRICS, rows)
     with atomic_path(folder.path / Run.STATE) as tmp:
         torch.save(state, tmp)

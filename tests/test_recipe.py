@@ -136,7 +136,8 @@ def test_cosine_lr_runs_from_base_to_zero():
     ("lr_schedule", "linear", "lr_schedule must be one of"), ("ce_rows", "some", "ce_rows must be one of"),
     ("lowpass_d0", -1.0, "lowpass_d0 must be >= 0"), ("lowpass_d0", math.inf, "lowpass_d0 must be >= 0"),
     ("student_steps", 0, "student_steps must be an integer >= 1"), ("act_lr", 0.0, "act_lr must be > 0"),
-    ("compile", "fast", "compile must be one of")])
+    ("compile", "fast", "compile must be one of"), ("student_ema", 1.0, "student_ema must be in"),
+    ("student_ema", -0.1, "student_ema must be in")])
 def test_bad_switch_values_are_refused(field, value, message):
     with pytest.raises(ConfigError, match=message):
         preset("digits", **{field: value})
@@ -255,6 +256,30 @@ def test_act_learn_moves_only_the_upper_ends_and_resumes(tmp_path, digits_teache
     assert resumed["quant_top1"] == open_run(tmp_path / "learnTrue").summary["quant_top1"]
     got = torch.stack([torch.stack(q.range()) for q in act_quantizers(load_student(tmp_path / "cut"))])
     assert torch.equal(got, ranges[True])
+
+
+def test_student_ema_is_the_average_that_is_evaluated_saved_and_resumed(tmp_path, digits_teacher):
+    """student_ema: training steps the weights as without it (the same losses), the evaluations and
+    student file use the moving average (which differs from the weights), and a resumed run ends where
+    an uninterrupted one does."""
+    from qimera_engine import run
+    from qimera_engine.events import EpochEnd
+    plain = _run(tmp_path, "plain")
+    ema = _run(tmp_path, "ema", student_ema=0.5)
+    rows_plain, rows_ema = open_run(plain).metrics, open_run(ema).metrics
+    assert [r["loss_s"] for r in rows_plain] == [r["loss_s"] for r in rows_ema]
+    w_plain = torch.cat([w.flatten() for w in load_student(plain).state_dict().values() if w.is_floating_point()])
+    w_ema = torch.cat([w.flatten() for w in load_student(ema).state_dict().values() if w.is_floating_point()])
+    assert w_plain.shape == w_ema.shape and not torch.equal(w_plain, w_ema)
+    stop = threading.Event()
+    for ev in run(preset("digits", **SHORT, student_ema=0.5), out=tmp_path / "cut", stop=stop):
+        if isinstance(ev, EpochEnd) and ev.epoch == 1:  # after the first training epoch
+            stop.set()
+    resumed = run_to_end(None, resume=tmp_path / "cut")
+    assert resumed["quant_top1"] == open_run(ema).summary["quant_top1"]
+    w_cut = torch.cat([w.flatten() for w in load_student(tmp_path / "cut").state_dict().values()
+                       if w.is_floating_point()])
+    assert torch.equal(w_cut, w_ema)
 
 
 @pytest.mark.slow
