@@ -91,6 +91,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("act_learn", "Learn activation ranges", "off (paper); on: after calibration, train each activation "
             "range's upper end with the student (measured: worse on CIFAR-10 at this budget).", "bool",
             section="Qimera+"),
+    Setting("student_ema", "Student weight average", "0: the weights themselves (paper); e.g. 0.998: evaluate "
+            "and save a moving average of the student's weights over its steps (smooths the last steps' noise).",
+            "float", lo=0.0, hi=0.9999, section="Qimera+"),
     Setting("eval_images", "Images evaluated per epoch", "0: the whole test set every epoch (paper); > 0: a fixed "
             "sample, the whole set after the last epoch.", "int", lo=0, hi=10**7, section="Qimera+"),
 )
