@@ -68,8 +68,13 @@ def test_onnx_runtime_gives_the_engines_top1(runs, bits, tmp_path):
     x, y = digits_test(teacher)
     ours = student(x).numpy()
     theirs = onnx_session(path).run(None, {"images": x.numpy()})[0]
-    assert np.abs(theirs - ours).max() < 1e-3 * max(1.0, np.abs(ours).max())
-    assert (theirs.argmax(1) == y.numpy()).mean() == pytest.approx((ours.argmax(1) == y.numpy()).mean(), abs=1e-9)
+    # ONNX's QuantizeLinear divides by the scale where the engine multiplies by its reciprocal: a value
+    # within one float ulp of a rounding boundary can get the neighbouring code (docs/benchmarks.md), which
+    # moves that image's logits by a step. All but such rare images agree to float rounding, and top-1
+    # to at most one image of the 450.
+    close = (np.abs(theirs - ours) < 1e-3 * max(1.0, np.abs(ours).max())).all(axis=1)
+    assert close.mean() >= 0.99, f"{(~close).sum()} of {len(close)} images differ"
+    assert abs((theirs.argmax(1) == y.numpy()).mean() - (ours.argmax(1) == y.numpy()).mean()) <= 1 / len(y) + 1e-9
 
 
 def test_export_command_line(runs, tmp_path, capsys):
