@@ -93,9 +93,7 @@ class _BNMoments(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_mean, g_var):
         x, mean = ctx.saved_tensors
-        n = x.numel() // x.shape[1]
-        g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
-        g_var = torch.zeros_like(mean) if g_var is None else g_var
+        n = x.numel() // x.shape[1]  # (autograd gives an unused output's gradient as zeros, never None)
         a = g_var * (2.0 / n)
         b = g_mean / n - a * mean
         shape = (1, -1, 1, 1)

@@ -64,13 +64,13 @@ def features_task(run_path: str, gdfq_path: str | None, n: int, seed: int, metho
     """
     def work(report, stop):
         run = open_run(run_path)
-        stamp = features_key(run, open_run(gdfq_path) if gdfq_path else None, n, seed, "")
-        cached = _features.get(stamp)
+        key = features_key(run, open_run(gdfq_path) if gdfq_path else None, n, seed, "")  # any projection
+        cached = _features.get(key)
         if cached is None:
             cached = _sources(run, gdfq_path, n, seed, report)
             if stop.is_set():
                 return None
-            _features.put(stamp, cached)
+            _features.put(key, cached)
         sources, test_classes = cached
         report(0.6, f"fitting {method.upper()} on the real features" + (" (UMAP takes a while)" if method == "umap" else ""))
         xy = analysis.project(sources["real"]["features"],
