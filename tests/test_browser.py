@@ -187,13 +187,20 @@ def first_screen(page, out: Path) -> None:
 
 
 def first_image_bytes(page) -> tuple[str, bytes]:
-    """The src of the first st.image on the page and the bytes the server sends for it."""
+    """The src of the first st.image on the page and the bytes the server sends for it. A rerun between
+    reading the src and fetching it replaces the server's media files (the old URL answers 404): then
+    the page is read again once that rerun is over."""
     img = page.locator('[data-testid="stImage"] img').first
-    img.wait_for()
-    src = img.get_attribute("src")
-    if src.startswith("data:"):
-        return src, src.encode()
-    return src, page.request.get(img.evaluate("e => e.src")).body()
+    for _ in range(5):
+        img.wait_for()
+        src = img.get_attribute("src")
+        if src.startswith("data:"):
+            return src, src.encode()
+        response = page.request.get(img.evaluate("e => e.src"))
+        if response.status != 404:
+            return src, response.body()
+        wait_rendered(page)
+    raise AssertionError(f"the server no longer has the page's image {src} after five reruns")
 
 # --------------------------------------------------------------------------- the pages
 
