@@ -17,7 +17,7 @@ from qimera_engine.export import export_int, load_int
 from qimera_engine.losses import ce_row_mask, low_pass, masked_soft_cross_entropy, soft_cross_entropy
 from qimera_engine.quant import ActQuantizer, act_quantizers, fake_quantize, weight_layers
 from qimera_engine.quant.functional import fake_quantize_learned, mse_act_range, mse_weight_clip, per_channel_range
-from qimera_engine.quant.modules import _spread_sample
+from qimera_engine.quant.modules import SampleRing, _spread_sample
 from qimera_engine.runs import open_run
 from qimera_engine.train import Parts, Trainer, cosine_lr
 
@@ -82,6 +82,19 @@ def test_activation_sample_is_spread_and_bounded():
     assert columns.numel() == 32  # not always the same column of the image
 
 
+def test_sample_ring_keeps_the_last_batches_in_order_whatever_the_layout():
+    torch.manual_seed(0)
+    ring = SampleRing(3, 100)
+    batches = [torch.randn(n, 4, 6, 6) for n in (8, 2, 8, 5, 8)]  # samples of 100, 27, 100, 100, 100 values
+    for i, x in enumerate(batches):
+        ring.add(x.contiguous(memory_format=torch.channels_last) if i % 2 else x)
+    want = [_spread_sample(x, 100) for x in batches[2:]]
+    assert len(ring) == 3 and all(torch.equal(a, b) for a, b in zip(ring.batches(), want))
+    assert torch.equal(ring.values(), torch.cat(want))
+    x = batches[0]  # the same values as before, whatever the memory layout: stride 11, logical order
+    assert torch.equal(_spread_sample(x.contiguous(memory_format=torch.channels_last), 100), x.reshape(-1)[::11][:100])
+
+
 def test_quantizer_keeps_only_the_last_batches_then_clips():
     torch.manual_seed(0)
     q = ActQuantizer(4)
@@ -90,7 +103,7 @@ def test_quantizer_keeps_only_the_last_batches_then_clips():
     batches = [torch.relu(torch.randn(1000)) ** 2 for _ in range(5)]  # long-tailed
     for x in batches:
         q(x)
-    assert len(q.samples) == 3 and all(torch.equal(s, x) for s, x in zip(q.samples, batches[2:]))
+    assert len(q.samples) == 3 and all(torch.equal(s, x) for s, x in zip(q.samples.batches(), batches[2:]))
     _, hi_before = q.range()
     q.fit_range_mse()
     assert q.samples is None and float(q.range()[1]) < 0.95 * float(hi_before)

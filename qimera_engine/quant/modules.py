@@ -129,8 +129,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("ema_lo", torch.zeros(()))
         self.register_buffer("ema_hi", torch.zeros(()))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        self.samples: list[torch.Tensor] | None = None  # kept by calibrating forwards while a list
-        self.keep = 0
+        self.samples: SampleRing | None = None  # kept by calibrating forwards while set
 
     def make_learnable(self) -> list[nn.Parameter]:
         """Turn the upper end of the range (``ema_hi``) into a parameter that training moves
@@ -160,14 +159,13 @@ class ActQuantizer(nn.Module):
         self.ema_hi.mul_(self.beta).add_(hi.to(self.ema_hi.dtype), alpha=1 - self.beta)
         self.steps.add_(1)
         if self.samples is not None:
-            self.samples.append(_spread_sample(x.detach().float(), self.SAMPLE))
-            del self.samples[:-self.keep]
+            self.samples.add(x.detach().float())
 
     SAMPLE = 16384  # activation values kept per calibration batch for the range search
 
     def start_sampling(self, batches: int) -> None:
         """Keep a sample of the activations of the next calibrating forwards (the last ``batches``)."""
-        self.samples, self.keep = [], max(1, int(batches))
+        self.samples = SampleRing(max(1, int(batches)), self.SAMPLE)
 
     @torch.no_grad()
     def fit_range_mse(self) -> None:
@@ -177,7 +175,7 @@ class ActQuantizer(nn.Module):
         if not samples or self.bits >= FULL_PRECISION:
             return
         lo, hi = self.range()
-        new_hi = mse_act_range(torch.cat(samples).to(lo.device), lo, hi, self.bits)
+        new_hi = mse_act_range(samples.values().to(lo.device), lo, hi, self.bits)
         self.ema_hi.copy_(new_hi * self._correction())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,14 +193,58 @@ class ActQuantizer(nn.Module):
         return f"bits={self.bits}, beta={self.beta}"
 
 
-def _spread_sample(x: torch.Tensor, n: int) -> torch.Tensor:
-    """About ``n`` values of ``x`` at a fixed stride coprime to 2, 3, 5 and 7, so the sample does not
-    fall on the same rows or columns of every image (no random numbers drawn)."""
-    flat = x.reshape(-1)
-    stride = max(1, flat.numel() // n)
+def _spread_index(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The flat (logical, row-major) indices of about ``n`` values of ``x`` at a fixed stride coprime to
+    2, 3, 5 and 7, so the sample does not fall on the same rows or columns of every image (no random
+    numbers drawn)."""
+    stride = max(1, x.numel() // n)
     while stride > 1 and math.gcd(stride, 210) != 1:
         stride += 1
-    return flat[::stride][:n].clone()
+    return torch.arange(0, x.numel(), stride, device=x.device)[:n]
+
+
+def _spread_sample(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The values at ``_spread_index``. ``torch.take`` reads them in logical order without first
+    flattening ``x`` (a copy of the whole tensor when it is channels-last)."""
+    return torch.take(x, _spread_index(x, n))
+
+
+class SampleRing:
+    """The samples of the last ``size`` batches (``_spread_sample``), in one buffer allocated at the first
+    batch. A new small tensor per quantizer and batch, kept while each batch's large temporaries come and
+    go, fragmented the heap: a calibration epoch's peak memory grew by hundreds of MB for a 46 MB sample
+    (docs/benchmarks.md)."""
+
+    def __init__(self, size: int, n: int):
+        self.size, self.n = int(size), int(n)
+        self.buffer: torch.Tensor | None = None
+        self.lengths: list[int] = []  # of the slots, in the order they were filled
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        idx = _spread_index(x, self.n)
+        if self.buffer is None or self.buffer.device != x.device:
+            self.buffer, self.lengths, self.count = torch.empty(self.size, self.n, device=x.device), [], 0
+        slot = self.count % self.size
+        torch.take(x, idx, out=self.buffer[slot, :idx.numel()])
+        if slot < len(self.lengths):
+            self.lengths[slot] = idx.numel()
+        else:
+            self.lengths.append(idx.numel())
+        self.count += 1
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batches(self) -> list[torch.Tensor]:
+        """The kept batches' samples, oldest first."""
+        first = self.count % self.size if self.count > self.size else 0
+        order = [(first + i) % len(self.lengths) for i in range(len(self.lengths))]
+        return [self.buffer[i, :self.lengths[i]] for i in order]
+
+    def values(self) -> torch.Tensor:
+        """All kept values, oldest batch first (one tensor)."""
+        return torch.cat(self.batches())
 
 
 class QuantAct(nn.Module):
