@@ -264,3 +264,23 @@ def test_ctrl_c_marks_the_run_cancelled(tmp_path, digits_teacher):
     run = Run(folder)
     assert run.state == "cancelled" and run.status["reason"] == "interrupted (SIGINT)"
     assert len(run.metrics) >= 1  # the completed epochs are kept
+
+
+def _glibc() -> bool:
+    import ctypes
+    try:
+        return sys.platform.startswith("linux") and bool(ctypes.CDLL(None).gnu_get_libc_version)
+    except (OSError, AttributeError):
+        return False
+
+
+@pytest.mark.skipif(not _glibc(), reason="the allocator tuning applies to glibc's malloc only")
+def test_the_allocator_is_tuned_once_unless_the_user_says_otherwise():
+    code = "import qimera_engine.train as t; print(t.keep_freed_memory(), t.keep_freed_memory())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    def out(**extra):
+        return subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                              check=True, cwd=ROOT).stdout.split()
+    assert out() == ["True", "True"]
+    assert out(QIMERA_MALLOC="default") == ["False", "False"]
+    assert out(MALLOC_ARENA_MAX="2") == ["False", "False"]  # glibc's own settings win
