@@ -87,8 +87,8 @@ def keep_freed_memory() -> bool:
     32 MB come from the heap (a fixed mmap threshold) and freed memory stays for reuse (a 1 GB trim
     threshold). Each iteration allocates and frees tensors of a few MB; by default glibc maps and unmaps
     them or trims the heap after them, and every page is then faulted in again: 16.5 M page faults and
-    30 s of system time in one Qimera+ run, against 0.27 M and 2 s tuned, and 30 s more wall time
-    (docs/benchmarks.md). The process keeps its peak memory once reached. ``QIMERA_MALLOC=default``
+    30 s of system time in one Qimera+ run, against 0.29 M and 1.7 s tuned, and 34 s more wall
+    time (docs/benchmarks.md). The process keeps its peak memory once reached. ``QIMERA_MALLOC=default``
     leaves the allocator alone, as do glibc's own ``MALLOC_*`` environment variables. Returns whether
     the allocator is tuned."""
     global _MALLOC_TUNED
