@@ -45,8 +45,6 @@ class PhaseMemory:
     def begin(self, name: str) -> None:
         now = rss_mb()
         with self.lock:
-            if self.rows and self.rows[-1][0] == name:
-                return
             if self.rows:
                 self.rows[-1][3] = now
             self.rows.append([name, now, now, None])

@@ -238,9 +238,9 @@ class SampleRing:
 
     def batches(self) -> list[torch.Tensor]:
         """The kept batches' samples, oldest first."""
-        first = self.count % self.size if self.count > self.size else 0
-        order = [(first + i) % len(self.lengths) for i in range(len(self.lengths))]
-        return [self.buffer[i, :self.lengths[i]] for i in order]
+        kept = len(self.lengths)
+        first = self.count % kept  # 0 until the ring has wrapped round
+        return [self.buffer[i % kept, :self.lengths[i % kept]] for i in range(first, first + kept)]
 
     def values(self) -> torch.Tensor:
         """All kept values, oldest batch first (one tensor)."""
