@@ -29,13 +29,14 @@ import torch  # noqa: E402
 
 from qimera_engine.config import RunConfig, parse_overrides, preset  # noqa: E402
 from qimera_engine.evaluate import evaluate  # noqa: E402
-from qimera_engine.train import Batch, Parts, Trainer  # noqa: E402
+from qimera_engine.train import Batch, Parts, Trainer, keep_freed_memory  # noqa: E402
 
 # What a replay may change: everything the student's side reads, nothing the generator's side reads.
 STUDENT_SIDE = {"wbits", "abits", "keep_first_last_8bit", "kd_alpha", "kd_tau", "kd_reduction", "ce_weight",
                 "lr_s", "momentum", "weight_decay", "milestones", "lr_gamma", "calib_epochs", "warmup_epochs",
                 "ema_beta", "student_train_mode", "weight_clip", "act_calib", "lr_schedule", "ce_rows",
-                "lowpass_d0", "student_steps", "act_learn", "act_lr", "test_data", "eval_batch_size", "num_threads"}
+                "lowpass_d0", "student_steps", "act_learn", "act_lr", "test_data", "eval_batch_size", "num_threads",
+                "student_ema", "recon_iters", "recon_images", "recon_drop", "recon_at"}
 
 
 def record(cfg: RunConfig, out: Path, dtype: torch.dtype = torch.float16) -> None:
@@ -61,6 +62,9 @@ def replay(path: Path, overrides: dict) -> dict:
     if refused:
         raise SystemExit(f"error: {', '.join(refused)} change the generated batches: record them again instead")
     cfg = RunConfig.from_dict({**rec["config"], **overrides}).resolved()
+    keep_freed_memory()  # as a run does (without it, page faults cost much of a replay's time)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     parts = Parts.build(cfg)
     trainer, student = Trainer.from_parts(parts), parts.student
     zero = torch.zeros(())

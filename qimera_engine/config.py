@@ -19,6 +19,7 @@ ACT_CALIBS = ("ema", "mse")
 LR_SCHEDULES = ("step", "cosine")
 CE_ROWS = ("all", "plain", "agree")
 COMPILE_MODES = ("off", "default", "reduce-overhead")
+RECON_AT = ("calib", "end")
 
 
 class ConfigError(ValueError):
@@ -93,6 +94,11 @@ class RunConfig:
     act_lr: float = 1e-3            # their learning rate (Adam)
     student_ema: float = 0.0        # > 0: evaluate and save an exponential moving average of the student's weights
                                     # over its steps (this decay per step); 0: the weights themselves (paper)
+    recon_iters: int = 0            # > 0: after calibration, learn each weight's rounding block by block on generated
+                                    # images (AdaRound/BRECQ with QDrop, as Genie), this many steps per block; 0: off
+    recon_at: str = "calib"         # when: calib (after the calibration epochs, then fine-tuning) | end (after the last epoch)
+    recon_images: int = 1024        # generated images it learns on (the last calibration batches')
+    recon_drop: float = 0.0         # > 0: probability that a block input element is the teacher's, not the student's (QDrop)
 
     # --- machine ---
     device: str = "auto"            # auto (CUDA when present) | cpu | cuda
@@ -160,6 +166,12 @@ class RunConfig:
         need(math.isfinite(self.student_ema) and 0 <= self.student_ema < 1,
              f"student_ema must be in [0, 1) (0: off), got {self.student_ema}")
         need(self.compile in COMPILE_MODES, f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        need(isinstance(self.recon_iters, int) and self.recon_iters >= 0,
+             f"recon_iters must be an integer >= 0 (0: off), got {self.recon_iters!r}")
+        need(self.recon_at in RECON_AT, f"recon_at must be one of {RECON_AT}, got {self.recon_at!r}")
+        need(isinstance(self.recon_images, int) and self.recon_images >= 1,
+             f"recon_images must be an integer >= 1, got {self.recon_images!r}")
+        need(math.isfinite(self.recon_drop) and 0 <= self.recon_drop <= 1, f"recon_drop must be in [0, 1], got {self.recon_drop}")
         need(isinstance(self.eval_images, int) and self.eval_images >= 0,
              f"eval_images must be an integer >= 0 (0: the whole test set), got {self.eval_images!r}")
 
@@ -221,7 +233,7 @@ _HINTS = typing.get_type_hints(RunConfig)
 # The Qimera+ switches at the paper's behaviour (``RunConfig.label`` marks a run that leaves any of them).
 PAPER_SETTINGS = {"weight_clip": "minmax", "act_calib": "ema", "lr_schedule": "step", "ce_rows": "all",
                   "lowpass_d0": 0.0, "student_steps": 1, "act_learn": False, "kd_reduction": "mean",
-                  "student_ema": 0.0}
+                  "student_ema": 0.0, "recon_iters": 0}
 
 
 def _coerce(name: str, value):

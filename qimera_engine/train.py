@@ -7,6 +7,7 @@ completed epoch and, on the CPU, ends exactly where an uninterrupted one would.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import math
@@ -32,7 +33,7 @@ from .events import EpochEnd, Evaluated, Event, Finished, Log, Started, Step
 from .generator import BatchSampler, Generator, LatentBatch
 from .losses import BNStatisticsLoss, ce_row_mask, kd_loss, low_pass, masked_soft_cross_entropy, soft_cross_entropy
 from .models import Teacher, save_state_dict
-from .quant import (enable_weight_clip, fit_ranges_mse, make_ranges_learnable, set_calibration,
+from .quant import (enable_weight_clip, fit_ranges_mse, make_ranges_learnable, reconstruct, set_calibration,
                     start_range_sampling)
 from .runs import Run, RunDamaged, RunLocked, atomic_path, create_run, open_run, write_csv, write_json
 from .seeding import RunRandom, seeded_init
@@ -319,6 +320,9 @@ class Trainer:
                 compiled(m, cfg.compile) if m is not None else None for m in (generator, teacher, student))
         # the student's steps, for a cosine learning rate: it trains from the end of the warm-up on
         self.student_total = (cfg.epochs - cfg.warmup_epochs) * cfg.iters_per_epoch
+        # recon_iters: the last calibration epoch's images, then how many weights the reconstruction flipped
+        self.recon_pool: collections.deque | None = None
+        self.recon_flips: dict[str, int] = {}
 
     @classmethod
     def from_parts(cls, parts: Parts) -> "Trainer":
@@ -386,6 +390,8 @@ class Trainer:
             x = low_pass(x, cfg.lowpass_d0)                  # learns the teacher's view of those
             with torch.no_grad():
                 t_logits = self.teacher(x)
+        if self.recon_pool is not None:
+            self.recon_pool.append(x)
         if not train:
             if calibrating:  # the forward pass calibrates the activation ranges
                 with torch.no_grad():
@@ -453,6 +459,8 @@ class Trainer:
         set_calibration(self.student, calibrating)
         if self._last_mse_calibration(epoch):
             start_range_sampling(self.student, ACT_SAMPLE_BATCHES)
+        if cfg.recon_iters > 0 and epoch == self._recon_epoch():  # its images, for the reconstruction
+            self.recon_pool = collections.deque(maxlen=math.ceil(cfg.recon_images / cfg.batch_size))
         return calibrating, epoch >= cfg.warmup_epochs and cfg.method != "ptq"
 
     def end_epoch(self, epoch: int) -> None:
@@ -467,6 +475,15 @@ class Trainer:
         if self._last_mse_calibration(epoch):
             fit_ranges_mse(self.student)
         set_calibration(self.student, False)
+        if self.recon_pool is not None:  # the ranges are final: learn the roundings under them (for recon_at="end":
+                                         # from the fine-tuned weights, on the last epoch's images)
+            images = torch.cat(list(self.recon_pool))[-self.cfg.recon_images:]
+            self.recon_pool = None
+            self.recon_flips = reconstruct(self.student, self.teacher, images, self.cfg.recon_iters,
+                                           drop=self.cfg.recon_drop, seed=self.cfg.seed)
+
+    def _recon_epoch(self) -> int:
+        return self.cfg.calib_epochs - 1 if self.cfg.recon_at == "calib" else self.cfg.epochs - 1
 
     def _last_mse_calibration(self, epoch: int) -> bool:
         return self.cfg.act_calib == "mse" and epoch == self.cfg.calib_epochs - 1

@@ -1,0 +1,120 @@
+"""Block-wise reconstruction of the weight rounding (``recon_iters``): the units, the written-back
+weights, and that it brings the student's outputs closer to the teacher's."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+
+from qimera_engine import load_student, preset, run_to_end
+from qimera_engine.config import ConfigError
+from qimera_engine.models import CifarResNet, DigitsCNN
+from qimera_engine.quant import (enable_weight_clip, quantize_model, reconstruct, set_calibration, weight_layers)
+from qimera_engine.quant.functional import affine_qparams, weight_range
+from qimera_engine.quant.reconstruct import _Rounding, units
+from qimera_engine.runs import open_run
+
+
+def _calibrated(teacher, x, wbits=4, abits=4, clip=True):
+    student = quantize_model(teacher, wbits, abits).eval()
+    if clip:
+        enable_weight_clip(student, fit=True)
+    set_calibration(student, True)
+    with torch.no_grad():
+        student(x)
+    set_calibration(student, False)
+    return student
+
+
+def test_units_are_residual_blocks_and_lone_layers_in_forward_order():
+    student = quantize_model(CifarResNet(20).eval(), 4, 4)
+    assert units(student) == ["conv1"] + [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)] + ["linear"]
+    digits = quantize_model(DigitsCNN().eval(), 4, 4)  # no blocks: every weight layer on its own
+    assert units(digits) == ["features.0", "features.3", "features.7", "linear"]
+    r18 = quantize_model(torchvision.models.resnet18(num_classes=10).eval(), 4, 4, example_input=torch.zeros(1, 3, 32, 32))
+    assert units(r18)[:3] == ["conv1", "layer1.0", "layer1.1"] and "layer2.0" in units(r18)  # downsample inside
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_rounding_written_back_unlearned_is_the_nearest_rounding(clip):
+    """Before any step the hard rounding is round-to-nearest; written back as grid values, the ordinary
+    quantizer gives the same codes (each channel's range, hence scale and zero point, is unchanged)."""
+    torch.manual_seed(0)
+    student = _calibrated(CifarResNet(20).eval(), torch.randn(8, 3, 32, 32), clip=clip)
+    for layer in weight_layers(student):
+        before = layer.quantized_weight().detach().clone()
+        lo, hi = weight_range(layer.weight.detach(), layer.clip)
+        flipped = _Rounding(layer).write_back()
+        assert flipped == 0
+        assert torch.equal(weight_range(layer.weight.detach(), layer.clip)[0], lo)
+        assert torch.equal(weight_range(layer.weight.detach(), layer.clip)[1], hi)
+        torch.testing.assert_close(layer.quantized_weight(), before, atol=1e-6, rtol=0)
+
+
+def test_reconstruction_moves_each_weight_by_at_most_one_step_and_fits_the_teacher_better():
+    torch.manual_seed(0)
+    teacher = CifarResNet(20).eval()
+    x = torch.randn(128, 3, 32, 32)
+    student = _calibrated(teacher, x, wbits=3, abits=4)
+    before = {n: m.quantized_weight().detach().clone() for n, m in student.named_modules() if hasattr(m, "wbits")}
+    with torch.no_grad():
+        err_before = (student(x) - teacher(x)).pow(2).mean()
+    flips = reconstruct(student, teacher, x, 40, batch_size=32, seed=0)
+    with torch.no_grad():
+        err_after = (student(x) - teacher(x)).pow(2).mean()
+    assert err_after < 0.9 * err_before
+    assert sum(flips.values()) > 0 and set(flips) == set(units(student))
+    for name, m in student.named_modules():
+        if name in before:
+            lo, hi = weight_range(m.weight.detach(), m.clip)
+            scale, _ = affine_qparams(lo, hi, m.wbits)
+            step = (m.quantized_weight().detach() - before[name]).abs() / scale
+            assert float(step.max()) < 1 + 1e-3  # one grid step at most: a rounding, not a new weight
+    assert all(p.requires_grad for p in student.parameters())  # given back as found
+
+
+def test_reconstruction_is_reproducible_and_leaves_unquantized_layers_alone():
+    torch.manual_seed(0)
+    teacher = DigitsCNN().eval()
+    x = torch.randn(64, 1, 8, 8)
+    a, b = _calibrated(teacher, x), _calibrated(teacher, x)
+    reconstruct(a, teacher, x, 20, drop=0.5, seed=3)  # with QDrop's random inputs too
+    reconstruct(b, teacher, x, 20, drop=0.5, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    c = _calibrated(teacher, x)
+    reconstruct(c, teacher, x, 20, drop=0.5, seed=4)
+    assert any(not torch.equal(p, q) for p, q in zip(a.state_dict().values(), c.state_dict().values()))
+    fp = _calibrated(teacher, x, wbits=32, clip=False)
+    assert reconstruct(fp, teacher, x, 5) == {}
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("recon_iters", -1, "recon_iters must be"), ("recon_images", 0, "recon_images must be"),
+    ("recon_drop", 1.5, "recon_drop must be"), ("recon_drop", math.nan, "recon_drop must be"),
+    ("recon_at", "start", "recon_at must be one of")])
+def test_bad_reconstruction_settings_are_refused(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        preset("digits", **{field: value})
+
+
+@pytest.mark.parametrize("when", ["calib", "end"])
+def test_reconstruction_in_a_digits_run(when, tmp_path, digits_teacher):
+    """recon_iters in a short run: the roundings are learned after calibration (then fine-tuned from) or
+    after the last epoch, on that epoch's images; the student is a plain student (saved, loaded and
+    evaluated as any other) and the epochs before it are those of the run without it."""
+    short = dict(epochs=3, iters_per_epoch=6, warmup_epochs=1, calib_epochs=1, batch_size=16, milestones=[2],
+                 log_every=3, seed=0)
+    rows = {}
+    for name, iters in (("off", 0), ("on", 30)):
+        run_to_end(preset("digits", **short, recon_iters=iters, recon_images=64, recon_at=when), out=tmp_path / name)
+        rows[name] = open_run(tmp_path / name).metrics
+    changed = 0 if when == "calib" else 2  # the first epoch whose evaluation sees reconstructed roundings
+    for r_on, r_off in zip(rows["on"][:changed], rows["off"][:changed]):
+        assert r_on["top1"] == r_off["top1"] and r_on["loss_s"] == r_off["loss_s"]
+    assert rows["on"][changed]["top1"] != rows["off"][changed]["top1"] or \
+        rows["on"][-1]["loss_s"] != rows["off"][-1]["loss_s"]
+    assert all(math.isfinite(r["loss_s"]) for r in rows["on"]) and rows["on"][-1]["top1"] > 80
+    student = load_student(tmp_path / "on")
+    assert student is not None
