@@ -98,6 +98,9 @@ SETTINGS: tuple[Setting, ...] = (
             "weight's rounding (up or down) block by block so the student's blocks reproduce the teacher's on "
             "generated images (AdaRound/BRECQ, as Genie does); steps per block.", "int", lo=0, hi=100000,
             section="Qimera+"),
+    Setting("recon_at", "Reconstruct when", "calib: after calibration, then fine-tune; end: after the last "
+            "epoch, from the fine-tuned weights (measured: better on CIFAR-10).", "select", ("calib", "end"),
+            section="Qimera+"),
     Setting("recon_images", "Reconstruction images", "Generated images the roundings are learned on (the last "
             "calibration batches').", "int", lo=1, hi=100000, section="Qimera+"),
     Setting("eval_images", "Images evaluated per epoch", "0: the whole test set every epoch (paper); > 0: a fixed "
