@@ -168,6 +168,9 @@ class RunConfig:
         need(self.compile in COMPILE_MODES, f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         need(isinstance(self.recon_iters, int) and self.recon_iters >= 0,
              f"recon_iters must be an integer >= 0 (0: off), got {self.recon_iters!r}")
+        need(self.recon_iters == 0 or self.student_ema == 0,
+             "recon_iters and student_ema cannot be combined: the evaluated average of the weights would not "
+             "keep the learned roundings")
         need(self.recon_at in RECON_AT, f"recon_at must be one of {RECON_AT}, got {self.recon_at!r}")
         need(isinstance(self.recon_images, int) and self.recon_images >= 1,
              f"recon_images must be an integer >= 1, got {self.recon_images!r}")

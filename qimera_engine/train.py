@@ -320,7 +320,7 @@ class Trainer:
                 compiled(m, cfg.compile) if m is not None else None for m in (generator, teacher, student))
         # the student's steps, for a cosine learning rate: it trains from the end of the warm-up on
         self.student_total = (cfg.epochs - cfg.warmup_epochs) * cfg.iters_per_epoch
-        # recon_iters: the last calibration epoch's images, then how many weights the reconstruction flipped
+        # recon_iters: the images of the epoch it follows, then how many weights it flipped, per block
         self.recon_pool: collections.deque | None = None
         self.recon_flips: dict[str, int] = {}
 
@@ -459,7 +459,7 @@ class Trainer:
         set_calibration(self.student, calibrating)
         if self._last_mse_calibration(epoch):
             start_range_sampling(self.student, ACT_SAMPLE_BATCHES)
-        if cfg.recon_iters > 0 and epoch == self._recon_epoch():  # its images, for the reconstruction
+        if cfg.recon_iters > 0 and epoch == self.recon_epoch():  # its images, for the reconstruction
             self.recon_pool = collections.deque(maxlen=math.ceil(cfg.recon_images / cfg.batch_size))
         return calibrating, epoch >= cfg.warmup_epochs and cfg.method != "ptq"
 
@@ -482,7 +482,8 @@ class Trainer:
             self.recon_flips = reconstruct(self.student, self.teacher, images, self.cfg.recon_iters,
                                            drop=self.cfg.recon_drop, seed=self.cfg.seed)
 
-    def _recon_epoch(self) -> int:
+    def recon_epoch(self) -> int:
+        """The epoch after which ``recon_iters`` reconstructs (on that epoch's images)."""
         return self.cfg.calib_epochs - 1 if self.cfg.recon_at == "calib" else self.cfg.epochs - 1
 
     def _last_mse_calibration(self, epoch: int) -> bool:
@@ -570,6 +571,9 @@ def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dic
                     window.zero_()
                     t_window = time.perf_counter()
             trainer.end_epoch(epoch)
+            if trainer.recon_flips and epoch == trainer.recon_epoch():
+                yield Log(f"reconstructed the roundings of {len(trainer.recon_flips)} blocks on generated images: "
+                          f"{sum(trainer.recon_flips.values())} weights now round the other way")
             on = eval_subset if eval_subset is not None and epoch < cfg.epochs - 1 else parts.test
             with trainer.averaged():
                 result = evaluate(student, on, batch_size=cfg.eval_batch_size, device=dev)

@@ -8,11 +8,18 @@ import pytest
 import torch
 import torchvision
 
-from qimera_engine import load_student, preset, run_to_end
+from qimera_engine import load_student, preset, run
 from qimera_engine.config import ConfigError
+from qimera_engine.events import Log
 from qimera_engine.export import export_int, load_int
 from qimera_engine.models import CifarResNet, DigitsCNN
-from qimera_engine.quant import (enable_weight_clip, quantize_model, reconstruct, set_calibration, weight_layers)
+from qimera_engine.quant import (
+    enable_weight_clip,
+    quantize_model,
+    reconstruct,
+    set_calibration,
+    weight_layers,
+)
 from qimera_engine.quant.functional import affine_qparams, weight_range
 from qimera_engine.quant.reconstruct import _Rounding, units
 from qimera_engine.runs import open_run
@@ -98,6 +105,8 @@ def test_reconstruction_is_reproducible_and_leaves_unquantized_layers_alone():
 def test_bad_reconstruction_settings_are_refused(field, value, message):
     with pytest.raises(ConfigError, match=message):
         preset("digits", **{field: value})
+    with pytest.raises(ConfigError, match="recon_iters and student_ema cannot be combined"):
+        preset("digits", recon_iters=10, student_ema=0.99)
 
 
 @pytest.mark.parametrize("when", ["calib", "end"])
@@ -109,7 +118,8 @@ def test_reconstruction_in_a_digits_run(when, tmp_path, digits_teacher):
                  log_every=3, seed=0)
     rows = {}
     for name, iters in (("off", 0), ("on", 30)):
-        run_to_end(preset("digits", **short, recon_iters=iters, recon_images=64, recon_at=when), out=tmp_path / name)
+        events = list(run(preset("digits", **short, recon_iters=iters, recon_images=64, recon_at=when),
+                          out=tmp_path / name))
         rows[name] = open_run(tmp_path / name).metrics
     changed = 0 if when == "calib" else 2  # the first epoch whose evaluation sees reconstructed roundings
     for r_on, r_off in zip(rows["on"][:changed], rows["off"][:changed]):
@@ -117,6 +127,8 @@ def test_reconstruction_in_a_digits_run(when, tmp_path, digits_teacher):
     assert rows["on"][changed]["top1"] != rows["off"][changed]["top1"] or \
         rows["on"][-1]["loss_s"] != rows["off"][-1]["loss_s"]
     assert all(math.isfinite(r["loss_s"]) for r in rows["on"]) and rows["on"][-1]["top1"] > 80
+    logs = [e.text for e in events if isinstance(e, Log) and "reconstructed" in e.text]
+    assert len(logs) == 1 and "round the other way" in logs[0]
     student = load_student(tmp_path / "on")
     x = torch.randn(16, 1, 8, 8)
     rebuilt = load_int(export_int(tmp_path / "on", tmp_path / "s.safetensors"))
