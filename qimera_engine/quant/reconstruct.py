@@ -1,7 +1,7 @@
 """Block-wise reconstruction of the weight rounding on generated images (``recon_iters``; not in Qimera).
 
 AdaRound (Nagel et al. 2020) at BRECQ's granularity (Li et al. 2021), as Genie (CVPR 2023) runs it on
-synthetic images, with QDrop's randomly dropped input quantization (Wei et al. 2022). Unit by unit in
+synthetic images; optionally with QDrop's randomly dropped input quantization (Wei et al. 2022). Unit by unit in
 forward order (a residual block, or a weight layer outside any block), the rounding direction of each
 quantized weight is learned so that the student's unit, fed the student's own (quantized) input,
 reproduces the teacher's unit output on the same images:
@@ -10,9 +10,9 @@ reproduces the teacher's unit output on the same images:
     h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)
     loss = mean_over_images ||unit_q(x) - unit_fp(x_fp)||^2 + lam * sum(1 - |2 h(V) - 1|^beta)
 
-with beta falling linearly from 20 to 2 after a warm-up (20% of the iterations, no rounding term). Scales, zero
-points, activation ranges and BatchNorm stay as calibrated; only the roundings move (each weight to one
-of its two neighbouring grid points). The learned hard roundings are then written into the weights as
+with beta falling linearly from 20 to 2 after a warm-up (20% of the iterations, no rounding term). Scales,
+zero points, activation ranges and BatchNorm stay as they are; only the roundings move (each weight to
+one of its two neighbouring grid points). The learned hard roundings are then written into the weights as
 grid values, so the ordinary fake quantizer gives them from then on: no new state to save or export.
 """
 from __future__ import annotations
