@@ -94,10 +94,10 @@ class RunConfig:
     act_lr: float = 1e-3            # their learning rate (Adam)
     student_ema: float = 0.0        # > 0: evaluate and save an exponential moving average of the student's weights
                                     # over its steps (this decay per step); 0: the weights themselves (paper)
-    recon_iters: int = 0            # > 0: after calibration, learn each weight's rounding block by block on generated
-                                    # images (AdaRound/BRECQ with QDrop, as Genie), this many steps per block; 0: off
+    recon_iters: int = 0            # > 0: learn each weight's rounding block by block on generated images
+                                    # (AdaRound/BRECQ, as Genie), this many steps per block; 0: off (paper)
     recon_at: str = "calib"         # when: calib (after the calibration epochs, then fine-tuning) | end (after the last epoch)
-    recon_images: int = 1024        # generated images it learns on (the last calibration batches')
+    recon_images: int = 1024        # generated images it learns on (the last ones of the epoch it follows)
     recon_drop: float = 0.0         # > 0: probability that a block input element is the teacher's, not the student's (QDrop)
 
     # --- machine ---

@@ -94,7 +94,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("student_ema", "Student weight average", "0: the weights themselves (paper); e.g. 0.998: evaluate "
             "and save a moving average of the student's weights over its steps (smooths the last steps' noise).",
             "float", lo=0.0, hi=0.9999, section="Qimera+"),
-    Setting("recon_iters", "Rounding reconstruction steps", "0: off (paper); > 0: after calibration, learn each "
+    Setting("recon_iters", "Rounding reconstruction steps", "0: off (paper); > 0: learn each "
             "weight's rounding (up or down) block by block so the student's blocks reproduce the teacher's on "
             "generated images (AdaRound/BRECQ, as Genie does); steps per block.", "int", lo=0, hi=100000,
             section="Qimera+"),
@@ -102,7 +102,7 @@ SETTINGS: tuple[Setting, ...] = (
             "epoch, from the fine-tuned weights (measured: better on CIFAR-10).", "select", ("calib", "end"),
             section="Qimera+"),
     Setting("recon_images", "Reconstruction images", "Generated images the roundings are learned on (the last "
-            "calibration batches').", "int", lo=1, hi=100000, section="Qimera+"),
+            "ones of the epoch it follows).", "int", lo=1, hi=100000, section="Qimera+"),
     Setting("eval_images", "Images evaluated per epoch", "0: the whole test set every epoch (paper); > 0: a fixed "
             "sample, the whole set after the last epoch.", "int", lo=0, hi=10**7, section="Qimera+"),
 )
