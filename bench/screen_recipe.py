@@ -42,7 +42,16 @@ STUDENT_SIDE = {"wbits", "abits", "keep_first_last_8bit", "kd_alpha", "kd_tau", 
                 "student_ema", "recon_iters", "recon_images", "recon_drop", "recon_at"}
 
 
+def _as_a_run(cfg: RunConfig) -> None:
+    """The process settings a run makes: its thread count, and the allocator tuning (without it, page
+    faults cost much of a replay's time)."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    keep_freed_memory()
+
+
 def record(cfg: RunConfig, out: Path, dtype: torch.dtype = torch.float16) -> None:
+    _as_a_run(cfg)
     parts = Parts.build(cfg)
     trainer = Trainer.from_parts(parts)
     n, b = cfg.epochs * cfg.iters_per_epoch, cfg.batch_size
@@ -65,9 +74,7 @@ def replay(path: Path, overrides: dict, calibration_only: bool = False) -> dict:
     if refused:
         raise SystemExit(f"error: {', '.join(refused)} change the generated batches: record them again instead")
     cfg = RunConfig.from_dict({**rec["config"], **overrides}).resolved()
-    keep_freed_memory()  # as a run does (without it, page faults cost much of a replay's time)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    _as_a_run(cfg)
     parts = Parts.build(cfg)
     trainer, student = Trainer.from_parts(parts), parts.student
     zero = torch.zeros(())

@@ -105,6 +105,9 @@ def test_reconstruction_is_reproducible_and_leaves_unquantized_layers_alone():
 def test_bad_reconstruction_settings_are_refused(field, value, message):
     with pytest.raises(ConfigError, match=message):
         preset("digits", **{field: value})
+
+
+def test_reconstruction_with_a_weight_average_is_refused():
     with pytest.raises(ConfigError, match="recon_iters and student_ema cannot be combined"):
         preset("digits", recon_iters=10, student_ema=0.99)
 

@@ -17,11 +17,10 @@ grid values, so the ordinary fake quantizer gives them from then on: no new stat
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn as nn
 
+from .convert import weight_layers
 from .functional import FULL_PRECISION, affine_qparams, weight_range
 from .modules import QuantAct, QuantConv2d, QuantLinear
 
@@ -29,10 +28,6 @@ ZETA, GAMMA = 1.1, -0.1     # AdaRound's stretch of the rectified sigmoid
 WARMUP = 0.2                # share of the iterations without the rounding term
 BETA = (20.0, 2.0)          # the rounding term's exponent, annealed over the rest
 LAMBDA = 0.01               # its weight
-
-
-def _weight_layers(m: nn.Module) -> list[nn.Module]:
-    return [x for x in m.modules() if isinstance(x, (QuantConv2d, QuantLinear))]
 
 
 def units(student: nn.Module) -> list[str]:
@@ -44,7 +39,7 @@ def units(student: nn.Module) -> list[str]:
         if any(name.startswith(t + ".") for t in taken):
             continue
         parent = student.get_submodule(name.rpartition(".")[0]) if "." in name else None
-        if isinstance(parent, nn.Sequential) and len(_weight_layers(m)) >= 2:
+        if isinstance(parent, nn.Sequential) and len(list(weight_layers(m))) >= 2:
             names.append(name)
             taken.append(name)
         elif isinstance(m, (QuantConv2d, QuantLinear)):
@@ -135,7 +130,7 @@ class _Rounding:
         w = self.layer.weight
         flat = w.reshape(w.shape[0], -1)
         new = self.weight(hard=True).reshape_as(flat)
-        nearest = (torch.clamp(torch.round(w / self.scale) + self.zp, self.qmin, self.qmax) - self.zp) * self.scale
+        nearest = self.layer.quantized_weight()  # the ordinary quantizer's rounding (``__exit__`` has run)
         flipped = int((new != nearest.reshape_as(flat)).sum())
         lo, hi = flat.min(1, keepdim=True), flat.max(1, keepdim=True)
         new = torch.minimum(torch.maximum(new, lo.values), hi.values)
@@ -153,8 +148,7 @@ def _reset_sites(unit: nn.Module) -> None:
 
 
 def reconstruct(student: nn.Module, teacher: nn.Module, images: torch.Tensor, iters: int, *,
-                batch_size: int = 32, drop: float = 0.0, lr: float = 1e-3, seed: int = 0,
-                log: Callable[[str], None] = lambda s: None) -> dict[str, int]:
+                batch_size: int = 32, drop: float = 0.0, lr: float = 1e-3, seed: int = 0) -> dict[str, int]:
     """Learn the student's weight roundings unit by unit (see the module docstring) on ``images``, with
     ``iters`` Adam steps of ``batch_size`` images per unit; ``drop`` > 0 is the probability that an
     input element of a unit is the teacher's instead of the student's (QDrop). The student's module
@@ -167,7 +161,7 @@ def reconstruct(student: nn.Module, teacher: nn.Module, images: torch.Tensor, it
     try:
         for name in _forward_order(student, units(student), images[:1]):
             unit = student.get_submodule(name)
-            layers = [m for m in _weight_layers(unit) if m.wbits < FULL_PRECISION and not m.prequantized]
+            layers = [m for m in weight_layers(unit) if m.wbits < FULL_PRECISION and not m.prequantized]
             if not layers:
                 continue
             x_q, _ = _capture(student, name, images, 256, output=False)
@@ -176,8 +170,6 @@ def reconstruct(student: nn.Module, teacher: nn.Module, images: torch.Tensor, it
             _fit_unit(unit, roundings, x_q, x_fp if drop > 0 else None, y_fp, iters, batch_size, drop, lr, gen)
             del x_q, x_fp, y_fp
             flipped[name] = sum(r.write_back() for r in roundings)
-            log(f"reconstructed {name}: {flipped[name]} of {sum(m.weight.numel() for m in layers)} weights "
-                f"round the other way")
     finally:
         student.train(modes[0]), teacher.train(modes[1])
     return flipped
