@@ -9,6 +9,7 @@ from .generator import Generator
 from .models import Teacher, load_weights
 from .quant import enable_weight_clip, quantize_model
 from .runs import Run, open_run, read_json
+from .seeding import isolated_init
 from .teachers import get_teacher
 
 
@@ -27,7 +28,8 @@ def load_generator(run: Run | str | Path, device="cpu") -> Generator:
     run = run if isinstance(run, Run) else open_run(run)
     if not run.has_generator:
         raise FileNotFoundError(f"run {run.id} has no generator (method {run.config.method}, or no epoch done yet)")
-    gen = Generator(**read_json(run.path / "generator.json"))
+    with isolated_init():  # its initial values, overwritten below, never land in another thread's seeded init
+        gen = Generator(**read_json(run.path / "generator.json"))
     load_weights(gen, run.path / Run.GENERATOR)
     return gen.to(device).eval().requires_grad_(False)
 

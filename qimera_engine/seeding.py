@@ -3,7 +3,9 @@
 Everything a run draws during training comes from its own ``torch.Generator`` objects (``RunRandom``).
 Building modules draws from torch's global generator (PyTorch's default initialisers offer no other
 way); ``seeded_init`` does that under a process-wide lock with the global state forked, so the
-initial weights depend on the seed alone and the global state is left as it was.
+initial weights depend on the seed alone and the global state is left as it was. Every other module
+the engine builds (a teacher or a generator whose weights are then loaded) is built under
+``isolated_init``: the same lock, so no draw of another thread can fall inside a seeded block.
 """
 from __future__ import annotations
 
@@ -13,7 +15,18 @@ from dataclasses import dataclass
 
 import torch
 
-_INIT_LOCK = threading.Lock()
+_INIT_LOCK = threading.RLock()
+_inside = threading.local()  # depth of this thread's seeded_init / isolated_init blocks
+
+
+@contextlib.contextmanager
+def _holding_init():
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        _inside.depth = getattr(_inside, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            _inside.depth -= 1
 
 
 @contextlib.contextmanager
@@ -23,8 +36,22 @@ def seeded_init(seed: int):
     Inside the block, ``torch.get_rng_state()`` is the seeded stream; the caller may read it
     to continue that stream in a generator of its own.
     """
-    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+    with _holding_init():
         torch.random.default_generator.manual_seed(int(seed))
+        yield
+
+
+@contextlib.contextmanager
+def isolated_init():
+    """Build modules whose initial values do not matter to anyone (weights are loaded over them, or the
+    caller seeds nothing): their draws from torch's global generator happen under the lock of
+    ``seeded_init`` and are undone afterwards, so they can never land inside another thread's seeded
+    block. Inside a ``seeded_init`` block of the same thread it changes nothing (the draws then
+    continue the seeded stream, as they always did)."""
+    if getattr(_inside, "depth", 0):
+        yield
+        return
+    with _holding_init():
         yield
 
 

@@ -48,6 +48,52 @@ def test_same_seed_same_numbers_in_threads_and_on_the_command_line(tmp_path, mon
     assert summary["fp_top1"] == a.run.summary["fp_top1"]
 
 
+
+def test_building_modules_in_other_threads_never_moves_a_seeded_init(digits_teacher, tmp_path):
+    """What the engine builds elsewhere (a student, a cached teacher, a run's generator) while a run builds
+    its generator under its seed draws nothing that run can see: its initial weights and its stream stay
+    those of the seed. Before the fix one start in a few drew other numbers (a race, found under load)."""
+    import threading
+    import torch
+    from qimera_engine import run_to_end
+    from qimera_engine.artifacts import load_generator
+    from qimera_engine.models import build_teacher, state_dict_sha256
+    from qimera_engine.quant import quantize_model
+    from qimera_engine.seeding import seeded_init
+    from qimera_engine.train import build_generator
+
+    cfg = preset("digits", **SMALL).resolved()
+    saved = tmp_path / "r"
+    run_to_end(cfg, out=saved)  # a run whose generator is loaded
+
+    def start():
+        with seeded_init(cfg.seed):
+            gen = build_generator(cfg, digits_teacher, "cpu")
+            return state_dict_sha256(gen), torch.get_rng_state()
+
+    ref_sha, ref_state = start()
+    outside = torch.get_rng_state()
+    stop, built = threading.Event(), [0]
+
+    def elsewhere():
+        while not stop.is_set():
+            quantize_model(digits_teacher.model, 4, 4)
+            build_teacher("digits-cnn", 10)
+            load_generator(saved)
+            built[0] += 1
+    t = threading.Thread(target=elsewhere)
+    t.start()
+    try:
+        for _ in range(100):
+            sha, state = start()
+            assert sha == ref_sha and torch.equal(state, ref_state)
+    finally:
+        stop.set()
+        t.join()
+    assert built[0] > 0
+    assert torch.equal(torch.get_rng_state(), outside)  # nor does any of it move the caller's global stream
+
+
 # --------------------------------------------------------------------------- one writer per folder
 
 def test_creating_a_run_folder_is_exclusive(tmp_path):

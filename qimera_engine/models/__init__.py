@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ..seeding import isolated_init
 from .checkpoint import (CheckpointError, fit_state_dict, load_state_dict_file, load_weights, save_state_dict,
                          state_dict_sha256)
 from .cifar_resnet import CifarResNet
@@ -84,12 +85,13 @@ def build_teacher(name: str, num_classes: int | None = None, checkpoint: str | N
     builder, size, channels, mean, std, default_classes = TEACHERS[name]
     classes = int(num_classes or default_classes)
     try:
-        if pretrained and name in ("resnet18", "resnet50", "mobilenet_v2"):
-            model = _torchvision(name, 1000, pretrained=True)
-        elif pretrained and name.startswith("resnet20_cifar"):
-            model = _pytorchcv(name, pretrained=True)
-        else:
-            model = builder(classes)
+        with isolated_init():  # the random initial values never land in another thread's seeded init
+            if pretrained and name in ("resnet18", "resnet50", "mobilenet_v2"):
+                model = _torchvision(name, 1000, pretrained=True)
+            elif pretrained and name.startswith("resnet20_cifar"):
+                model = _pytorchcv(name, pretrained=True)
+            else:
+                model = builder(classes)
     except OSError as e:  # the download of zoo weights failed
         raise CheckpointError(f"could not download the pretrained weights of {name} ({e}); are you offline? "
                               f"Give a local checkpoint instead (--checkpoint PATH)") from None
@@ -99,7 +101,8 @@ def build_teacher(name: str, num_classes: int | None = None, checkpoint: str | N
             head = next(n for n, m in model.named_modules() if m is classifier_layer(model))
             weight = state.get(f"{head}.weight")
             if weight is not None and weight.dim() == 2 and weight.shape[0] != classes:
-                model = builder(int(weight.shape[0]))
+                with isolated_init():
+                    model = builder(int(weight.shape[0]))
         fit_state_dict(model, state, checkpoint)
     model.eval().requires_grad_(False)
     classes = classifier_layer(model).out_features

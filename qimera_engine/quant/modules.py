@@ -60,18 +60,20 @@ class QuantConv2d(_WeightClip, nn.Conv2d):
         self.prequantized = False
         self.register_buffer("clip", None)  # a tensor only with weight clipping (not in the state dict before)
 
+    # from_float / to_float build on the meta device, then load the weights: no initial values are drawn
+    # from torch's global generator, which another thread may be drawing a seeded init from (seeding.py)
     @classmethod
     def from_float(cls, conv: nn.Conv2d, wbits: int) -> "QuantConv2d":
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                 conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, wbits=wbits,
-                device=conv.weight.device, dtype=conv.weight.dtype)
+                device="meta", dtype=conv.weight.dtype).to_empty(device=conv.weight.device)
         q.load_state_dict(conv.state_dict())
         return q
 
     def to_float(self) -> nn.Conv2d:
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, self.groups, self.bias is not None, self.padding_mode,
-                         device=self.weight.device, dtype=self.weight.dtype)
+                         device="meta", dtype=self.weight.dtype).to_empty(device=self.weight.device)
         conv.load_state_dict(self.float_state())
         return conv
 
@@ -95,13 +97,13 @@ class QuantLinear(_WeightClip, nn.Linear):
     @classmethod
     def from_float(cls, lin: nn.Linear, wbits: int) -> "QuantLinear":
         q = cls(lin.in_features, lin.out_features, lin.bias is not None, wbits=wbits,
-                device=lin.weight.device, dtype=lin.weight.dtype)
+                device="meta", dtype=lin.weight.dtype).to_empty(device=lin.weight.device)
         q.load_state_dict(lin.state_dict())
         return q
 
     def to_float(self) -> nn.Linear:
         lin = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+                        device="meta", dtype=self.weight.dtype).to_empty(device=self.weight.device)
         lin.load_state_dict(self.float_state())
         return lin
 
