@@ -29,17 +29,39 @@ SHORT = dict(epochs=3, iters_per_epoch=6, warmup_epochs=1, calib_epochs=1, batch
 
 # --------------------------------------------------------------------------- defaults = the old engine
 
+@pytest.fixture(scope="module")
+def two_thread_home(tmp_path_factory):
+    """A home with the digits teacher trained on two CPU threads, as the golden file's was: the thread
+    count changes how sums are split, so a teacher trained on more cores (or OMP_NUM_THREADS=1) differs."""
+    from qimera_engine.teachers import train_and_cache
+    home, threads = tmp_path_factory.mktemp("two-threads"), torch.get_num_threads()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("QIMERA_HOME", str(home))
+    try:
+        torch.set_num_threads(2)
+        train_and_cache("digits-cnn", "digits")
+        yield home
+    finally:
+        torch.set_num_threads(threads)  # process-wide: leave it as the other tests found it
+        mp.undo()
+
+
 @pytest.mark.parametrize("case", ["qimera", "gdfq", "ptq", "real-data"])
-def test_defaults_reproduce_the_engine_before_the_switches(case, tmp_path, digits_teacher):
+def test_defaults_reproduce_the_engine_before_the_switches(case, tmp_path, two_thread_home, monkeypatch):
     """tests/golden/make_golden.py wrote these metrics with the engine before the switches existed.
     Same seed, same schedule: the generator's losses agree to float rounding (another CPU may round
     differently in the last bits) and top-1 to at most one test image. The student's losses get a
     wider band (1%): they pass through 4-bit rounding, where a last-bit difference (the channels-last
     convolutions and the two-pass BN statistics sum in another order than the engine of the golden file)
     moves a value across a step and the run drifts by up to about 0.3%; every switch moves them by 2.6%
-    or more."""
+    or more. The golden file was written on two CPU threads; so are the teacher and the run here."""
     golden = json.loads(GOLDEN.read_text())[case]
-    run_to_end(preset("digits", **golden["config"]), out=tmp_path / "run")
+    monkeypatch.setenv("QIMERA_HOME", str(two_thread_home))
+    threads = torch.get_num_threads()
+    try:
+        run_to_end(preset("digits", **golden["config"], num_threads=2), out=tmp_path / "run")
+    finally:
+        torch.set_num_threads(threads)
     rows = open_run(tmp_path / "run").metrics
     assert len(rows) == len(golden["rows"])
     for got, want in zip(rows, golden["rows"]):
