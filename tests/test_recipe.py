@@ -2,6 +2,7 @@
 one does what it says in a short digits run."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -29,21 +30,27 @@ SHORT = dict(epochs=3, iters_per_epoch=6, warmup_epochs=1, calib_epochs=1, batch
 
 # --------------------------------------------------------------------------- defaults = the old engine
 
-@pytest.fixture(scope="module")
-def two_thread_home(tmp_path_factory):
-    """A home with the digits teacher trained on two CPU threads, as the golden file's was: the thread
-    count changes how sums are split, so a teacher trained on more cores (or OMP_NUM_THREADS=1) differs."""
-    from qimera_engine.teachers import train_and_cache
-    home, threads = tmp_path_factory.mktemp("two-threads"), torch.get_num_threads()
-    mp = pytest.MonkeyPatch()
-    mp.setenv("QIMERA_HOME", str(home))
+@contextlib.contextmanager
+def two_threads():
+    """Two CPU threads, as the golden file was written with: the thread count changes how sums are split."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     try:
-        torch.set_num_threads(2)
-        train_and_cache("digits-cnn", "digits")
-        yield home
+        yield
     finally:
         torch.set_num_threads(threads)  # process-wide: leave it as the other tests found it
-        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def two_thread_home(tmp_path_factory):
+    """A home with the digits teacher trained on two threads, as the golden file's was (a teacher trained
+    on more cores, or with OMP_NUM_THREADS=1, differs)."""
+    from qimera_engine.teachers import train_and_cache
+    home = tmp_path_factory.mktemp("two-threads")
+    with pytest.MonkeyPatch.context() as mp, two_threads():
+        mp.setenv("QIMERA_HOME", str(home))
+        train_and_cache("digits-cnn", "digits")
+    return home
 
 
 @pytest.mark.parametrize("case", ["qimera", "gdfq", "ptq", "real-data"])
@@ -57,11 +64,8 @@ def test_defaults_reproduce_the_engine_before_the_switches(case, tmp_path, two_t
     or more. The golden file was written on two CPU threads; so are the teacher and the run here."""
     golden = json.loads(GOLDEN.read_text())[case]
     monkeypatch.setenv("QIMERA_HOME", str(two_thread_home))
-    threads = torch.get_num_threads()
-    try:
-        run_to_end(preset("digits", **golden["config"], num_threads=2), out=tmp_path / "run")
-    finally:
-        torch.set_num_threads(threads)
+    with two_threads():
+        run_to_end(preset("digits", **golden["config"]), out=tmp_path / "run")
     rows = open_run(tmp_path / "run").metrics
     assert len(rows) == len(golden["rows"])
     for got, want in zip(rows, golden["rows"]):

@@ -48,7 +48,6 @@ def test_same_seed_same_numbers_in_threads_and_on_the_command_line(tmp_path, mon
     assert summary["fp_top1"] == a.run.summary["fp_top1"]
 
 
-
 def test_building_modules_in_other_threads_never_moves_a_seeded_init(digits_teacher, tmp_path):
     """What the engine builds elsewhere (a student, a cached teacher, a run's generator) while a run builds
     its generator under its seed draws nothing that run can see: its initial weights and its stream stay
