@@ -50,6 +50,8 @@ class RunConfig:
     dm: bool = False                # disentanglement mapping (the released scripts ran with it off)
     dm_width: int = 100
     superpose_p: float = 0.4        # probability that a batch is superposed
+    superpose_ramp: int = 0         # > 0: p rises linearly from 0 in epoch 0 to superpose_p in this epoch (Qimera+
+                                    # switch); 0: superpose_p from the start (paper)
     superpose_k: int = 2            # embeddings mixed per superposed sample
     coeff_sampler: str = "softmax"  # softmax of N(0, I_K) (paper) | dirichlet(alpha) | fixed
     dirichlet_alpha: float = 1.0
@@ -121,6 +123,8 @@ class RunConfig:
         need(self.gen_input in ("qimera", "gdfq"), f"gen_input must be qimera or gdfq, got {self.gen_input!r}")
         need(self.embed_init in ("random", "teacher"), f"embed_init must be random or teacher, got {self.embed_init!r}")
         need(0.0 <= self.superpose_p <= 1.0, f"superpose_p must be in [0, 1], got {self.superpose_p}")
+        need(isinstance(self.superpose_ramp, int) and self.superpose_ramp >= 0,
+             f"superpose_ramp must be an integer >= 0 (0: no ramp), got {self.superpose_ramp!r}")
         need(self.superpose_k >= 1, f"superpose_k must be >= 1, got {self.superpose_k}")
         need(self.coeff_sampler in SAMPLERS, f"coeff_sampler must be one of {SAMPLERS}, got {self.coeff_sampler!r}")
         need(self.dirichlet_alpha > 0, "dirichlet_alpha must be > 0")
@@ -236,7 +240,7 @@ _HINTS = typing.get_type_hints(RunConfig)
 # The Qimera+ switches at the paper's behaviour (``RunConfig.label`` marks a run that leaves any of them).
 PAPER_SETTINGS = {"weight_clip": "minmax", "act_calib": "ema", "lr_schedule": "step", "ce_rows": "all",
                   "lowpass_d0": 0.0, "student_steps": 1, "act_learn": False, "kd_reduction": "mean",
-                  "student_ema": 0.0, "recon_iters": 0}
+                  "student_ema": 0.0, "recon_iters": 0, "superpose_ramp": 0}
 
 
 def _coerce(name: str, value):

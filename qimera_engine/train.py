@@ -456,6 +456,7 @@ class Trainer:
         sample of the activations, whose MSE-optimal clipping ``end_epoch`` applies."""
         cfg = self.cfg
         calibrating = epoch < cfg.calib_epochs
+        self.sampler.p = superpose_p(cfg, epoch)
         set_calibration(self.student, calibrating)
         if self._last_mse_calibration(epoch):
             start_range_sampling(self.student, ACT_SAMPLE_BATCHES)
@@ -645,6 +646,14 @@ def compiled(module: nn.Module, mode: str = "default"):
     except (RuntimeError, ImportError) as e:  # e.g. no compiler for this platform
         warnings.warn(f"torch.compile is unavailable ({type(e).__name__}: {str(e)[:100]}); running eagerly")
         return module
+
+
+def superpose_p(cfg: RunConfig, epoch: int) -> float:
+    """The probability that a batch of ``epoch`` is superposed: ``superpose_p``, or with
+    ``superpose_ramp`` = R > 0, ``superpose_p * min(1, epoch / R)`` (none in epoch 0)."""
+    if cfg.superpose_ramp == 0:
+        return cfg.superpose_p
+    return cfg.superpose_p * min(1.0, epoch / cfg.superpose_ramp)
 
 
 def cosine_lr(base: float, step: int, total: int) -> float:

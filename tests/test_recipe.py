@@ -20,7 +20,7 @@ from qimera_engine.quant import ActQuantizer, act_quantizers, fake_quantize, wei
 from qimera_engine.quant.functional import fake_quantize_learned, mse_act_range, mse_weight_clip, per_channel_range
 from qimera_engine.quant.modules import SampleRing, _spread_sample
 from qimera_engine.runs import open_run
-from qimera_engine.train import Parts, Trainer, cosine_lr
+from qimera_engine.train import Parts, Trainer, cosine_lr, superpose_p
 
 GOLDEN = Path(__file__).parent / "golden" / "paper_defaults.json"
 STUDENT_LOSSES = ("loss_s", "kd", "ce_s")
@@ -176,7 +176,7 @@ def test_cosine_lr_runs_from_base_to_zero():
     ("lowpass_d0", -1.0, "lowpass_d0 must be >= 0"), ("lowpass_d0", math.inf, "lowpass_d0 must be >= 0"),
     ("student_steps", 0, "student_steps must be an integer >= 1"), ("act_lr", 0.0, "act_lr must be > 0"),
     ("compile", "fast", "compile must be one of"), ("student_ema", 1.0, "student_ema must be in"),
-    ("student_ema", -0.1, "student_ema must be in")])
+    ("student_ema", -0.1, "student_ema must be in"), ("superpose_ramp", -1, "superpose_ramp must be an integer")])
 def test_bad_switch_values_are_refused(field, value, message):
     with pytest.raises(ConfigError, match=message):
         preset("digits", **{field: value})
@@ -232,6 +232,23 @@ def test_student_switches_change_the_run_and_stay_finite(switches, tmp_path, dig
     assert any(got[i]["loss_s"] != ref[i]["loss_s"] for i in trained)
     if switches.get("ce_rows") == "plain":  # every batch superposed: only rows that drew one class twice
         assert all(got[i]["ce_s"] < 0.5 * ref[i]["ce_s"] for i in trained)  # (about 1 in 10) keep their CE
+
+
+def test_superpose_ramp_starts_plain_and_reaches_p():
+    cfg = preset("digits", superpose_p=0.4, superpose_ramp=4)
+    assert [superpose_p(cfg, e) for e in (0, 1, 2, 4, 7)] == pytest.approx([0.0, 0.1, 0.2, 0.4, 0.4])
+    assert superpose_p(preset("digits", superpose_p=0.4), 0) == 0.4  # 0: no ramp (paper)
+
+
+def test_superpose_ramp_run_is_plain_in_its_first_epoch_then_superposed(tmp_path, digits_teacher):
+    """Epoch 0 of a ramped run draws exactly the batches of a run without superposition (the coin is
+    thrown either way); the epochs after it differ from that run."""
+    ramp = open_run(_run(tmp_path, "ramp", superpose_p=1.0, superpose_ramp=2)).metrics
+    plain = open_run(_run(tmp_path, "plain", superpose_p=0.0)).metrics
+    always = open_run(_run(tmp_path, "always", superpose_p=1.0)).metrics
+    assert ramp[0]["loss_g"] == plain[0]["loss_g"] != always[0]["loss_g"]
+    assert all(ramp[e]["loss_g"] != plain[e]["loss_g"] for e in (1, 2))
+    assert open_run(tmp_path / "ramp").config.superpose_ramp == 2
 
 
 def test_eval_images_evaluates_a_sample_then_everything_at_the_end(tmp_path, digits_teacher):

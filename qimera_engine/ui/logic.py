@@ -103,6 +103,9 @@ SETTINGS: tuple[Setting, ...] = (
             section="Qimera+"),
     Setting("recon_images", "Reconstruction images", "Generated images the roundings are learned on (the last "
             "ones of the epoch it follows).", "int", lo=1, hi=100000, section="Qimera+"),
+    Setting("superpose_ramp", "Superposition ramp (epochs)", "0: p from the start (paper); R > 0: no superposed "
+            "batches in epoch 0, then p rises linearly to its value in epoch R.", "int", lo=0, hi=10000,
+            section="Qimera+"),
     Setting("eval_images", "Images evaluated per epoch", "0: the whole test set every epoch (paper); > 0: a fixed "
             "sample, the whole set after the last epoch.", "int", lo=0, hi=10**7, section="Qimera+"),
 )
