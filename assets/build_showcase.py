@@ -1,9 +1,11 @@
 """Build assets/showcase/: what the app shows of CIFAR-10 from an empty $QIMERA_HOME, offline.
 
-    python assets/build_showcase.py --qimera RUN --gdfq RUN --checkpoint resnet20-cifar10.th \
-        --data cifar10-dev [--per-class 50]
+    python assets/build_showcase.py --qimera RUN --superposed RUN --gdfq RUN \
+        --checkpoint resnet20-cifar10.th --data cifar10-dev [--per-class 50]
 
-Copies the ResNet-20 teacher (as .safetensors, with its licence), the two finished runs (config,
+Copies the ResNet-20 teacher (as .safetensors, with its licence), the three finished runs (Qimera+ as
+its preset has it, without superposed batches; the same recipe with them, whose generator the pages
+mix embeddings with; GDFQ+ at the same budget: config,
 metrics, summary, generator, student; not the resume state) and a sample of real CIFAR-10 test
 images (``--per-class`` per class, PNG) into assets/showcase/. The runs' configs point to the
 shipped teacher and images by paths relative to their own folder, so the folder works wherever the
@@ -44,10 +46,13 @@ THIS SOFTWARE IS PROVIDED BY THE COPYRIGHT HOLDERS AND CONTRIBUTORS "AS IS" AND 
 """
 
 
-def copy_run(src: Path, name: str, teacher_sha: str) -> None:
+def copy_run(src: Path, name: str, teacher_sha: str, superposed: bool | None = None) -> None:
     run = open_run(src)
     if run.state != "finished":
         raise SystemExit(f"{src} is {run.state}; ship finished runs only")
+    if superposed is not None and (run.config.superpose_p > 0) != superposed:
+        raise SystemExit(f"{src} has superpose_p={run.config.superpose_p}; {name} needs "
+                         + ("superposed batches (p > 0)" if superposed else "a run without them (p = 0)"))
     dest = OUT / "runs" / name
     dest.mkdir(parents=True)
     for f in RUN_FILES:
@@ -69,9 +74,10 @@ def copy_run(src: Path, name: str, teacher_sha: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--qimera", required=True, help="a finished Qimera run folder")
-    ap.add_argument("--gdfq", required=True, help="a finished GDFQ run folder of the same budget")
-    ap.add_argument("--checkpoint", required=True, help="the ResNet-20 checkpoint both runs used")
+    ap.add_argument("--qimera", required=True, help="a finished Qimera+ run (the preset: no superposed batches)")
+    ap.add_argument("--superposed", required=True, help="the same recipe with superposed batches (p > 0)")
+    ap.add_argument("--gdfq", required=True, help="a finished GDFQ run of the same budget")
+    ap.add_argument("--checkpoint", required=True, help="the ResNet-20 checkpoint the runs used")
     ap.add_argument("--data", required=True, help="an ImageFolder of CIFAR-10 test images")
     ap.add_argument("--per-class", type=int, default=50)
     args = ap.parse_args()
@@ -83,7 +89,8 @@ def main() -> None:
     save_state_dict(load_state_dict_file(args.checkpoint), OUT / TEACHER)
     (OUT / "teacher" / "LICENSE-resnet20.txt").write_text(LICENCE)
     sha = state_dict_sha256(teacher.model)
-    copy_run(Path(args.qimera), "cifar10-resnet20-qimera-w4a4", sha)
+    copy_run(Path(args.qimera), "cifar10-resnet20-qimera-w4a4", sha, superposed=False)
+    copy_run(Path(args.superposed), "cifar10-resnet20-qimera-superposed-w4a4", sha, superposed=True)
     copy_run(Path(args.gdfq), "cifar10-resnet20-gdfq-w4a4", sha)
     for cls in sorted(p for p in Path(args.data).iterdir() if p.is_dir()):
         (OUT / SAMPLE / cls.name).mkdir(parents=True)

@@ -22,6 +22,15 @@ def test_paper_values_in_the_cifar_preset():
     assert preset("cifar100-resnet20").embed_init == "teacher" and preset("cifar100-resnet20").superpose_k == 10
 
 
+def test_labels_name_the_recipe_and_a_run_without_superposition():
+    assert preset("cifar10-resnet20").label == "qimera" and preset("cifar10-resnet20-cpu").label == "qimera"
+    fast = preset("cifar10-resnet20-fast")  # Qimera+: the recipe's switches, no superposed batches
+    assert (fast.superpose_p, fast.superpose_k) == (0.0, 2) and fast.label == "qimera+ p=0"
+    assert fast.with_overrides(superpose_p=0.4).label == "qimera+"
+    assert fast.with_overrides(method="gdfq").label == "gdfq+" and fast.with_overrides(method="ptq").label == "ptq+"
+    assert preset("digits", superpose_p=0).label == "qimera p=0"
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(method="zeroq"), "method"),
     (dict(wbits=9), "wbits"),

@@ -67,11 +67,17 @@ def test_the_showcase_is_small_and_complete():
     files = [p for p in SHOWCASE.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 25 * 2**20
     assert (SHOWCASE / "teacher" / "LICENSE-resnet20.txt").read_text().startswith("The ResNet-20 weights")
-    runs = {json.loads((p / "config.json").read_text())["method"]: p for p in (SHOWCASE / "runs").iterdir()}
-    assert set(runs) == {"qimera", "gdfq"}
-    budgets = {m: (c["epochs"], c["iters_per_epoch"], c["batch_size"], c["wbits"], c["abits"])
-               for m, c in ((m, json.loads((p / "config.json").read_text())) for m, p in runs.items())}
-    assert budgets["qimera"] == budgets["gdfq"]  # the same budget and bit widths: a fair pair
+    runs = {p.name: p for p in (SHOWCASE / "runs").iterdir()}
+    configs = {name: json.loads((p / "config.json").read_text()) for name, p in runs.items()}
+    # Qimera+ as its preset has it (no superposed batches), the same recipe with them, GDFQ+
+    assert {name: (c["method"], c["superpose_p"]) for name, c in configs.items()} == {
+        "cifar10-resnet20-qimera-w4a4": ("qimera", 0.0), "cifar10-resnet20-qimera-superposed-w4a4": ("qimera", 0.4),
+        "cifar10-resnet20-gdfq-w4a4": ("gdfq", 0.0)}  # (a run's config is saved resolved: GDFQ never superposes)
+    budgets = {(c["epochs"], c["iters_per_epoch"], c["batch_size"], c["wbits"], c["abits"]) for c in configs.values()}
+    assert len(budgets) == 1  # the same budget and bit widths: a fair comparison
+    preset_switches = {k: v for k, v in preset("cifar10-resnet20-fast").to_dict().items()
+                       if k not in ("checkpoint", "test_data", "superpose_ramp")}
+    assert {k: configs["cifar10-resnet20-qimera-w4a4"][k] for k in preset_switches} == preset_switches
     for p in runs.values():
         assert not (p / "state.pt").exists() and not (p / "run.lock").exists()
         assert json.loads((p / "status.json").read_text())["status"] == "finished"
@@ -86,15 +92,20 @@ def test_home_shows_cifar10_at_once(showcase):
     assert any(h.value == "CIFAR-10, ready to look at" for h in at.header)
     assert len(at.get("image")) >= 1 and time.perf_counter() - t < 60
     assert any("shipped" in c.value.lower() for c in at.caption)
+    # the samples come from the generator trained on superposed batches; the preset's run is named beside them
+    assert any("without** superposed batches scores 78.70%" in m.value for m in at.markdown)
 
 
 def test_boundary_samples_shows_the_shipped_pair(showcase):
     at = open_page("pages/3_Boundary_samples.py")
-    assert "qimera" in at.selectbox(key="b_run").value
+    assert "qimera-superposed" in at.selectbox(key="b_run").value  # a generator trained on mixes
     assert "cifar10-resnet20-gdfq-w4a4" in at.selectbox(key="b-partner").value  # the comparable GDFQ run
     assert len(at.get("image")) == 1  # the grid (the path images are inside the two path charts)
     assert sum("data:image\\u002fpng;base64" in c.proto.spec for c in at.get("plotly_chart")) == 2
     assert not at.warning
+    assert "(Qimera: superposed embeddings)" in [h.value for h in at.subheader][0]
+    at.selectbox(key="b_run").set_value("cifar10-resnet20-qimera-w4a4").run()  # the preset's run: no mixes in training
+    assert not at.exception and "plain batches only" in at.subheader[0].value
 
 
 def test_feature_space_and_bit_widths_show_the_showcase(showcase):
@@ -106,7 +117,7 @@ def test_feature_space_and_bit_widths_show_the_showcase(showcase):
     assert at.get("plotly_chart"), "no projection"
     at = open_page("pages/5_Bit_widths.py")
     table = at.dataframe[0].value
-    assert set(table["method"]) == {"qimera+", "gdfq+"} and set(table["W"]) == {4}  # the Qimera+ recipe
+    assert set(table["method"]) == {"qimera+ p=0", "qimera+", "gdfq+"} and set(table["W"]) == {4}  # never pooled
 
 
 def test_shipped_runs_are_read_only_in_the_app(showcase, tmp_path):

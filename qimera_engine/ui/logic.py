@@ -129,7 +129,8 @@ def start_presets() -> dict[str, str]:
             "cifar10-resnet20-cpu": "CIFAR-10 ResNet-20 at a CPU budget, the paper's settings (needs the data and "
                                     "teacher weights)",
             "cifar10-resnet20-fast": "Qimera+: the CPU budget with our recipe (clipped ranges, roundings "
-                                     "reconstructed at the end; see Qimera+ below): more accurate, in ~6 minutes",
+                                     "reconstructed at the end, no superposed batches: at this budget they cost "
+                                     "accuracy; see Qimera+ below): more accurate, in ~6 minutes",
             "cifar10-resnet20": "The paper's CIFAR-10 setting (400 x 200 iterations; a GPU job)",
             "cifar100-resnet20": "The paper's CIFAR-100 setting",
             "imagenet-resnet18": "ImageNet ResNet-18 (zoo weights, an ImageNet folder)"}
