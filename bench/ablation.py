@@ -5,9 +5,10 @@
 
 The changes are the settings where the preset differs from the paper's preset it is built on
 (``--paper``, default cifar10-resnet20-cpu), plus ``superpose_p=0`` when the recipe superposes (does
-superposition pay off in the recipe?); a recipe without superposition gets ``minus superpose_p`` instead. Each cell is one `python -m qimera_engine quantize` process (``--jobs`` at a time);
-finished cells are kept, so an interrupted ablation continues where it stopped. Prints a Markdown
-table: final-epoch top-1 mean +- std over the seeds, and each row's difference to the recipe.
+superposition pay off in the recipe?); a recipe without superposition gets ``minus superpose_p`` instead.
+Each cell is one `python -m qimera_engine quantize` process (``--jobs`` at a time); finished cells are
+kept, so an interrupted ablation continues where it stopped. Prints a Markdown table: final-epoch top-1
+mean +- std over the seeds, and each row's difference to the recipe.
 """
 from __future__ import annotations
 
