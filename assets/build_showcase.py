@@ -50,7 +50,7 @@ def copy_run(src: Path, name: str, teacher_sha: str, superposed: bool | None = N
     run = open_run(src)
     if run.state != "finished":
         raise SystemExit(f"{src} is {run.state}; ship finished runs only")
-    if superposed is not None and (run.config.superpose_p > 0) != superposed:
+    if superposed is not None and run.config.superposes != superposed:
         raise SystemExit(f"{src} has superpose_p={run.config.superpose_p}; {name} needs "
                          + ("superposed batches (p > 0)" if superposed else "a run without them (p = 0)"))
     dest = OUT / "runs" / name

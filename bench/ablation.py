@@ -42,7 +42,7 @@ def variants(recipe: str, paper: str, only: list[str] | None = None) -> list[tup
     for name, value in changes(recipe, paper).items():
         value = ",".join(map(str, value)) if isinstance(value, list) else value
         rows.append((f"minus {name}", [f"{name}={value}"]))
-    if preset(recipe).superpose_p > 0:
+    if preset(recipe).superposes:
         rows.append(("superpose_p=0", ["superpose_p=0"]))
     return [r for r in rows if not only or r[0] in only or r[0] == "recipe"]
 

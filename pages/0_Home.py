@@ -46,8 +46,8 @@ shipped = [r for r in paths.shipped_runs() if r.config.method == "qimera"]
 if shipped:
     st.header("CIFAR-10, ready to look at")
     # the samples of a generator trained on superposed batches (the shipped Qimera+ preset run has none)
-    show = next((r for r in shipped if r.config.superpose_p > 0), shipped[0])
-    plain = next((r for r in shipped if r.config.superpose_p == 0 and r is not show), None)
+    show = next((r for r in shipped if r.config.superposes), shipped[0])
+    plain = next((r for r in shipped if not r.config.superposes and r is not show), None)
     names = common.class_names(str(show.path), common.stamp(show))
     a, b = names.index("cat") if "cat" in names else 0, names.index("dog") if "dog" in names else 1
     out = common.mixed_samples(str(show.path), common.stamp(show), (a, b), (0.5, 0.5), tuple(range(8)))

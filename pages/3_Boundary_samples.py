@@ -87,7 +87,7 @@ steps = c1.slider("Steps along the path", 3, 21, 7, 2, key="b_steps",  # 7: each
 path_seed = c2.number_input("Path seed", 0, 10**6, int(first), key="b_path_seed")
 partner = common.pick_partner(run, runs, key="b") if mixable else None
 kind = (" (GDFQ: input interpolation)" if not mixable
-        else " (Qimera: superposed embeddings)" if run.config.superpose_p > 0
+        else " (Qimera: superposed embeddings)" if run.config.superposes
         else " (Qimera: superposed embeddings; trained on plain batches only, so these mixes are new to it)")
 panels = [("This run" + kind, run)]
 if partner is not None:

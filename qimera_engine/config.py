@@ -203,10 +203,16 @@ class RunConfig:
     def label(self) -> str:
         """The method as tables and charts name it: ``qimera+`` (``gdfq+``, ``ptq+``) when any of the
         Qimera+ switches differs from the paper's setting, else the method itself; a Qimera run that
-        superposes no batch (``superpose_p=0``) is marked ``p=0``, so charts never pool it with one that does."""
+        superposes no batch (``superposes`` is False) is marked ``p=0``, so charts never pool it with one that does."""
         plus = any(getattr(self, name) != value for name, value in PAPER_SETTINGS.items())
-        plain = " p=0" if self.method == "qimera" and self.superpose_p == 0 else ""  # no superposed batch
+        plain = " p=0" if self.method == "qimera" and not self.superposes else ""
         return f"{self.method}{'+' if plus else ''}{plain}"
+
+    @property
+    def superposes(self) -> bool:
+        """Whether any training batch mixes class embeddings: the sampler superposes a batch with probability
+        ``superpose_p``, and only when ``superpose_k`` > 1 (a run's saved config is resolved: GDFQ's has p = 0)."""
+        return self.superpose_p > 0 and self.superpose_k > 1
 
     @property
     def teacher_data(self) -> str:

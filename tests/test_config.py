@@ -29,6 +29,7 @@ def test_labels_name_the_recipe_and_a_run_without_superposition():
     assert fast.with_overrides(superpose_p=0.4).label == "qimera+"
     assert fast.with_overrides(method="gdfq").label == "gdfq+" and fast.with_overrides(method="ptq").label == "ptq+"
     assert preset("digits", superpose_p=0).label == "qimera p=0"
+    assert preset("digits", superpose_k=1).label == "qimera p=0"  # K = 1: the sampler never mixes a batch
 
 
 @pytest.mark.parametrize("bad,match", [
