@@ -3,11 +3,15 @@
 Specs: ``digits`` (embedded, offline); ``cifar10[:ROOT]`` / ``cifar100[:ROOT]`` through torchvision
 (ROOT defaults to $QIMERA_HOME/data; downloaded only on request); ``folder:PATH`` (or a bare
 directory path) in ImageFolder layout; ``imagenet:PATH`` an ImageNet validation folder.
+A colon always introduces an argument: ``digits:x`` and an empty one (``cifar10:``, ``folder:``) are
+refused rather than ignored (write ``cifar10`` for the default root).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +111,12 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
         raise DataError("empty data spec; use digits, cifar10[:ROOT], cifar100[:ROOT], folder:PATH or imagenet:PATH")
     kind, sep, arg = spec.partition(":")
     if kind in ("digits", "cifar10", "cifar100", "folder", "imagefolder", "imagenet") and (sep or kind != "folder"):
+        # an argument that would be ignored is a mistake the user should hear about
+        if kind == "digits" and sep:
+            raise DataError(f"digits takes no argument (got {spec!r}): it is embedded; write digits")
+        if sep and not arg.strip():
+            hint = f"write {kind} for $QIMERA_HOME/data" if kind.startswith("cifar") else f"{kind}:PATH"
+            raise DataError(f"nothing after the colon in {spec!r}: give a path ({hint})")
         return ("folder" if kind == "imagefolder" else kind), (arg or None)
     if Path(spec).expanduser().is_dir():
         return "folder", spec
@@ -137,18 +147,30 @@ def data_stamp(spec: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def load_data(spec: str, input_spec: InputSpec, split: str = "test", download: bool = False) -> ImageData:
-    """Load a data set for a teacher's input convention. ``split`` is train or test."""
+def load_data(spec: str, input_spec: InputSpec, split: str = "test", download: bool = False,
+              num_classes: int | None = None) -> ImageData:
+    """Load a data set for a teacher's input convention. ``split`` is train or test.
+
+    ``num_classes`` (the teacher's): a data set with another number of classes is refused, an image
+    folder before any image is decoded or cached."""
     kind, arg = parse_spec(spec)
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got {split!r}")
     if kind == "digits":
-        return _digits(input_spec, split)
-    if kind in ("cifar10", "cifar100"):
-        return _cifar(kind, arg, input_spec, split, download)
-    if arg is None:
+        data = _digits(input_spec, split)
+    elif kind in ("cifar10", "cifar100"):
+        data = _cifar(kind, arg, input_spec, split, download)
+    elif arg is None:
         raise DataError(f"{kind} needs a path: {kind}:PATH")
-    return _folder(kind, arg, input_spec)
+    else:
+        data = _folder(kind, arg, input_spec, num_classes)
+    _check_classes(len(data.classes), num_classes)
+    return data
+
+
+def _check_classes(found: int, num_classes: int | None) -> None:
+    if num_classes is not None and found != num_classes:
+        raise DataError(f"the data has {found} classes but the teacher {num_classes}")
 
 # --------------------------------------------------------------------------- digits
 
@@ -189,7 +211,17 @@ def _cifar(kind: str, root: str | None, spec: InputSpec, split: str, download: b
 # --------------------------------------------------------------------------- image folders
 
 
-def _folder(kind: str, path: str, spec: InputSpec) -> ImageData:
+def _regular_image(path: str) -> bool:
+    """An image file by its extension, and a regular file: a FIFO, socket or device node named
+    x.png is skipped by its inode type, without opening it (opening a FIFO waits for a writer)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    try:
+        return path.lower().endswith(IMG_EXTENSIONS) and stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:  # a dangling link, or a file that vanished
+        return False
+
+
+def _folder(kind: str, path: str, spec: InputSpec, num_classes: int | None = None) -> ImageData:
     import torchvision
     from torchvision import transforms as T
     root = Path(path).expanduser()
@@ -200,9 +232,11 @@ def _folder(kind: str, path: str, spec: InputSpec) -> ImageData:
     tf = (T.Compose([T.Resize(int(spec.image_size * 256 / 224)), T.CenterCrop(spec.image_size), T.PILToTensor()])
           if big else T.Compose([T.Resize((spec.image_size, spec.image_size)), T.PILToTensor()]))
     try:
-        ds = torchvision.datasets.ImageFolder(str(root), transform=tf, loader=read_image)
+        ds = torchvision.datasets.ImageFolder(str(root), transform=tf, loader=read_image,
+                                              is_valid_file=_regular_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{root} is not an image folder (expected ROOT/<class>/<image>): {e}") from None
+    _check_classes(len(ds.classes), num_classes)  # before decoding or caching anything
     if big:
         return ImageData(f"{kind}:{root.name}", spec, ds.classes, dataset=ds)
     images, labels = _cached_folder(root, ds, spec.image_size)
@@ -213,18 +247,26 @@ MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused (a decompression bom
 
 
 def read_image(path: str):
-    """An image file as RGB, or a DataError that names the file and says what is wrong with it."""
+    """An image file as 8-bit RGB, decoded in its own mode, or a DataError that names the file.
+
+    16-bit greyscale (I;16, I;16B, and I with values in 0..65535) is scaled to 0..255, not clipped;
+    float images (F) are read as intensities in [0, 1]; palette images take their colours; CMYK is
+    converted to RGB; 1-bit images become 0 and 255. Images with transparency (LA, RGBA, PA, or a
+    palette with a transparent colour) are composited over black: a transparent pixel counts as black.
+    Other modes, and 32-bit or float values outside those ranges, are refused."""
     import warnings
 
     from PIL import Image
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open below
+            raise DataError(f"cannot read image {path}: not a regular file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise DataError(f"cannot read image {path}: {im.width}x{im.height} pixels is more than this "
                                     f"tool reads ({MAX_IMAGE_PIXELS} pixels)")
-                return im.convert("RGB")
+                return _to_rgb8(im, path)
     except DataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -232,6 +274,31 @@ def read_image(path: str):
     except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
         why = "not an image file, or a damaged one" if isinstance(e, Image.UnidentifiedImageError) else str(e)[:160]
         raise DataError(f"cannot read image {path}: {why}") from None
+
+
+_ALPHA = ("LA", "RGBA", "PA", "RGBa", "La")
+_HIGH = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def _to_rgb8(im, path: str):
+    """``im`` as 8-bit RGB by the rules of ``read_image``."""
+    from PIL import Image
+    mode = im.mode
+    if mode in ("RGB", "L", "1", "CMYK", "YCbCr", "RGBX"):
+        return im.convert("RGB")
+    if mode in _HIGH:  # a wider range than 8 bits: scale it, as convert() would clip it
+        a = np.asarray(im).astype(np.float64)
+        top = _HIGH[mode]
+        if not np.isfinite(a).all() or a.min(initial=0) < 0 or a.max(initial=0) > top:
+            raise DataError(f"cannot read image {path}: mode {mode} with values outside 0..{top:g} "
+                            f"(from {a.min():g} to {a.max():g})")
+        return Image.fromarray(np.rint(a * (255.0 / top)).astype(np.uint8), "L").convert("RGB")
+    if mode == "P" or mode in _ALPHA:
+        rgba = np.asarray(im.convert("RGBA")).astype(np.float64)  # a palette without transparency: alpha 255
+        rgb = np.rint(rgba[..., :3] * (rgba[..., 3:] / 255.0)).astype(np.uint8)  # over black
+        return Image.fromarray(rgb, "RGB")
+    raise DataError(f"cannot read image {path}: image mode {mode} is not supported (use RGB, greyscale, "
+                    f"16-bit greyscale, palette, CMYK or with alpha)")
 
 
 def _cached_folder(root: Path, ds, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,6 +320,11 @@ def _cached_folder(root: Path, ds, size: int) -> tuple[torch.Tensor, torch.Tenso
             pass  # a damaged cache is rebuilt
     images = torch.stack([ds[i][0] for i in range(len(ds))])  # ImageFolder's loader gives RGB
     labels = torch.tensor(ds.targets).long()
-    with atomic_path(cache) as tmp:
-        torch.save({"images": images, "labels": labels}, tmp)
+    buf = io.BytesIO()  # serialised in memory, so a full disk shows as an OSError of the write below
+    torch.save({"images": images, "labels": labels}, buf)
+    try:
+        with atomic_path(cache) as tmp:
+            tmp.write_bytes(buf.getbuffer())
+    except OSError:
+        pass  # a cache that cannot be written (full disk, read-only home): the data is decoded all the same
     return images, labels
