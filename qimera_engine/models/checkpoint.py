@@ -45,7 +45,36 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors (found {type(obj).__name__})")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    state = {str(k).removeprefix("module."): v for k, v in obj.items()}
+    check_plain_tensors(state, path)
+    return state
+
+
+def _unusual(t: torch.Tensor) -> str | None:
+    """What makes ``t`` other than an ordinary dense CPU tensor of real numbers, or None."""
+    if t.is_nested:
+        return "a nested tensor"
+    if type(t) not in (torch.Tensor, nn.Parameter):
+        return f"a {type(t).__name__} tensor"
+    if t.layout != torch.strided:
+        return f"layout {t.layout}"
+    if t.is_quantized:
+        return f"quantized dtype {t.dtype}"
+    if t.device.type != "cpu":  # meta tensors hold no values; others were not mapped to the CPU
+        return f"device {t.device.type}"
+    if t.is_complex():
+        return f"complex dtype {t.dtype}"
+    return None
+
+
+def check_plain_tensors(state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """``CheckpointError`` naming the first tensor that is sparse, quantized, nested, complex or not on
+    the CPU: loading one would fail deep inside torch or convert it without a word."""
+    for k, v in state.items():
+        why = _unusual(v)
+        if why:
+            raise CheckpointError(f"{source}: tensor {k} has {why}; only ordinary dense CPU tensors of real "
+                                  f"numbers are read")
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
@@ -55,11 +84,20 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
 
 def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> nn.Module:
     """Load ``state`` (read from ``source``) into ``model``; a readable error when it does not fit."""
+    check_plain_tensors(state, source)
     own = model.state_dict()
     # checkpoints from older PyTorch releases lack BatchNorm's step counter: keep ours
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    # load_state_dict would cast: float16 or float64 weights are another model than the one saved
+    cast = [k for k in own if k in state and state[k].dtype != own[k].dtype
+            and (state[k].is_floating_point() or own[k].is_floating_point() or state[k].dtype == torch.bool)]
+    if cast:
+        k = cast[0]
+        raise CheckpointError(f"{source}: tensor {k} is {state[k].dtype}, but the model's is {own[k].dtype}"
+                              f"{f' (and {len(cast) - 1} more)' if len(cast) > 1 else ''}; convert the "
+                              f"checkpoint to {own[k].dtype} yourself if that is what you mean")
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{source} holds NaN or infinite values (in {', '.join(bad[:3])}"
