@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -28,8 +30,11 @@ def test_coefficients_lie_on_the_simplex(sampler):
     torch.testing.assert_close(c.sum(1), torch.ones(500))
     if sampler == "fixed":
         assert torch.equal(c[0], torch.tensor([0.1, 0.2, 0.3, 0.4]))
-    else:
-        assert c.std(0).min() > 0.05  # random, not constant
+    else:  # random, not constant; each coefficient 1/K on average (the K classes are exchangeable)
+        assert c.std(0).min() > 0.05
+        assert (c.mean(0) - 0.25).abs().max() < 0.03
+    if sampler == "dirichlet":  # Dirichlet(0.5, ..., 0.5): var = (1/K)(1 - 1/K) / (K alpha + 1) = 0.0625
+        assert (c.var(0) - 0.0625).abs().max() < 0.01
 
 
 def test_softmax_coefficients_follow_the_paper():
@@ -60,15 +65,41 @@ def test_batch_sampler_superposes_with_probability_p():
 @pytest.mark.parametrize("size,channels,cond", [(8, 1, False), (32, 3, False), (224, 3, True)])
 @pytest.mark.parametrize("dm", [False, True])
 def test_generator_at_all_image_sizes(size, channels, cond, dm):
-    g = Generator(10, size, channels, 16, dm=dm, dm_width=12, width=16)
+    torch.manual_seed(0)
+    g = Generator(10, size, channels, 16, dm=dm, dm_width=12, width=16).double()
     assert g.conditional_bn is cond
     b = sample_latents(3, 10, 16, k=2)
-    x = g(b.labels, b.coeffs, b.noise)
+    coeffs, noise = b.coeffs.double(), b.noise.double()
+    x = g(b.labels, coeffs, noise)
     assert x.shape == (3, channels, size, size) and torch.isfinite(x).all()
-    x.sum().backward()
-    assert g.embedding.weight.grad is not None
+    # a weighted sum: the plain sum of the output (BatchNorm without affine) is 0 whatever the input
+    w = torch.randn(x.shape, dtype=torch.float64)
+
+    def objective():
+        return float((g(b.labels, coeffs, noise) * w).sum())
+    (x * w).sum().backward()
+    used = b.labels.unique()
+    unused = [c for c in range(10) if c not in used]
+    assert g.embedding.weight.grad[unused].eq(0).all()  # classes not drawn get no gradient
+    params = [(g.embedding.weight, (int(used[0]), 3))]
     if dm:
-        assert g.disentanglement_mapping.weight.grad is not None
+        params.append((g.disentanglement_mapping.weight, (2, 5)))
+    for param, index in params:
+        assert abs(float(param.grad[index])) > 1e-6
+        assert float(param.grad[index]) == pytest.approx(_finite_difference(objective, param, index), rel=1e-4)
+
+
+def _finite_difference(f, param, index, eps=1e-8):
+    """The central difference of ``f()`` in one entry of ``param`` (float64). A small step: a 224-pixel
+    image has so many LeakyReLU kinks that a step of 1e-6 crosses enough of them to move the slope by 0.5%."""
+    with torch.no_grad():
+        old = float(param[index])
+        param[index] = old + eps
+        up = f()
+        param[index] = old - eps
+        down = f()
+        param[index] = old
+    return (up - down) / (2 * eps)
 
 
 def test_dm_is_applied_before_superposition():
@@ -106,7 +137,14 @@ def test_generate_images_is_deterministic_and_touches_no_state():
     torch.testing.assert_close(a[0], c[0])  # independent of the rest of the batch
     assert g.training
     assert all(torch.equal(v, g.state_dict()[k]) for k, v in before.items())
-    assert not torch.equal(generate_images(g, [[1, 2]], [[0.2, 0.8]], [7]), c)
+    # the image is the eval-mode generator's on seed 7's noise, with the coefficients given
+    noise = torch.randn(2, 16, generator=torch.Generator().manual_seed(7))[None]
+    reference = copy.deepcopy(g).eval()
+    with torch.no_grad():
+        for w in ([0.5, 0.5], [0.2, 0.8]):
+            expected = reference(torch.tensor([[1, 2]]), torch.tensor([w]), noise)
+            torch.testing.assert_close(generate_images(g, [[1, 2]], [w], [7]), expected)
+        assert (reference(torch.tensor([[1, 2]]), torch.tensor([[0.2, 0.8]]), noise) - c).abs().max() > 1e-3
 
 
 def test_generate_images_rejects_bad_input():

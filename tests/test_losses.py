@@ -76,17 +76,35 @@ def test_bn_loss_is_zero_on_matching_statistics_and_gradients_reach_the_input():
         bn.running_var.copy_(x.var((0, 2, 3), unbiased=False))
     _, loss = bn_statistics_loss(nn.Sequential(bn), x)
     assert float(loss) < 1e-10
-    x2 = (x * 2).requires_grad_()
-    _, loss2 = bn_statistics_loss(nn.Sequential(bn), x2)
+    # x doubled: every mean doubles and every variance quadruples, so L = mean(mu^2) + mean((3 var)^2),
+    # and its gradient is that of the two mean squared errors through the batch moments
+    x2 = (x * 2).double().requires_grad_()
+    _, loss2 = bn_statistics_loss(nn.Sequential(bn.double()), x2)
+    mu, var = x.double().mean((0, 2, 3)), x.double().var((0, 2, 3), unbiased=False)
+    torch.testing.assert_close(loss2, (mu**2).mean() + ((3 * var) ** 2).mean())
     loss2.backward()
-    assert x2.grad.abs().sum() > 0
+    n, c = x.numel() // 2, 2
+    rm, rv = bn.running_mean.view(1, c, 1, 1), bn.running_var.view(1, c, 1, 1)
+    mu2, var2 = x2.mean((0, 2, 3), keepdim=True), x2.var((0, 2, 3), unbiased=False, keepdim=True)
+    expected = (2 / c) * ((mu2 - rm) / n + (var2 - rv) * 2 * (x2 - mu2) / n)
+    torch.testing.assert_close(x2.grad, expected.detach())
 
 
 def test_bn_hooks_record_only_while_active():
     net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)).eval()
     hooks = BNStatisticsLoss(net)
     net(torch.randn(2, 1, 3, 3))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="no BatchNorm statistics were recorded"):
+        hooks.pop()
+    hooks.active = True
+    x = torch.randn(2, 1, 3, 3)
+    with torch.no_grad():
+        net(x)
+        h = net[0](x)
+    expected = F.mse_loss(h.mean((0, 2, 3)), net[1].running_mean) + \
+        F.mse_loss(h.var((0, 2, 3), unbiased=False), net[1].running_var)
+    torch.testing.assert_close(hooks.pop(), expected)
+    with pytest.raises(RuntimeError, match="no BatchNorm statistics"):  # popped: the terms are gone
         hooks.pop()
     with pytest.raises(ValueError, match="BatchNorm"):
         BNStatisticsLoss(nn.Linear(2, 2))
