@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from .. import ShippedRun, atomic_path, qimera_home
+from .. import DataError, ShippedRun, atomic_path, parse_spec, qimera_home
 
 ALLOWED_ENV = "QIMERA_ALLOWED_DIRS"
 SHOWCASE_ENV = "QIMERA_SHOWCASE"
@@ -31,10 +31,31 @@ class PathNotAllowed(ValueError):
 
 
 def allowed_roots() -> list[Path]:
-    """$QIMERA_HOME, then the folders of QIMERA_ALLOWED_DIRS (resolved; empty entries ignored)."""
-    extra = [p for p in os.environ.get(ALLOWED_ENV, "").split(os.pathsep) if p.strip()]
-    roots = [qimera_home(), showcase_dir(), *(Path(p).expanduser() for p in extra)]
+    """$QIMERA_HOME, then the folders of QIMERA_ALLOWED_DIRS (resolved; empty entries and entries
+    that cannot be expanded ignored)."""
+    roots = [qimera_home(), showcase_dir()]
+    for p in os.environ.get(ALLOWED_ENV, "").split(os.pathsep):
+        try:
+            roots.append(Path(p).expanduser()) if p.strip() else None
+        except RuntimeError:  # ~name of no account: nothing to allow
+            continue
     return list(dict.fromkeys(Path(os.path.realpath(r)) for r in roots))
+
+
+def _inside(real: Path, roots: list[Path]) -> bool:
+    return any(real == root or root in real.parents for root in roots)
+
+
+def _expand(text: str) -> Path:
+    """``text`` as a path, '~' and '~/...' expanded. '~name' is refused for every name: expanding it
+    answers one way for an account that exists and another for one that does not."""
+    if text.startswith("~") and not (text == "~" or text[1] in "/" + os.sep):
+        raise PathNotAllowed(refusal())
+    try:
+        p = Path(text).expanduser()
+    except RuntimeError:  # no home directory to expand '~' to
+        raise PathNotAllowed(refusal()) from None
+    return p if p.is_absolute() else qimera_home() / p
 
 
 def refusal() -> str:
@@ -48,24 +69,25 @@ def allowed_path(text: str) -> Path:
     Relative paths are taken inside $QIMERA_HOME. Symbolic links are followed before the check, so
     a link inside an allowed folder does not lead out of it. Uploaded files are reached only through
     the upload widget, never by a typed path (they are private to their browser session). The refusal is the same whether or not
-    the path exists, so a page cannot be used to probe the disk.
+    the path exists, so a page cannot be used to probe the disk; so is '~name', whoever the name is.
     """
     text = (text or "").strip()
     if not text or "\x00" in text or len(text) > 4096:
         raise PathNotAllowed(refusal())
-    p = Path(text).expanduser()
-    if not p.is_absolute():
-        p = qimera_home() / p
-    try:
-        real = Path(os.path.realpath(p))
-    except (OSError, ValueError):
-        raise PathNotAllowed(refusal()) from None
-    if not any(real == root or root in real.parents for root in allowed_roots()):
+    real = _resolve(text)
+    if not _inside(real, allowed_roots()):
         raise PathNotAllowed(refusal())
     uploads = Path(os.path.realpath(qimera_home() / "uploads"))
     if real == uploads or uploads in real.parents:  # other sessions' uploads are private
         raise PathNotAllowed(refusal())
     return real
+
+
+def _resolve(text: str) -> Path:
+    try:
+        return Path(os.path.realpath(_expand(text)))
+    except (OSError, ValueError):
+        raise PathNotAllowed(refusal()) from None
 
 
 def shipped_runs() -> list[ShippedRun]:
@@ -105,7 +127,115 @@ def allowed_data_spec(kind: str, path: str = "") -> str:
         raise ValueError(f"unknown data set {kind!r}")
     if not path:
         raise PathNotAllowed("Give the folder that holds the images.")
-    return f"{kind}:{allowed_path(path)}"
+    spec = f"{kind}:{allowed_path(path)}"
+    check_data_spec(spec)
+    return spec
+
+
+MAX_DEPTH = 32  # folders below a data root that a check walks (torchvision's ImageFolder walks them all)
+
+
+def check_tree(root: str | Path) -> None:
+    """Refuse (``PathNotAllowed``) a folder inside the allowed ones any of whose entries, at any
+    depth, is a symbolic link that leads out of them: a class folder or an image linked to the rest
+    of the disk. Reads directory entries only, never opens a file (a FIFO or a device cannot block
+    it); each folder is walked once, so links in a circle end."""
+    roots = allowed_roots()
+    start = Path(os.path.realpath(root))
+    if not _inside(start, roots):
+        raise PathNotAllowed(refusal())
+    seen, stack = set(), [(start, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        if folder in seen or depth > MAX_DEPTH:
+            continue
+        seen.add(folder)
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:  # not a folder, or unreadable: the loader says so itself
+            continue
+        for e in entries:
+            real = Path(os.path.realpath(e.path)) if e.is_symlink() else Path(e.path)
+            if not _inside(real, roots):
+                raise PathNotAllowed(refusal())
+            try:
+                if e.is_dir():
+                    stack.append((real, depth + 1))
+            except OSError:
+                continue
+
+
+def _data_root(spec: str) -> Path | None:
+    """The folder a data spec reads (None: built-in digits); ``PathNotAllowed`` when it cannot be
+    parsed or lies outside the allowed folders."""
+    try:
+        kind, arg = parse_spec(spec)
+    except (DataError, ValueError):
+        raise PathNotAllowed(refusal()) from None
+    if kind == "digits":
+        return None
+    if not arg:
+        return qimera_home() / "data"  # CIFAR's default place
+    return allowed_path(arg)
+
+
+def check_data_spec(spec: str) -> None:
+    """Refuse a data spec (a typed one, or a run's ``test_data``) whose folder, or anything in it,
+    lies outside the allowed folders. Runs created on the command line may point anywhere."""
+    root = _data_root(spec)
+    if root is not None:
+        check_tree(root)
+
+
+def data_allowed(spec: str) -> bool:
+    try:
+        check_data_spec(spec)
+        return True
+    except PathNotAllowed:
+        return False
+
+
+def data_label(spec: str) -> str:
+    """A data spec as a page may show it: its kind alone when its folder is outside the allowed ones."""
+    try:
+        _data_root(spec)
+        return spec
+    except PathNotAllowed:
+        return f"{str(spec).partition(':')[0] or 'data'} (outside the app's folders)"
+
+
+def check_run(run) -> None:
+    """Refuse a run whose networks the app may not load: a file of its folder linked out of the
+    allowed folders, or a teacher checkpoint outside them (uploads count: the run was started from
+    one). Zoo weights come from the server's own download cache and are allowed."""
+    check_tree(run.path)
+    checkpoint = run.config.checkpoint
+    if checkpoint and not _inside(_resolve(str(checkpoint)), allowed_roots()):
+        raise PathNotAllowed(refusal())
+
+
+def run_allowed(run) -> bool:
+    try:
+        check_run(run)
+        return True
+    except PathNotAllowed:
+        return False
+
+
+def home_problem() -> str | None:
+    """Why the app cannot use its own folder, as one line saying what to set; None when it can.
+    It must be a folder this server can create files in (probed with a file deleted at once)."""
+    import tempfile
+    try:
+        runs = qimera_home() / "runs"
+        runs.mkdir(exist_ok=True)
+        with tempfile.TemporaryFile(dir=runs):
+            return None
+    except (OSError, RuntimeError, ValueError):
+        return ("The app cannot use its folder: set the environment variable QIMERA_HOME to a folder this "
+                "server can write to (without it, the app uses $HOME/.qimera, so HOME must be usable), then "
+                "restart the server.")
 
 
 def save_upload(data: bytes, filename: str, session: str, shared: bool = False) -> Path:
