@@ -70,7 +70,11 @@ else:
                            help="Continues from its last completed epoch.")
         if c2.button("Resume run", key="q_resume"):
             run = next(r for r in runs if r.id == rid)
-            common.registry().start_run(None, resume=str(run.path), label=f"resume {rid}")
-            st.rerun()
+            note = common.resume_note(run)
+            if note:
+                st.error(note)
+            else:
+                common.registry().start_run(None, resume=str(run.path), label=f"resume {rid}")
+                st.rerun()
     common.export_panel(runs, key="q")
     common.runs_tools(runs)

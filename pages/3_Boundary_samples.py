@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from qimera_engine.ui import common, figures
+from qimera_engine.ui import common, figures, paths
 from qimera_engine.analysis import normalise_coefficients
 from qimera_engine.ui.logic import boundary_sentence, coefficient_formula, generator_runs
 
@@ -21,12 +21,18 @@ if not gen_runs:
 
 run = common.pick_run("Run (generator)", gen_runs, key="b_run", help="Any run with a saved generator.")
 path, stamp = str(run.path), common.stamp(run)
+note = common.networks_note(run)
+if note:
+    st.info(note)
+    st.stop()
 try:
     teacher, gen, student = common.run_networks(run)
     names = common.class_names(path, stamp)
 except Exception as e:  # a damaged run folder: say so, keep the page
     st.error(f"Cannot load run {run.id}: {e}")
     st.stop()
+if not paths.data_allowed(run.config.test_data):
+    st.caption(f"Classes are numbered, not named: {common.OUTSIDE_DATA}")
 mixable = gen.input_mode != "gdfq"
 if not mixable:
     st.warning("This is a GDFQ run: its generator takes one class per image, so there is nothing to mix. "

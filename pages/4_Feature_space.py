@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from qimera_engine import analysis
-from qimera_engine.ui import common, figures
+from qimera_engine.ui import common, figures, paths
 from qimera_engine.ui.logic import (FEATURE_NUMBERS, dominant_class, feature_verdict, generator_runs,
                                     hover_coefficients, selected_points)
 from qimera_engine.ui.tasks import features_key, features_task
@@ -23,6 +23,12 @@ if not gen_runs:
     st.stop()
 
 run = common.pick_run("Run (generator)", gen_runs, key="f_run")
+note = common.networks_note(run)
+if note or not paths.data_allowed(run.config.test_data):
+    # the projection is fitted on the run's real test images: without them there is nothing to place
+    st.info(note or f"Run {run.id}: {common.OUTSIDE_DATA} Feature space fits its projection on those real "
+                    "images, so it shows nothing for this run; pick another.")
+    st.stop()
 partner = common.pick_partner(run, runs, key="f") if run.config.method != "gdfq" else None
 c1, c2, c3 = st.columns(3)
 method = c1.segmented_control("Projection", ["pca", "umap"], default="pca", key="f_method",

@@ -5,7 +5,9 @@ workers record into the JobRegistry, and pages read it from fragments.
 """
 from __future__ import annotations
 
+import atexit
 import secrets
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +23,26 @@ from .logic import comparable, partner_runs, run_label, setting_label, split_dam
 POLL_SECONDS = 1.0  # how often live panels redraw while a job runs
 
 
+EXIT_WAIT_SECONDS = 120  # at exit, how long to wait for jobs asked to stop (a UMAP compile cannot be stopped)
+
+
 @st.cache_resource
 def registry() -> JobRegistry:
     """One registry per server: jobs outlive page switches, reloads and sessions."""
-    return shared_registry()
+    jobs = shared_registry()
+    atexit.register(stop_jobs, jobs)
+    return jobs
+
+
+def stop_jobs(jobs: JobRegistry, timeout: float = EXIT_WAIT_SECONDS) -> None:
+    """Cancel every active job and wait for its thread. Run at exit: a worker thread still inside a
+    torch operation when the interpreter finalizes aborts the whole process ("terminate called without
+    an active exception", status 134), because the thread is unwound through C++ code that cannot be."""
+    for job in jobs.active():
+        jobs.cancel(job.id)
+    deadline = time.monotonic() + timeout
+    for job in jobs.jobs():
+        jobs.wait(job.id, max(0.0, deadline - time.monotonic()))
 
 
 def warm_umap() -> None:
@@ -49,8 +67,13 @@ def lock_down() -> None:
 
 
 def setup_page(title: str, icon: str = "🧪") -> None:
+    """The page's settings and sidebar; a page whose $QIMERA_HOME is unusable says what to set and stops."""
     st.set_page_config(page_title=f"{title} · Qimera Explorer", page_icon=icon, layout="wide")
     lock_down()
+    problem = paths.home_problem()
+    if problem:
+        st.error(problem)
+        st.stop()
     with st.sidebar:
         st.caption(f"**Device:** {device_description()}")
         st.caption(f"**Runs stored in:** `{runs_dir()}`")
@@ -63,7 +86,15 @@ def all_runs() -> list[Run]:
     """Readable run folders inside the app's allowed folders, newest first (read fresh each time:
     they are small files), then the shipped CIFAR-10 showcase runs, so pages open on the user's own
     runs once there are any. Damaged folders are named, with what is wrong, in a collapsed notice."""
-    runs, damaged = split_damaged([r for r in list_runs() if paths.is_allowed(r.path)] + paths.shipped_runs())
+    inside, linked_out = [], []
+    for r in [r for r in list_runs() if paths.is_allowed(r.path)] + paths.shipped_runs():
+        try:
+            paths.check_tree(r.path)  # before any of its files is read
+            inside.append(r)
+        except paths.PathNotAllowed:
+            linked_out.append((r.id, "a file in it links outside the app's folders, so the app does not read it"))
+    runs, damaged = split_damaged(inside)
+    damaged += linked_out
     if damaged:
         with st.expander(f"{len(damaged)} damaged run folder(s) left out", icon="⚠️"):
             st.markdown("\n".join(f"- **{rid}**: {problem}" for rid, problem in damaged))
@@ -90,6 +121,7 @@ def _stamp(run: Run) -> float:
 @st.cache_resource(max_entries=6, show_spinner="Loading the run's networks...")
 def _networks(run_path: str, stamp: float):
     run = open_run(run_path)
+    paths.check_run(run)  # its checkpoint and files inside the allowed folders (the pages say so first)
     teacher = load_teacher(run)
     teacher.model.eval()
     generator = load_generator(run)
@@ -102,11 +134,33 @@ def run_networks(run: Run):
     return _networks(str(run.path), _stamp(run))
 
 
+OUTSIDE_NETWORKS = ("Its teacher's checkpoint lies outside the app's folders ($QIMERA_HOME and the folders in "
+                    f"{paths.ALLOWED_ENV}), so the app does not load its networks. The command line can.")
+OUTSIDE_DATA = ("Its test data lies outside the app's folders ($QIMERA_HOME and the folders in "
+                f"{paths.ALLOWED_ENV}), so the app does not read its images.")
+
+
+def networks_note(run: Run) -> str | None:
+    """Why a page does not load this run's networks (a run made on the command line may point
+    anywhere), or None when it may."""
+    return None if paths.run_allowed(run) else f"Run {run.id}: {OUTSIDE_NETWORKS}"
+
+
+def resume_note(run: Run) -> str | None:
+    """Why the app does not resume this run (it would read its checkpoint and test data), or None."""
+    if not paths.run_allowed(run):
+        return f"Cannot resume {run.id} here. {OUTSIDE_NETWORKS}"
+    if not paths.data_allowed(run.config.test_data):
+        return f"Cannot resume {run.id} here. {OUTSIDE_DATA} The command line can resume it."
+    return None
+
+
 @st.cache_data(max_entries=16, show_spinner="Reading real images...")
 def real_images(spec: str, input_spec: InputSpec, n: int, seed: int, home: str,
                 stamp: str = "") -> tuple[np.ndarray, np.ndarray, list]:
     """n stored images (uint8, for display) with labels and class names; ``home`` and ``stamp``
-    (data.data_stamp) key the cache."""
+    (data.data_stamp) key the cache. A spec whose files lead outside the app's folders is refused."""
+    paths.check_data_spec(spec)
     data = load_data(spec, input_spec, "test")
     x, y = data.raw(n, seed)
     return x.numpy(), y.numpy(), data.classes
@@ -267,7 +321,8 @@ _EXPORT_FORMATS = {"onnx": "ONNX (QDQ), for ONNX Runtime", "int": "Integer weigh
 
 def export_panel(runs: list[Run], key: str) -> None:
     """Export a run's quantized student (ONNX or integer weights) into its folder and download it."""
-    ready = [r for r in runs if (r.path / Run.STUDENT).exists() and r.state != "running"]
+    # exporting loads the teacher: not from a checkpoint outside the app's folders
+    ready = [r for r in runs if (r.path / Run.STUDENT).exists() and r.state != "running" and paths.run_allowed(r)]
     if not ready:
         return
     with st.expander("Export a quantized model", icon="📦"):
@@ -302,14 +357,22 @@ def need_runs_message(what: str) -> None:
 # --------------------------------------------------------------------------- boundary samples (cached)
 
 
-@st.cache_data(max_entries=8, show_spinner=False)
 def class_names(run_path: str, stamp: float) -> list[str]:
-    """The run's class names from its test set (class indices when the data cannot be read)."""
+    """The run's class names from its test set; "class 0", "class 1"... when the data cannot be read
+    or lies outside the app's folders (then it is not opened at all)."""
+    return _class_names(run_path, stamp, paths.data_allowed(open_run(run_path).config.test_data))
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _class_names(run_path: str, stamp: float, readable: bool) -> list[str]:
     teacher, _, _ = _networks(run_path, stamp)
+    generic = [f"class {i}" for i in range(teacher.num_classes)]
+    if not readable:
+        return generic
     try:
         return load_data(open_run(run_path).config.test_data, InputSpec.of(teacher), "test").classes
     except Exception:
-        return [str(i) for i in range(teacher.num_classes)]
+        return generic
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -337,5 +400,5 @@ def stamp(run: Run) -> float:
 
 
 __all__ = ["all_runs", "class_names", "device_description", "home_key", "job_panel", "jobs_section", "mixed_samples",
-           "mixing_path", "export_panel", "run_label", "need_runs_message", "pick_partner", "runs_tools", "pick_run", "real_images", "registry", "run_networks", "save_upload",
+           "mixing_path", "export_panel", "networks_note", "resume_note", "run_label", "need_runs_message", "pick_partner", "runs_tools", "pick_run", "real_images", "registry", "run_networks", "save_upload",
            "setting_widget", "setup_page", "show_image_grid", "stamp"]

@@ -11,6 +11,7 @@ import pandas as pd
 
 from .. import METHODS, TEACHERS, Run, RunConfig, preset
 from ..analysis import normalise_coefficients
+from .paths import data_label
 
 # --------------------------------------------------------------------------- Quantize settings
 
@@ -214,7 +215,7 @@ def runs_table(runs: list[Run], active_dirs: set[str] | frozenset = frozenset())
             status = "running elsewhere"  # another process (e.g. the command line) holds its lock
         metrics = r.metrics if not s else []
         rows.append({"run": r.id, "method": c.label, "W": c.wbits, "A": c.abits, "teacher": c.teacher,
-                     "data": c.test_data, "seed": c.seed, "status": status,
+                     "data": data_label(c.test_data), "seed": c.seed, "status": status,
                      "epochs": f"{s.get('epochs_done', len(metrics))}/{c.epochs}",
                      "FP top-1": s.get("fp_top1"),
                      "final top-1": s.get("quant_top1", metrics[-1]["top1"] if metrics else None),
@@ -235,7 +236,8 @@ def bitwidth_table(runs: list[Run]) -> pd.DataFrame:
         rows.append({"method": c.label, "bits": s["wbits"] if s["wbits"] == s["abits"] else None,
                      "W": s["wbits"], "A": s["abits"], "budget": budget(c),
                      "schedule": f"{c.epochs} × {c.iters_per_epoch} × {c.batch_size}", "seed": s.get("seed"),
-                     "teacher": s.get("teacher"), "data": s.get("test_data"), "top1": s["quant_top1"],
+                     "teacher": s.get("teacher"), "data": data_label(s.get("test_data") or c.test_data),
+                     "top1": s["quant_top1"],
                      "best_top1": s.get("best_top1"), "fp_top1": s.get("fp_top1"), "run": r.id})
     cols = ["method", "bits", "W", "A", "budget", "schedule", "seed", "teacher", "data", "top1", "best_top1",
             "fp_top1", "run"]

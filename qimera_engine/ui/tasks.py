@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import (InputSpec, Run, analysis, data_stamp, evaluate, get_teacher, load_data, load_generator, load_teacher,
                open_run, qimera_home, train_and_cache)
+from . import paths
 
 
 def teacher_key(name: str, spec: str, checkpoint: str | None, pretrained: bool, train: bool) -> str:
@@ -67,7 +68,7 @@ def features_task(run_path: str, gdfq_path: str | None, n: int, seed: int, metho
         key = features_key(run, open_run(gdfq_path) if gdfq_path else None, n, seed, "")  # any projection
         cached = _features.get(key)
         if cached is None:
-            cached = _sources(run, gdfq_path, n, seed, report)
+            cached = _sources(run, gdfq_path, n, seed, report, stop)
             if stop.is_set():
                 return None
             _features.put(key, cached)
@@ -80,7 +81,12 @@ def features_task(run_path: str, gdfq_path: str | None, n: int, seed: int, metho
     return work
 
 
-def _sources(run: Run, gdfq_path: str | None, n: int, seed: int, report) -> tuple[dict, list[str]]:
+def _sources(run: Run, gdfq_path: str | None, n: int, seed: int, report, stop) -> tuple[dict, list[str]]:
+    """Each source's features; stops between sources once ``stop`` is set (the caller then drops them)."""
+    # the page checks first; a task started otherwise still reads nothing outside the app's folders
+    for r in (run, *([open_run(gdfq_path)] if gdfq_path else [])):
+        paths.check_run(r)
+    paths.check_data_spec(run.config.test_data)
     report(0.05, "loading the teacher and generator")
     teacher = load_teacher(run)
     gen = load_generator(run)
@@ -91,13 +97,15 @@ def _sources(run: Run, gdfq_path: str | None, n: int, seed: int, report) -> tupl
     real["labels"] = real["labels"][:, None]
     real["coeffs"] = np.ones((len(real["labels"]), 1), np.float32)  # one class each
     sources = {"real": real}
+    if stop.is_set():
+        return sources, test.classes
     report(0.3, "plain synthetic features")
     sources["plain"] = analysis.synthetic_features(gen, teacher, n, superposed=False, seed=seed)
-    if gen.input_mode != "gdfq":
+    if gen.input_mode != "gdfq" and not stop.is_set():
         report(0.4, "superposed synthetic features")
         k = max(2, min(cfg.superpose_k, gen.num_classes))
         sources["superposed"] = analysis.synthetic_features(gen, teacher, n, superposed=True, seed=seed, k=k)
-    if gdfq_path:
+    if gdfq_path and not stop.is_set():
         report(0.5, "GDFQ's synthetic features")
         sources["gdfq"] = analysis.synthetic_features(load_generator(gdfq_path), teacher, n, superposed=False,
                                                       seed=seed)
