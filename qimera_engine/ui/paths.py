@@ -35,8 +35,10 @@ def allowed_roots() -> list[Path]:
     that cannot be expanded ignored)."""
     roots = [qimera_home(), showcase_dir()]
     for p in os.environ.get(ALLOWED_ENV, "").split(os.pathsep):
+        if not p.strip():
+            continue
         try:
-            roots.append(Path(p).expanduser()) if p.strip() else None
+            roots.append(Path(p).expanduser())
         except RuntimeError:  # ~name of no account: nothing to allow
             continue
     return list(dict.fromkeys(Path(os.path.realpath(r)) for r in roots))
@@ -46,16 +48,20 @@ def _inside(real: Path, roots: list[Path]) -> bool:
     return any(real == root or root in real.parents for root in roots)
 
 
-def _expand(text: str) -> Path:
+def _expand(text: str, typed: bool = True) -> Path:
     """``text`` as a path, '~' and '~/...' expanded. '~name' is refused for every name: expanding it
-    answers one way for an account that exists and another for one that does not."""
+    answers one way for an account that exists and another for one that does not. A relative path
+    is taken inside $QIMERA_HOME when ``typed`` into a page, else (a path stored in a run's config)
+    where the engine's loaders take it: in the current directory."""
     if text.startswith("~") and not (text == "~" or text[1] in "/" + os.sep):
         raise PathNotAllowed(refusal())
     try:
         p = Path(text).expanduser()
     except RuntimeError:  # no home directory to expand '~' to
         raise PathNotAllowed(refusal()) from None
-    return p if p.is_absolute() else qimera_home() / p
+    if p.is_absolute():
+        return p
+    return qimera_home() / p if typed else Path(os.path.abspath(p))
 
 
 def refusal() -> str:
@@ -83,9 +89,9 @@ def allowed_path(text: str) -> Path:
     return real
 
 
-def _resolve(text: str) -> Path:
+def _resolve(text: str, typed: bool = True) -> Path:
     try:
-        return Path(os.path.realpath(_expand(text)))
+        return Path(os.path.realpath(_expand(text, typed)))
     except (OSError, ValueError):
         raise PathNotAllowed(refusal()) from None
 
@@ -177,7 +183,10 @@ def _data_root(spec: str) -> Path | None:
         return None
     if not arg:
         return qimera_home() / "data"  # CIFAR's default place
-    return allowed_path(arg)
+    root = _resolve(arg, typed=False)
+    if not _inside(root, allowed_roots()):
+        raise PathNotAllowed(refusal())
+    return root
 
 
 def check_data_spec(spec: str) -> None:
@@ -211,7 +220,7 @@ def check_run(run) -> None:
     one). Zoo weights come from the server's own download cache and are allowed."""
     check_tree(run.path)
     checkpoint = run.config.checkpoint
-    if checkpoint and not _inside(_resolve(str(checkpoint)), allowed_roots()):
+    if checkpoint and not _inside(_resolve(str(checkpoint), typed=False), allowed_roots()):
         raise PathNotAllowed(refusal())
 
 
