@@ -308,7 +308,7 @@ def runs_tools(runs: list[Run]) -> None:
         if st.button("Delete run", key="q-delete-go", disabled=not sure):
             try:
                 delete_run(mine[ids.index(rid)])
-            except (RunLocked, OSError) as e:
+            except (RunLocked, OSError, ValueError) as e:  # a live writer, or a damaged lock file (RunDamaged)
                 st.error(f"Cannot delete {rid}: {e}")
             else:
                 st.session_state.pop("q-delete-sure", None)
