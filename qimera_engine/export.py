@@ -5,6 +5,14 @@
 keeps its calibrated range and gets its scale and zero point; the rest of the student (biases,
 BatchNorm) is stored as it is, and the metadata carries the bits, method, config and the teacher's
 identity. ``load_int`` rebuilds the fake-quantized student from the file alone, bit for bit.
+The metadata also carries a SHA-256 of every tensor and metadata value (``sha256``): an edited file is
+refused naming what changed, and what would load NaN or out-of-range values is checked on its own
+as well (codes within their bits, finite positive scales, integer codes), for a file re-hashed after
+editing.
+
+Exports never overwrite a run's own files (of any run folder), never write into a shipped run, and
+replace an existing file only with ``force`` (except the run's own default export, re-derived from the
+same student).
 
 ``onnx``: the student as an ONNX graph in QDQ form: int8 weight codes with a per-channel
 DequantizeLinear, and a QuantizeLinear/DequantizeLinear pair after every activation call site.
@@ -15,8 +23,13 @@ QuantizeLinear and DequantizeLinear compute.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
+import math
+import os
+import stat
 from pathlib import Path
 
 import torch
@@ -24,13 +37,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .artifacts import load_student, load_teacher
-from .models import build_teacher
+from .models import TEACHERS, build_teacher
 from .quant import ActQuantizer, QuantConv2d, QuantLinear, quantize_model
 from .quant.convert import set_submodule
 from .quant.functional import FULL_PRECISION, affine_qparams, dequantize_affine, quantize_affine, weight_range
-from .runs import Run, atomic_path, open_run
+from .runs import Run, open_run
 
-FORMAT = "qimera-int/1"
+FORMAT = "qimera-int/2"
+OLD_FORMATS = ("qimera-int/1",)  # before exports carried their SHA-256
 FORMATS = ("int", "onnx")
 ONNX_OPSET = 17  # per-channel DequantizeLinear (13+); what ONNX Runtime's CPU provider runs
 
@@ -95,11 +109,92 @@ def exportable_run(run: Run | str | Path, out: str | Path | None = None) -> Run:
     return run
 
 
-def _run_student(run: Run | str | Path, out: str | Path | None):
-    """(run, teacher, student) of an exportable run."""
+DEFAULT_FILES = {"int": "student-int.safetensors", "onnx": "student.onnx"}  # in the run's folder
+
+
+def _run_files() -> set[str]:
+    """The names of a run's own files (Run.CONFIG, Run.STUDENT, ...)."""
+    return {v for k, v in vars(Run).items() if k.isupper() and isinstance(v, str)}
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a folder we may not look into holds no run of ours
+        return False
+
+
+def export_target(run: Run, fmt: str, out: str | Path | None, force: bool = False) -> Path:
+    """The file an export of ``run`` writes (``out``, or the run's default file); ``ExportError`` when
+    writing there would overwrite what it must not. Checked where the file really lands: the folders
+    of the path with links and ``..`` resolved (a link as the file itself is replaced, not followed)."""
+    if out is None:
+        path = run.path / DEFAULT_FILES[fmt]
+    else:
+        text = os.fspath(out)
+        if not text.strip():
+            raise ExportError("the output file name is empty: give a file to write (--out FILE)")
+        path = Path(text).expanduser()
+        if text.endswith(("/", os.sep)) or path.name in ("", ".", "..") or path.is_dir():
+            raise ExportError(f"{text} is a folder: give a file to write, e.g. {path / DEFAULT_FILES[fmt]}")
+    land = path.parent.resolve() / path.name
+    if any(_exists(d / Run.SHIPPED) for d in (land.parent, *land.parent.parents)):
+        raise ExportError(f"{land.parent} belongs to a run that ships with the app and is read-only: "
+                          f"write the export elsewhere (--out FILE)")
+    if land.name in _run_files() and _exists(land.parent / Run.CONFIG):
+        raise ExportError(f"{land} is a file of run {land.parent.name} ({land.name}); an export never "
+                          f"replaces it: write the export elsewhere")
+    if land.name in (Run.CONFIG, Run.SHIPPED):  # the file that would make its folder look like a run
+        raise ExportError(f"an export is never named {land.name}: that name marks a run folder")
+    try:
+        st = os.lstat(land)
+    except FileNotFoundError:
+        return land
+    except OSError as e:
+        raise ExportError(f"cannot write {land}: {e.strerror}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        raise ExportError(f"{land} exists and is not a regular file; an export does not replace it")
+    default = run.path.resolve() / DEFAULT_FILES[fmt]  # re-derived from the same student: replaced freely
+    if land != default and not force:
+        raise ExportError(f"{land} exists; --force replaces it")
+    return land
+
+
+@contextlib.contextmanager
+def _writing(path: Path, replace: bool):
+    """A temporary file beside ``path``, moved into place when the block ends. Without ``replace`` it
+    is linked into place, which fails if a file appeared meanwhile. On any failure or interrupt the
+    temporary file, and the folders made for it, are removed."""
+    import tempfile
+    made = [d for d in (path.parent, *path.parent.parents) if not _exists(d)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise ExportError(f"{path} exists; --force replaces it") from None
+            os.unlink(tmp)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        for d in made:  # deepest first; only if still empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+
+
+def _run_student(run: Run | str | Path, fmt: str, out: str | Path | None, force: bool):
+    """(run, teacher, student, the file to write) of an exportable run."""
     run = exportable_run(run, out)
+    target = export_target(run, fmt, out, force)
     teacher = load_teacher(run)
-    return run, teacher, load_student(run, teacher)
+    return run, teacher, load_student(run, teacher), target
 
 
 def _metadata(run: Run, layer_bits: dict, sites: dict, teacher) -> dict[str, str]:
@@ -135,19 +230,156 @@ def int_tensors(student: nn.Module) -> tuple[dict[str, torch.Tensor], dict, dict
     return state, layer_bits, sites
 
 
-def export_int(run: Run | str | Path, out: str | Path | None = None) -> Path:
-    """Write the run's student as integer codes to ``out`` (default RUN/student-int.safetensors)."""
+def export_int(run: Run | str | Path, out: str | Path | None = None, force: bool = False) -> Path:
+    """Write the run's student as integer codes to ``out`` (default RUN/student-int.safetensors);
+    ``force`` replaces an existing file (see ``export_target``)."""
     from safetensors.torch import save_file
-    run, teacher, student = _run_student(run, out)
+    run, teacher, student, out = _run_student(run, "int", out, force)
     state, layer_bits, sites = int_tensors(student)
-    out = Path(out) if out else run.path / "student-int.safetensors"
-    with atomic_path(out) as tmp:
-        save_file(state, str(tmp), metadata=_metadata(run, layer_bits, sites, teacher))
+    meta = _metadata(run, layer_bits, sites, teacher)
+    parts = _parts(state, meta)
+    meta.update(sha256=_seal(parts), sha256_parts=json.dumps(parts, sort_keys=True))
+    with _writing(out, replace=_exists(out)) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     return out
 
 
+# --------------------------------------------------------------------------- integrity
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # those torch checks for NaN
+_SEAL_KEYS = ("sha256", "sha256_parts")  # the metadata that records the hash, not hashed itself
+
+
+def _digest(t: torch.Tensor) -> str:
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _parts(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, dict[str, str]]:
+    """A SHA-256 per tensor (dtype, shape, bytes) and per metadata value: what lets a check name the part
+    that changed."""
+    return {"tensors": {k: _digest(v) for k, v in sorted(tensors.items())},
+            "metadata": {k: hashlib.sha256(str(v).encode()).hexdigest() for k, v in sorted(meta.items())
+                         if k not in _SEAL_KEYS}}
+
+
+def _seal(parts: dict) -> str:
+    """The file's SHA-256: of all its parts' hashes."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _verify_hash(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    try:
+        recorded = json.loads(meta["sha256_parts"])
+        if not (isinstance(recorded, dict) and set(recorded) == {"tensors", "metadata"}
+                and all(isinstance(v, dict) for v in recorded.values())):
+            raise ValueError("not two tables of hashes")
+    except (KeyError, ValueError, RecursionError) as e:
+        raise ExportError(f"{path}: its SHA-256 record is missing or damaged ({str(e)[:80]}); export the run "
+                          f"again") from None
+    now = _parts(tensors, meta)
+    changed = [f"{'tensor' if kind == 'tensors' else 'metadata'} {k}" for kind in ("tensors", "metadata")
+               for k in sorted(set(recorded[kind]) | set(now[kind])) if recorded[kind].get(k) != now[kind].get(k)]
+    if changed:
+        raise ExportError(f"{path} was changed after export ({', '.join(changed[:4])}"
+                          f"{f' and {len(changed) - 4} more' if len(changed) > 4 else ''} differ from its "
+                          f"SHA-256 record); export the run again")
+    if meta.get("sha256") != _seal(recorded):
+        raise ExportError(f"{path}: its SHA-256 does not match its contents (edited or damaged); export the run again")
+
+
+def _meta_value(meta: dict[str, str], key: str, parse, ok, want: str):
+    """``parse(meta[key])`` when ``ok`` accepts it; ``ExportError`` naming the key otherwise."""
+    try:
+        value = parse(meta[key])
+        if ok(value):
+            return value
+    except (KeyError, TypeError, ValueError, OverflowError, RecursionError):
+        pass
+    shown = repr(meta[key])[:60] if key in meta else "missing"
+    raise ExportError(f"the export's metadata {key} must be {want} (found {shown})")
+
+
+def _bits(b) -> bool:
+    return type(b) is int and (2 <= b <= 8 or b == FULL_PRECISION)
+
+
+def _finite(x) -> bool:
+    return type(x) in (int, float) and math.isfinite(x)
+
+
+def export_info(meta: dict[str, str]) -> dict:
+    """The metadata that ``load_int`` uses, typed and checked; ``ExportError`` naming a bad value."""
+    def codes(b):
+        return type(b) is int and 2 <= b <= 8
+
+    def site(d):
+        return (isinstance(d, dict) and codes(d.get("bits")) and _finite(d.get("scale")) and d["scale"] > 0
+                and type(d.get("zero_point")) is int and -128 <= d["zero_point"] <= 127)
+    info = {"teacher": _meta_value(meta, "teacher", str, lambda v: v in TEACHERS, "a known teacher"),
+            "num_classes": _meta_value(meta, "num_classes", int, lambda v: 1 <= v <= 100_000, "an integer 1..100000"),
+            "wbits": _meta_value(meta, "wbits", int, _bits, f"2..8 or {FULL_PRECISION}"),
+            "abits": _meta_value(meta, "abits", int, _bits, f"2..8 or {FULL_PRECISION}"),
+            "keep_first_last_8bit": _meta_value(meta, "keep_first_last_8bit", lambda v: {"True": True, "False": False}[v],
+                                                lambda v: True, "True or False"),
+            "ema_beta": _meta_value(meta, "ema_beta", float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+            "layer_bits": _meta_value(meta, "layer_bits", json.loads, lambda v: isinstance(v, dict) and all(
+                codes(b) for b in v.values()), "a JSON object of bit widths 2..8"),
+            "activation_sites": _meta_value(meta, "activation_sites", json.loads, lambda v: isinstance(v, dict) and all(
+                site(d) for d in v.values()), "a JSON object of {bits 2..8, scale > 0, zero_point -128..127}")}
+    for key, low in (("mean", -math.inf), ("std", 0.0)):
+        _meta_value(meta, key, json.loads, lambda v, low=low: isinstance(v, list) and v and all(
+            _finite(x) and x > low for x in v), f"a JSON list of numbers > {low}")
+    _meta_value(meta, "config", json.loads, lambda v: isinstance(v, dict), "a JSON object")
+    return info
+
+
+def _tensor(tensors: dict, key: str, dtype: torch.dtype, dim: int | None = None) -> torch.Tensor:
+    t = tensors.get(key)
+    if t is None:
+        raise ExportError(f"the export has no tensor {key}")
+    if t.dtype != dtype or (dim is not None and t.dim() != dim):
+        raise ExportError(f"tensor {key} is {t.dtype} with {t.dim()} dimension(s), expected {dtype}"
+                          f"{f' with {dim}' if dim is not None else ''}")
+    return t
+
+
+def check_int_tensors(tensors: dict[str, torch.Tensor], info: dict) -> None:
+    """What would make the student compute NaN or other codes than its bits allow, checked on its own
+    (a re-hashed file passes the SHA-256): integer codes within each layer's bits with a finite scale
+    > 0 and an int8 zero point per channel, each activation site's scale and zero point as recorded,
+    finite floating tensors, and BatchNorm variances >= 0."""
+    for name, b in info["layer_bits"].items():
+        q = _tensor(tensors, f"{name}.weight_int8", torch.int8)
+        if q.dim() < 1 or q.numel() == 0:
+            raise ExportError(f"tensor {name}.weight_int8 is empty")
+        lo, hi = -(2 ** (b - 1)), 2 ** (b - 1) - 1
+        if int(q.min()) < lo or int(q.max()) > hi:
+            raise ExportError(f"layer {name}: codes {int(q.min())}..{int(q.max())} lie outside its {b}-bit "
+                              f"range {lo}..{hi}")
+        scale = _tensor(tensors, f"{name}.weight_scale", torch.float32, 1)
+        zp = _tensor(tensors, f"{name}.weight_zero_point", torch.int8, 1)
+        if len(scale) != q.shape[0] or len(zp) != q.shape[0]:
+            raise ExportError(f"layer {name}: {q.shape[0]} channels but {len(scale)} scales and {len(zp)} zero points")
+        if not (torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ExportError(f"layer {name}: a weight scale is not a finite number > 0")
+    for name, d in info["activation_sites"].items():
+        scale = _tensor(tensors, f"{name}.scale", torch.float32, 0)
+        zp = _tensor(tensors, f"{name}.zero_point", torch.int8, 0)
+        if float(scale) != d["scale"] or int(zp) != d["zero_point"]:
+            raise ExportError(f"activation site {name}: its scale and zero point differ from the metadata's")
+    for k, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ExportError(f"tensor {k} holds NaN or infinite values")
+        if k.endswith("running_var") and (t < 0).any():
+            raise ExportError(f"tensor {k} holds a negative variance")
+
+
 def read_int(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and metadata of an integer export; ``ExportError`` for anything else."""
+    """The tensors and metadata of an integer export, its SHA-256 and values checked; ``ExportError``
+    for anything else (never another exception, whatever the file holds)."""
     from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
@@ -159,9 +391,17 @@ def read_int(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     except Exception as e:  # safetensors reports a damaged header or body in several ways
         raise ExportError(f"{path} is not a readable integer export (damaged or another format: "
                           f"{type(e).__name__}: {str(e)[:120]})") from None
+    if meta.get("format") in OLD_FORMATS:
+        raise ExportError(f"{path} was written by an earlier version, without a SHA-256 of its contents; "
+                          f"export the run again (python -m qimera_engine export RUN --format int)")
     if meta.get("format") != FORMAT:
         raise ExportError(f"{path} is not an integer export of this tool (format {meta.get('format')!r}, "
                           f"expected {FORMAT!r})")
+    odd = [k for k, t in tensors.items() if t.is_floating_point() and t.dtype not in _FLOATS]
+    if odd:
+        raise ExportError(f"tensor {odd[0]} is {tensors[odd[0]].dtype}, which an integer export never holds")
+    _verify_hash(path, tensors, meta)
+    check_int_tensors(tensors, export_info(meta))
     return tensors, meta
 
 
@@ -172,24 +412,38 @@ def load_int(path: str | Path) -> nn.Module:
     dequantized codes (``prequantized``), each activation site its calibrated range.
     """
     tensors, meta = read_int(path)
+    info = export_info(meta)
     try:
-        teacher = build_teacher(meta["teacher"], int(meta["num_classes"]))
-        student = quantize_model(teacher.model, int(meta["wbits"]), int(meta["abits"]),
-                                 keep_first_last_8bit=meta["keep_first_last_8bit"] == "True",
-                                 beta=float(meta["ema_beta"]), example_input=teacher.example_input(), inplace=True)
-        layer_bits = json.loads(meta["layer_bits"])
-        state = dict(tensors)
-        for name, layer in _layers(student):
-            if layer_bits.get(name) != layer.wbits:
-                raise ExportError(f"layer {name}: {layer_bits.get(name)} bits in the file, {layer.wbits} in the model")
-            state[f"{name}.weight"] = dequantized_weight(state.pop(f"{name}.weight_int8"),
-                                                         state.pop(f"{name}.weight_scale"),
-                                                         state.pop(f"{name}.weight_zero_point"))
+        teacher = build_teacher(info["teacher"], info["num_classes"])
+        student = quantize_model(teacher.model, info["wbits"], info["abits"],
+                                 keep_first_last_8bit=info["keep_first_last_8bit"],
+                                 beta=info["ema_beta"], example_input=teacher.example_input(), inplace=True)
+        layer_bits, state = info["layer_bits"], dict(tensors)
+        layers, sites = _layers(student), _sites(student)
+        if set(layer_bits) != {n for n, _ in layers} or set(info["activation_sites"]) != {n for n, _ in sites}:
+            raise ExportError(f"{path}: its quantized layers and activation sites are not those of a "
+                              f"{info['teacher']} at W{info['wbits']}A{info['abits']}")
+        for name, layer in layers:
+            if layer_bits[name] != layer.wbits:
+                raise ExportError(f"layer {name}: {layer_bits[name]} bits in the file, {layer.wbits} in the model")
+            w = dequantized_weight(state.pop(f"{name}.weight_int8"), state.pop(f"{name}.weight_scale"),
+                                   state.pop(f"{name}.weight_zero_point"))
+            if not torch.isfinite(w).all():
+                raise ExportError(f"layer {name}: its scales make infinite weights")
+            state[f"{name}.weight"] = w
             layer.prequantized = True
-        for name, _ in _sites(student):
+        for name, _ in sites:
             state.pop(f"{name}.scale"), state.pop(f"{name}.zero_point")
+        own = student.state_dict()
+        for k, t in state.items():  # load_state_dict would cast without a word
+            if k in own and t.dtype != own[k].dtype:
+                raise ExportError(f"tensor {k} is {t.dtype}, the model's is {own[k].dtype}")
         student.load_state_dict(state, strict=True)
-    except (KeyError, RuntimeError, ValueError) as e:
+        for name, site in sites:  # the range the student computes gives the scale the file records
+            if act_codes(site) != (float(tensors[f"{name}.scale"]), int(tensors[f"{name}.zero_point"])):
+                raise ExportError(f"activation site {name}: its calibrated range does not give the scale and "
+                                  f"zero point the file records")
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError, OverflowError) as e:
         if isinstance(e, ExportError):
             raise
         raise ExportError(f"{path} does not hold a complete student ({type(e).__name__}: {str(e)[:160]})") from None
@@ -245,13 +499,14 @@ def qdq_model(student: nn.Module) -> nn.Module:
     return m
 
 
-def export_onnx_model(model: nn.Module, example: torch.Tensor, out: str | Path) -> Path:
-    """Export ``model`` (a QDQ student, or a float model) with a dynamic batch axis, checked."""
+def export_onnx_model(model: nn.Module, example: torch.Tensor, out: str | Path, replace: bool = True) -> Path:
+    """Export ``model`` (a QDQ student, or a float model) with a dynamic batch axis, checked; an
+    existing ``out`` is replaced only with ``replace``."""
     import warnings
 
     import onnx
     out = Path(out)
-    with atomic_path(out) as tmp, warnings.catch_warnings():
+    with _writing(out, replace) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         try:
             torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
@@ -300,18 +555,20 @@ def _fold_weight_quantize(model) -> None:
         graph.initializer.remove(init)
 
 
-def export_onnx(run: Run | str | Path, out: str | Path | None = None) -> Path:
-    """Write the run's student as an ONNX QDQ model to ``out`` (default RUN/student.onnx)."""
-    run, teacher, student = _run_student(run, out)
-    out = Path(out) if out else run.path / "student.onnx"
-    return export_onnx_model(qdq_model(student), teacher.example_input(), out)
+def export_onnx(run: Run | str | Path, out: str | Path | None = None, force: bool = False) -> Path:
+    """Write the run's student as an ONNX QDQ model to ``out`` (default RUN/student.onnx);
+    ``force`` replaces an existing file (see ``export_target``)."""
+    run, teacher, student, out = _run_student(run, "onnx", out, force)
+    return export_onnx_model(qdq_model(student), teacher.example_input(), out, replace=_exists(out))
 
 
-def export(run: Run | str | Path, fmt: str, out: str | Path | None = None) -> Path:
-    """``fmt`` int or onnx; returns the file written."""
+def export(run: Run | str | Path, fmt: str, out: str | Path | None = None, force: bool = False) -> Path:
+    """``fmt`` int or onnx; returns the file written. An existing ``out`` is replaced only with ``force``
+    (the run's own default export always: it comes from the same student); a run's own files, of any
+    run, and a shipped run's folder never."""
     if fmt not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    return (export_int if fmt == "int" else export_onnx)(run, out)
+    return (export_int if fmt == "int" else export_onnx)(run, out, force)
 
 
 def onnx_session(path: str | Path, threads: int | None = None):
