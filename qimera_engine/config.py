@@ -1,13 +1,17 @@
 """Run configuration: one validated dataclass (JSON-serialisable) and the presets.
 
-Every hyper-parameter of METHOD.md is a field here; presets carry the paper's values.
+Every hyper-parameter of METHOD.md is a field here; presets carry the paper's values. Each field is
+declared once, with ``setting(...)``: its type (the annotation), the values it accepts, its help and
+where the app shows it. That one declaration drives ``RunConfig.validate``, the command line's
+``python -m qimera_engine settings`` and the app's Quantize form (``ui.logic.SETTINGS``).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
-import math
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -20,167 +24,242 @@ LR_SCHEDULES = ("step", "cosine")
 CE_ROWS = ("all", "plain", "agree")
 COMPILE_MODES = ("off", "default", "reduce-overhead")
 RECON_AT = ("calib", "end")
+BITS = (2, 3, 4, 5, 6, 7, 8, 32)
+SECTIONS = ("Method", "Generator", "Schedule", "Qimera+")  # the app's Quantize form, in this order
+# The teachers whose zoo weights pretrained=true downloads (models.build_teacher): torchvision's and pytorchcv's.
+ZOO_TEACHERS = ("resnet18", "resnet50", "mobilenet_v2", "resnet20_cifar10", "resnet20_cifar100")
+
+# Why an upper end exists where the method has none: a value far above any real use is a typo, and is
+# refused here rather than overflowing (or exhausting memory, or never ending) inside torch.
+OVERFLOW = "a guard far above any real use: larger values overflow in training"
+MEMORY = "a guard far above any real use: larger ones cannot fit in memory"
+TIME = "a guard far above any real use: no run that long could finish"
 
 
 class ConfigError(ValueError):
     """A setting that is unknown, of the wrong type, or impossible."""
 
 
+@dataclass(frozen=True)
+class Spec:
+    """What one RunConfig field accepts, its help, and where the app shows it."""
+    help: str
+    range: str = ""      # numbers (and list items): "[lo, hi]", a round bracket marking an open end
+    choices: tuple = ()
+    cap: str = ""        # why the upper end exists, where it is a guard rather than a limit of the method
+    note: str = ""       # what a special value means, repeated in the message (e.g. "0: off")
+    length: int = 0      # lists: the exact number of items (0: any)
+    noun: str = ""       # lists: what the items are, in messages
+    pattern: str = ""    # text: a regular expression accepted besides the choices
+    expect: str = ""     # the message's own words for what is accepted, where generated ones read badly
+    log: bool = False    # the app's number field shows scientific notation
+    label: str = ""      # the app shows the field with this label,
+    section: str = ""    # in this section of the Quantize form ("": not in the app)
+    type: type | None = None   # from the annotation: int | float | bool | str | list
+    item: type | None = None   # a list's item type
+    optional: bool = False     # None is accepted
+
+    def bounds(self) -> tuple:
+        """The range's ends as the field's numbers; an integer range's open end is stepped in."""
+        lo, hi, lo_open, hi_open = _interval(self.range)[:4]
+        if (self.item or self.type) is int:
+            return lo + lo_open, hi - hi_open
+        return float(lo), float(hi)
+
+
+def setting(default, help: str, range: str = "", **spec):
+    """A RunConfig field: its default and its Spec (in the field's metadata)."""
+    meta = {"spec": Spec(help, range, **spec)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class RunConfig:
     # --- what to quantize, and how ---
-    method: str = "qimera"          # qimera | gdfq | ptq (no fine-tuning) | real-data (QAT upper bound)
-    teacher: str = "digits-cnn"     # a name of models.TEACHERS
-    checkpoint: str | None = None   # teacher weights (weights_only load); None: train / cache (digits)
-    pretrained: bool = False        # download zoo weights (torchvision / pytorchcv); needs internet
-    test_data: str = "digits"       # digits | cifar10[:ROOT] | cifar100[:ROOT] | folder:PATH | imagenet:PATH
-    train_data: str | None = None   # real images for real-data QAT; None: the test set's train split
-    download: bool = False          # let torchvision download CIFAR when it is not under ROOT
-    wbits: int = 4                  # 2..8, or 32 = full precision
-    abits: int = 4
-    keep_first_last_8bit: bool = False  # off in the paper's setting: every layer at wbits
-    seed: int = 0
+    method: str = setting(
+        "qimera", "qimera: superposed embeddings; gdfq: plain generator baseline; ptq: calibrate only, no "
+        "fine-tuning; real-data: QAT on real images (upper bound).", choices=METHODS, label="Method", section="Method")
+    teacher: str = setting("digits-cnn", "The full-precision model to quantize, by name (quantize --help lists them).")
+    checkpoint: str | None = setting(
+        None, "Teacher weights (a state dict or .safetensors, loaded weights-only); none: the cached teacher "
+        "(digits: trained on the spot).")
+    pretrained: bool = setting(
+        False, f"Download the zoo's weights (needs internet); only {', '.join(ZOO_TEACHERS)} have them.")
+    test_data: str = setting("digits", "digits | cifar10[:ROOT] | cifar100[:ROOT] | folder:PATH | imagenet:PATH.")
+    train_data: str | None = setting(
+        None, "Real images for real-data QAT (written as test_data); none: the test set's train split.")
+    download: bool = setting(False, "Let torchvision download CIFAR when it is not under ROOT.")
+    wbits: int = setting(4, "Bits per weight, every layer incl. first and last; 32 = full precision.",
+                         choices=BITS, label="Weight bits (W)", section="Method")
+    abits: int = setting(4, "Bits per activation, after every ReLU; 32 = full precision.",
+                         choices=BITS, label="Activation bits (A)", section="Method")
+    keep_first_last_8bit: bool = setting(False, "Keep the first and last layers at 8 bits (off in the paper's "
+                                                "setting: every layer at wbits).")
+    seed: int = setting(0, "Random seed of the whole run (same seed, same result on the CPU).", "[0, 2**63)",
+                        label="Seed", section="Schedule")
 
     # --- generator (METHOD 3-6) ---
-    gen_input: str = "qimera"       # qimera: standardised E[y] + sigma*z | gdfq: E[y] * z
-    embed_dim: int | None = None    # None: teacher's penultimate width (qimera), 100 (gdfq)
-    embed_init: str = "random"      # random | teacher (the final linear layer's weight, C x D)
-    embed_freeze: bool = False
-    noise_scale: float = 1.0        # sigma
-    dm: bool = False                # disentanglement mapping (the released scripts ran with it off)
-    dm_width: int = 100
-    superpose_p: float = 0.4        # probability that a batch is superposed
-    superpose_ramp: int = 0         # > 0: p rises linearly from 0 in epoch 0 to superpose_p in this epoch (Qimera+
-                                    # switch); 0: superpose_p from the start (paper)
-    superpose_k: int = 2            # embeddings mixed per superposed sample
-    coeff_sampler: str = "softmax"  # softmax of N(0, I_K) (paper) | dirichlet(alpha) | fixed
-    dirichlet_alpha: float = 1.0
-    fixed_coeffs: list[float] | None = None  # K coefficients summing to 1, for coeff_sampler=fixed
-    gen_width: int = 128            # channels of the generator body
-    gen_bn_eps: float = 0.8         # GDFQ's BatchNorm2d(n, 0.8) quirk: eps, not momentum
+    gen_input: str = setting("qimera", "qimera: standardised E[y] + sigma * z; gdfq: E[y] * z.",
+                             choices=("qimera", "gdfq"))
+    embed_dim: int | None = setting(None, "Width of the class embeddings; none: the teacher's penultimate width "
+                                          "(qimera), 100 (gdfq).", "[1, 65536]", cap=MEMORY)
+    embed_init: str = setting("random", "random, or the teacher's final linear layer (rows point to the class "
+                                        "regions).", choices=("random", "teacher"), label="Embedding init",
+                              section="Generator")
+    embed_freeze: bool = setting(False, "Keep the class embeddings fixed while the generator trains.",
+                                 label="Freeze embeddings", section="Generator")
+    noise_scale: float = setting(1.0, "Gaussian noise added to each class embedding, sigma (paper: 1).",
+                                 "[0, 1000]", cap=OVERFLOW, label="Noise scale sigma", section="Generator")
+    dm: bool = setting(False, "A learnable linear layer applied before mixing (off in the released scripts).",
+                       label="Disentanglement mapping", section="Generator")
+    dm_width: int = setting(100, "Output width of the disentanglement mapping (paper: 100).", "[1, 65536]",
+                            cap=MEMORY, label="Mapping width", section="Generator")
+    superpose_p: float = setting(0.4, "Share of batches whose samples mix K class embeddings (paper: 0.4).",
+                                 "[0, 1]", label="Superposition probability p", section="Method")
+    superpose_ramp: int = setting(
+        0, "0: p from the start (paper); R > 0: no superposed batches in epoch 0, then p rises linearly to its "
+        "value in epoch R.", "[0, 100000]", cap=TIME, note="0: no ramp", label="Superposition ramp (epochs)",
+        section="Qimera+")
+    superpose_k: int = setting(2, "How many class embeddings each superposed sample mixes (paper: 2 on "
+                                  "CIFAR-10).", "[1, 100000]", cap=MEMORY, label="Classes mixed K", section="Method")
+    coeff_sampler: str = setting("softmax", "softmax of Gaussian logits (paper), Dirichlet(alpha), or fixed "
+                                            "coefficients.", choices=SAMPLERS, label="Coefficient sampler",
+                                 section="Method")
+    dirichlet_alpha: float = setting(1.0, "Concentration of the Dirichlet sampler (1 = uniform on the simplex).",
+                                     "(0, 1e6]", cap=OVERFLOW, label="Dirichlet alpha", section="Method")
+    fixed_coeffs: list[float] | None = setting(None, "K coefficients summing to 1, for coeff_sampler=fixed.",
+                                               "[0, 1]")
+    gen_width: int = setting(128, "Channels of the generator body.", "[4, 65536]", cap=MEMORY)
+    gen_bn_eps: float = setting(0.8, "The generator's BatchNorm eps: GDFQ's BatchNorm2d(n, 0.8) passes 0.8 as eps, "
+                                     "not momentum.", "[1e-8, 1000]", cap=OVERFLOW)
 
     # --- losses (METHOD 7) ---
-    bns_weight: float = 0.1         # weight of the BN-statistics loss in L_G
-    kd_alpha: float = 1.0
-    kd_tau: float = 20.0
-    kd_reduction: str = "mean"      # mean: over batch x classes (reference) | batchmean: per sample
-    ce_weight: float = 1.0          # weight of the student's soft cross-entropy
+    bns_weight: float = setting(0.1, "Weight of the BN-statistics loss in the generator's loss.", "[0, 1e6]",
+                                cap=OVERFLOW)
+    kd_alpha: float = setting(1.0, "Weight of the student's distillation loss.", "[0, 1e6]", cap=OVERFLOW)
+    kd_tau: float = setting(20.0, "Distillation temperature: softens both models' outputs (paper: 20); below "
+                                  "0.01 the logits overflow.", "[0.01, 1000]", cap=OVERFLOW,
+                            label="Distillation temperature", section="Qimera+")
+    kd_reduction: str = setting("mean", "mean over batch x classes (reference code, C times weaker); batchmean: "
+                                        "per sample.", choices=KD_REDUCTIONS, label="Distillation average",
+                                section="Qimera+")
+    ce_weight: float = setting(1.0, "Weight of the student's soft cross-entropy.", "[0, 1e6]", cap=OVERFLOW)
 
     # --- schedule (METHOD 8) ---
-    epochs: int = 400
-    iters_per_epoch: int = 200
-    batch_size: int = 200
-    lr_g: float = 1e-3
-    g_betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
-    lr_s: float = 1e-4
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    milestones: list[int] = field(default_factory=lambda: [100, 200, 300])  # epochs where lr *= lr_gamma
-    lr_gamma: float = 0.1
-    warmup_epochs: int = 4          # only G is stepped
-    calib_epochs: int = 4           # activation ranges calibrated (EMA), then frozen
-    ema_beta: float = 0.9
-    student_train_mode: bool = False  # reference keeps the student in eval mode (BN running stats)
-    eval_batch_size: int = 500
-    eval_images: int = 0            # > 0: epochs before the last are evaluated on a fixed draw of this many test
-                                    # images (faster); the last epoch always on the whole test set. 0: all, always
+    epochs: int = setting(400, "Passes of iterations; the student is evaluated after each (paper: 400).",
+                          "[1, 100000]", cap=TIME, label="Epochs", section="Schedule")
+    iters_per_epoch: int = setting(200, "Generated batches per epoch (paper: 200).", "[1, 10**6]", cap=TIME,
+                                   label="Iterations per epoch", section="Schedule")
+    batch_size: int = setting(200, "Generated images per iteration (paper: 200 on CIFAR).", "[2, 65536]",
+                              cap=MEMORY, note="BatchNorm statistics need two samples", label="Batch size",
+                              section="Schedule")
+    lr_g: float = setting(1e-3, "Generator learning rate: Adam, betas g_betas (paper: 1e-3).", "(0, 10]",
+                          cap=OVERFLOW, log=True, label="Generator learning rate", section="Schedule")
+    g_betas: list[float] = setting([0.5, 0.999], "The generator's Adam betas.", "[0, 1)", length=2)
+    lr_s: float = setting(1e-4, "Student learning rate: SGD with Nesterov momentum (paper: 1e-4 on CIFAR).",
+                          "[0, 10]", cap=OVERFLOW, log=True, label="Student learning rate", section="Schedule")
+    momentum: float = setting(0.9, "The student's SGD momentum; 1 or more would never forget a gradient.", "[0, 1)")
+    weight_decay: float = setting(1e-4, "The student's weight decay; 1 or more would erase the weights.", "[0, 1)")
+    milestones: list[int] = setting([100, 200, 300], "Epochs where the student's lr is multiplied by lr_gamma "
+                                                     "(lr_schedule=step).", "[1, 100000]", cap=TIME, noun="epochs")
+    lr_gamma: float = setting(0.1, "Factor of the student's lr at each milestone.", "(0, 10]", cap=OVERFLOW)
+    warmup_epochs: int = setting(4, "Epochs where only the generator trains (paper: 4).", "[0, 100000]",
+                                 cap=TIME, label="Warm-up epochs", section="Schedule")
+    calib_epochs: int = setting(4, "Epochs where activation ranges are calibrated, then frozen (paper: 4).",
+                                "[0, 100000]", cap=TIME, label="Calibration epochs", section="Schedule")
+    ema_beta: float = setting(0.9, "Decay of the activation ranges' moving average during calibration.", "(0, 1)")
+    student_train_mode: bool = setting(False, "Train the student in train mode (the reference keeps it in eval "
+                                              "mode: BN running statistics).")
+    eval_batch_size: int = setting(500, "Images per batch when evaluating.", "[1, 65536]", cap=MEMORY)
+    eval_images: int = setting(
+        0, "0: the whole test set every epoch (paper); > 0: a fixed sample, the whole set after the last epoch.",
+        "[0, 10**8]", cap=MEMORY, note="0: the whole test set", label="Images evaluated per epoch",
+        section="Qimera+")
 
     # --- Qimera+ (the project's own recipe, not the paper's; each default is the paper's behaviour) ---
-    weight_clip: str = "minmax"     # minmax: each channel's current min/max (paper) | mse: MSE-optimal clipping ratio
-    act_calib: str = "ema"          # ema: EMA of batch min/max (paper) | mse: then clip at the MSE-optimal point
-    lr_schedule: str = "step"       # the student's lr: step (milestones, paper) | cosine (to 0 over its steps)
-    ce_rows: str = "all"            # student CE on: all rows (paper) | plain (one-hot targets) | agree (teacher's top-1 = target's)
-    lowpass_d0: float = 0.0         # > 0: Gaussian low-pass filter (cut-off D0, in frequency bins) on the student's images
-    student_steps: int = 1          # student steps on each generated batch
-    act_learn: bool = False         # after calibration, train the activation ranges' upper ends with the student (PACT/LSQ+)
-    act_lr: float = 1e-3            # their learning rate (Adam)
-    student_ema: float = 0.0        # > 0: evaluate and save an exponential moving average of the student's weights
-                                    # over its steps (this decay per step); 0: the weights themselves (paper)
-    recon_iters: int = 0            # > 0: learn each weight's rounding block by block on generated images
-                                    # (AdaRound/BRECQ, as Genie), this many steps per block; 0: off (paper)
-    recon_at: str = "calib"         # when: calib (after the calibration epochs, then fine-tuning) | end (after the last epoch)
-    recon_images: int = 1024        # generated images it learns on (the last ones of the epoch it follows)
-    recon_drop: float = 0.0         # > 0: probability that a block input element is the teacher's, not the student's (QDrop)
+    weight_clip: str = setting("minmax", "minmax: each channel's min/max (paper); mse: clip each channel where the "
+                                         "4-bit rounding error is smallest.", choices=WEIGHT_CLIPS,
+                               label="Weight ranges", section="Qimera+")
+    act_calib: str = setting("ema", "ema: moving average of batch min/max (paper); mse: then clip where the "
+                                    "rounding error on the last calibration batches is smallest.", choices=ACT_CALIBS,
+                             label="Activation ranges", section="Qimera+")
+    lr_schedule: str = setting("step", "step: x lr_gamma at the milestones (paper); cosine: smooth decay to 0 over "
+                                       "the student's steps.", choices=LR_SCHEDULES, label="Student lr schedule",
+                               section="Qimera+")
+    ce_rows: str = setting("all", "all rows (paper); plain: only unmixed samples; agree: only where the teacher's "
+                                  "top-1 is the target class (distillation stays on every row).", choices=CE_ROWS,
+                           label="Cross-entropy on", section="Qimera+")
+    lowpass_d0: float = setting(
+        0.0, "0: off (paper); > 0: blur the student's images (Gaussian, cut-off D0 in frequency bins; 32 px "
+        "images: 4-16 filters).", "[0, 1000]", cap=OVERFLOW, note="0: no filter", label="Low-pass cut-off D0",
+        section="Qimera+")
+    student_steps: int = setting(1, "1 (paper); more reuses each generated batch (cheaper than generating one).",
+                                 "[1, 1000]", cap=TIME, label="Student steps per batch", section="Qimera+")
+    act_learn: bool = setting(False, "off (paper); on: after calibration, train each activation range's upper end "
+                                     "with the student (measured: worse on CIFAR-10 at this budget).",
+                              label="Learn activation ranges", section="Qimera+")
+    act_lr: float = setting(1e-3, "Learning rate (Adam) of the learned activation ranges.", "(0, 10]", cap=OVERFLOW)
+    student_ema: float = setting(
+        0.0, "0: the weights themselves (paper); e.g. 0.998: evaluate and save a moving average of the student's "
+        "weights over its steps (smooths the last steps' noise).", "[0, 1)", note="0: off",
+        label="Student weight average", section="Qimera+")
+    recon_iters: int = setting(
+        0, "0: off (paper); > 0: learn each weight's rounding (up or down) block by block so the student's blocks "
+        "reproduce the teacher's on generated images (AdaRound/BRECQ, as Genie does); steps per block.",
+        "[0, 10**6]", cap=TIME, note="0: off", label="Rounding reconstruction steps", section="Qimera+")
+    recon_at: str = setting("calib", "calib: after calibration, then fine-tune; end: after the last epoch, from the "
+                                     "fine-tuned weights (measured: better on CIFAR-10).", choices=RECON_AT,
+                            label="Reconstruct when", section="Qimera+")
+    recon_images: int = setting(1024, "Generated images the roundings are learned on (the last ones of the epoch "
+                                      "it follows).", "[1, 10**6]", cap=MEMORY, label="Reconstruction images",
+                                section="Qimera+")
+    recon_drop: float = setting(0.0, "> 0: probability that a block input element is the teacher's, not the "
+                                     "student's (QDrop); 0: off.", "[0, 1]")
 
     # --- machine ---
-    device: str = "auto"            # auto (CUDA when present) | cpu | cuda
-    amp: bool = False               # bfloat16 autocast on CUDA or a CPU with native bf16 (quantizers stay fp32)
-    compile: str = "off"            # torch.compile the three networks: off | default | reduce-overhead (CUDA graphs)
-    num_threads: int | None = None  # CPU threads; None: PyTorch's default
-    log_every: int = 10             # iterations between step events (each costs one sync on a GPU)
+    device: str = setting("auto", "auto (CUDA when present) | cpu | cuda | cuda:N.", choices=("auto", "cpu", "cuda"),
+                          pattern=r"cuda:\d+", expect="auto, cpu or cuda (or cuda:N)")
+    amp: bool = setting(False, "bfloat16 autocast on CUDA or a CPU with native bf16 (quantizers stay fp32).")
+    compile: str = setting("off", "torch.compile the three networks: off | default | reduce-overhead (CUDA graphs).",
+                           choices=COMPILE_MODES)
+    num_threads: int | None = setting(None, "CPU threads; none: PyTorch's default.", "[1, 4096]",
+                                      cap="a guard far above any real use: more threads than any machine has")
+    log_every: int = setting(10, "Iterations between step events (each costs one sync on a GPU).", "[1, 10**6]",
+                             cap=TIME)
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
+        """Each field against its declaration, then the rules between fields."""
+        for name, spec in FIELDS.items():
+            problem = _check(name, spec, getattr(self, name))
+            if problem:
+                raise ConfigError(problem)
+
         def need(cond: bool, msg: str):
             if not cond:
                 raise ConfigError(msg)
-        need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
-        for name in ("wbits", "abits"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and (2 <= v <= 8 or v == 32), f"{name} must be 2..8 or 32, got {v!r}")
-        need(self.gen_input in ("qimera", "gdfq"), f"gen_input must be qimera or gdfq, got {self.gen_input!r}")
-        need(self.embed_init in ("random", "teacher"), f"embed_init must be random or teacher, got {self.embed_init!r}")
-        need(0.0 <= self.superpose_p <= 1.0, f"superpose_p must be in [0, 1], got {self.superpose_p}")
-        need(isinstance(self.superpose_ramp, int) and self.superpose_ramp >= 0,
-             f"superpose_ramp must be an integer >= 0 (0: no ramp), got {self.superpose_ramp!r}")
-        need(self.superpose_k >= 1, f"superpose_k must be >= 1, got {self.superpose_k}")
-        need(self.coeff_sampler in SAMPLERS, f"coeff_sampler must be one of {SAMPLERS}, got {self.coeff_sampler!r}")
-        need(self.dirichlet_alpha > 0, "dirichlet_alpha must be > 0")
         if self.coeff_sampler == "fixed":
             c = self.fixed_coeffs
             need(c is not None and len(c) == self.superpose_k,
                  f"coeff_sampler=fixed needs fixed_coeffs with superpose_k={self.superpose_k} values")
-            need(all(x >= 0 for x in c) and abs(sum(c) - 1) < 1e-4, f"fixed_coeffs must be >= 0 and sum to 1, got {c}")
-        need(self.noise_scale >= 0, "noise_scale must be >= 0")
-        need(self.dm_width >= 1 and self.gen_width >= 4, "dm_width and gen_width must be positive")
-        need(self.embed_dim is None or self.embed_dim >= 1, "embed_dim must be positive")
-        need(self.kd_reduction in KD_REDUCTIONS, f"kd_reduction must be one of {KD_REDUCTIONS}")
-        need(self.kd_tau > 0, "kd_tau must be > 0")
-        need(self.weight_clip in WEIGHT_CLIPS, f"weight_clip must be one of {WEIGHT_CLIPS}, got {self.weight_clip!r}")
-        need(self.act_calib in ACT_CALIBS, f"act_calib must be one of {ACT_CALIBS}, got {self.act_calib!r}")
-        need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        need(self.ce_rows in CE_ROWS, f"ce_rows must be one of {CE_ROWS}, got {self.ce_rows!r}")
-        need(math.isfinite(self.lowpass_d0) and self.lowpass_d0 >= 0,
-             f"lowpass_d0 must be >= 0 (0: no filter), got {self.lowpass_d0}")
-        for name in ("bns_weight", "kd_alpha", "ce_weight", "weight_decay", "momentum"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0")
-        for name in ("epochs", "iters_per_epoch", "batch_size", "eval_batch_size", "log_every", "student_steps"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"{name} must be an integer >= 1")
-        need(self.batch_size >= 2, "batch_size must be >= 2 (BatchNorm statistics need two samples)")
-        need(0 <= self.warmup_epochs <= self.epochs, f"warmup_epochs must be in [0, epochs={self.epochs}]")
-        need(0 <= self.calib_epochs <= self.epochs, f"calib_epochs must be in [0, epochs={self.epochs}]")
+            need(abs(sum(c) - 1) < 1e-4, f"fixed_coeffs must be >= 0 and sum to 1, got {c}")
+        need(self.lowpass_d0 == 0 or self.lowpass_d0 >= 0.01,
+             f"lowpass_d0 must be 0 (no filter) or >= 0.01 (a smaller cut-off divides by zero), got {self.lowpass_d0}")
+        need(self.warmup_epochs <= self.epochs, f"warmup_epochs must be in [0, epochs={self.epochs}]")
+        need(self.calib_epochs <= self.epochs, f"calib_epochs must be in [0, epochs={self.epochs}]")
         need(self.calib_epochs >= 1 or self.abits == 32,
              "calib_epochs must be >= 1 when abits < 32: the activation ranges are calibrated in those epochs "
              "(with 0, every activation would be quantized to a range of zero)")
-        need(self.lr_gamma > 0, f"lr_gamma must be > 0 (the learning rate is multiplied by it), got {self.lr_gamma}")
-        need(all(isinstance(m, int) and m >= 1 for m in self.milestones), "milestones must be epochs >= 1")
-        need(isinstance(self.seed, int) and 0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}")
-        need(self.lr_g > 0 and self.lr_s >= 0, "learning rates must be positive")
-        for name in ("lr_g", "lr_s", "superpose_p", "noise_scale", "kd_tau", "kd_alpha", "ce_weight", "bns_weight",
-                     "weight_decay", "momentum", "dirichlet_alpha", "ema_beta", "lr_gamma"):
-            need(math.isfinite(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)}")
-        need(len(self.g_betas) == 2 and all(0 <= b < 1 for b in self.g_betas), "g_betas must be two values in [0, 1)")
-        need(0 < self.ema_beta < 1, "ema_beta must be in (0, 1)")
-        need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-             f"device must be auto, cpu or cuda, got {self.device!r}")
-        need(self.num_threads is None or self.num_threads >= 1, "num_threads must be >= 1")
-        need(math.isfinite(self.act_lr) and self.act_lr > 0, f"act_lr must be > 0, got {self.act_lr}")
-        need(math.isfinite(self.student_ema) and 0 <= self.student_ema < 1,
-             f"student_ema must be in [0, 1) (0: off), got {self.student_ema}")
-        need(self.compile in COMPILE_MODES, f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
-        need(isinstance(self.recon_iters, int) and self.recon_iters >= 0,
-             f"recon_iters must be an integer >= 0 (0: off), got {self.recon_iters!r}")
         need(self.recon_iters == 0 or self.student_ema == 0,
              "recon_iters and student_ema cannot be combined: the evaluated average of the weights would not "
              "keep the learned roundings")
-        need(self.recon_at in RECON_AT, f"recon_at must be one of {RECON_AT}, got {self.recon_at!r}")
-        need(isinstance(self.recon_images, int) and self.recon_images >= 1,
-             f"recon_images must be an integer >= 1, got {self.recon_images!r}")
-        need(math.isfinite(self.recon_drop) and 0 <= self.recon_drop <= 1, f"recon_drop must be in [0, 1], got {self.recon_drop}")
-        need(isinstance(self.eval_images, int) and self.eval_images >= 0,
-             f"eval_images must be an integer >= 0 (0: the whole test set), got {self.eval_images!r}")
+        need(not self.pretrained or self.teacher in ZOO_TEACHERS,
+             f"pretrained=true, but teacher {self.teacher!r} has no zoo weights (only {', '.join(ZOO_TEACHERS)} "
+             f"have them); give its weights as a checkpoint instead")
 
     # --- derived settings ---
     def resolved(self) -> "RunConfig":
@@ -230,19 +309,35 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
+        """A config from JSON values (a string is read as the command line writes it: "3,5" for a list)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config is a mapping of settings, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = [k for k in d if k not in known]
         if unknown:
             hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
                      for k in unknown]
             raise ConfigError("unknown setting(s): " + ", ".join(hints))
-        return cls(**{k: _coerce(k, v) for k, v in d.items()})
+        return cls(**{k: read_value(k, v) for k, v in d.items()})
 
     def with_overrides(self, **kw) -> "RunConfig":
         return RunConfig.from_dict({**self.to_dict(), **kw})
 
 
+def _annotated(f: dataclasses.Field, hint) -> Spec:
+    """The field's Spec with its type from the annotation (``int | None``, ``list[float]``)."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else hint
+    item = None
+    if typing.get_origin(base) is list:
+        base, item = list, typing.get_args(base)[0]
+    return dataclasses.replace(f.metadata["spec"], type=base, item=item, optional=optional)
+
+
+# Every field's declaration, by name, in the dataclass's order (a field without one fails here, at import).
 _HINTS = typing.get_type_hints(RunConfig)
+FIELDS: dict[str, Spec] = {f.name: _annotated(f, _HINTS[f.name]) for f in dataclasses.fields(RunConfig)}
 
 
 # The Qimera+ switches at the paper's behaviour (``RunConfig.label`` marks a run that leaves any of them).
@@ -250,51 +345,195 @@ PAPER_SETTINGS = {"weight_clip": "minmax", "act_calib": "ema", "lr_schedule": "s
                   "lowpass_d0": 0.0, "student_steps": 1, "act_learn": False, "kd_reduction": "mean",
                   "student_ema": 0.0, "recon_iters": 0, "superpose_ramp": 0}
 
+# --------------------------------------------------------------------------- checking a value
 
-def _coerce(name: str, value):
-    """Convert a value (possibly a command-line string) to the field's type."""
-    hint = _HINTS[name]
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not list else hint
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
-        if optional:
-            return None
-        raise ConfigError(f"{name} cannot be empty")
+
+@functools.lru_cache(maxsize=None)
+def _interval(text: str) -> tuple:
+    """ "[1, 10**6)" -> (1, 1000000, False, True, "1", "10**6")."""
+    m = re.fullmatch(r"([\[(])\s*([^,\s]+)\s*,\s*([^\]\)\s]+)\s*([\])])", text)
+    return _number(m[2]), _number(m[3]), m[1] == "(", m[4] == ")", m[2], m[3]
+
+
+def _number(text: str):
+    if "**" in text:
+        base, power = text.split("**")
+        return int(base) ** int(power)
+    return int(text) if re.fullmatch(r"-?\d+", text) else float(text)
+
+
+def _is(value, kind) -> bool:
+    """``value`` has the type ``kind`` (an int is a float; a bool is neither an int nor a float)."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+
+
+def _fits(spec: Spec, value, kind) -> bool:
+    if not _is(value, kind):
+        return False
+    if spec.choices or spec.pattern:
+        return value in spec.choices or bool(spec.pattern and re.fullmatch(spec.pattern, value))
+    if not spec.range:
+        return True
+    lo, hi, lo_open, hi_open = _interval(spec.range)[:4]
+    return (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+
+
+def _check(name: str, spec: Spec, value) -> str | None:
+    """The message refusing ``value`` for the field, or None when it fits the declaration."""
+    if value is None:
+        return None if spec.optional else f"{name} cannot be empty"
+    if spec.type is list:
+        ok = (isinstance(value, list) and (not spec.length or len(value) == spec.length)
+              and all(_fits(spec, x, spec.item) for x in value))
+    else:
+        ok = _fits(spec, value, spec.type)
+    if ok:
+        return None
+    notes = [spec.note] if spec.note else []
+    hi = _interval(spec.range)[1] if spec.range else None
+    if spec.cap and any(_is(x, float) and x > hi for x in (value if isinstance(value, list) else [value])):
+        notes.append(spec.cap)
+    return f"{name} must be {accepts(spec)}{' (' + '; '.join(notes) + ')' if notes else ''}, got {_short(value)}"
+
+
+def accepts(spec: Spec) -> str:
+    """What the field accepts, in words: "an integer >= 1 and <= 100000", "in [0, 1)", "2..8 or 32"."""
+    if spec.expect:
+        return spec.expect
+    if spec.choices:
+        if all(_is(c, int) for c in spec.choices):  # runs of consecutive integers as a..b
+            runs = [[spec.choices[0]]]
+            for c in spec.choices[1:]:
+                (runs[-1].append(c) if c == runs[-1][-1] + 1 else runs.append([c]))
+            words = [f"{r[0]}..{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs]
+            return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
+        return f"one of {tuple(spec.choices)}"
+    kind = spec.item or spec.type
+    if not spec.range:
+        return {int: "an integer", float: "a number", bool: "true or false", str: "text"}[kind]
+    lo, hi, lo_open, hi_open, lo_text, hi_text = _interval(spec.range)
+    if spec.cap:  # the method's own lower end, and a guard above
+        integer = "an integer " if kind is int and spec.type is not list else ""
+        text = f"{integer}{'>' if lo_open else '>='} {lo_text} and {'<' if hi_open else '<='} {hi_text}"
+    else:
+        text = f"in {spec.range}"
+    if spec.type is list:
+        count = {0: "", 2: "two "}.get(spec.length, f"{spec.length} ")
+        text = f"{count}{spec.noun or ('integers' if kind is int else 'values')} {text}"
+    return text
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+# --------------------------------------------------------------------------- reading a value
+
+
+def read_value(name: str, value):
+    """``value`` for the field ``name`` as its type, refused (ConfigError) rather than rounded or coerced.
+
+    JSON values must have the field's type, except an integral float for an int (2.0 from JSON is 2) and
+    0 / 1 for a bool. A string for a field that is not text is read as the command line writes it:
+    "2" or "2.0" for an int, "true" / "off" for a bool, "3,5" or "[3, 5]" for a list, "none" for None.
+    The ranges are checked by ``RunConfig.validate``.
+    """
+    spec = FIELDS[name]
+    if isinstance(value, str) and spec.optional and value.strip().lower() in ("none", "null", ""):
+        return None
+    if value is None:
+        return None
     try:
-        if typing.get_origin(base) is list:
-            item = typing.get_args(base)[0]
-            if isinstance(value, str):
-                value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v.strip()]
-            return [item(v) for v in value]
-        if base is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if base is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if base is float:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: cannot read {value!r} as {getattr(base, '__name__', base)}") from None
+        if isinstance(value, str) and spec.type is not str:
+            text = value.strip()
+            if spec.type is not list:
+                return _from_text(spec.type, text)
+            if not text.startswith("["):
+                return [_from_text(spec.item, t.strip()) for t in text.split(",") if t.strip()]
+            value = json.loads(text)
+        if spec.type is list:
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return [_from_json(spec.item, x) for x in value]
+        return _from_json(spec.type, value)
+    except (ValueError, OverflowError):
+        kind = f"a list of {spec.item.__name__}" if spec.type is list else spec.type.__name__
+        raise ConfigError(f"{name}: cannot read {_short(value)} as {kind}") from None
+
+
+def _from_json(kind, x):
+    if kind is float and _is(x, float):
+        return float(x)  # an int beyond a float's range raises OverflowError
+    if kind is int and not isinstance(x, bool):
+        if isinstance(x, int):
+            return x
+        if isinstance(x, float) and x.is_integer() and abs(x) < 2**53:  # exactly the integer it writes
+            return int(x)
+    if kind is bool and (isinstance(x, bool) or (type(x) is int and x in (0, 1))):
+        return bool(x)
+    if kind is str and isinstance(x, str):
+        return x
+    raise ValueError(x)
+
+
+def _from_text(kind, text: str):
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(text)
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            return _from_json(int, float(text))  # "2.0", "1e3": integral, so read exactly
+    return float(text) if kind is float else text
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """``["key=value", ...]`` from the command line into a dict (types are checked on use)."""
+    """``["key=value", ...]`` from the command line into a dict (values are read on use).
+
+    A key may appear once (``iters-per-epoch`` and ``iters_per_epoch`` are the same key): a second value
+    would otherwise silently replace the first.
+    """
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {pair!r}")
-        out[key.strip().replace("-", "_")] = value.strip()
+        key = key.strip().replace("-", "_")
+        if key in out:
+            raise ConfigError(f"--set {key} is given twice ({out[key]!r} and {value.strip()!r}); give each setting once")
+        out[key] = value.strip()
     return out
+
+
+def describe() -> list[dict]:
+    """Every setting as ``python -m qimera_engine settings`` lists it (defaults are RunConfig's)."""
+    defaults, rows = RunConfig(), []
+    for name, spec in FIELDS.items():
+        kind = f"list[{spec.item.__name__}]" if spec.type is list else spec.type.__name__
+        rows.append({"name": name, "type": kind + (" | none" if spec.optional else ""),
+                     "accepts": accepts(spec), "default": _as_text(getattr(defaults, name)),
+                     "help": spec.help + (f" Upper end: {spec.cap}." if spec.cap else ""),
+                     "app": f"{spec.section} > {spec.label}" if spec.section else ""})
+    return rows
+
+
+def _as_text(value) -> str:
+    """A value as --set takes it."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 # Presets: the paper's values, with short schedules where a CPU must finish in minutes.

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .. import METHODS, TEACHERS, Run, RunConfig, preset
+from .. import TEACHERS, Run, RunConfig, preset
 from ..analysis import normalise_coefficients
+from ..config import FIELDS, SECTIONS, Spec
 from .paths import data_label
 
 # --------------------------------------------------------------------------- Quantize settings
@@ -29,87 +30,24 @@ class Setting:
     section: str = "Method"
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("wbits", "Weight bits (W)", "Bits per weight, every layer incl. first and last; 32 = full precision.",
-            "select", (2, 3, 4, 5, 6, 7, 8, 32)),
-    Setting("abits", "Activation bits (A)", "Bits per activation, after every ReLU; 32 = full precision.",
-            "select", (2, 3, 4, 5, 6, 7, 8, 32)),
-    Setting("method", "Method", "qimera: superposed embeddings; gdfq: plain generator baseline; "
-            "ptq: calibrate only, no fine-tuning; real-data: QAT on real images (upper bound).", "select", METHODS),
-    Setting("superpose_p", "Superposition probability p", "Share of batches whose samples mix K class embeddings "
-            "(paper: 0.4).", "float", lo=0.0, hi=1.0),
-    Setting("superpose_k", "Classes mixed K", "How many class embeddings each superposed sample mixes "
-            "(paper: 2 on CIFAR-10).", "int", lo=1, hi=1000),
-    Setting("coeff_sampler", "Coefficient sampler", "softmax of Gaussian logits (paper), Dirichlet(alpha), "
-            "or fixed coefficients.", "select", ("softmax", "dirichlet", "fixed")),
-    Setting("dirichlet_alpha", "Dirichlet alpha", "Concentration of the Dirichlet sampler (1 = uniform on the "
-            "simplex).", "float", lo=0.01, hi=100.0),
-    Setting("dm", "Disentanglement mapping", "A learnable linear layer applied before mixing (off in the "
-            "released scripts).", "bool", section="Generator"),
-    Setting("dm_width", "Mapping width", "Output width of the disentanglement mapping (paper: 100).", "int",
-            lo=1, hi=4096, section="Generator"),
-    Setting("embed_init", "Embedding init", "random, or the teacher's final linear layer (rows point to the "
-            "class regions).", "select", ("random", "teacher"), section="Generator"),
-    Setting("embed_freeze", "Freeze embeddings", "Keep the class embeddings fixed while the generator trains.",
-            "bool", section="Generator"),
-    Setting("noise_scale", "Noise scale sigma", "Gaussian noise added to each class embedding (paper: 1).",
-            "float", lo=0.0, hi=10.0, section="Generator"),
-    Setting("epochs", "Epochs", "Passes of iterations; the student is evaluated after each (paper: 400).", "int",
-            lo=1, hi=10000, section="Schedule"),
-    Setting("iters_per_epoch", "Iterations per epoch", "Generated batches per epoch (paper: 200).", "int",
-            lo=1, hi=100000, section="Schedule"),
-    Setting("batch_size", "Batch size", "Generated images per iteration (paper: 200 on CIFAR).", "int",
-            lo=2, hi=4096, section="Schedule"),
-    Setting("warmup_epochs", "Warm-up epochs", "Epochs where only the generator trains (paper: 4).", "int",
-            lo=0, hi=10000, section="Schedule"),
-    Setting("calib_epochs", "Calibration epochs", "Epochs where activation ranges are calibrated, then frozen "
-            "(paper: 4).", "int", lo=0, hi=10000, section="Schedule"),
-    Setting("lr_g", "Generator learning rate", "Adam, betas (0.5, 0.999) (paper: 1e-3).", "floatlog",
-            lo=1e-7, hi=1.0, section="Schedule"),
-    Setting("lr_s", "Student learning rate", "SGD with Nesterov momentum 0.9 (paper: 1e-4 on CIFAR).",
-            "floatlog", lo=0.0, hi=1.0, section="Schedule"),
-    Setting("seed", "Seed", "Random seed of the whole run (same seed, same result on the CPU).", "int",
-            lo=0, hi=2**31 - 1, section="Schedule"),
-    # Qimera+: the project's own recipe (not in the paper); each first option is the paper's behaviour
-    Setting("weight_clip", "Weight ranges", "minmax: each channel's min/max (paper); mse: clip each channel where "
-            "the 4-bit rounding error is smallest.", "select", ("minmax", "mse"), section="Qimera+"),
-    Setting("act_calib", "Activation ranges", "ema: moving average of batch min/max (paper); mse: then clip where "
-            "the rounding error on the last calibration batches is smallest.", "select", ("ema", "mse"),
-            section="Qimera+"),
-    Setting("lr_schedule", "Student lr schedule", "step: x0.1 at the milestones (paper); cosine: smooth decay to 0 "
-            "over the student's steps.", "select", ("step", "cosine"), section="Qimera+"),
-    Setting("ce_rows", "Cross-entropy on", "all rows (paper); plain: only unmixed samples; agree: only where the "
-            "teacher's top-1 is the target class (distillation stays on every row).", "select",
-            ("all", "plain", "agree"), section="Qimera+"),
-    Setting("kd_reduction", "Distillation average", "mean over batch x classes (reference code, C times weaker); "
-            "batchmean: per sample.", "select", ("mean", "batchmean"), section="Qimera+"),
-    Setting("kd_tau", "Distillation temperature", "Softens both models' outputs (paper: 20).", "float",
-            lo=0.1, hi=100.0, section="Qimera+"),
-    Setting("lowpass_d0", "Low-pass cut-off D0", "0: off (paper); > 0: blur the student's images (Gaussian, in "
-            "frequency bins; 32 px images: 4-16 filters).", "float", lo=0.0, hi=1000.0, section="Qimera+"),
-    Setting("student_steps", "Student steps per batch", "1 (paper); more reuses each generated batch (cheaper "
-            "than generating one).", "int", lo=1, hi=16, section="Qimera+"),
-    Setting("act_learn", "Learn activation ranges", "off (paper); on: after calibration, train each activation "
-            "range's upper end with the student (measured: worse on CIFAR-10 at this budget).", "bool",
-            section="Qimera+"),
-    Setting("student_ema", "Student weight average", "0: the weights themselves (paper); e.g. 0.998: evaluate "
-            "and save a moving average of the student's weights over its steps (smooths the last steps' noise).",
-            "float", lo=0.0, hi=0.9999, section="Qimera+"),
-    Setting("recon_iters", "Rounding reconstruction steps", "0: off (paper); > 0: learn each "
-            "weight's rounding (up or down) block by block so the student's blocks reproduce the teacher's on "
-            "generated images (AdaRound/BRECQ, as Genie does); steps per block.", "int", lo=0, hi=100000,
-            section="Qimera+"),
-    Setting("recon_at", "Reconstruct when", "calib: after calibration, then fine-tune; end: after the last "
-            "epoch, from the fine-tuned weights (measured: better on CIFAR-10).", "select", ("calib", "end"),
-            section="Qimera+"),
-    Setting("recon_images", "Reconstruction images", "Generated images the roundings are learned on (the last "
-            "ones of the epoch it follows).", "int", lo=1, hi=100000, section="Qimera+"),
-    Setting("superpose_ramp", "Superposition ramp (epochs)", "0: p from the start (paper); R > 0: no superposed "
-            "batches in epoch 0, then p rises linearly to its value in epoch R.", "int", lo=0, hi=10000,
-            section="Qimera+"),
-    Setting("eval_images", "Images evaluated per epoch", "0: the whole test set every epoch (paper); > 0: a fixed "
-            "sample, the whole set after the last epoch.", "int", lo=0, hi=10**7, section="Qimera+"),
-)
+_WIDGET_MAX = 2**53 - 1  # the largest integer a browser's number field holds exactly
+
+
+def _setting(name: str, spec: Spec) -> Setting:
+    """The widget of a field, from its declaration in the config (label, help, choices, range)."""
+    kind = ("select" if spec.choices else "bool" if spec.type is bool else "int" if spec.type is int
+            else "floatlog" if spec.log else "float")
+    lo = hi = None
+    if kind in ("int", "float", "floatlog"):
+        lo, hi = spec.bounds()
+        if kind == "int":
+            lo, hi = max(lo, -_WIDGET_MAX), min(hi, _WIDGET_MAX)
+    return Setting(name, spec.label, spec.help, kind, tuple(spec.choices), lo, hi, spec.section)
+
+
+# The fields the config declares with an app section, section by section, each in the dataclass's order.
+SETTINGS: tuple[Setting, ...] = tuple(sorted((_setting(n, s) for n, s in FIELDS.items() if s.section),
+                                             key=lambda s: SECTIONS.index(s.section)))
 
 
 def settings_by_section() -> dict[str, list[Setting]]:
