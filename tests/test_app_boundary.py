@@ -167,6 +167,8 @@ def test_linked_class_folders_and_images_are_refused(tmp_path, monkeypatch):
     (home / "data" / "cifar-10-batches-py" / "test_batch").symlink_to(outside / "dog" / "a.png")
     assert not paths.data_allowed("cifar10")  # the default CIFAR folder, $QIMERA_HOME/data, too
     with pytest.raises(PathNotAllowed):
+        allowed_data_spec("cifar10")
+    with pytest.raises(PathNotAllowed):
         paths.check_tree(outside)
 
 
@@ -216,15 +218,19 @@ def test_a_run_with_data_outside_is_listed_but_its_data_never_read(env, spy):
 
 def test_a_run_with_a_checkpoint_outside_loads_no_network(env, monkeypatch):
     run = clone(env, "outside-ckpt", checkpoint=str(env.outside / "teacher.safetensors"))
-    loaded = []
-    monkeypatch.setattr(common, "load_teacher", lambda r, *a, **k: loaded.append(r) or pytest.fail("loaded"))
+    loaded, real = [], common.load_teacher
+    monkeypatch.setattr(common, "load_teacher", lambda r, *a, **k: loaded.append(r.id) or real(r, *a, **k))
     assert common.networks_note(run) and common.resume_note(run)
     for name in ("pages/3_Boundary_samples.py", "pages/4_Feature_space.py"):
         at = page(name, run.id)
         assert any("checkpoint lies outside" in i.value for i in at.info)
     at = page("pages/2_Quantize.py")
     assert not any(run.id in o for o in at.selectbox(key="q-export-run").options)  # exporting loads the teacher
-    assert loaded == []
+    partner = clone(env, "gdfq-outside-ckpt", method="gdfq", checkpoint=str(env.outside / "teacher.safetensors"))
+    assert logic.partner_runs(env.run, [env.run, partner])  # like for like, but not loadable here:
+    at = page("pages/3_Boundary_samples.py", env.run.id)
+    assert any("No GDFQ run" in c.value for c in at.caption) and partner.id not in texts(at)
+    assert set(loaded) <= {env.run.id}  # the page's own run only (unless cached already)
 
 
 def test_a_run_whose_file_links_outside_is_not_read(env):

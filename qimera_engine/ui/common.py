@@ -266,7 +266,7 @@ def pick_partner(run: Run, runs: list[Run], key: str) -> Run | None:
     budget) unless widened on purpose; None when there is none or the user picks none."""
     wide = st.checkbox("Also GDFQ runs with other bit widths or budgets", key=f"{key}-partner-wide",
                        help="A fair comparison needs the same bit widths and the same number of generated images.")
-    found = partner_runs(run, runs, same_setting=not wide)
+    found = [r for r in partner_runs(run, runs, same_setting=not wide) if paths.run_allowed(r)]  # loadable here
     if not found:
         st.caption(f"No GDFQ run with this teacher{'' if wide else ' and ' + setting_label(run.config)} yet: "
                    "start one on the Quantize page (method gdfq) to compare.")

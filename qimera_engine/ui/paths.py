@@ -128,6 +128,7 @@ def allowed_data_spec(kind: str, path: str = "") -> str:
     if kind == "digits":
         return "digits"
     if kind in ("cifar10", "cifar100") and not path:
+        check_data_spec(kind)  # $QIMERA_HOME/data may hold links too
         return kind
     if kind not in ("cifar10", "cifar100", "folder", "imagenet"):
         raise ValueError(f"unknown data set {kind!r}")
