@@ -84,7 +84,12 @@ def test_export_command_line(runs, tmp_path, capsys):
         line = json.loads(capsys.readouterr().out)
         assert line["file"] == str(runs[4] / name) and line["bytes"] == (runs[4] / name).stat().st_size > 1000
     assert cli.main(["export", str(runs[4]), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
-    assert (tmp_path / "m.onnx").exists()
+    # the file at --out is the student's model: the same outputs as the run's own export and the engine's
+    x = torch.randn(8, 1, 8, 8)
+    ours = onnx_session(tmp_path / "m.onnx").run(None, {"images": x.numpy()})[0]
+    np.testing.assert_array_equal(ours, onnx_session(runs[4] / "student.onnx").run(None, {"images": x.numpy()})[0])
+    np.testing.assert_allclose(ours, load_student(runs[4])(x).detach().numpy(), atol=1e-3)
+    assert torch.equal(load_int(runs[4] / "student-int.safetensors")(x), load_student(runs[4])(x))
     capsys.readouterr()
     assert cli.main(["export", str(tmp_path / "none"), "--format", "int"]) == 2
     assert "no run at" in capsys.readouterr().err
