@@ -14,7 +14,9 @@ def test_ci_runs_the_readme_test_command():
     blocks = _commands(readme)
     assert blocks[0] == "pip install -r requirements.txt && streamlit run app.py"
     test_cmd = blocks[1]
-    assert "pytest" in test_cmd and "tests/requirements.txt" in test_cmd
+    assert test_cmd == ("python3 -m pip install -q -r requirements.txt -r tests/requirements.txt && "
+                        "python3 -m pytest -q -rs --durations=15 tests")  # the slowest tests printed
+    assert '-m "not slow"' in readme  # the fast lane is named
     ci_lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert test_cmd in ci_lines
 
