@@ -132,7 +132,9 @@ def demo(server, page):
     done = page.get_by_text(re.compile(r"demo: digits W4A4 \(Qimera\): (finished|failed|cancelled)$"))
     done.wait_for(timeout=DEMO_TIMEOUT_S * 1000)
     wait_rendered(page)
-    return done.inner_text()
+    text = done.inner_text()
+    assert text.endswith(": finished"), text  # every page below looks at what the demo made
+    return text
 
 # --------------------------------------------------------------------------- helpers
 
@@ -170,8 +172,18 @@ def screenshot(page, name: str) -> Path:
         page.screenshot(path=str(out), full_page=True)
     finally:
         page.set_viewport_size(VIEWPORT)
-    assert out.stat().st_size > 10_000  # a rendered page, not a blank one
+    assert_painted(out, VIEWPORT["width"], VIEWPORT["height"])
     return out
+
+
+def assert_painted(path: Path, width: int, min_height: int) -> None:
+    """The screenshot is a PNG of the page's width, at least as tall as asked, and not one flat colour."""
+    from PIL import Image
+    assert path.stat().st_size > 10_000  # a rendered page, not a blank one
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width == width and im.height >= min_height, (im.format, im.size)
+        lo, hi = im.convert("L").getextrema()
+        assert hi - lo > 100, (lo, hi)  # text and images on a background
 
 
 def first_screen(page, out: Path) -> None:
@@ -183,7 +195,7 @@ def first_screen(page, out: Path) -> None:
         page.screenshot(path=str(out))
     finally:
         page.set_viewport_size(VIEWPORT)
-    assert out.stat().st_size > 10_000
+    assert_painted(out, 1280, 720)
 
 
 def first_image_bytes(page) -> tuple[str, bytes]:
@@ -333,5 +345,6 @@ def test_boundary_controls_and_images_in_one_screen(server, page, demo):
         assert len(boxes) >= 7 and min(min(b["width"], b["height"]) for b in boxes) >= 96, boxes
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SHOTS / "boundary_samples_1280x720.png"))
+        assert_painted(SHOTS / "boundary_samples_1280x720.png", 1280, 720)
     finally:
         page.set_viewport_size(VIEWPORT)

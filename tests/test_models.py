@@ -48,11 +48,15 @@ def test_checkpoint_formats_and_errors(tmp_path):
     sd = t.model.state_dict()
     wrapped = tmp_path / "wrapped.th"
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "best_prec1": 90.0}, wrapped)
-    assert set(load_state_dict_file(wrapped)) == set(sd)
+    loaded = load_state_dict_file(wrapped)  # "module." prefixes gone, the values kept
+    assert set(loaded) == set(sd) and all(torch.equal(sd[k], v) for k, v in loaded.items())
     st = tmp_path / "w.safetensors"
     save_state_dict(t.model, st)
-    t2 = build_teacher("digits-cnn", checkpoint=str(st))
-    assert all(torch.equal(sd[k], v) for k, v in t2.model.state_dict().items())
+    x = torch.randn(8, 1, 8, 8)
+    for path in (wrapped, st):  # the rebuilt teacher computes what the original does
+        t2 = build_teacher("digits-cnn", checkpoint=str(path))
+        assert all(torch.equal(sd[k], v) for k, v in t2.model.state_dict().items())
+        assert torch.equal(t2.model(x), t.model(x))
 
     garbage = tmp_path / "garbage.th"
     garbage.write_bytes(b"this is not a checkpoint")
@@ -82,9 +86,13 @@ def test_registry_names():
 def test_checkpoint_decides_the_number_of_classes(tmp_path):
     import torchvision
     p = tmp_path / "r18-2class.pt"
-    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), p)
+    original = torchvision.models.resnet18(num_classes=2).eval()
+    torch.save(original.state_dict(), p)
     t = build_teacher("resnet18", checkpoint=str(p))
     assert t.num_classes == 2 and t.feature_dim == 512
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(t.model(x), original(x))
 
 
 def test_offline_zoo_download_gets_a_clear_error(monkeypatch):
