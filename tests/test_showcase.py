@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest
 
 from conftest import SHOWCASE
@@ -27,12 +28,16 @@ def test_shipped_runs_resolve_their_paths_and_stay_read_only(tmp_path, digits_te
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("run.lock", "state.pt"))
     cfg = json.loads((dest / "config.json").read_text())
     (dest / "config.json").write_text(json.dumps({**cfg, "checkpoint": "../../teacher.safetensors"}))
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        original = load_student(src)(x)
     shutil.rmtree(src)
     (dest / "shipped.json").write_text("{}")
     run = open_run(dest)  # the marker makes it a ShippedRun
     assert isinstance(run, ShippedRun) and run.read_only and run.config.checkpoint == str((tmp_path / "show" / "teacher.safetensors").resolve())
     student = load_student(run, load_teacher(run))
-    assert student is not None
+    with torch.no_grad():
+        assert torch.equal(student(x), original)  # the moved run's student is the one it trained
     with pytest.raises(RunLocked, match="ships with the app"):
         delete_run(run)
     with pytest.raises(RunLocked, match="cannot be resumed"):
@@ -40,7 +45,10 @@ def test_shipped_runs_resolve_their_paths_and_stay_read_only(tmp_path, digits_te
     from qimera_engine import ExportError, export
     with pytest.raises(ExportError, match="read-only: give a file"):
         export(run, "onnx")
-    assert export(run, "int", tmp_path / "x.safetensors").exists()
+    from qimera_engine.export import load_int
+    rebuilt = load_int(export(run, "int", tmp_path / "x.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), original)
     assert dest.exists() and not (dest / "run.lock").exists()  # nothing written
 
 
@@ -87,10 +95,9 @@ def test_the_showcase_is_small_and_complete():
 
 
 def test_home_shows_cifar10_at_once(showcase):
-    t = time.perf_counter()
     at = open_page("app.py")
     assert any(h.value == "CIFAR-10, ready to look at" for h in at.header)
-    assert len(at.get("image")) >= 1 and time.perf_counter() - t < 60
+    assert len(at.get("image")) >= 1 and not at.exception
     assert any("shipped" in c.value.lower() for c in at.caption)
     # the samples come from the generator trained on superposed batches; the preset's run is named beside them
     assert any("without** superposed batches scores 78.70%" in m.value for m in at.markdown)
@@ -130,4 +137,7 @@ def test_shipped_runs_are_read_only_in_the_app(showcase, tmp_path):
     assert not at.exception and not at.error
     exported = list((tmp_path / "home" / "exports").rglob("student-int.safetensors"))
     assert len(exported) == 1
+    at.button(key="q-export-go").click().run()  # again: the app's own export file is replaced
+    assert not at.exception and not at.error
+    assert list((tmp_path / "home" / "exports").rglob("student-int.safetensors")) == exported
     assert not list(SHOWCASE.rglob("student-int.safetensors")) and not list(SHOWCASE.rglob("run.lock"))
