@@ -415,7 +415,7 @@ def accepts(spec: Spec) -> str:
     kind = spec.item or spec.type
     if not spec.range:
         return {int: "an integer", float: "a number", bool: "true or false", str: "text"}[kind]
-    lo, hi, lo_open, hi_open, lo_text, hi_text = _interval(spec.range)
+    _, _, lo_open, hi_open, lo_text, hi_text = _interval(spec.range)
     if spec.cap:  # the method's own lower end, and a guard above
         integer = "an integer " if kind is int and spec.type is not list else ""
         text = f"{integer}{'>' if lo_open else '>='} {lo_text} and {'<' if hi_open else '<='} {hi_text}"
@@ -508,7 +508,8 @@ def parse_overrides(pairs: list[str]) -> dict:
             raise ConfigError(f"--set expects key=value, got {pair!r}")
         key = key.strip().replace("-", "_")
         if key in out:
-            raise ConfigError(f"--set {key} is given twice ({out[key]!r} and {value.strip()!r}); give each setting once")
+            raise ConfigError(f"--set {key} is given twice ({out[key]!r} and {value.strip()!r}); "
+                              f"give each setting once")
         out[key] = value.strip()
     return out
 

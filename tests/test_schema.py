@@ -257,10 +257,10 @@ def test_every_numeric_bound_is_tried():
     assert set(BOUNDS) == {n for n, s in FIELDS.items() if numeric(s)}
     for name, (below, above, _) in BOUNDS.items():
         spec = FIELDS[name]
-        lo, hi, = spec.bounds()
-        items = lambda text: [float(x) for x in text.split(",")]  # noqa: E731
-        assert min(items(below)) < lo or (min(items(below)) == lo and spec.range.startswith("(")), name
-        assert max(items(above)) > hi or (max(items(above)) == hi and spec.range.endswith(")")), name
+        lo, hi = spec.bounds()
+        below, above = [float(x) for x in below.split(",")], [float(x) for x in above.split(",")]
+        assert min(below) < lo or (min(below) == lo and spec.range.startswith("(")), name
+        assert max(above) > hi or (max(above) == hi and spec.range.endswith(")")), name
     assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
 
 
