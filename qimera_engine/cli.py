@@ -8,12 +8,12 @@ import sys
 import time
 from pathlib import Path
 
-from .config import METHODS, PRESETS, ConfigError, RunConfig, parse_overrides, preset
+from .config import METHODS, PRESETS, ConfigError, RunConfig, describe, parse_overrides, preset
 from .data import DataError, InputSpec, load_data
 from .evaluate import evaluate
 from .events import Evaluated, Finished, Log, Started, Step
 from .models import TEACHERS, CheckpointError
-from .runs import RunLocked, list_runs, runs_dir, write_csv
+from .runs import RunLocked, check_file_out, list_runs, runs_dir, write_csv
 from .jobs import sweep_configs
 from .train import pick_device, run
 
@@ -57,13 +57,23 @@ def _config_from(args):
         value = getattr(args, key, None)
         if value is not None:
             over[key] = value
-    return preset(args.preset, **over)
+    return preset(args.preset or "digits", **over)
+
+
+_RUN_OPTIONS = ("preset", "method", "wbits", "abits", "seed", "teacher", "checkpoint", "test_data", "set", "out")
 
 
 def cmd_quantize(args) -> int:
-    if args.restart and not args.resume:
+    if args.restart and args.resume is None:
         raise ConfigError("--restart goes with --resume RUN (it starts that run again from epoch 0)")
-    if args.resume:
+    if args.resume is not None:
+        if not args.resume.strip():
+            raise ConfigError("--resume is empty: name the run folder or run id to continue "
+                              "(python -m qimera_engine runs lists them)")
+        given = [f"--{k.replace('_', '-')}" for k in _RUN_OPTIONS if getattr(args, k) not in (None, [])]
+        if given:
+            raise ConfigError(f"--resume continues a run with the settings and folder it was started with; "
+                              f"{', '.join(given)} cannot change them (start a new run instead)")
         events = run(None, resume=args.resume, restart=args.restart)
     else:
         events = run(_config_from(args), out=args.out)
@@ -89,9 +99,8 @@ def cmd_evaluate(args) -> int:
     device = pick_device(args.device)
     teacher_data = RunConfig(teacher=args.teacher, test_data=args.test_data).teacher_data  # as a run finds it
     teacher = get_teacher(args.teacher, teacher_data, args.checkpoint, args.pretrained, device=device)
-    data = load_data(args.test_data, InputSpec.of(teacher), "test", args.download)
-    if data.num_classes != teacher.num_classes:
-        raise DataError(f"the data has {data.num_classes} classes but the teacher {teacher.num_classes}")
+    # a folder with another number of classes is refused before it is decoded or cached
+    data = load_data(args.test_data, InputSpec.of(teacher), "test", args.download, num_classes=teacher.num_classes)
     t0 = time.perf_counter()
     res = evaluate(teacher.model.to(device), data, batch_size=args.batch_size, device=device)
     print(json.dumps({"teacher": args.teacher, "test_data": args.test_data, "top1": round(res["top1"], 4),
@@ -128,8 +137,8 @@ def cmd_sweep(args) -> int:
             raise ConfigError(f"unknown method {m!r}; choose from {METHODS}")
     base = preset(args.preset, **parse_overrides(args.set))
     configs = sweep_configs(base, bits, methods, seeds)  # every setting checked before the first run
+    out = check_file_out(args.out, args.force, "table")  # and where the table goes
     rows = []
-    out = Path(args.out)
     for i, cfg in enumerate(configs):
         print(f"[{i + 1}/{len(configs)}] {cfg.method} W{cfg.wbits}A{cfg.abits} seed {cfg.seed}", file=sys.stderr)
         fin = _progress(run(cfg), quiet=args.quiet)
@@ -143,6 +152,21 @@ def cmd_sweep(args) -> int:
             vals = [r["quant_top1"] for r in rows if r["wbits"] == b and r["method"] == m]
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             print(f"W{b}A{b} {m:10s} {statistics.mean(vals):6.2f} +- {sd:.2f}  (n={len(vals)})")
+    return 0
+
+
+def cmd_settings(args) -> int:
+    from textwrap import fill
+    rows = describe()
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print("Settings of a run: give any with --set KEY=VALUE to quantize or sweep. Defaults are RunConfig's; "
+          "a --preset changes some of them.\n")
+    for r in rows:
+        print(f"{r['name']}  ({r['type']}; {r['accepts']}; default {r['default']})")
+        app = f" In the app: {r['app']}." if r["app"] else ""
+        print(fill(r["help"] + app, width=100, initial_indent="    ", subsequent_indent="    "))
     return 0
 
 
@@ -174,7 +198,7 @@ def cmd_runs(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
     t0 = time.perf_counter()
-    path = export(args.run, args.format, args.out)
+    path = export(args.run, args.format, args.out, force=args.force)
     print(json.dumps({"run": str(args.run), "format": args.format, "file": str(path),
                       "bytes": path.stat().st_size, "seconds": round(time.perf_counter() - t0, 2)}))
     return 0
@@ -185,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="run one quantization; writes DIR/summary.json")
-    q.add_argument("--preset", default="digits", choices=sorted(PRESETS))
+    q.add_argument("--preset", choices=sorted(PRESETS), help="settings to start from (default: digits)")
     q.add_argument("--method", choices=METHODS)
     q.add_argument("--wbits", type=int)
     q.add_argument("--abits", type=int)
@@ -193,9 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--teacher", choices=sorted(TEACHERS))
     q.add_argument("--checkpoint", help="teacher weights (state dict or .safetensors)")
     q.add_argument("--test-data", dest="test_data", help="digits | cifar10[:ROOT] | cifar100[:ROOT] | folder:PATH | imagenet:PATH")
-    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field")
-    q.add_argument("--out", help="run folder (default: $QIMERA_HOME/runs/<time>-<method>-w<b>a<b>)")
-    q.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last completed epoch")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting of the run, each once (python -m qimera_engine settings lists them all: "
+                        "type, accepted values, default)")
+    q.add_argument("--out", help="run folder, new or empty (default: $QIMERA_HOME/runs/<time>-<method>-w<b>a<b>)")
+    q.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last completed epoch, with "
+                                                  "the settings it was started with (given alone)")
     q.add_argument("--restart", action="store_true",
                    help="with --resume: start the run again from epoch 0 (replaces its results)")
     q.add_argument("--quiet", action="store_true")
@@ -224,8 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", default="4,3")
     s.add_argument("--methods", default="ptq,gdfq,qimera,real-data")
     s.add_argument("--seeds", default="0,1,2")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--out", default="sweep.csv")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting, for every run (python -m qimera_engine settings lists them)")
+    s.add_argument("--out", default="sweep.csv", help="CSV table to write (an existing file only with --force)")
+    s.add_argument("--force", action="store_true", help="replace --out if it exists")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_sweep)
 
@@ -233,8 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run", help="run folder or id")
     x.add_argument("--format", required=True, choices=("int", "onnx"),
                    help="int: .safetensors with integer codes, scales, zero points; onnx: QDQ graph for ONNX Runtime")
-    x.add_argument("--out", help="file to write (default: RUN/student-int.safetensors or RUN/student.onnx)")
+    x.add_argument("--out", help="file to write (default: RUN/student-int.safetensors or RUN/student.onnx); "
+                                 "never a run's own file, nor into a shipped run")
+    x.add_argument("--force", action="store_true", help="replace --out if it exists")
     x.set_defaults(fn=cmd_export)
+
+    g = sub.add_parser("settings", help="every setting --set takes: type, accepted values, default, help")
+    g.add_argument("--json", action="store_true", help="one JSON list instead of text")
+    g.set_defaults(fn=cmd_settings)
 
     r = sub.add_parser("runs", help="list runs")
     r.add_argument("--json", action="store_true")

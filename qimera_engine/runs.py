@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import fcntl
 import io
 import json
 import os
 import shutil
 import socket
+import stat
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +99,14 @@ class RunDamaged(ValueError):
     """A run folder whose files cannot be read as a run."""
 
 
+class OutRefused(ValueError):
+    """A folder that a new run may not be written to (it holds other files, or belongs to the engine)."""
+
+
+# Folders of $QIMERA_HOME that hold the engine's own files: a run is never written inside them.
+ENGINE_FOLDERS = ("teachers", "cache", "data", "uploads", "exports")
+
+
 def _read_metrics(path: Path) -> list[dict]:
     rows = read_csv(path)
     if not rows and path.read_text().strip():
@@ -118,6 +129,39 @@ def _object(obj) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, found {type(obj).__name__}")
     return obj
+
+
+# Run folders whose lock a thread of this process holds (a lock file removed by hand cannot hide them).
+_HELD: set[str] = set()
+_HELD_LOCK = threading.Lock()
+
+
+def _key(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+def _process_start(pid: int) -> int | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux), so that a reused pid is not
+    taken for the process that wrote a run; None where /proc does not tell."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[19])  # field 22 of proc(5), counted after the command name
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _process_alive(pid: int, start: int | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        pass
+    except OSError:
+        return False
+    now = _process_start(pid)
+    return start is None or now is None or now == start
 
 
 @dataclass
@@ -177,21 +221,79 @@ class Run:
         return None
 
     def set_status(self, status: str, **extra) -> None:
-        write_json(self.path / self.STATUS, {"status": status, "time": time.time(), **extra})
+        self.check_present()
+        path = self.path / self.STATUS
+        text = json.dumps({"status": status, "time": time.time(), **extra}, indent=2, default=str) + "\n"
+        try:
+            write_text(path, text)
+        except OSError:
+            # A full disk leaves no room for a new file to rename into place, but the old status file's
+            # own blocks are freed by truncating it, so the run's end is still recorded
+            if not path.is_file() or path.is_symlink():
+                raise
+            with open(path, "r+") as f:
+                f.truncate(0)
+                f.write(text)
+
+    def check_present(self) -> None:
+        """``RunDamaged`` when the run's folder or its config.json has gone (removed while a run was writing
+        it): the run then stops instead of writing its files into a folder that no longer describes it."""
+        if not (self.path / self.CONFIG).is_file():
+            raise RunDamaged(f"run {self.id}: its folder or {self.CONFIG} was removed while the run was writing it")
+
+    def _open_lock(self, create: bool) -> int | None:
+        """The lock file's descriptor, never following a symbolic link and never opening anything but a
+        regular file inside the run folder (a link to a file elsewhere would be truncated); None when there
+        is no lock file and ``create`` is False."""
+        flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_NONBLOCK
+        flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.path / self.LOCK, flags, 0o644)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # O_NOFOLLOW's answer for a symbolic link
+                raise RunDamaged(f"run {self.id}: {self.LOCK} is a symbolic link, not the run's own lock file; "
+                                 f"remove it if no run is writing this folder") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RunDamaged(f"run {self.id}: {self.LOCK} is not a regular file; remove it if no run is writing "
+                             f"this folder")
+        return fd
 
     @property
     def writer_alive(self) -> bool:
-        """Whether a live thread or process (on any machine sharing the folder's lock) holds the run's lock."""
-        path = self.path / self.LOCK
-        if not path.exists():
-            return False
-        with open(path) as f:  # read-only: asking about a lock writes nothing
+        """Whether a live thread or process holds the run's lock, or (when its lock file was removed) the
+        process that status.json names as writing the run is still running."""
+        fd = self._open_lock(create=False)
+        if fd is not None:
             try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # read-only: asking about a lock writes nothing
             except BlockingIOError:
                 return True
-            fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+            finally:
+                os.close(fd)  # closing releases the shared lock
+        return self._recorded_writer_alive()
+
+    def _recorded_writer_alive(self) -> bool:
+        """Whether status.json says "running" for a process that is alive: this process while one of its
+        threads holds the run, or another process on this machine (the same pid and start time)."""
+        try:
+            st = self.status
+        except RunDamaged:
+            return False
+        if st.get("status") != "running" or st.get("host") != socket.gethostname():
+            return False
+        pid = st.get("pid")
+        if not isinstance(pid, int) or pid <= 0:
+            return False
+        if pid == os.getpid():
+            with _HELD_LOCK:
+                return _key(self.path) in _HELD
+        return _process_alive(pid, st.get("pid_start"))
 
     @property
     def state(self) -> str:
@@ -204,25 +306,39 @@ class Run:
 
     @contextlib.contextmanager
     def lock(self):
-        """Hold the run's lock while writing to it (new run, resume). A second writer, in this
-        process or another, gets ``RunLocked``; the kernel releases the lock of a dead holder."""
-        f = open(self.path / self.LOCK, "a+")
+        """Hold the run's lock while writing to it (new run, resume, delete). A second writer, in this
+        process or another, gets ``RunLocked``; the kernel releases the lock of a dead holder. A live
+        writer whose lock file was removed is still found, by the process that status.json names."""
+        fd = self._open_lock(create=True)
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
             raise RunLocked(f"run {self.id} is being written by another run ({holder}); wait for it to end or "
                             f"cancel it") from None
+        key = _key(self.path)
         try:
-            f.truncate(0)
-            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-            f.flush()
-            yield self
+            if self._recorded_writer_alive():  # the kernel's lock is ours, but its file was replaced
+                st = self.status
+                raise RunLocked(f"run {self.id} is being written by pid {st.get('pid')} on {st.get('host')} "
+                                f"(its {self.LOCK} was removed); wait for it to end or stop that process")
+            with _HELD_LOCK:
+                _HELD.add(key)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+                yield self
+            finally:
+                with _HELD_LOCK:
+                    _HELD.discard(key)
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-            f.close()
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def writer_record(self) -> dict:
+        """What status.json records of the process writing the run (pid, its start time, host)."""
+        return {"pid": os.getpid(), "pid_start": _process_start(os.getpid()), "host": socket.gethostname()}
 
     @property
     def teacher_sha256(self) -> str | None:
@@ -234,14 +350,74 @@ class Run:
         return (self.path / self.GENERATOR).exists()
 
 
+def check_out(out: str | Path) -> Path:
+    """The folder a new run may be written to, or ``OutRefused`` saying why not: it must be new or an
+    empty folder, not a file, not inside another run's folder (or a shipped one), and not one of the
+    engine's own folders in $QIMERA_HOME (the teacher cache, decoded data, uploads, exports)."""
+    text = str(out)
+    if not text.strip():
+        raise OutRefused("--out is empty: give the folder to write the run to, or leave --out out "
+                         "(runs go to $QIMERA_HOME/runs)")
+    path = Path(text).expanduser()
+    real = Path(os.path.realpath(path))
+    home = Path(os.path.realpath(qimera_home()))
+    engine = [home, home / "runs", *(home / f for f in ENGINE_FOLDERS)]
+    if real in engine or any(home / f in real.parents for f in ENGINE_FOLDERS):
+        raise OutRefused(f"{text} is one of this tool's own folders in $QIMERA_HOME; choose a new folder "
+                         f"(or leave --out out: runs go to $QIMERA_HOME/runs)")
+    for parent in real.parents:
+        if (parent / Run.CONFIG).is_file() or (parent / Run.SHIPPED).is_file():
+            raise OutRefused(f"{text} lies inside the run folder {parent}; choose a folder outside it")
+    if path.is_symlink() and not path.exists():
+        raise OutRefused(f"{text} is a symbolic link to nothing; choose a new or empty folder")
+    if path.exists():
+        if not path.is_dir():
+            raise OutRefused(f"{text} exists and is not a folder; a run needs a new or empty folder")
+        if (path / Run.CONFIG).exists():
+            raise OutRefused(f"{text} already holds a run; resume it (--resume {text}) or choose another --out")
+        try:
+            empty = next(os.scandir(path), None) is None
+        except OSError as e:
+            raise OutRefused(f"{text} cannot be read ({e.strerror}); choose another --out") from None
+        if not empty:
+            raise OutRefused(f"{text} is not empty: a run writes config.json, metrics.csv, summary.json and "
+                             f"more into its folder and would replace files there; choose a new or empty folder")
+    return path
+
+
+def check_file_out(out: str | Path, force: bool = False, what: str = "file") -> Path:
+    """A file a table or export may be written to, or ``OutRefused``: never a run's own files or anything
+    inside a run folder (shipped ones included) or the engine's folders, never a folder, and an existing
+    file only with ``force``."""
+    text = str(out)
+    if not text.strip():
+        raise OutRefused(f"the {what} to write is empty: give a file name")
+    path = Path(text).expanduser()
+    real = Path(os.path.realpath(path))
+    home = Path(os.path.realpath(qimera_home()))
+    if any(home / f == real or home / f in real.parents for f in ("runs", *ENGINE_FOLDERS)) and \
+            not any((p / Run.CONFIG).is_file() for p in real.parents):
+        raise OutRefused(f"{text} lies in one of this tool's own folders in $QIMERA_HOME; choose another file")
+    for parent in real.parents:
+        if (parent / Run.CONFIG).is_file() or (parent / Run.SHIPPED).is_file():
+            raise OutRefused(f"{text} lies inside the run folder {parent}, whose files are the run's own; "
+                             f"choose a file outside it")
+    if path.is_dir():
+        raise OutRefused(f"{text} is a folder; give a file name")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise OutRefused(f"{text} exists; choose another file, or --force to replace it")
+    return path
+
+
 def create_run(config: dict, method: str, wbits: int, abits: int, out: str | Path | None = None) -> "Run":
-    """A new run folder holding ``config``: ``out`` when given, else runs/<date>-<time>-<method>-w<b>a<b>[-n].
+    """A new run folder holding ``config``: ``out`` when given (new or empty, see ``check_out``), else
+    runs/<date>-<time>-<method>-w<b>a<b>[-n].
 
     Creation is exclusive: of two runs started at the same instant with the same ``out``, one gets
     ``FileExistsError`` (the config file is linked into place, which fails when one is there).
     """
     if out is not None:
-        path = Path(out).expanduser()
+        path = check_out(out)
         path.mkdir(parents=True, exist_ok=True)
         _create_exclusive(path / Run.CONFIG, json.dumps(config, indent=2) + "\n",
                           f"{path} already holds a run; resume it or choose another --out")
@@ -339,6 +515,8 @@ def list_runs(root: str | Path | None = None) -> list[Run]:
 
 def open_run(run: str | Path) -> Run:
     """A run by folder path or by id under runs/."""
+    if not str(run).strip():
+        raise FileNotFoundError("no run given: name a run folder or a run id (python -m qimera_engine runs lists them)")
     p = Path(run).expanduser()
     if not (p / Run.CONFIG).is_file():
         p = runs_dir() / str(run)

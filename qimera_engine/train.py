@@ -10,10 +10,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import hashlib
+import json
 import math
 import os
 import re
-import socket
 import sys
 import threading
 import time
@@ -35,7 +36,7 @@ from .losses import BNStatisticsLoss, ce_row_mask, kd_loss, low_pass, masked_sof
 from .models import Teacher, save_state_dict
 from .quant import (enable_weight_clip, fit_ranges_mse, make_ranges_learnable, reconstruct, set_calibration,
                     start_range_sampling)
-from .runs import Run, RunDamaged, RunLocked, atomic_path, create_run, open_run, write_csv, write_json
+from .runs import Run, RunDamaged, RunLocked, atomic_path, check_out, create_run, open_run, write_csv, write_json
 from .seeding import RunRandom, seeded_init
 from .teachers import random_shift, get_teacher
 
@@ -130,12 +131,12 @@ class Parts:
         teacher = get_teacher(cfg.teacher, cfg.teacher_data, cfg.checkpoint, cfg.pretrained,
                               device=device, log=log, sha256=teacher_sha256)
         spec = InputSpec.of(teacher)
-        test = load_data(cfg.test_data, spec, "test", cfg.download)
-        if test.num_classes != teacher.num_classes:
-            raise ValueError(f"the test data has {test.num_classes} classes but the teacher {teacher.num_classes}")
+        # another number of classes is refused before an image folder is decoded or cached
+        test = load_data(cfg.test_data, spec, "test", cfg.download, num_classes=teacher.num_classes)
         train = None
         if cfg.method == "real-data":
-            train = load_data(cfg.train_data or cfg.test_data, spec, "train", cfg.download)
+            train = load_data(cfg.train_data or cfg.test_data, spec, "train", cfg.download,
+                              num_classes=teacher.num_classes)
         teacher.model.to(device).eval().requires_grad_(False)
         student = student_of(teacher, cfg).requires_grad_(True)
         student.train(cfg.student_train_mode)
@@ -160,6 +161,9 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
     t_start = time.perf_counter()
     logs: list[str] = []
     if resume is not None:
+        if config is not None or out is not None:
+            raise ValueError("a resumed run keeps the settings and folder it was started with: give resume alone "
+                             "(without a config or out)")
         folder = open_run(resume)
         if folder.read_only:
             raise RunLocked(f"run {folder.id} ships with the app and is read-only: it cannot be resumed")
@@ -167,31 +171,36 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
     elif config is None:
         raise ValueError("run needs a config, or a run folder to resume")
     else:
+        if restart:
+            raise ValueError("restart goes with resume (it starts that run again from epoch 0)")
         cfg = config.resolved()
-        if out is not None and (Path(out).expanduser() / Run.CONFIG).exists():  # say so before the work below
-            raise FileExistsError(f"{out} already holds a run; resume it or choose another --out")
+        if out is not None:
+            check_out(out)  # say so before the work below
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     keep_freed_memory()
     should_stop = (stop.is_set if isinstance(stop, threading.Event) else stop) or (lambda: False)
-    yield Log(f"loading the teacher {cfg.teacher} and the test data {cfg.test_data} (a teacher that is not cached "
-              f"yet is trained first: seconds for digits)")
-    parts = None
-    if resume is None:  # a teacher or data set that cannot be used fails here, before any folder exists
+    loading = Log(f"loading the teacher {cfg.teacher} and the test data {cfg.test_data} (a teacher that is not "
+                  f"cached yet is trained first: seconds for digits)")
+    parts = trainer = None
+    if resume is None:  # a teacher, data set or setting that cannot be used fails here, before any folder exists
+        yield loading
         parts = Parts.build(cfg, logs.append)
+        trainer = Trainer.from_parts(parts)
         folder = create_run(cfg.to_dict(), cfg.method, cfg.wbits, cfg.abits, out)
     with folder.lock():
-        # a resume's refusals (damaged state, another teacher) happen before anything is written
+        # a resume's refusals (damaged state, changed config or teacher) happen before anything is written
         state = _resume_state(folder, restart) if resume is not None else None
         if parts is None:
+            yield loading
             parts = Parts.build(cfg, logs.append, teacher_sha256=folder.teacher_sha256 if state else None)
-        if state is None or folder.teacher_sha256 is None:  # the teacher's identity, checked on resume
+        if state is None:  # the teacher's identity, checked on resume
             write_json(folder.path / Run.TEACHER, {k: parts.teacher.info.get(k) for k in ("sha256", "weights")})
-        folder.set_status("running", pid=os.getpid(), host=socket.gethostname())
+        folder.set_status("running", **folder.writer_record())
         try:
             for text in logs:
                 yield Log(text)
-            yield from _execute(parts, folder, should_stop, state, t_start)
+            yield from _execute(parts, folder, should_stop, state, t_start, trainer)
         except GeneratorExit:
             _final_status(folder, "cancelled", reason="the caller stopped reading events")
             raise
@@ -204,8 +213,9 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
 
 
 def _final_status(folder: Run, status: str, **extra) -> None:
-    """Record how a run ended, if the disk lets us (a full disk must not hide the first error)."""
-    with contextlib.suppress(OSError):
+    """Record how a run ended, if the disk lets us (a full disk must not hide the first error), and never
+    in a folder that was removed meanwhile (that would bring it back without its config)."""
+    with contextlib.suppress(OSError, RunDamaged):
         folder.set_status(status, **extra)
 
 
@@ -216,7 +226,9 @@ def _resume_state(folder: Run, restart: bool) -> dict | None:
     """The state a resumed run continues from; None to start from epoch 0.
 
     Refuses (``RunDamaged``) when results exist but the state is missing or unreadable, since
-    starting again would silently replace them; ``restart`` does that on purpose.
+    starting again would silently replace them, and when config.json or teacher.json is not what the
+    state was saved with (a resumed run would mix two settings or two teachers in one table);
+    ``restart`` starts again on purpose, with the folder's config as it is now.
     """
     path = folder.path / Run.STATE
     if restart:
@@ -236,9 +248,37 @@ def _resume_state(folder: Run, restart: bool) -> dict | None:
     except Exception as e:
         raise RunDamaged(f"run {folder.id}: its resume state {Run.STATE} is damaged "
                          f"({type(e).__name__}: {str(e)[:120]}){again}") from None
+    _check_unchanged(folder, st, again)
     if "rows" not in st:  # written before the state carried the metrics: read them from metrics.csv
         st["rows"] = _checked_rows(folder, int(st["epoch"]) + 1, again)
     return st
+
+
+def config_sha256(config: dict) -> str:
+    """A hash of a run's settings (canonical JSON), as its resume state records them."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _check_unchanged(folder: Run, st: dict, again: str) -> None:
+    """``RunDamaged`` naming what changed when the folder's config.json or teacher.json differs from what the
+    resume state was saved with (states written before these were recorded carry neither)."""
+    saved = st.get("config")
+    if isinstance(saved, dict):
+        now = folder.config.to_dict()
+        if config_sha256(now) != st.get("config_sha256", config_sha256(saved)) or now != saved:
+            diff = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                    if saved.get(k) != now.get(k)]
+            raise RunDamaged(f"run {folder.id}: {Run.CONFIG} has changed since its last completed epoch "
+                             f"({'; '.join(diff[:4]) or 'edited'}{' ...' if len(diff) > 4 else ''}); resuming would "
+                             f"mix two settings in one run. Put the settings back, or start a new run{again}")
+    teacher = st.get("teacher_sha256")
+    if teacher is not None or "config" in st:
+        if not (folder.path / Run.TEACHER).is_file():
+            raise RunDamaged(f"run {folder.id}: {Run.TEACHER} is missing, so the teacher it was started with "
+                             f"cannot be checked{again}")
+        if folder.teacher_sha256 != teacher:
+            raise RunDamaged(f"run {folder.id}: {Run.TEACHER} names other weights (sha256 "
+                             f"{str(folder.teacher_sha256)[:16]}) than its resume state ({str(teacher)[:16]}){again}")
 
 
 def _checked_rows(folder: Run, n: int, again: str) -> list[dict]:
@@ -285,6 +325,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, teacher: nn.Module, student: nn.Module, generator: Generator | None,
                  num_classes: int, rng: RunRandom, device: torch.device, train: ImageData | None = None,
                  image_size: int = 32):
+        if generator is not None and not any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules()):
+            raise ValueError("the teacher has no BatchNorm2d layer: Qimera needs its running statistics")
         self.cfg, self.teacher, self.student, self.generator = cfg, teacher, student, generator
         self.rng, self.device, self.train, self.image_size = rng, torch.device(device), train, image_size
         for m in (teacher, student, generator):  # the fast layout for the loop and the evaluations
@@ -522,9 +564,9 @@ class Trainer:
 
 
 def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dict | None,
-             t_start: float) -> Iterator[Event]:
+             t_start: float, trainer: Trainer | None = None) -> Iterator[Event]:
     cfg, dev = parts.cfg, parts.device
-    trainer = Trainer.from_parts(parts)
+    trainer = trainer or Trainer.from_parts(parts)
     rows: list[dict] = []
     start_epoch, best, fp_top1, elapsed_before = 0, -1.0, None, 0.0
     if st is not None:
@@ -587,6 +629,7 @@ def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dic
             yield Evaluated(epoch, result["top1"], best)
             yield EpochEnd(epoch, row)
     summary = _summary(cfg, folder, rows, fp_top1, elapsed_before + time.perf_counter() - t_start)
+    folder.check_present()
     write_json(folder.path / Run.SUMMARY, summary)
     folder.set_status("finished")
     yield Finished(str(folder.path), "finished", summary)
@@ -668,7 +711,10 @@ def _tuples(x):
 
 def _save_epoch(folder: Run, parts: Parts, trainer: Trainer, epoch: int, best: float, fp_top1: float,
                 seconds: float, rows: list[dict]) -> None:
+    folder.check_present()  # a folder removed while the run went on is not brought back
+    config = parts.cfg.to_dict()
     state = {"epoch": epoch, "best": best, "fp_top1": fp_top1, "seconds": seconds, "rows": rows,
+             "config": config, "config_sha256": config_sha256(config), "teacher_sha256": folder.teacher_sha256,
              **trainer.state_dict()}
     if parts.generator is not None:
         save_state_dict(parts.generator, folder.path / Run.GENERATOR)

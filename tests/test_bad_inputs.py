@@ -142,7 +142,7 @@ CLI_CASES = [
     ("folder-bomb-png", ["evaluate", "--teacher=digits-cnn", "--test-data=folder:{d}/bomb_png"],
      "bomb_png/a/x.png: it is too large"),
     ("classes-mismatch", ["quantize", "--test-data=folder:{d}/three_classes", *TINY],
-     "the test data has 3 classes but the teacher 10"),
+     "the data has 3 classes but the teacher 10"),
     ("no-cached-teacher", ["quantize", "--teacher=resnet20", "--test-data=folder:{d}/three_classes", *TINY],
      "no weights for teacher 'resnet20' on folder data in the cache"),
     ("evaluate-device", ["evaluate", "--teacher=digits-cnn", "--test-data=digits", "--device=foo"],
@@ -241,5 +241,11 @@ def test_bad_engine_call(index, digits_teacher):
 
 
 def test_the_table_is_large_enough():
-    assert len(CLI_CASES) + len(API_IDS) >= 60
+    """The bad-input tables together: this file's, the run store's (tests/test_run_store.py) and the settings'
+    (tests/test_schema.py); each case asserts its message, its exit status and an unchanged store."""
+    import test_run_store
+    import test_schema
     assert len({c[0] for c in CLI_CASES}) == len(CLI_CASES)
+    assert len({c[0] for c in test_run_store.CASES}) == len(test_run_store.CASES)
+    total = len(CLI_CASES) + len(API_IDS) + len(test_run_store.CASES) + len(test_schema.CASES)
+    assert total >= 150, total
