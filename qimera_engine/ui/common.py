@@ -335,7 +335,9 @@ def export_panel(runs: list[Run], key: str) -> None:
         if st.button("Export", key=f"{key}-export-go", help="Writes the file into the run's folder; then download it."):
             try:
                 with st.spinner("Exporting..."):
-                    st.session_state[f"{key}-export-file"] = str(export(run, fmt, paths.export_target(run, fmt)))
+                    # a shipped run's export goes to the app's own exports folder, replaced on each export
+                    target = paths.export_target(run, fmt)
+                    st.session_state[f"{key}-export-file"] = str(export(run, fmt, target, force=target is not None))
             except (ExportError, OSError, ValueError) as e:
                 st.error(f"Cannot export {rid}: {e}")
         done = st.session_state.get(f"{key}-export-file")
