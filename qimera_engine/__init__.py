@@ -9,7 +9,7 @@ One run API serves the app, the command line and the tests::
 This package never imports Streamlit.
 """
 from .artifacts import load_generator, load_student, load_teacher
-from .config import METHODS, PRESETS, ConfigError, RunConfig, parse_overrides, preset
+from .config import FIELDS, METHODS, PRESETS, SECTIONS, ConfigError, RunConfig, Spec, describe, parse_overrides, preset
 from .data import DataError, ImageData, InputSpec, data_stamp, load_data, parse_spec
 from .evaluate import collect_features, evaluate
 from .export import ExportError, export, load_int
@@ -26,7 +26,7 @@ from .train import pick_device, run, run_to_end
 
 __version__ = "0.1.0"
 
-__all__ = ["Job", "JobRegistry", "RunDamaged", "RunLocked", "ShippedRun", "atomic_path", "data_stamp", "delete_run", "parse_spec",
+__all__ = ["FIELDS", "SECTIONS", "Spec", "describe", "Job", "JobRegistry", "RunDamaged", "RunLocked", "ShippedRun", "atomic_path", "data_stamp", "delete_run", "parse_spec",
            "runs_dir", "shared_registry", "sweep_configs",
            "METHODS", "PRESETS", "TEACHERS", "CheckpointError", "ConfigError", "DataError", "EpochEnd",
            "Evaluated", "Event", "ExportError", "Finished", "Generator", "ImageData", "InputSpec", "Log", "Run", "RunConfig",

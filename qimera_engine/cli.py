@@ -56,6 +56,8 @@ def _config_from(args):
     for key in ("method", "wbits", "abits", "seed", "teacher", "checkpoint", "test_data"):
         value = getattr(args, key, None)
         if value is not None:
+            if key in over:  # one setting, two values: neither may silently win
+                raise ConfigError(f"--{key.replace('_', '-')} and --set {key}=... both set {key}; give it once")
             over[key] = value
     return preset(args.preset or "digits", **over)
 
@@ -97,7 +99,8 @@ def cmd_evaluate(args) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = pick_device(args.device)
-    teacher_data = RunConfig(teacher=args.teacher, test_data=args.test_data).teacher_data  # as a run finds it
+    # as a run finds its teacher (and refuses pretrained=true for a teacher without zoo weights)
+    teacher_data = RunConfig(teacher=args.teacher, test_data=args.test_data, pretrained=args.pretrained).teacher_data
     teacher = get_teacher(args.teacher, teacher_data, args.checkpoint, args.pretrained, device=device)
     # a folder with another number of classes is refused before it is decoded or cached
     data = load_data(args.test_data, InputSpec.of(teacher), "test", args.download, num_classes=teacher.num_classes)

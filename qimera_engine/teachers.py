@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .config import ZOO_TEACHERS
 from .data import ImageData, InputSpec, load_data, parse_spec
 from .evaluate import evaluate
 from .models import Teacher, build_teacher, check_teacher_name, load_weights, save_state_dict, state_dict_sha256
@@ -104,8 +105,9 @@ def get_teacher(name: str, data_spec: str, checkpoint: str | None = None, pretra
         elif name == "digits-cnn" and parse_spec(data_spec)[0] == "digits":
             teacher = train_and_cache(name, data_spec, device=device, log=log)
         else:
+            zoo = "pretrained=True for zoo weights, " if name in ZOO_TEACHERS else ""
             raise ValueError(f"no weights for teacher {name!r} on {parse_spec(data_spec)[0]} data in the cache: give "
-                             f"a checkpoint (--checkpoint PATH), pretrained=True for zoo weights, or train one first "
+                             f"a checkpoint (--checkpoint PATH), {zoo}or train one first "
                              f"(python -m qimera_engine train-teacher --teacher {name} --data {data_spec})")
     teacher.info["sha256"] = state_dict_sha256(teacher.model)
     if sha256 and teacher.info["sha256"] != sha256:

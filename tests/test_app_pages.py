@@ -527,9 +527,10 @@ def test_runs_overlay_download_and_delete(mismatched_home):
 
 def test_teacher_errors_name_the_pages_controls_and_a_failed_choice_is_not_kept(empty_home):
     msg = ("no weights for teacher 'resnet20' on cifar10 data in the cache: give a checkpoint (--checkpoint PATH), "
-           "pretrained=True for zoo weights, or train one first (python -m qimera_engine train-teacher "
-           "--teacher resnet20 --data cifar10)")
+           "or train one first (python -m qimera_engine train-teacher --teacher resnet20 --data cifar10)")
     assert "--" not in logic.page_hint(msg) and "**Checkpoint file path**" in logic.page_hint(msg)
+    zoo = msg.replace("resnet20'", "resnet18'").replace("PATH), ", "PATH), pretrained=True for zoo weights, ")
+    assert "--" not in logic.page_hint(zoo) and "**Checkpoint file path**" in logic.page_hint(zoo)
     cifar = ("CIFAR-10 not found under /x (Dataset not found). Pass download=True (--set download=true) to fetch "
              "it, or point to a folder that has it.")
     assert "Tick **Download if missing** above to fetch it" in logic.page_hint(cifar)

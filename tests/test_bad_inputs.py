@@ -27,11 +27,10 @@ def files(tmp_path_factory, digits_teacher):
     """Bad files of every kind, made once."""
     d = tmp_path_factory.mktemp("bad")
 
-    def folder(name, write):
-        (d / name / "a").mkdir(parents=True)
-        (d / name / "b").mkdir(parents=True)
+    def folder(name, write):  # ten classes, as the digits teacher has: the bad file is what is refused
         from PIL import Image
-        for c in ("a", "b"):
+        for c in "abcdefghij":
+            (d / name / c).mkdir(parents=True)
             Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / name / c / "ok.png")
         write(d / name / "a")
         return d / name
@@ -39,9 +38,9 @@ def files(tmp_path_factory, digits_teacher):
     folder("text_jpg", lambda p: (p / "x.jpg").write_text("this is not a picture"))
     folder("empty_png", lambda p: (p / "x.png").write_bytes(b""))
     folder("bomb_png", lambda p: (p / "x.png").write_bytes(_bomb_png(30000, 30000)))
-    folder("three_classes", lambda p: (p.parent / "c").mkdir())
-    from PIL import Image
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "three_classes" / "c" / "ok.png")
+    folder("three_classes", lambda p: None)
+    for c in "defghij":  # three classes left
+        __import__("shutil").rmtree(d / "three_classes" / c)
     state = digits_teacher.model.state_dict()
     torch.save({k: v * float("nan") if v.is_floating_point() else v for k, v in state.items()}, d / "nan.pt")
     torch.save({k: v[:1] if v.dim() else v for k, v in state.items()}, d / "wrong_shapes.pt")
@@ -78,8 +77,8 @@ CLI_CASES = [
     ("epochs-negative", ["quantize", "--set=epochs=-3"], "epochs must be an integer >= 1"),
     ("epochs-text", ["quantize", "--set=epochs=abc"], "epochs: cannot read 'abc' as int"),
     ("epochs-float", ["quantize", "--set=epochs=2.5"], "cannot read '2.5' as int"),
-    ("batch-1", ["quantize", "--set=batch_size=1"], "batch_size must be >= 2"),
-    ("batch-0", ["quantize", "--set=batch_size=0"], "batch_size must be an integer >= 1"),
+    ("batch-1", ["quantize", "--set=batch_size=1"], "batch_size must be an integer >= 2"),
+    ("batch-0", ["quantize", "--set=batch_size=0"], "batch_size must be an integer >= 2"),
     ("iters-0", ["quantize", "--set=iters_per_epoch=0"], "iters_per_epoch must be an integer >= 1"),
     ("eval-batch-negative", ["quantize", "--set=eval_batch_size=-5"], "eval_batch_size must be an integer >= 1"),
     ("lr-gamma-negative", ["quantize", "--set=lr_gamma=-1"], "lr_gamma must be > 0"),
@@ -88,10 +87,10 @@ CLI_CASES = [
     ("warmup-past-epochs", ["quantize", "--set=warmup_epochs=99"], "warmup_epochs must be in [0, epochs=12]"),
     ("p-above-1", ["quantize", "--set=superpose_p=1.5"], "superpose_p must be in [0, 1]"),
     ("p-nan", ["quantize", "--set=superpose_p=nan"], "superpose_p must be in [0, 1], got nan"),
-    ("lr-s-inf", ["quantize", "--set=lr_s=inf"], "lr_s must be a finite number"),
-    ("lr-g-0", ["quantize", "--set=lr_g=0"], "learning rates must be positive"),
-    ("tau-0", ["quantize", "--set=kd_tau=0"], "kd_tau must be > 0"),
-    ("k-0", ["quantize", "--set=superpose_k=0"], "superpose_k must be >= 1"),
+    ("lr-s-inf", ["quantize", "--set=lr_s=inf"], "lr_s must be >= 0 and <= 10"),
+    ("lr-g-0", ["quantize", "--set=lr_g=0"], "lr_g must be > 0 and <= 10"),
+    ("tau-0", ["quantize", "--set=kd_tau=0"], "kd_tau must be >= 0.01 and <= 1000"),
+    ("k-0", ["quantize", "--set=superpose_k=0"], "superpose_k must be an integer >= 1"),
     ("sampler-unknown", ["quantize", "--set=coeff_sampler=gauss"], "coeff_sampler must be one of"),
     ("fixed-without-coeffs", ["quantize", "--set=coeff_sampler=fixed"], "needs fixed_coeffs"),
     ("fixed-not-summing", ["quantize", "--set=coeff_sampler=fixed", "--set=fixed_coeffs=0.5,0.6"],
@@ -103,9 +102,9 @@ CLI_CASES = [
     ("typo-key", ["quantize", "--set=epochz=3"], "did you mean 'epochs'?"),
     ("set-without-equals", ["quantize", "--set=epochs"], "--set expects key=value"),
     ("device-unknown", ["quantize", "--set=device=foo"], "device must be auto, cpu or cuda"),
-    ("threads-0", ["quantize", "--set=num_threads=0"], "num_threads must be >= 1"),
-    ("embed-dim-0", ["quantize", "--set=embed_dim=0"], "embed_dim must be positive"),
-    ("gen-width-2", ["quantize", "--set=gen_width=2"], "gen_width must be positive"),
+    ("threads-0", ["quantize", "--set=num_threads=0"], "num_threads must be an integer >= 1"),
+    ("embed-dim-0", ["quantize", "--set=embed_dim=0"], "embed_dim must be an integer >= 1"),
+    ("gen-width-2", ["quantize", "--set=gen_width=2"], "gen_width must be an integer >= 4"),
     ("kd-reduction", ["quantize", "--set=kd_reduction=sum"], "kd_reduction must be one of"),
     ("milestones-text", ["quantize", "--set=milestones=a,b"], "milestones: cannot read"),
     ("milestones-0", ["quantize", "--set=milestones=0"], "milestones must be epochs >= 1"),
@@ -168,6 +167,13 @@ CLI_CASES = [
     ("sweep-methods", ["sweep", "--methods=foo"], "unknown method 'foo'"),
     ("sweep-seeds-empty", ["sweep", "--seeds=,"], "--seeds needs at least one value"),
     ("sweep-seed-negative", ["sweep", "--seeds=-1", "--out={d}/sweep.csv"], "seed must be in [0, 2**63)"),
+    ("flag-and-set-wbits", ["quantize", "--wbits=4", "--set=wbits=2"], "--wbits and --set wbits=... both set wbits"),
+    ("flag-and-set-seed", ["quantize", "--seed=1", "--set=seed=2"], "--seed and --set seed=... both set seed"),
+    ("flag-and-set-test-data", ["quantize", "--test-data=digits", "--set=test-data=digits"],
+     "--test-data and --set test_data=... both set test_data"),
+    ("set-twice", ["quantize", "--set=epochs=2", "--set=epochs=3"], "epochs"),
+    ("evaluate-pretrained-digits", ["evaluate", "--teacher=digits-cnn", "--test-data=digits", "--pretrained"],
+     "pretrained"),
 ]
 
 

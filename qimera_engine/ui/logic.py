@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .. import TEACHERS, Run, RunConfig, preset
+from .. import FIELDS, SECTIONS, TEACHERS, Run, RunConfig, Spec, preset
 from ..analysis import normalise_coefficients
-from ..config import FIELDS, SECTIONS, Spec
 from .paths import data_label
 
 # --------------------------------------------------------------------------- Quantize settings
@@ -94,7 +93,7 @@ def teachers_for(kind: str) -> list[str]:
 
 _PAGE_HINTS = [
     (r"Pass download=True \(--set download=true\) to fetch it", "Tick **Download if missing** above to fetch it"),
-    (r"give a checkpoint \(--checkpoint PATH\), pretrained=True for zoo weights, or train one first "
+    (r"give a checkpoint \(--checkpoint PATH\), (pretrained=True for zoo weights, )?or train one first "
      r"\(python -m qimera_engine train-teacher [^)]*\)",
      "choose **Checkpoint file path** or **Upload a checkpoint** under Weights, or **Model zoo (download)**"),
     (r"Give a local checkpoint instead \(--checkpoint PATH\)", "Choose **Checkpoint file path** under Weights instead"),
