@@ -284,6 +284,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except BrokenPipeError:  # the reader went away (e.g. `settings | head`): not an error worth a line
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail too
+        return 0
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -111,7 +111,7 @@ def test_home_runs_the_demo_in_the_background(empty_home):
     (job,) = empty_home.jobs("run")  # (beside it, UMAP's code may be compiling: a task)
     assert job.kind == "run" and job.runs[0].config["test_data"] == "digits"
     empty_home.cancel(job.id)
-    assert empty_home.wait(job.id, 120).status in ("cancelled", "finished", "failed")
+    assert empty_home.wait(job.id, 120).status in ("cancelled", "finished")  # stopped, or done before the cancel: never failed
     assert any("Runs are stored in" in m.value for m in at.markdown)
 
 
@@ -603,4 +603,4 @@ def test_home_starts_a_fair_qimera_vs_gdfq_pair(empty_home):
     same = lambda c: (c["wbits"], c["abits"], c["epochs"], c["iters_per_epoch"], c["batch_size"], c["seed"])  # noqa: E731
     assert same(configs[0]) == same(configs[1]) == (4, 4, 12, 40, 64, 0)
     empty_home.cancel(job.id)
-    assert empty_home.wait(job.id, 120).status in ("cancelled", "finished", "failed")
+    assert empty_home.wait(job.id, 120).status in ("cancelled", "finished")  # stopped, or done before the cancel: never failed
