@@ -6,7 +6,6 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from .config import METHODS, PRESETS, ConfigError, RunConfig, describe, parse_overrides, preset
 from .data import DataError, InputSpec, load_data

@@ -308,8 +308,9 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        """A config from JSON values (a string is read as the command line writes it: "3,5" for a list)."""
+    def from_dict(cls, d: dict, strict: bool = False) -> "RunConfig":
+        """A config from JSON values (a string is read as the command line writes it: "3,5" for a list);
+        ``strict`` (a run's config.json): every value must already be of its field's JSON type."""
         if not isinstance(d, dict):
             raise ConfigError(f"a config is a mapping of settings, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -318,6 +319,10 @@ class RunConfig:
             hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
                      for k in unknown]
             raise ConfigError("unknown setting(s): " + ", ".join(hints))
+        if strict:
+            for k, v in d.items():
+                if isinstance(v, str) and FIELDS[k].type is not str:
+                    raise ConfigError(f"{k} holds the text {_short(v)}, not a {FIELDS[k].type.__name__}")
         return cls(**{k: read_value(k, v) for k, v in d.items()})
 
     def with_overrides(self, **kw) -> "RunConfig":

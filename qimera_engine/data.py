@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .runs import atomic_path, qimera_home
+from .runs import atomic_path, qimera_home, user_path
 
 
 class DataError(ValueError):
@@ -118,7 +118,7 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
             hint = f"write {kind} for $QIMERA_HOME/data" if kind.startswith("cifar") else f"{kind}:PATH"
             raise DataError(f"nothing after the colon in {spec!r}: give a path ({hint})")
         return ("folder" if kind == "imagefolder" else kind), (arg or None)
-    if Path(spec).expanduser().is_dir():
+    if user_path(spec).is_dir():
         return "folder", spec
     raise DataError(f"unknown data spec {spec!r}: use digits, cifar10[:ROOT], cifar100[:ROOT], "
                     f"folder:PATH, imagenet:PATH, or an existing image folder")
@@ -134,7 +134,7 @@ def data_stamp(spec: str) -> str:
         return "invalid"
     if kind == "digits":
         return "digits"
-    root = Path(arg).expanduser() if arg else qimera_home() / "data"
+    root = user_path(arg) if arg else qimera_home() / "data"
     parts = []
     try:
         for p in sorted([root, *(c for c in root.iterdir() if c.is_dir())]):
@@ -194,7 +194,7 @@ def _digits(spec: InputSpec, split: str) -> ImageData:
 
 def _cifar(kind: str, root: str | None, spec: InputSpec, split: str, download: bool) -> ImageData:
     import torchvision
-    root_path = Path(root).expanduser() if root else qimera_home() / "data"
+    root_path = user_path(root) if root else qimera_home() / "data"
     cls = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
     name = "CIFAR-10" if kind == "cifar10" else "CIFAR-100"
     try:
@@ -224,7 +224,7 @@ def _regular_image(path: str) -> bool:
 def _folder(kind: str, path: str, spec: InputSpec, num_classes: int | None = None) -> ImageData:
     import torchvision
     from torchvision import transforms as T
-    root = Path(path).expanduser()
+    root = user_path(path)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     big = spec.image_size > 64

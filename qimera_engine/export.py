@@ -41,7 +41,7 @@ from .models import TEACHERS, build_teacher
 from .quant import ActQuantizer, QuantConv2d, QuantLinear, quantize_model
 from .quant.convert import set_submodule
 from .quant.functional import FULL_PRECISION, affine_qparams, dequantize_affine, quantize_affine, weight_range
-from .runs import Run, open_run
+from .runs import Run, in_engine_folder, open_run, qimera_home, user_path
 
 FORMAT = "qimera-int/2"
 OLD_FORMATS = ("qimera-int/1",)  # before exports carried their SHA-256
@@ -124,6 +124,11 @@ def _exists(path: Path) -> bool:
         return False
 
 
+def home_exports() -> Path:
+    """$QIMERA_HOME/exports (links resolved): where the app writes exports of the runs that ship with it."""
+    return Path(os.path.realpath(qimera_home() / "exports"))
+
+
 def export_target(run: Run, fmt: str, out: str | Path | None, force: bool = False) -> Path:
     """The file an export of ``run`` writes (``out``, or the run's default file); ``ExportError`` when
     writing there would overwrite what it must not. Checked where the file really lands: the folders
@@ -134,7 +139,7 @@ def export_target(run: Run, fmt: str, out: str | Path | None, force: bool = Fals
         text = os.fspath(out)
         if not text.strip():
             raise ExportError("the output file name is empty: give a file to write (--out FILE)")
-        path = Path(text).expanduser()
+        path = user_path(text)
         if text.endswith(("/", os.sep)) or path.name in ("", ".", "..") or path.is_dir():
             raise ExportError(f"{text} is a folder: give a file to write, e.g. {path / DEFAULT_FILES[fmt]}")
     land = path.parent.resolve() / path.name
@@ -144,6 +149,13 @@ def export_target(run: Run, fmt: str, out: str | Path | None, force: bool = Fals
     if land.name in _run_files() and _exists(land.parent / Run.CONFIG):
         raise ExportError(f"{land} is a file of run {land.parent.name} ({land.name}); an export never "
                           f"replaces it: write the export elsewhere")
+    other = next((d for d in (land.parent, *land.parent.parents) if _exists(d / Run.CONFIG)), None)
+    if other is not None and other != run.path.resolve():
+        raise ExportError(f"{land.parent} belongs to run {other.name}; an export of run {run.id} is not written "
+                          f"into another run's folder (it would pass for that run's own): write it elsewhere")
+    if in_engine_folder(land) and not (home_exports() in land.parents and force):
+        raise ExportError(f"{land} lies in one of this tool's own folders in $QIMERA_HOME (its teacher cache, "
+                          f"data, uploads, or the index of runs); write the export elsewhere")
     if land.name in (Run.CONFIG, Run.SHIPPED):  # the file that would make its folder look like a run
         raise ExportError(f"an export is never named {land.name}: that name marks a run folder")
     try:

@@ -23,9 +23,20 @@ from pathlib import Path
 from typing import ClassVar
 
 
+def user_path(path: str | Path) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded; ``ValueError`` (one line, not a traceback)
+    when there is no such user or home folder."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # pathlib's answer for ~nosuchuser
+        first = str(path).split("/", 1)[0]
+        raise ValueError(f"cannot expand {first!r} in {str(path)[:200]!r}: there is no such user or home "
+                         f"folder; write the path out") from None
+
+
 def qimera_home() -> Path:
     """$QIMERA_HOME, default ~/.qimera (created on first use)."""
-    home = Path(os.environ.get("QIMERA_HOME") or Path.home() / ".qimera").expanduser()
+    home = user_path(os.environ.get("QIMERA_HOME") or Path.home() / ".qimera")
     home.mkdir(parents=True, exist_ok=True)
     return home
 
@@ -193,7 +204,7 @@ class Run:
     @property
     def config(self):
         from .config import RunConfig
-        cfg = self._read(self.CONFIG, lambda p: RunConfig.from_dict(_object(read_json(p))))
+        cfg = self._read(self.CONFIG, lambda p: RunConfig.from_dict(_object(read_json(p)), strict=True))
         if cfg is None:
             raise RunDamaged(f"run {self.id}: {self.CONFIG} is missing")
         return cfg
@@ -253,6 +264,9 @@ class Run:
             if create:
                 raise
             return None
+        except IsADirectoryError:
+            raise RunDamaged(f"run {self.id}: {self.LOCK} is not a regular file; remove it if no run is writing "
+                             f"this folder") from None
         except OSError as e:
             if e.errno == errno.ELOOP:  # O_NOFOLLOW's answer for a symbolic link
                 raise RunDamaged(f"run {self.id}: {self.LOCK} is a symbolic link, not the run's own lock file; "
@@ -358,7 +372,7 @@ def check_out(out: str | Path) -> Path:
     if not text.strip():
         raise OutRefused("--out is empty: give the folder to write the run to, or leave --out out "
                          "(runs go to $QIMERA_HOME/runs)")
-    path = Path(text).expanduser()
+    path = user_path(text)
     real = Path(os.path.realpath(path))
     home = Path(os.path.realpath(qimera_home()))
     engine = [home, home / "runs", *(home / f for f in ENGINE_FOLDERS)]
@@ -385,6 +399,16 @@ def check_out(out: str | Path) -> Path:
     return path
 
 
+def in_engine_folder(path: str | Path) -> bool:
+    """Whether ``path`` (links resolved) is $QIMERA_HOME itself, a file directly in it (such as the index
+    of runs written elsewhere), or lies in one of its engine folders (the teacher cache, decoded data,
+    uploads, exports): places only the engine writes."""
+    real = Path(os.path.realpath(user_path(path)))
+    home = Path(os.path.realpath(qimera_home()))
+    return real == home or real.parent == home or any(home / f == real or home / f in real.parents
+                                                      for f in ENGINE_FOLDERS)
+
+
 def check_file_out(out: str | Path, force: bool = False, what: str = "file") -> Path:
     """A file a table or export may be written to, or ``OutRefused``: never a run's own files or anything
     inside a run folder (shipped ones included) or the engine's folders, never a folder, and an existing
@@ -392,10 +416,10 @@ def check_file_out(out: str | Path, force: bool = False, what: str = "file") -> 
     text = str(out)
     if not text.strip():
         raise OutRefused(f"the {what} to write is empty: give a file name")
-    path = Path(text).expanduser()
+    path = user_path(text)
     real = Path(os.path.realpath(path))
     home = Path(os.path.realpath(qimera_home()))
-    if any(home / f == real or home / f in real.parents for f in ("runs", *ENGINE_FOLDERS)) and \
+    if (in_engine_folder(real) or home / "runs" == real or home / "runs" in real.parents) and \
             not any((p / Run.CONFIG).is_file() for p in real.parents):
         raise OutRefused(f"{text} lies in one of this tool's own folders in $QIMERA_HOME; choose another file")
     for parent in real.parents:
@@ -517,7 +541,7 @@ def open_run(run: str | Path) -> Run:
     """A run by folder path or by id under runs/."""
     if not str(run).strip():
         raise FileNotFoundError("no run given: name a run folder or a run id (python -m qimera_engine runs lists them)")
-    p = Path(run).expanduser()
+    p = user_path(run)
     if not (p / Run.CONFIG).is_file():
         p = runs_dir() / str(run)
     if not (p / Run.CONFIG).is_file():

@@ -158,7 +158,6 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
     state is missing or damaged refuses (``RunDamaged``) unless ``restart`` starts it again from
     epoch 0, which replaces its results.
     """
-    t_start = time.perf_counter()
     logs: list[str] = []
     if resume is not None:
         if config is not None or out is not None:
@@ -191,12 +190,16 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
     with folder.lock():
         # a resume's refusals (damaged state, changed config or teacher) happen before anything is written
         state = _resume_state(folder, restart) if resume is not None else None
+        if state is not None and int(state["epoch"]) + 1 >= cfg.epochs and (folder.path / Run.SUMMARY).is_file():
+            raise ValueError(f"run {folder.id} has finished all its {cfg.epochs} epochs: there is nothing to resume; "
+                             f"--restart (restart=True) starts it again from epoch 0, replacing its results")
         if parts is None:
             yield loading
             parts = Parts.build(cfg, logs.append, teacher_sha256=folder.teacher_sha256 if state else None)
         if state is None:  # the teacher's identity, checked on resume
             write_json(folder.path / Run.TEACHER, {k: parts.teacher.info.get(k) for k in ("sha256", "weights")})
         folder.set_status("running", **folder.writer_record())
+        t_start = time.perf_counter()  # the run's own time: a teacher trained for the cache first is not in it
         try:
             for text in logs:
                 yield Log(text)

@@ -154,6 +154,23 @@ CASES = [
      "run.lock is not a regular file"),
     ("restart-lock-is-a-link", lambda t, h, r: _lock_link(r, t / "precious.txt"),
      ["quantize", "--resume={run}", "--restart"], "run.lock is a symbolic link"),
+    ("resume-lock-is-a-folder", lambda t, h, r: ((r / "run.lock").unlink(missing_ok=True), (r / "run.lock").mkdir()),
+     ["quantize", "--resume={run}"], "run.lock is not a regular file"),
+    ("resume-config-text-for-a-number", _edit_config("wbits", "4"), ["quantize", "--resume={run}"],
+     "wbits holds the text '4', not a int"),
+    ("out-unknown-user", None, ["quantize", "--out=~nosuchuser-qimera/x", *SETS], "cannot expand '~nosuchuser-qimera'"),
+    ("data-unknown-user", None, ["evaluate", "--teacher=digits-cnn", "--test-data=folder:~nosuchuser-qimera/x"],
+     "cannot expand '~nosuchuser-qimera'"),
+    ("checkpoint-unknown-user", None, ["quantize", "--checkpoint=~nosuchuser-qimera/t.pt", *SETS],
+     "cannot expand '~nosuchuser-qimera'"),
+    ("export-over-the-runs-index", lambda t, h, r: None,
+     ["export", "{orig}", "--format=int", "--out={home}/runs-elsewhere.txt", "--force"], "one of this tool's own folders"),
+    ("export-into-the-teacher-cache", lambda t, h, r: None,
+     ["export", "{orig}", "--format=int", "--out={home}/teachers/x.safetensors"], "one of this tool's own folders"),
+    ("export-into-another-run", lambda t, h, r: None,
+     ["export", "{orig}", "--format=int", "--out={run}/student-int.safetensors"], "an export of run stopped is not written"),
+    ("export-into-another-run-forced", lambda t, h, r: None,
+     ["export", "{orig}", "--format=onnx", "--out={run}/sub/mine.onnx", "--force"], "into another run's folder"),
     ("sweep-out-config", lambda t, h, r: None, ["sweep", "--out={run}/config.json", "--seeds=0", "--bits=4"],
      "lies inside the run folder"),
     ("sweep-out-metrics", lambda t, h, r: None, ["sweep", "--out={run}/metrics.csv", "--seeds=0", "--bits=4"],
@@ -170,7 +187,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_the_store_refuses(case, copy_of, tmp_path, digits_teacher, capsys):
+def test_the_store_refuses(case, copy_of, stopped_run, tmp_path, digits_teacher, capsys):
     _, setup, argv, words = case
     home = Path(os.environ["QIMERA_HOME"])
     work = tmp_path / "work"
@@ -178,8 +195,9 @@ def test_the_store_refuses(case, copy_of, tmp_path, digits_teacher, capsys):
     run = copy_of() if any("{run}" in a for a in argv) else tmp_path / "no-run"
     if setup is not None:
         setup(work, home, run)
-    argv = [a.replace("{tmp}", str(work)).replace("{home}", str(home)).replace("{run}", str(run)) for a in argv]
-    watched = (home / "runs", home / "teachers", work, run) if run.exists() else (home / "runs", home / "teachers", work)
+    argv = [a.replace("{tmp}", str(work)).replace("{home}", str(home)).replace("{run}", str(run))
+            .replace("{orig}", str(stopped_run)) for a in argv]
+    watched = (home / "runs", home / "teachers", work, stopped_run, *([run] if run.exists() else []))
     before = contents(*watched)
     elsewhere = (home / "runs-elsewhere.txt").read_text() if (home / "runs-elsewhere.txt").exists() else None
     try:
@@ -210,6 +228,10 @@ def test_an_unchanged_run_still_resumes(copy_of, digits_teacher):
     state = __import__("torch").load(folder / "state.pt", weights_only=True)
     assert state["config"] == json.loads((folder / "config.json").read_text())
     assert state["teacher_sha256"] == json.loads((folder / "teacher.json").read_text())["sha256"]
+    summary = (folder / "summary.json").read_text()
+    with pytest.raises(ValueError, match="has finished all its 2 epochs: there is nothing to resume"):
+        run_to_end(None, resume=folder)  # a finished run is not run again, nor its summary rewritten
+    assert (folder / "summary.json").read_text() == summary
 
 
 def test_restart_takes_the_edited_config(copy_of, digits_teacher):

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..runs import user_path
+
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or does not fit the model."""
@@ -23,7 +25,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     either a bare state dict or one wrapped under a usual key such as ``state_dict``;
     a DataParallel ``module.`` prefix is removed.
     """
-    path = Path(path).expanduser()
+    path = user_path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

@@ -6,6 +6,10 @@ ENGINE_CHECKOUT is a checkout of the engine *before* a change that adds switches
 this folder was written from commit a725a8c, before the Qimera+ switches existed). The test then
 runs the same configurations with the current engine, every new switch at its default, and
 expects the same metrics.
+
+Both use the teacher in this folder (digits-cnn-digits.safetensors, the engine's digits teacher trained
+on two threads): put it in $QIMERA_HOME/teachers/ first, and run on two threads (OMP_NUM_THREADS=2).
+A teacher trained on the spot differs from CPU to CPU, and the runs with it far more.
 """
 from __future__ import annotations
 
