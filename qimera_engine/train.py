@@ -190,12 +190,12 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
     with folder.lock():
         # a resume's refusals (damaged state, changed config or teacher) happen before anything is written
         state = _resume_state(folder, restart) if resume is not None else None
-        if state is not None and int(state["epoch"]) + 1 >= cfg.epochs and (folder.path / Run.SUMMARY).is_file():
-            raise ValueError(f"run {folder.id} has finished all its {cfg.epochs} epochs: there is nothing to resume; "
-                             f"--restart (restart=True) starts it again from epoch 0, replacing its results")
         if parts is None:
             yield loading
             parts = Parts.build(cfg, logs.append, teacher_sha256=folder.teacher_sha256 if state else None)
+        if state is not None and int(state["epoch"]) + 1 >= cfg.epochs and folder.status.get("status") == "finished":
+            raise ValueError(f"run {folder.id} has finished all its {cfg.epochs} epochs: there is nothing to resume; "
+                             f"--restart (restart=True) starts it again from epoch 0, replacing its results")
         if state is None:  # the teacher's identity, checked on resume
             write_json(folder.path / Run.TEACHER, {k: parts.teacher.info.get(k) for k in ("sha256", "weights")})
         folder.set_status("running", **folder.writer_record())
