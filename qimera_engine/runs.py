@@ -364,6 +364,12 @@ class Run:
         return (self.path / self.GENERATOR).exists()
 
 
+def run_folder_above(real: Path) -> Path | None:
+    """The nearest folder above ``real`` (a resolved path) that is a run's (it holds config.json) or a
+    shipped run's (shipped.json), or None."""
+    return next((p for p in real.parents if (p / Run.CONFIG).is_file() or (p / Run.SHIPPED).is_file()), None)
+
+
 def check_out(out: str | Path) -> Path:
     """The folder a new run may be written to, or ``OutRefused`` saying why not: it must be new or an
     empty folder, not a file, not inside another run's folder (or a shipped one), and not one of the
@@ -379,9 +385,8 @@ def check_out(out: str | Path) -> Path:
     if real in engine or any(home / f in real.parents for f in ENGINE_FOLDERS):
         raise OutRefused(f"{text} is one of this tool's own folders in $QIMERA_HOME; choose a new folder "
                          f"(or leave --out out: runs go to $QIMERA_HOME/runs)")
-    for parent in real.parents:
-        if (parent / Run.CONFIG).is_file() or (parent / Run.SHIPPED).is_file():
-            raise OutRefused(f"{text} lies inside the run folder {parent}; choose a folder outside it")
+    if (parent := run_folder_above(real)) is not None:
+        raise OutRefused(f"{text} lies inside the run folder {parent}; choose a folder outside it")
     if path.is_symlink() and not path.exists():
         raise OutRefused(f"{text} is a symbolic link to nothing; choose a new or empty folder")
     if path.exists():
@@ -422,10 +427,9 @@ def check_file_out(out: str | Path, force: bool = False, what: str = "file") -> 
     if (in_engine_folder(real) or home / "runs" == real or home / "runs" in real.parents) and \
             not any((p / Run.CONFIG).is_file() for p in real.parents):
         raise OutRefused(f"{text} lies in one of this tool's own folders in $QIMERA_HOME; choose another file")
-    for parent in real.parents:
-        if (parent / Run.CONFIG).is_file() or (parent / Run.SHIPPED).is_file():
-            raise OutRefused(f"{text} lies inside the run folder {parent}, whose files are the run's own; "
-                             f"choose a file outside it")
+    if (parent := run_folder_above(real)) is not None:
+        raise OutRefused(f"{text} lies inside the run folder {parent}, whose files are the run's own; "
+                         f"choose a file outside it")
     if path.is_dir():
         raise OutRefused(f"{text} is a folder; give a file name")
     if (path.exists() or path.is_symlink()) and not force:
