@@ -2,8 +2,9 @@
 
 The paper's Figure 3 in numbers: penultimate features of real and synthetic images, their 2-D
 projection, how close each sample sits to the teacher's decision boundary (``margin``), how much of
-the real feature space the synthetic features reach (``knn_coverage``), and a mixing path from
-class A to class B (``path_strip``). Pure functions over tensors and arrays; no Streamlit.
+the real feature space the synthetic features reach (``knn_coverage``; with precision, recall and
+density ``prdc``, and the within-class ``class_spread``: ``diversity`` gives them all), and a mixing path
+from class A to class B (``path_strip``). Pure functions over tensors and arrays; no Streamlit.
 """
 from __future__ import annotations
 
@@ -298,6 +299,96 @@ def knn_coverage(real, synthetic, k: int = 5) -> float:
     radius = NearestNeighbors(n_neighbors=k + 1).fit(real).kneighbors(real)[0][:, k]
     nearest = NearestNeighbors(n_neighbors=1).fit(synthetic).kneighbors(real)[0][:, 0]
     return float(np.mean(nearest <= radius * (1 + 1e-6)))  # tolerance: float rounding of equal distances
+
+def _kth_radii(x: np.ndarray, k: int) -> np.ndarray:
+    """Each sample's distance to its k-th nearest other sample of ``x``."""
+    from sklearn.neighbors import NearestNeighbors
+    return NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)[0][:, k]
+
+
+def prdc(real, synthetic, k: int = 5, chunk: int = 2048) -> dict:
+    """Precision, recall, density and coverage of Naeem et al. 2020 ("Reliable Fidelity and Diversity
+    Metrics for Generative Models"), on feature vectors (N, D). A real sample's ball has the radius of its
+    distance to its k-th nearest other real sample (a synthetic ball likewise among synthetic samples);
+    a point on a sphere counts as inside.
+
+    precision: share of synthetic samples inside some real ball; recall: share of real samples inside some
+    synthetic ball; density: the real balls holding a synthetic sample, counted with repeats, / k, averaged
+    over synthetic samples (about 1 for synthetic samples distributed like the real ones); coverage: share of
+    real samples whose ball holds a synthetic sample. Real against other real samples of one distribution
+    gives values near 1; a collapsed generator a high precision and a low recall and coverage.
+    """
+    real, synthetic = _as_features(real), _as_features(synthetic)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if len(real) <= k or len(synthetic) <= k:
+        raise ValueError(f"precision, recall, density and coverage with k={k} need more than {k} real and "
+                         f"synthetic samples, got {len(real)} and {len(synthetic)}")
+    if real.shape[1] != synthetic.shape[1]:
+        raise ValueError(f"real and synthetic features differ in width: {real.shape[1]} and {synthetic.shape[1]}")
+    tol = 1 + 1e-6  # float rounding of equal distances
+    r_real, r_syn = _kth_radii(real, k) * tol, _kth_radii(synthetic, k) * tol
+    in_real_balls = np.zeros(len(synthetic), dtype=np.int64)   # per synthetic sample: real balls holding it
+    covered = np.zeros(len(real), dtype=bool)                  # per real sample: its ball holds a synthetic one
+    recalled = np.zeros(len(real), dtype=bool)                 # per real sample: inside some synthetic ball
+    for i in range(0, len(real), chunk):
+        d = _distances(real[i:i + chunk], synthetic)           # (chunk, N_syn)
+        inside = d <= r_real[i:i + chunk, None]
+        in_real_balls += inside.sum(axis=0)
+        covered[i:i + chunk] = inside.any(axis=1)
+        recalled[i:i + chunk] = (d <= r_syn[None, :]).any(axis=1)
+    return {"precision": float(np.mean(in_real_balls > 0)), "recall": float(recalled.mean()),
+            "density": float(in_real_balls.mean() / k), "coverage": float(covered.mean())}
+
+
+def class_spread(features, labels) -> dict:
+    """How far apart the features of one class lie, needing no real images.
+
+    spread: mean Euclidean distance between two samples of one class, averaged over the classes with at
+    least two samples; centres: mean distance between two class centres; ratio: spread / centres (a
+    scale-free number: near 0 when each class is one point, near 1 or more when classes overlap).
+    """
+    x = _as_features(features)
+    y = np.asarray(labels)
+    if y.ndim == 2:  # (N, K) labels of superposed samples: the first (a plain sample's only) class
+        y = y[:, 0]
+    if len(y) != len(x):
+        raise ValueError(f"{len(x)} features but {len(y)} labels")
+    spreads, centres = [], []
+    for c in np.unique(y):
+        members = x[y == c]
+        centres.append(members.mean(axis=0))
+        if len(members) >= 2:
+            d = _distances(members, members)
+            n = len(members)
+            spreads.append(float(d.sum()) / (n * (n - 1)))
+    if not spreads:
+        raise ValueError("no class has two samples: a spread needs pairs")
+    spread = float(np.mean(spreads))
+    centre_d = float(_distances(np.stack(centres), np.stack(centres)).sum()) / max(len(centres) * (len(centres) - 1), 1)
+    return {"spread": spread, "centres": centre_d, "ratio": spread / centre_d if centre_d > 0 else float("inf")}
+
+
+def dominant_labels(labels, coeffs) -> np.ndarray:
+    """Each sample's class with the largest mixing coefficient, (N,)."""
+    labels, coeffs = np.asarray(labels), np.asarray(coeffs)
+    if labels.ndim == 1:
+        return labels
+    return labels[np.arange(len(labels)), coeffs.argmax(axis=1)]
+
+
+def diversity(synthetic: dict, real: dict | None = None, k: int = 5) -> dict:
+    """The diversity figures of synthetic samples (a ``synthetic_features`` result), beside real ones
+    (a ``real_features`` result) when given: spread and spread_ratio (``class_spread``, by each sample's
+    dominant class) always; with real samples also precision, recall, density, coverage (``prdc``) and
+    spread_vs_real (the synthetic within-class spread over the real one: 1 means as varied as real images)."""
+    own = class_spread(synthetic["features"], dominant_labels(synthetic["labels"], synthetic["coeffs"]))
+    out = {"spread": own["spread"], "spread_ratio": own["ratio"]}
+    if real is not None:
+        out.update(prdc(real["features"], synthetic["features"], k))
+        out["spread_vs_real"] = own["spread"] / class_spread(real["features"], real["labels"])["spread"]
+    return out
+
 
 # --------------------------------------------------------------------------- the mixing path
 

@@ -135,6 +135,29 @@ class RunConfig:
     gen_bn_eps: float = setting(0.8, "The generator's BatchNorm eps: GDFQ's BatchNorm2d(n, 0.8) passes 0.8 as eps, "
                                      "not momentum.", "[1e-8, 1000]", cap=OVERFLOW)
 
+    # --- the diversity of generated samples (not the paper's; each default is the paper's behaviour) ---
+    embed_norm: bool = setting(False, "off (paper); on: standardise each class embedding before the noise is added, "
+                                      "so a growing embedding cannot drown the noise out.",
+                               label="Balance embedding and noise", section="Generator")
+    block_noise: bool = setting(False, "off (paper); on: per-pixel noise with a learned per-channel scale after each "
+                                       "upsampling convolution (as StyleGAN), not only in the input.",
+                                label="Noise at every block", section="Generator")
+    ms_weight: float = setting(
+        0.0, "0: off (paper); > 0: mode seeking (MSGAN): each batch pairs samples of the same classes with different "
+        "noise and the generator is rewarded for making them differ, with this weight.", "[0, 1e6]", cap=OVERFLOW,
+        note="0: off", label="Mode seeking weight", section="Generator")
+    ms_space: str = setting("image", "Where mode seeking measures how different a pair is: the images, or the "
+                                     "teacher's penultimate features.", choices=("image", "feature"),
+                            label="Mode seeking on", section="Generator")
+    bns_slack: float = setting(
+        0.0, "0: exact BN-statistics matching (paper); > 0: DSG's slack alignment: a batch mean (variance) counts only "
+        "beyond this many running standard deviations (variances) from the teacher's.", "[0, 100]", cap=OVERFLOW,
+        note="0: off", label="BN-statistics slack", section="Generator")
+    ce_g_margin: float = setting(
+        0.0, "0: the generator's cross-entropy pushes every sample to certainty (paper); > 0: only while a sample's "
+        "KL to its target exceeds this margin (0.1: stop near 90% confidence), as IntraQ's soft inception loss.",
+        "[0, 100]", cap=OVERFLOW, note="0: off", label="Generator CE margin", section="Generator")
+
     # --- losses (METHOD 7) ---
     bns_weight: float = setting(0.1, "Weight of the BN-statistics loss in the generator's loss.", "[0, 1e6]",
                                 cap=OVERFLOW)
@@ -173,6 +196,10 @@ class RunConfig:
     student_train_mode: bool = setting(False, "Train the student in train mode (the reference keeps it in eval "
                                               "mode: BN running statistics).")
     eval_batch_size: int = setting(500, "Images per batch when evaluating.", "[1, 65536]", cap=MEMORY)
+    diversity_images: int = setting(
+        1000, "Generated and test images whose teacher features measure the generator's diversity after each epoch "
+        "(coverage, precision, recall, density, within-class spread; metrics.csv); 0: not measured. Measuring "
+        "draws no random number of the run's.", "[0, 10**6]", cap=MEMORY, note="0: off")
     eval_images: int = setting(
         0, "0: the whole test set every epoch (paper); > 0: a fixed sample, the whole set after the last epoch.",
         "[0, 10**8]", cap=MEMORY, note="0: the whole test set", label="Images evaluated per epoch",
@@ -254,6 +281,8 @@ class RunConfig:
         need(self.calib_epochs >= 1 or self.abits == 32,
              "calib_epochs must be >= 1 when abits < 32: the activation ranges are calibrated in those epochs "
              "(with 0, every activation would be quantized to a range of zero)")
+        need(self.ms_weight == 0 or self.batch_size % 2 == 0,
+             f"ms_weight > 0 pairs the samples of each batch: batch_size must be even, got {self.batch_size}")
         need(self.recon_iters == 0 or self.student_ema == 0,
              "recon_iters and student_ema cannot be combined: the evaluated average of the weights would not "
              "keep the learned roundings")
@@ -348,7 +377,8 @@ FIELDS: dict[str, Spec] = {f.name: _annotated(f, _HINTS[f.name]) for f in datacl
 # The Qimera+ switches at the paper's behaviour (``RunConfig.label`` marks a run that leaves any of them).
 PAPER_SETTINGS = {"weight_clip": "minmax", "act_calib": "ema", "lr_schedule": "step", "ce_rows": "all",
                   "lowpass_d0": 0.0, "student_steps": 1, "act_learn": False, "kd_reduction": "mean",
-                  "student_ema": 0.0, "recon_iters": 0, "superpose_ramp": 0}
+                  "student_ema": 0.0, "recon_iters": 0, "superpose_ramp": 0, "embed_norm": False,
+                  "block_noise": False, "ms_weight": 0.0, "bns_slack": 0.0, "ce_g_margin": 0.0}
 
 # --------------------------------------------------------------------------- checking a value
 

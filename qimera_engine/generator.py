@@ -57,6 +57,8 @@ class LatentBatch:
     coeffs: torch.Tensor   # (B, K) mixing coefficients, rows sum to 1
     noise: torch.Tensor    # (B, K, D) z ~ N(0, I)
     targets: torch.Tensor  # (B, C) soft labels
+    pixel: list[torch.Tensor] | None = None  # the generator's per-pixel noise maps (block_noise)
+    paired: bool = False   # the second half repeats the first half's labels and coefficients (mode seeking)
 
     @property
     def superposed(self) -> bool:
@@ -65,18 +67,27 @@ class LatentBatch:
 
 def sample_latents(batch: int, num_classes: int, embed_dim: int, *, k: int = 1, sampler: str = "softmax",
                    alpha: float = 1.0, fixed: list[float] | None = None, device=None,
-                   generator: torch.Generator | None = None) -> LatentBatch:
+                   generator: torch.Generator | None = None, paired: bool = False,
+                   pixel_shapes: list[tuple[int, int, int]] | None = None) -> LatentBatch:
     """Labels uniform with replacement, K per sample; K = 1 gives a plain batch.
 
     ``generator`` (on ``device``) makes the draws; None draws from torch's global generator.
+    ``paired`` (an even batch): the second half has the first half's labels and coefficients, with noise
+    of its own. ``pixel_shapes``: per-pixel noise maps of these shapes are drawn after the rest.
     """
-    labels = torch.randint(num_classes, (batch, k), device=device, generator=generator)
+    if paired and batch % 2:
+        raise ValueError(f"a paired batch needs an even size, got {batch}")
+    rows = batch // 2 if paired else batch
+    labels = torch.randint(num_classes, (rows, k), device=device, generator=generator)
     if k == 1:
-        coeffs = torch.ones(batch, 1, device=device)
+        coeffs = torch.ones(rows, 1, device=device)
     else:
-        coeffs = sample_coefficients(batch, k, sampler, alpha=alpha, fixed=fixed, device=device, generator=generator)
+        coeffs = sample_coefficients(rows, k, sampler, alpha=alpha, fixed=fixed, device=device, generator=generator)
+    if paired:
+        labels, coeffs = labels.repeat(2, 1), coeffs.repeat(2, 1)
     noise = torch.randn(batch, k, embed_dim, device=device, generator=generator)
-    return LatentBatch(labels, coeffs, noise, soft_targets(labels, coeffs, num_classes))
+    pixel = [torch.randn(batch, *shape, device=device, generator=generator) for shape in pixel_shapes or ()]
+    return LatentBatch(labels, coeffs, noise, soft_targets(labels, coeffs, num_classes), pixel or None, paired)
 
 
 class BatchSampler:
@@ -88,16 +99,19 @@ class BatchSampler:
 
     def __init__(self, num_classes: int, embed_dim: int, p: float, k: int, sampler: str = "softmax",
                  alpha: float = 1.0, fixed: list[float] | None = None, seed: int = 0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, paired: bool = False,
+                 pixel_shapes: list[tuple[int, int, int]] | None = None):
         self.num_classes, self.embed_dim, self.p, self.k = num_classes, embed_dim, p, k
         self.sampler, self.alpha, self.fixed = sampler, alpha, fixed
         self.rng = random.Random(seed)
         self.generator = generator
+        self.paired, self.pixel_shapes = paired, pixel_shapes
 
     def __call__(self, batch: int, device=None) -> LatentBatch:
         k = self.k if self.k > 1 and self.rng.random() < self.p else 1
         return sample_latents(batch, self.num_classes, self.embed_dim, k=k, sampler=self.sampler,
-                              alpha=self.alpha, fixed=self.fixed, device=device, generator=self.generator)
+                              alpha=self.alpha, fixed=self.fixed, device=device, generator=self.generator,
+                              paired=self.paired, pixel_shapes=self.pixel_shapes)
 
 def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv(F.interpolate(x, scale_factor=2))`` for a 3x3 convolution with padding 1, computed on ``x``
@@ -177,11 +191,16 @@ class Generator(nn.Module):
     up x2, conv W->W/2, BN, LeakyReLU(0.2); conv W/2->channels; tanh; BN without affine.
     ``input_mode`` "qimera": sum_k lambda_k M(standardise(E[y_k] + sigma z_k));
     "gdfq": E[y] * z (GDFQ's input, no mixing).
+    ``embed_norm``: standardise E[y_k] before the noise is added, so a growing embedding cannot drown
+    the noise out. ``block_noise``: per-pixel noise maps, with a learned per-channel scale (zero at first),
+    added after each upsampling convolution (as StyleGAN does); ``forward`` takes them as
+    ``pixel_noise`` (``noise_shapes`` lists their shapes), zero maps when none are given.
     """
 
     def __init__(self, num_classes: int, image_size: int, channels: int, embed_dim: int, *,
                  input_mode: str = "qimera", noise_scale: float = 1.0, dm: bool = False, dm_width: int = 100,
-                 width: int = 128, bn_eps: float = 0.8, conditional_bn: bool | None = None):
+                 width: int = 128, bn_eps: float = 0.8, conditional_bn: bool | None = None,
+                 embed_norm: bool = False, block_noise: bool = False):
         super().__init__()
         if image_size % 4:
             raise ValueError(f"image size must be a multiple of 4, got {image_size}")
@@ -204,6 +223,17 @@ class Generator(nn.Module):
         self.conv3 = nn.Conv2d(half, channels, 3, padding=1)
         self.bn_out = nn.BatchNorm2d(channels, affine=False)
         self.width = width
+        self.embed_norm, self.block_noise = embed_norm, block_noise
+        if block_noise:
+            self.noise_gain1 = nn.Parameter(torch.zeros(width))
+            self.noise_gain2 = nn.Parameter(torch.zeros(half))
+
+    def noise_shapes(self) -> list[tuple[int, int, int]]:
+        """The (channels, height, width) of each per-pixel noise map (``block_noise``; else none)."""
+        if not self.block_noise:
+            return []
+        half = self.image_size // 2
+        return [(1, half, half), (1, self.image_size, self.image_size)]
 
     def init_embeddings_from(self, classifier_weight: torch.Tensor, freeze: bool = False) -> None:
         """Initialise E from the teacher's final linear layer, (C, D) (METHOD 6)."""
@@ -218,7 +248,10 @@ class Generator(nn.Module):
         """The generator's input vector, (B, D_in)."""
         if self.input_mode == "gdfq":
             return self.embedding(labels[:, 0]) * noise[:, 0]
-        e = standardise(self.embedding(labels) + self.noise_scale * noise)  # (B, K, D)
+        emb = self.embedding(labels)
+        if self.embed_norm:
+            emb = standardise(emb)
+        e = standardise(emb + self.noise_scale * noise)  # (B, K, D)
         return superpose(self.disentanglement_mapping(e), coeffs)           # (B, D_in)
 
     def _bn(self, layer, x, labels, coeffs):
@@ -231,12 +264,19 @@ class Generator(nn.Module):
             return upsample_conv(x, conv)
         return conv(F.interpolate(x, scale_factor=2))
 
-    def forward(self, labels: torch.Tensor, coeffs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, labels: torch.Tensor, coeffs: torch.Tensor, noise: torch.Tensor,
+                pixel_noise: list[torch.Tensor] | None = None) -> torch.Tensor:
         z = self.latent(labels, coeffs, noise)
         x = self.fc(z).view(z.shape[0], self.width, self.init_size, self.init_size)
         x = self._bn(self.bn0, x, labels, coeffs)
-        x = F.leaky_relu(self._bn(self.bn1, self._up_conv(x, self.conv1), labels, coeffs), 0.2)
-        x = F.leaky_relu(self._bn(self.bn2, self._up_conv(x, self.conv2), labels, coeffs), 0.2)
+        x = self._up_conv(x, self.conv1)
+        if self.block_noise and pixel_noise is not None:
+            x = x + self.noise_gain1.view(1, -1, 1, 1) * pixel_noise[0]
+        x = F.leaky_relu(self._bn(self.bn1, x, labels, coeffs), 0.2)
+        x = self._up_conv(x, self.conv2)
+        if self.block_noise and pixel_noise is not None:
+            x = x + self.noise_gain2.view(1, -1, 1, 1) * pixel_noise[1]
+        x = F.leaky_relu(self._bn(self.bn2, x, labels, coeffs), 0.2)
         # (B, channels, size, size), in the default memory format whatever the generator's own
         return self.bn_out(torch.tanh(self.conv3(x))).contiguous()
 
@@ -247,13 +287,25 @@ class Generator(nn.Module):
                     dm=not isinstance(self.disentanglement_mapping, nn.Identity),
                     dm_width=getattr(self.disentanglement_mapping, "out_features", 100), width=self.width,
                     bn_eps=self.bn1.eps if not self.conditional_bn else self.bn1.bn.eps,
-                    conditional_bn=self.conditional_bn)
+                    conditional_bn=self.conditional_bn, embed_norm=self.embed_norm, block_noise=self.block_noise)
 
 
 def seeded_noise(seeds, k: int, embed_dim: int, device=None) -> torch.Tensor:
     """(B, K, D) noise where sample i depends on seeds[i] alone."""
     rows = [torch.randn(k, embed_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     return torch.stack(rows).to(device)
+
+
+def seeded_pixel_noise(seeds, shapes, device=None) -> list[torch.Tensor]:
+    """One (B, *shape) per-pixel noise map per shape, where sample i depends on seeds[i] alone (a stream
+    of its own: the seed mixed with a constant, so it never repeats what ``seeded_noise`` draws)."""
+    if not shapes:
+        return []
+    per_sample = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s) ^ 0x5EED_0F_B10C)
+        per_sample.append([torch.randn(*shape, generator=g) for shape in shapes])
+    return [torch.stack([maps[i] for maps in per_sample]).to(device) for i in range(len(shapes))]
 
 
 @torch.no_grad()
@@ -280,9 +332,10 @@ def generate_images(generator: Generator, labels, coeffs, seeds) -> torch.Tensor
     if generator.input_mode == "gdfq" and labels.shape[1] > 1:
         raise ValueError("a GDFQ generator takes one class per sample (no superposition)")
     noise = seeded_noise(seeds, labels.shape[1], generator.embed_dim, device)
+    pixel = seeded_pixel_noise(seeds, generator.noise_shapes(), device) or None
     was_training = generator.training
     generator.eval()
     try:
-        return generator(labels, coeffs, noise)
+        return generator(labels, coeffs, noise, pixel)
     finally:
         generator.train(was_training)

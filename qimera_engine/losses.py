@@ -100,15 +100,41 @@ class _BNMoments(torch.autograd.Function):
         return torch.addcmul(b.view(shape), x, a.view(shape))
 
 
+def slack_gap(value: torch.Tensor, target: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """mean of max(|value - target| - margin, 0)^2: a squared error that ignores gaps within the margin."""
+    return F.relu((value - target).abs() - margin).square().mean()
+
+
+def generator_ce(logits: torch.Tensor, targets: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """The generator's soft cross-entropy; ``margin`` > 0 (after IntraQ's soft inception loss): each row's
+    KL(t || softmax(logits)) counts only above ``margin``, so a sample that the teacher already gives its
+    target (a confidence of about exp(-margin) for a one-hot one) is not pushed further to the class centre."""
+    if margin <= 0:
+        return soft_cross_entropy(logits, targets)
+    entropy = -(targets * targets.clamp_min(1e-12).log()).sum(dim=1)
+    return F.relu(soft_cross_entropy_rows(logits, targets) - entropy - margin).mean()
+
+
+def mode_seeking(first: torch.Tensor, second: torch.Tensor, z_first: torch.Tensor, z_second: torch.Tensor,
+                 eps: float = 1e-5) -> torch.Tensor:
+    """MSGAN's mode-seeking term: 1 / (mean |G(z1) - G(z2)| / mean |z1 - z2| + eps), for two halves of a
+    batch with the same conditions and different noise; small when different noise gives different outputs."""
+    ratio = (first - second).abs().mean() / (z_first - z_second).abs().mean()
+    return 1.0 / (ratio + eps)
+
+
 class BNStatisticsLoss:
     """L_BNS through forward hooks on every BatchNorm2d of the teacher.
 
     While ``active``, each BN layer adds MSE(mu_B, running_mean) + MSE(var_B, running_var)
     of its input; ``pop()`` returns the average over layers and clears the record.
+    ``slack`` > 0 (DSG's slack alignment): only the part of a gap beyond a margin counts, the margin
+    being ``slack`` running standard deviations for a mean and ``slack`` running variances for a
+    variance, so a batch may vary around the statistics instead of meeting them exactly.
     """
 
-    def __init__(self, model: nn.Module):
-        self.active = False
+    def __init__(self, model: nn.Module, slack: float = 0.0):
+        self.active, self.slack = False, float(slack)
         self._terms: list[torch.Tensor] = []
         self.layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         if not self.layers:
@@ -118,7 +144,11 @@ class BNStatisticsLoss:
     def _hook(self, module: nn.BatchNorm2d, args) -> None:
         if self.active:
             mean, var = bn_statistics(args[0])
-            self._terms.append(F.mse_loss(mean, module.running_mean) + F.mse_loss(var, module.running_var))
+            if self.slack > 0:
+                self._terms.append(slack_gap(mean, module.running_mean, self.slack * module.running_var.sqrt())
+                                   + slack_gap(var, module.running_var, self.slack * module.running_var))
+            else:
+                self._terms.append(F.mse_loss(mean, module.running_mean) + F.mse_loss(var, module.running_var))
 
     def __enter__(self) -> "BNStatisticsLoss":
         return self

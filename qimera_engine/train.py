@@ -32,8 +32,9 @@ from .data import ImageData, InputSpec, load_data
 from .evaluate import evaluate
 from .events import EpochEnd, Evaluated, Event, Finished, Log, Started, Step
 from .generator import BatchSampler, Generator, LatentBatch
-from .losses import BNStatisticsLoss, ce_row_mask, kd_loss, low_pass, masked_soft_cross_entropy, soft_cross_entropy
-from .models import Teacher, save_state_dict
+from .losses import (BNStatisticsLoss, ce_row_mask, generator_ce, kd_loss, low_pass, masked_soft_cross_entropy,
+                     mode_seeking, soft_cross_entropy)
+from .models import Teacher, classifier_layer, save_state_dict
 from .quant import (enable_weight_clip, fit_ranges_mse, make_ranges_learnable, reconstruct, set_calibration,
                     start_range_sampling)
 from .runs import Run, RunDamaged, RunLocked, atomic_path, check_out, create_run, open_run, write_csv, write_json
@@ -63,7 +64,8 @@ def build_generator(cfg: RunConfig, teacher: Teacher, device: torch.device | str
     embed_dim = cfg.embed_dim or teacher.feature_dim
     g = Generator(teacher.num_classes, teacher.image_size, teacher.channels, embed_dim,
                   input_mode=cfg.gen_input, noise_scale=cfg.noise_scale, dm=cfg.dm, dm_width=cfg.dm_width,
-                  width=cfg.gen_width, bn_eps=cfg.gen_bn_eps)
+                  width=cfg.gen_width, bn_eps=cfg.gen_bn_eps, embed_norm=cfg.embed_norm,
+                  block_noise=cfg.block_noise)
     if cfg.embed_init == "teacher":
         g.init_embeddings_from(teacher.classifier.weight.detach().cpu(), freeze=cfg.embed_freeze)
     elif cfg.embed_freeze:
@@ -352,7 +354,9 @@ class Trainer:
             self.sched_g = torch.optim.lr_scheduler.MultiStepLR(self.opt_g, cfg.milestones, cfg.lr_gamma)
         self.sampler = BatchSampler(num_classes, generator.embed_dim if generator else 1, cfg.superpose_p,
                                     cfg.superpose_k, cfg.coeff_sampler, cfg.dirichlet_alpha, cfg.fixed_coeffs,
-                                    seed=cfg.seed, generator=rng.device)
+                                    seed=cfg.seed, generator=rng.device, paired=cfg.ms_weight > 0,
+                                    pixel_shapes=generator.noise_shapes() if generator else None)
+        self.classifier = classifier_layer(teacher) if cfg.ms_weight > 0 and cfg.ms_space == "feature" else None
         self.bns: BNStatisticsLoss | None = None
         # the networks' forward passes, compiled with ``compile`` (the modules themselves stay as they are,
         # so saving, evaluation and calibration see the same parameters and buffers)
@@ -380,7 +384,7 @@ class Trainer:
         if self.generator is None:
             yield self
             return
-        with BNStatisticsLoss(self.teacher) as self.bns:
+        with BNStatisticsLoss(self.teacher, self.cfg.bns_slack) as self.bns:
             try:
                 yield self
             finally:
@@ -399,13 +403,25 @@ class Trainer:
         latent: LatentBatch = self.sampler(cfg.batch_size, self.device)
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        x = self.gen_fwd(latent.labels, latent.coeffs, latent.noise)
+        x = self.gen_fwd(latent.labels, latent.coeffs, latent.noise, latent.pixel)
         self.bns.active = True
-        t_logits = self.teacher_fwd(x)
+        feats = []
+        hook = (self.classifier.register_forward_pre_hook(lambda m, a: feats.append(a[0].flatten(1)))
+                if cfg.ms_weight > 0 and cfg.ms_space == "feature" else None)
+        try:
+            t_logits = self.teacher_fwd(x)
+        finally:
+            if hook is not None:
+                hook.remove()
         self.bns.active = False
         l_bns = self.bns.pop()
-        ce_g = soft_cross_entropy(t_logits.float(), latent.targets)
+        ce_g = generator_ce(t_logits.float(), latent.targets, cfg.ce_g_margin)
         loss_g = ce_g + cfg.bns_weight * l_bns
+        if cfg.ms_weight > 0:  # the batch is paired: halves with the same conditions, different noise
+            out = (feats[-1] if feats else x.flatten(1)).float()
+            a, b = out.chunk(2)
+            za, zb = latent.noise.chunk(2)
+            loss_g = loss_g + cfg.ms_weight * mode_seeking(a, b, za, zb)
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
@@ -583,6 +599,7 @@ def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dic
     yield Started(str(folder.path), cfg.to_dict(), str(dev), total, start_epoch, fp_top1)
 
     amp = autocast_for(cfg.amp, dev)
+    probe = DiversityProbe(parts) if parts.generator is not None and cfg.diversity_images > 0 else None
     eval_subset = parts.test.sample(cfg.eval_images) if 0 < cfg.eval_images < len(parts.test) else None
     student = parts.student
     with trainer.bn_hooks():
@@ -626,6 +643,8 @@ def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dic
             best = max(best, result["top1"])
             row = _metrics_row(cfg, trainer, epoch, result, best, sums, calibrating, train_student,
                                time.perf_counter() - t_epoch)
+            if probe is not None:
+                row.update(probe())
             rows.append(row)
             elapsed = elapsed_before + time.perf_counter() - t_start
             _save_epoch(folder, parts, trainer, epoch, best, fp_top1, elapsed, rows)
@@ -729,6 +748,36 @@ def _save_epoch(folder: Run, parts: Parts, trainer: Trainer, epoch: int, best: f
         torch.save(state, tmp)
 
 
+DIVERSITY_KEYS = ("coverage", "precision", "recall", "density", "spread_vs_real", "spread_ratio")
+
+
+class DiversityProbe:
+    """The generator's diversity after an epoch (``cfg.diversity_images``): the ``analysis.diversity`` figures
+    of a fixed draw of plain samples, and of superposed ones as ``mix_*``, against the teacher's features of a
+    fixed draw of test images (taken once). Every draw has its own seed: the run's random streams are untouched."""
+
+    def __init__(self, parts: Parts):
+        from .analysis import real_features
+        self.parts = parts
+        self.n = min(parts.cfg.diversity_images, len(parts.test))
+        self.real = real_features(parts.teacher, parts.test, self.n, seed=0) if self.n > 5 else None
+        self.mix = parts.generator.input_mode != "gdfq" and parts.teacher.num_classes > 1
+
+    def __call__(self) -> dict:
+        from .analysis import diversity, synthetic_features
+        if self.real is None:
+            return {}
+        gen, teacher, cfg = self.parts.generator, self.parts.teacher, self.parts.cfg
+        row = {}
+        kinds = [("", False)] + ([("mix_", True)] if self.mix else [])
+        for prefix, superposed in kinds:
+            syn = synthetic_features(gen, teacher, self.n, superposed, seed=0,
+                                     k=max(2, cfg.superpose_k) if superposed else 1)
+            figures = diversity(syn, self.real)
+            row.update({prefix + key: round(figures[key], 4) for key in DIVERSITY_KEYS})
+        return row
+
+
 def _summary(cfg: RunConfig, folder: Run, rows: list[dict], fp_top1: float, seconds: float) -> dict:
     last = rows[-1] if rows else {}
     best_row = max(rows, key=lambda r: r["top1"]) if rows else {}
@@ -738,4 +787,6 @@ def _summary(cfg: RunConfig, folder: Run, rows: list[dict], fp_top1: float, seco
             "teacher_sha256": folder.teacher_sha256,
             "quant_top1": last.get("top1"), "best_top1": best_row.get("top1"), "best_epoch": best_row.get("epoch"),
             "epochs_done": len(rows), "epochs": cfg.epochs, "images": images, "seconds": round(seconds, 2),
-            "images_per_s": round(images / seconds, 1) if seconds > 0 else None}
+            "images_per_s": round(images / seconds, 1) if seconds > 0 else None,
+            **({"diversity": {k: v for k, v in last.items() if k.removeprefix("mix_") in DIVERSITY_KEYS}}
+               if "coverage" in last else {})}

@@ -1,0 +1,84 @@
+"""Screen generator-side settings cheaply: train only the generator of a run, then measure its diversity.
+
+    python bench/screen_generator.py --preset cifar10-resnet20-fast --seed 0 \
+        --set checkpoint=resnet20-cifar10.th --set test_data=folder:cifar10-val --set ms_weight=1
+
+The generator learns from the teacher alone (the student trains on detached images), so this trains
+exactly the generator a run with the same seed and settings would end with (the run's own
+``Trainer.generator_step``, its schedule and superposition dose per epoch), at about half a run's cost,
+and prints one JSON line: precision, recall, density and coverage (Naeem et al. 2020, k = 5) of 1,000
+plain and 1,000 superposed samples (K = 2) against 1,000 images of ``test_data``, their within-class
+spread against the real one, and the seconds it took. ``--save PATH`` keeps the generator's weights.
+Tune on a training split (``cifar10-val``), report on the test images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from qimera_engine.analysis import diversity, real_features, synthetic_features  # noqa: E402
+from qimera_engine.config import parse_overrides, preset  # noqa: E402
+from qimera_engine.models import save_state_dict  # noqa: E402
+from qimera_engine.train import Parts, Trainer, keep_freed_memory, superpose_p  # noqa: E402
+
+
+def train_generator(parts: Parts) -> Trainer:
+    cfg = parts.cfg
+    trainer = Trainer.from_parts(parts)
+    with trainer.bn_hooks():
+        for epoch in range(cfg.epochs):
+            trainer.sampler.p = superpose_p(cfg, epoch)
+            for _ in range(cfg.iters_per_epoch):
+                trainer.generator_step()
+            trainer.sched_g.step()
+    return trainer
+
+
+def measure(parts: Parts, n: int = 1000, seed: int = 0) -> dict:
+    """Diversity of ``parts.generator``'s plain and superposed samples against ``n`` test images."""
+    real = real_features(parts.teacher, parts.test, n, seed)
+    out = {}
+    kinds = [("plain", False)] + ([("superposed", True)] if parts.generator.input_mode != "gdfq" else [])
+    for name, superposed in kinds:
+        syn = synthetic_features(parts.generator, parts.teacher, n, superposed, seed=seed,
+                                 k=max(2, parts.cfg.superpose_k) if superposed else 1)
+        out[name] = {k: round(v, 4) for k, v in diversity(syn, real).items()}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="cifar10-resnet20-fast")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--images", type=int, default=1000, help="real and synthetic samples per measurement")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--save", type=Path, default=None, help="write the generator's weights here")
+    args = ap.parse_args(argv)
+    cfg = preset(args.preset, seed=args.seed, **parse_overrides(args.set))
+    if cfg.method in ("ptq", "real-data"):
+        ap.error(f"method {cfg.method} trains no generator worth screening")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    t0 = time.perf_counter()
+    parts = Parts.build(cfg.resolved())
+    train_generator(parts)
+    seconds = time.perf_counter() - t0
+    result = {"preset": args.preset, "seed": args.seed, "set": args.set, "train_seconds": round(seconds, 1),
+              **measure(parts, args.images)}
+    if args.save:
+        save_state_dict(parts.generator, args.save)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

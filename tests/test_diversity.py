@@ -1,0 +1,236 @@
+"""Diversity of generated samples: the metrics against brute force, and the generator-side switches
+(each off by default, each exercised by a short digits run)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qimera_engine import preset, run_to_end
+from qimera_engine.analysis import class_spread, diversity, dominant_labels, knn_coverage, prdc
+from qimera_engine.config import ConfigError
+from qimera_engine.generator import Generator, generate_images, sample_latents, seeded_pixel_noise
+from qimera_engine.losses import BNStatisticsLoss, generator_ce, mode_seeking, slack_gap, soft_cross_entropy
+from qimera_engine.runs import open_run
+
+SHORT = dict(epochs=2, iters_per_epoch=6, warmup_epochs=1, calib_epochs=1, batch_size=16, milestones=[],
+             log_every=3, seed=0, diversity_images=200)
+
+# --------------------------------------------------------------------------- the metrics, by brute force
+
+
+def brute_prdc(real, fake, k):
+    def radii(x):
+        return np.array([sorted(np.linalg.norm(x - p, axis=1))[k] for p in x])  # [0] is the point itself
+    rr, rf = radii(real), radii(fake)
+    d = np.array([[np.linalg.norm(r - f) for f in fake] for r in real])
+    precision = np.mean([any(d[i, j] <= rr[i] for i in range(len(real))) for j in range(len(fake))])
+    recall = np.mean([any(d[i, j] <= rf[j] for j in range(len(fake))) for i in range(len(real))])
+    density = np.mean([sum(d[i, j] <= rr[i] for i in range(len(real))) for j in range(len(fake))]) / k
+    coverage = np.mean([d[i].min() <= rr[i] for i in range(len(real))])
+    return dict(precision=precision, recall=recall, density=density, coverage=coverage)
+
+
+@pytest.mark.parametrize("seed,k,shift", [(0, 3, 0.0), (1, 5, 0.5), (2, 1, 2.0), (3, 4, -1.0)])
+def test_prdc_matches_brute_force(seed, k, shift):
+    rng = np.random.default_rng(seed)
+    real = rng.normal(size=(40, 3))
+    fake = rng.normal(scale=0.6, size=(35, 3)) + shift
+    want = brute_prdc(real, fake, k)
+    got = prdc(real, fake, k, chunk=7)  # chunks that do not divide the 40 rows
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-12), key
+    assert got["coverage"] == knn_coverage(real, fake, k)
+
+
+def test_prdc_extremes_and_bad_input():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(300, 4))
+    same = prdc(real, rng.normal(size=(300, 4)), 5)
+    assert same["coverage"] > 0.9 and same["precision"] > 0.85 and same["recall"] > 0.85
+    assert 0.7 < same["density"] < 1.3
+    collapsed = prdc(real, rng.normal(scale=0.01, size=(300, 4)), 5)  # every sample at one point
+    assert collapsed["precision"] == 1.0 and collapsed["coverage"] < 0.1 and collapsed["recall"] < 0.1
+    with pytest.raises(ValueError, match="more than 5"):
+        prdc(real[:5], real, 5)
+    with pytest.raises(ValueError, match="width"):
+        prdc(real, real[:, :3], 5)
+    with pytest.raises(ValueError, match="k must be"):
+        prdc(real, real, 0)
+
+
+def test_class_spread_matches_brute_force():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 5))
+    y = rng.integers(0, 3, size=30)
+    spreads, centres = [], []
+    for c in range(3):
+        m = x[y == c]
+        centres.append(m.mean(0))
+        spreads.append(np.mean([np.linalg.norm(a - b) for i, a in enumerate(m) for j, b in enumerate(m) if i != j]))
+    cd = np.mean([np.linalg.norm(a - b) for i, a in enumerate(centres) for j, b in enumerate(centres) if i != j])
+    got = class_spread(x, y)
+    assert got["spread"] == pytest.approx(np.mean(spreads), rel=1e-5)
+    assert got["centres"] == pytest.approx(cd, rel=1e-5)
+    assert got["ratio"] == pytest.approx(np.mean(spreads) / cd, rel=1e-5)
+    with pytest.raises(ValueError, match="two samples"):
+        class_spread(x[:3], [0, 1, 2])
+
+
+def test_diversity_uses_the_dominant_class():
+    labels = np.array([[0, 1], [2, 1]])
+    coeffs = np.array([[0.2, 0.8], [0.9, 0.1]])
+    assert dominant_labels(labels, coeffs).tolist() == [1, 2]
+    rng = np.random.default_rng(0)
+    real = {"features": rng.normal(size=(60, 4)), "labels": rng.integers(0, 3, 60)}
+    syn = {"features": rng.normal(size=(60, 4)), "labels": rng.integers(0, 3, (60, 1)), "coeffs": np.ones((60, 1))}
+    d = diversity(syn, real, k=3)
+    assert set(d) == {"spread", "spread_ratio", "precision", "recall", "density", "coverage", "spread_vs_real"}
+    assert 0.7 < d["spread_vs_real"] < 1.3
+    assert set(diversity(syn)) == {"spread", "spread_ratio"}  # data-free
+
+
+# --------------------------------------------------------------------------- the pieces of the switches
+
+
+def test_generator_defaults_have_no_new_parameters_and_old_configs_load():
+    g = Generator(10, 32, 3, 16)
+    assert g.noise_shapes() == [] and not hasattr(g, "noise_gain1")
+    cfg = g.config()
+    for key in ("embed_norm", "block_noise"):
+        cfg.pop(key)  # a generator.json written before the switches
+    assert Generator(**cfg).config() == g.config()
+
+
+def test_block_noise_depends_on_the_seed_alone():
+    torch.manual_seed(0)
+    g = Generator(10, 8, 1, 16, block_noise=True)
+    assert g.noise_shapes() == [(1, 4, 4), (1, 8, 8)]
+    with torch.no_grad():
+        g.noise_gain1.fill_(1.0)
+        g.noise_gain2.fill_(1.0)
+    for _ in range(2):  # warm the BN running statistics up so eval mode has something to use
+        lb = sample_latents(32, 10, 16, pixel_shapes=g.noise_shapes())
+        g(lb.labels, lb.coeffs, lb.noise, lb.pixel)
+    # a sample depends on its own seed alone, whatever the batch beside it
+    one = generate_images(g, [3], [1.0], [7])
+    again = generate_images(g, [3, 3], [[1.0], [1.0]], [7, 8])
+    assert torch.allclose(one[0], again[0], atol=1e-5)
+    # two samples with one label and one input noise differ through their per-pixel noise
+    g.eval()
+    labels, coeffs, noise = torch.full((2, 1), 3), torch.ones(2, 1), torch.randn(1, 1, 16).expand(2, 1, 16)
+    with torch.no_grad():
+        x = g(labels, coeffs, noise, seeded_pixel_noise([1, 2], g.noise_shapes()))
+        flat = g(labels, coeffs, noise)  # no maps given: none added
+    assert not torch.allclose(x[0], x[1], atol=1e-3)
+    assert torch.allclose(flat[0], flat[1])
+    a, b = seeded_pixel_noise([5, 6], g.noise_shapes())
+    assert a.shape == (2, 1, 4, 4) and b.shape == (2, 1, 8, 8)
+    assert torch.equal(seeded_pixel_noise([5], g.noise_shapes())[0][0], a[0])
+
+
+def test_embed_norm_keeps_the_noise_share_when_embeddings_grow():
+    torch.manual_seed(0)
+    g = Generator(4, 8, 1, 32, embed_norm=True)
+    plain = Generator(4, 8, 1, 32)
+    plain.load_state_dict(g.state_dict())
+    with torch.no_grad():
+        for m in (g, plain):
+            m.embedding.weight.mul_(100.0)  # an embedding that outgrew the noise
+    labels, noise = torch.zeros(2, 1, dtype=torch.long), torch.randn(2, 1, 32)
+    coeffs = torch.ones(2, 1)
+    spread_norm = (g.latent(labels, coeffs, noise)[0] - g.latent(labels, coeffs, noise)[1]).norm()
+    spread_plain = (plain.latent(labels, coeffs, noise)[0] - plain.latent(labels, coeffs, noise)[1]).norm()
+    assert spread_plain < 0.1 < spread_norm  # without it the two noise vectors give nearly one input
+
+
+def test_paired_batches_share_conditions_not_noise():
+    lb = sample_latents(8, 10, 4, k=2, paired=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(lb.labels[:4], lb.labels[4:]) and torch.equal(lb.coeffs[:4], lb.coeffs[4:])
+    assert not torch.allclose(lb.noise[:4], lb.noise[4:])
+    with pytest.raises(ValueError, match="even"):
+        sample_latents(7, 10, 4, paired=True)
+    # unpaired draws are the engine's draws before the switch: the same stream, the same tensors
+    a = sample_latents(8, 10, 4, k=2, generator=torch.Generator().manual_seed(3))
+    b = sample_latents(8, 10, 4, k=2, generator=torch.Generator().manual_seed(3), pixel_shapes=[])
+    assert torch.equal(a.noise, b.noise) and a.pixel is None
+
+
+def test_slack_gap_and_loss():
+    v, t = torch.tensor([0.0, 1.0, 3.0]), torch.zeros(3)
+    assert slack_gap(v, t, torch.full((3,), 1.5)).item() == pytest.approx((1.5 ** 2) / 3)
+    assert slack_gap(v, t, torch.full((3,), 5.0)).item() == 0.0
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2)).eval()
+    x = torch.randn(4, 1, 5, 5)
+    with BNStatisticsLoss(model) as exact, BNStatisticsLoss(model, slack=0.0) as zero:
+        exact.active = zero.active = True
+        model(x)
+        assert torch.equal(exact.pop(), zero.pop())
+    with BNStatisticsLoss(model, slack=1e6) as loose:
+        loose.active = True
+        model(x)
+        assert loose.pop().item() == 0.0
+
+
+def test_generator_ce_margin():
+    logits = torch.tensor([[5.0, 0.0], [0.0, 0.0]], requires_grad=True)
+    targets = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    assert torch.equal(generator_ce(logits, targets, 0.0), soft_cross_entropy(logits, targets))
+    loss = generator_ce(logits, targets, 0.1)
+    loss.backward()
+    # row 0 is sure of its class (KL 0.0067 < 0.1), row 1 matches its soft target (KL 0): neither is pushed
+    assert loss.item() == 0.0 and torch.all(logits.grad == 0)
+    far = torch.tensor([[0.0, 5.0]], requires_grad=True)
+    assert generator_ce(far, targets[:1], 0.1).item() > 4.8
+
+
+def test_mode_seeking_rewards_different_outputs():
+    z1, z2 = torch.zeros(4, 3), torch.ones(4, 3)
+    same = mode_seeking(torch.ones(4, 5), torch.ones(4, 5), z1, z2)
+    apart = mode_seeking(torch.zeros(4, 5), torch.full((4, 5), 2.0), z1, z2)
+    assert same.item() == pytest.approx(1e5) and apart.item() == pytest.approx(1 / (2 + 1e-5))
+
+
+def test_mode_seeking_needs_an_even_batch():
+    with pytest.raises(ConfigError, match="even"):
+        preset("digits", ms_weight=1.0, batch_size=15)
+
+
+# --------------------------------------------------------------------------- short digits runs
+
+
+@pytest.fixture(scope="module")
+def default_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("div") / "default"
+    run_to_end(preset("digits", **SHORT), out=out)
+    return open_run(out).metrics
+
+
+def test_measuring_diversity_leaves_the_run_unchanged(default_rows, tmp_path):
+    run_to_end(preset("digits", **{**SHORT, "diversity_images": 0}), out=tmp_path / "r")
+    rows = open_run(tmp_path / "r").metrics
+    assert "coverage" not in rows[0]
+    for got, want in zip(rows, default_rows):
+        for key in ("top1", "loss_g", "ce_g", "bns", "loss_s", "kd", "ce_s"):
+            assert got[key] == want[key], key
+    # the default run recorded the figures every epoch, and its summary the last ones
+    for row in default_rows:
+        assert 0 <= row["coverage"] <= 1 and 0 <= row["mix_coverage"] <= 1 and row["spread_vs_real"] > 0
+
+
+@pytest.mark.parametrize("switch", [dict(embed_norm=True), dict(block_noise=True), dict(ms_weight=1.0),
+                                    dict(ms_weight=1.0, ms_space="feature"), dict(bns_slack=0.5),
+                                    dict(ce_g_margin=0.1)], ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_each_switch_changes_the_generator(switch, default_rows, tmp_path):
+    summary = run_to_end(preset("digits", **SHORT, **switch), out=tmp_path / "r")
+    rows = open_run(tmp_path / "r").metrics
+    assert summary["epochs_done"] == 2 and "coverage" in summary["diversity"]
+    assert rows[0]["loss_g"] != default_rows[0]["loss_g"]
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert all(cfg[k] == v for k, v in switch.items())
+    assert preset("digits", **switch).label == "qimera+"
+    gen = json.loads((tmp_path / "r" / "generator.json").read_text())
+    assert gen["block_noise"] == switch.get("block_noise", False)
+    assert gen["embed_norm"] == switch.get("embed_norm", False)
