@@ -2,10 +2,9 @@
 import pandas as pd
 import streamlit as st
 
-from qimera_engine import analysis
 from qimera_engine.ui import common, figures, paths
-from qimera_engine.ui.logic import (FEATURE_NUMBERS, dominant_class, feature_verdict, generator_runs,
-                                    hover_coefficients, selected_points)
+from qimera_engine.ui.logic import (FEATURE_NUMBERS, dominant_class, feature_table, feature_verdict,
+                                    generator_runs, hover_coefficients, selected_points)
 from qimera_engine.ui.tasks import features_key, features_task
 
 QUICK_SECONDS = 1.5  # how long the page waits for a projection before it shows progress instead
@@ -83,13 +82,10 @@ with right:
                           "probability is below this.")
     k = int(st.number_input("Neighbours k (coverage)", 1, 50, 5, key="f_k",
                             help="Coverage: share of real samples whose k-NN ball holds a synthetic sample."))
-    rows = []
-    for name, s in sources.items():
-        rows.append({"source": name, "near boundary": analysis.boundary_share(s["probs"], threshold),
-                     "coverage": None if name == "real" else analysis.knn_coverage(sources["real"]["features"],
-                                                                                   s["features"], k)})
-    st.dataframe(pd.DataFrame(rows).style.format({"near boundary": "{:.1%}", "coverage": "{:.1%}"},
-                                                 na_rep="-"), hide_index=True, key="f_numbers")
+    rows = feature_table(sources, threshold, k)
+    st.dataframe(pd.DataFrame(rows).style.format({"near boundary": "{:.1%}", "coverage": "{:.1%}",
+                                                  "spread": "{:.2f}x"}, na_rep="-"),
+                 hide_index=True, key="f_numbers")
     st.caption(FEATURE_NUMBERS)
     for line in feature_verdict({r["source"]: {"near": r["near boundary"], "coverage": r["coverage"]} for r in rows}):
         (st.success if line.startswith("As expected") else st.warning)(line)

@@ -214,9 +214,11 @@ def test_feature_space_page_computes_in_the_background(with_runs):
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     numbers = at.dataframe[0].value
-    assert list(numbers["source"]) == ["real", "plain", "superposed", "gdfq"]
+    # the real row: 200 other test images against the 200 shown, the reference a generator is measured against
+    assert list(numbers["source"]) == ["real (other 200 test images)", "plain", "superposed", "gdfq"]
     assert numbers["near boundary"].between(0, 1).all()
-    assert numbers["coverage"].iloc[1:].between(0, 1).all()
+    assert numbers["coverage"].between(0, 1).all() and numbers["coverage"].iloc[0] > 0.5
+    assert (numbers["spread"] > 0).all() and 0.7 < numbers["spread"].iloc[0] < 1.3
     at.slider(key="f_threshold").set_value(1.0).run()
     assert (at.dataframe[0].value["near boundary"] == 1.0).all()
 
@@ -374,6 +376,9 @@ def test_features_task_projects_every_source(finished_home, monkeypatch):
     assert list(src) == ["real", "plain", "superposed", "gdfq"]
     assert all(s["xy"].shape == (100, 2) for s in src.values())
     assert src["superposed"]["labels"].shape == (100, 2) and src["real"]["coeffs"].shape == (100, 1)
+    # the reference: the same draw's next 100 test images, none of them among the 100 shown
+    assert src["real"]["other_features"].shape == (100, src["real"]["features"].shape[1])
+    assert not any(np.allclose(src["real"]["other_features"][0], f) for f in src["real"]["features"])
     assert reports == sorted(reports) and len(out["classes"]) == 10
     # UMAP of the same samples (the user switches from PCA): the features are reused, only the projection is new
     calls = []

@@ -200,8 +200,34 @@ def boundary_sentence(path: dict, names: list[str], a: int, b: int) -> str:
 FEATURE_NUMBERS = ("**near boundary**: share of samples whose teacher hesitates (its top-1 probability minus its "
                    "top-2 is below the threshold). **coverage**: share of real test images that have a synthetic "
                    "sample among their k nearest neighbours, in the teacher's feature space (higher: the synthetic "
-                   "samples reach more of where real data lives). What Qimera expects: superposed samples near the "
-                   "boundary more often than plain ones and than GDFQ's, and a higher coverage.")
+                   "samples reach more of where real data lives); the real row gives other real test images "
+                   "against these, the most a generator can hope for. **spread**: how far apart two samples of "
+                   "one class lie, against real images of one class (1.0: as varied as real images; near 0: one "
+                   "image per class). What Qimera expects: superposed samples near the boundary more often than "
+                   "plain ones and than GDFQ's, and a higher coverage.")
+
+
+def feature_table(sources: dict, threshold: float, k: int) -> list[dict]:
+    """One row per source: near the boundary, coverage of the real features, within-class spread against
+    the real one. The real row: other real test images against these (the reference), when there are some."""
+    from qimera_engine import analysis
+    real = sources["real"]
+    real_spread = analysis.class_spread(real["features"], real["labels"])["spread"]
+    rows = []
+    for name, s in sources.items():
+        if name == "real":
+            other, other_labels = s.get("other_features"), s.get("other_labels")
+            enough = other is not None and len(other) > k and len(real["features"]) > k
+            coverage = analysis.knn_coverage(real["features"], other, k) if enough else None
+            spread = (analysis.class_spread(other, other_labels)["spread"] / real_spread if enough else 1.0)
+            label = f"real (other {len(other)} test images)" if enough else "real"
+        else:
+            coverage = analysis.knn_coverage(real["features"], s["features"], k)
+            spread = analysis.class_spread(s["features"], analysis.dominant_labels(s["labels"], s["coeffs"]))["spread"]
+            spread, label = spread / real_spread, name
+        rows.append({"source": label, "near boundary": analysis.boundary_share(s["probs"], threshold),
+                     "coverage": coverage, "spread": spread})
+    return rows
 
 
 def feature_verdict(numbers: dict[str, dict]) -> list[str]:

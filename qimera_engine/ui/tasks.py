@@ -91,9 +91,14 @@ def _sources(run: Run, gdfq_path: str | None, n: int, seed: int, report, stop) -
     teacher = load_teacher(run)
     gen = load_generator(run)
     cfg = run.config
-    report(0.15, f"real features ({n} test images)")
+    report(0.15, f"real features ({n} test images, and as many others for the real-vs-real reference)")
     test = load_data(cfg.test_data, InputSpec.of(teacher), "test")
-    real = analysis.real_features(teacher, test, min(n, len(test)), seed)
+    m = min(n, len(test))
+    # one draw of up to 2n images: its first n are the real source (the draw ``real_features(n)`` makes),
+    # the rest other real images, against which the real ones give the coverage of real against real
+    both = analysis.real_features(teacher, test, min(2 * n, len(test)), seed)
+    real = {key: value[:m] for key, value in both.items()}
+    real["other_features"], real["other_labels"] = both["features"][m:], both["labels"][m:]
     real["labels"] = real["labels"][:, None]
     real["coeffs"] = np.ones((len(real["labels"]), 1), np.float32)  # one class each
     sources = {"real": real}
