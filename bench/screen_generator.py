@@ -35,9 +35,11 @@ def train_generator(parts: Parts) -> Trainer:
     with trainer.bn_hooks():
         for epoch in range(cfg.epochs):
             trainer.sampler.p = superpose_p(cfg, epoch)
+            t0 = time.perf_counter()
             for _ in range(cfg.iters_per_epoch):
                 trainer.generator_step()
             trainer.sched_g.step()
+            print(f"epoch {epoch + 1}/{cfg.epochs}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return trainer
 
 

@@ -15,6 +15,7 @@ st.markdown(
 
 from qimera_engine import preset, runs_dir  # noqa: E402  (after the title, see above)
 from qimera_engine.ui import common, figures, paths  # noqa: E402
+from qimera_engine.ui.logic import diversity_line  # noqa: E402
 
 common.setup_page("Home", "🧪")
 st.header("Run the demo")
@@ -64,6 +65,9 @@ if shipped:
             st.markdown(f"The same recipe trained **without** superposed batches scores "
                         f"{plain.summary['quant_top1']:.2f}%: at this small budget superposition does not pay off, "
                         f"so the Qimera+ preset leaves it off (measured over three seeds in docs/results.md).")
+        line = diversity_line(s)
+        if line:
+            st.markdown(line)
         st.caption("Shipped with the app (read-only), so there is something to see before any run of your own.")
         st.page_link("pages/3_Boundary_samples.py", label="Mix classes yourself", icon="🧬")
         st.page_link("pages/4_Feature_space.py", label="Where these samples sit among real images", icon="🗺️")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -650,7 +651,8 @@ def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dic
             _save_epoch(folder, parts, trainer, epoch, best, fp_top1, elapsed, rows)
             yield Evaluated(epoch, result["top1"], best)
             yield EpochEnd(epoch, row)
-    summary = _summary(cfg, folder, rows, fp_top1, elapsed_before + time.perf_counter() - t_start)
+    summary = _summary(cfg, folder, rows, fp_top1, elapsed_before + time.perf_counter() - t_start,
+                       probe.reference if probe is not None else None)
     folder.check_present()
     write_json(folder.path / Run.SUMMARY, summary)
     folder.set_status("finished")
@@ -757,10 +759,21 @@ class DiversityProbe:
     fixed draw of test images (taken once). Every draw has its own seed: the run's random streams are untouched."""
 
     def __init__(self, parts: Parts):
-        from .analysis import real_features
+        from .analysis import diversity, real_features
         self.parts = parts
         self.n = min(parts.cfg.diversity_images, len(parts.test))
-        self.real = real_features(parts.teacher, parts.test, self.n, seed=0) if self.n > 5 else None
+        self.real, self.reference = None, {}
+        if self.n > 5:
+            # one draw of up to 2n test images: the first n (``real_features(n)``'s draw) are measured against;
+            # the others, measured against them as a generator would be, give the reference of real against real
+            both = real_features(parts.teacher, parts.test, min(2 * self.n, len(parts.test)), seed=0)
+            self.real = {key: value[:self.n] for key, value in both.items()}
+            other = {key: value[self.n:] for key, value in both.items()}
+            if len(other["labels"]) > 5:
+                other.update(labels=other["labels"][:, None], coeffs=np.ones((len(other["labels"]), 1)))
+                figures = diversity(other, self.real)
+                self.reference = {key: round(figures[key], 4) for key in DIVERSITY_KEYS}
+                self.reference["images"] = len(other["labels"])
         self.mix = parts.generator.input_mode != "gdfq" and parts.teacher.num_classes > 1
 
     def __call__(self) -> dict:
@@ -778,7 +791,8 @@ class DiversityProbe:
         return row
 
 
-def _summary(cfg: RunConfig, folder: Run, rows: list[dict], fp_top1: float, seconds: float) -> dict:
+def _summary(cfg: RunConfig, folder: Run, rows: list[dict], fp_top1: float, seconds: float,
+             reference: dict | None = None) -> dict:
     last = rows[-1] if rows else {}
     best_row = max(rows, key=lambda r: r["top1"]) if rows else {}
     images = len(rows) * cfg.iters_per_epoch * cfg.batch_size
@@ -789,4 +803,5 @@ def _summary(cfg: RunConfig, folder: Run, rows: list[dict], fp_top1: float, seco
             "epochs_done": len(rows), "epochs": cfg.epochs, "images": images, "seconds": round(seconds, 2),
             "images_per_s": round(images / seconds, 1) if seconds > 0 else None,
             **({"diversity": {k: v for k, v in last.items() if k.removeprefix("mix_") in DIVERSITY_KEYS}}
-               if "coverage" in last else {})}
+               if "coverage" in last else {}),
+            **({"diversity_reference": reference} if reference else {})}

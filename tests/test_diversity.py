@@ -220,6 +220,20 @@ def test_measuring_diversity_leaves_the_run_unchanged(default_rows, tmp_path):
         assert 0 <= row["coverage"] <= 1 and 0 <= row["mix_coverage"] <= 1 and row["spread_vs_real"] > 0
 
 
+def test_summary_holds_the_figures_and_the_real_reference(tmp_path):
+    from qimera_engine.ui.logic import diversity_line
+    summary = run_to_end(preset("digits", **{**SHORT, "epochs": 1, "warmup_epochs": 1, "calib_epochs": 1}),
+                         out=tmp_path / "r")
+    rows = open_run(tmp_path / "r").metrics
+    assert summary["diversity"] == {k: v for k, v in rows[-1].items() if k.removeprefix("mix_") in
+                                    ("coverage", "precision", "recall", "density", "spread_vs_real", "spread_ratio")}
+    ref = summary["diversity_reference"]  # 200 other digits test images against the 200 measured against
+    assert ref["images"] == 200 and ref["coverage"] > 0.8 and 0.8 < ref["spread_vs_real"] < 1.2
+    line = diversity_line(summary)
+    assert f"{summary['diversity']['coverage']:.0%}" in line and f"{ref['coverage']:.0%}" in line
+    assert diversity_line({"quant_top1": 1.0}) is None
+
+
 @pytest.mark.parametrize("switch", [dict(embed_norm=True), dict(block_noise=True), dict(ms_weight=1.0),
                                     dict(ms_weight=1.0, ms_space="feature"), dict(bns_slack=0.5),
                                     dict(ce_g_margin=0.1)], ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))

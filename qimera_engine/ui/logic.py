@@ -207,6 +207,18 @@ FEATURE_NUMBERS = ("**near boundary**: share of samples whose teacher hesitates 
                    "plain ones and than GDFQ's, and a higher coverage.")
 
 
+def diversity_line(summary: dict) -> str | None:
+    """How varied a run's generated samples are, beside the reference of real images against real ones (from
+    the summary a run writes; None for a run without those figures)."""
+    div, ref = summary.get("diversity"), summary.get("diversity_reference")
+    if not div or not ref:
+        return None
+    mix = (f", superposed ones {div['mix_coverage']:.0%}" if "mix_coverage" in div else "")
+    return (f"How varied its samples are, in the teacher's features: plain samples reach **{div['coverage']:.0%}** "
+            f"of the real test images (coverage, k = 5){mix}; other real images reach {ref['coverage']:.0%}. Two "
+            f"samples of one class lie {div['spread_vs_real']:.2f}x as far apart as two real images of one class.")
+
+
 def feature_table(sources: dict, threshold: float, k: int) -> list[dict]:
     """One row per source: near the boundary, coverage of the real features, within-class spread against
     the real one. The real row: other real test images against these (the reference), when there are some."""
