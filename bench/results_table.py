@@ -89,7 +89,9 @@ def main():
     for (label, _, b, s), (_, sm) in results:
         table.append({"method": label, "wbits": b, "abits": b, "seed": s, "fp_top1": sm["fp_top1"],
                       "final_top1": sm["quant_top1"], "best_top1": sm["best_top1"], "seconds": sm["seconds"],
-                      "images_per_s": sm["images_per_s"]})
+                      "images_per_s": sm["images_per_s"],
+                      # the generator's diversity after the last epoch (runs that record it; blank otherwise)
+                      **{k: sm.get("diversity", {}).get(k, "") for k in ("coverage", "mix_coverage", "spread_vs_real")}})
     with out_csv.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(table[0]))
         w.writeheader()
@@ -97,13 +99,18 @@ def main():
     fp = sorted({r["fp_top1"] for r in table})
     print(f"\n{args.preset}: FP top-1 {', '.join(f'{x:.2f}' for x in fp)}; {len(seeds)} seed(s); "
           f"wall {time.time() - t0:.0f} s; CSV {out_csv}\n")
-    print("| method | bits | final epoch top-1 | best epoch top-1 | seconds per run |")
-    print("|---|---|---|---|---|")
+    print("| method | bits | final epoch top-1 | best epoch top-1 | coverage (plain) | coverage (superposed) "
+          "| spread vs real | seconds per run |")
+    print("|---|---|---|---|---|---|---|---|")
     for b in bits:
         for label, _ in rows:
             sel = [r for r in table if r["method"] == label and r["wbits"] == b]
+
+            def div(key):
+                return fmt([r[key] for r in sel if r[key] != ""])
             print(f"| {label} | W{b}A{b} | {fmt([r['final_top1'] for r in sel])} | "
-                  f"{fmt([r['best_top1'] for r in sel])} | {statistics.mean(r['seconds'] for r in sel):.0f} |")
+                  f"{fmt([r['best_top1'] for r in sel])} | {div('coverage')} | {div('mix_coverage')} | "
+                  f"{div('spread_vs_real')} | {statistics.mean(r['seconds'] for r in sel):.0f} |")
 
 
 if __name__ == "__main__":
