@@ -300,13 +300,14 @@ def knn_coverage(real, synthetic, k: int = 5) -> float:
     nearest = NearestNeighbors(n_neighbors=1).fit(synthetic).kneighbors(real)[0][:, 0]
     return float(np.mean(nearest <= radius * (1 + 1e-6)))  # tolerance: float rounding of equal distances
 
-def _kth_radii(x: np.ndarray, k: int) -> np.ndarray:
-    """Each sample's distance to its k-th nearest other sample of ``x``."""
+def kth_radii(x, k: int) -> np.ndarray:
+    """Each sample's distance to its k-th nearest other sample of ``x`` (N, D)."""
     from sklearn.neighbors import NearestNeighbors
+    x = _as_features(x)
     return NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)[0][:, k]
 
 
-def prdc(real, synthetic, k: int = 5, chunk: int = 2048) -> dict:
+def prdc(real, synthetic, k: int = 5, chunk: int = 2048, real_radii: np.ndarray | None = None) -> dict:
     """Precision, recall, density and coverage of Naeem et al. 2020 ("Reliable Fidelity and Diversity
     Metrics for Generative Models"), on feature vectors (N, D). A real sample's ball has the radius of its
     distance to its k-th nearest other real sample (a synthetic ball likewise among synthetic samples);
@@ -317,6 +318,7 @@ def prdc(real, synthetic, k: int = 5, chunk: int = 2048) -> dict:
     over synthetic samples (about 1 for synthetic samples distributed like the real ones); coverage: share of
     real samples whose ball holds a synthetic sample. Real against other real samples of one distribution
     gives values near 1; a collapsed generator a high precision and a low recall and coverage.
+    ``real_radii``: the real samples' k-NN radii (``kth_radii(real, k)``), when measured against them before.
     """
     real, synthetic = _as_features(real), _as_features(synthetic)
     if k < 1:
@@ -327,7 +329,8 @@ def prdc(real, synthetic, k: int = 5, chunk: int = 2048) -> dict:
     if real.shape[1] != synthetic.shape[1]:
         raise ValueError(f"real and synthetic features differ in width: {real.shape[1]} and {synthetic.shape[1]}")
     tol = 1 + 1e-6  # float rounding of equal distances
-    r_real, r_syn = _kth_radii(real, k) * tol, _kth_radii(synthetic, k) * tol
+    r_real = (kth_radii(real, k) if real_radii is None else np.asarray(real_radii)) * tol
+    r_syn = kth_radii(synthetic, k) * tol
     in_real_balls = np.zeros(len(synthetic), dtype=np.int64)   # per synthetic sample: real balls holding it
     covered = np.zeros(len(real), dtype=bool)                  # per real sample: its ball holds a synthetic one
     recalled = np.zeros(len(real), dtype=bool)                 # per real sample: inside some synthetic ball
@@ -377,7 +380,7 @@ def dominant_labels(labels, coeffs) -> np.ndarray:
     return labels[np.arange(len(labels)), coeffs.argmax(axis=1)]
 
 
-def diversity(synthetic: dict, real: dict | None = None, k: int = 5) -> dict:
+def diversity(synthetic: dict, real: dict | None = None, k: int = 5, real_radii: np.ndarray | None = None) -> dict:
     """The diversity figures of synthetic samples (a ``synthetic_features`` result), beside real ones
     (a ``real_features`` result) when given: spread and spread_ratio (``class_spread``, by each sample's
     dominant class) always; with real samples also precision, recall, density, coverage (``prdc``) and
@@ -385,7 +388,7 @@ def diversity(synthetic: dict, real: dict | None = None, k: int = 5) -> dict:
     own = class_spread(synthetic["features"], dominant_labels(synthetic["labels"], synthetic["coeffs"]))
     out = {"spread": own["spread"], "spread_ratio": own["ratio"]}
     if real is not None:
-        out.update(prdc(real["features"], synthetic["features"], k))
+        out.update(prdc(real["features"], synthetic["features"], k, real_radii=real_radii))
         out["spread_vs_real"] = own["spread"] / class_spread(real["features"], real["labels"])["spread"]
     return out
 

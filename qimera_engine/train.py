@@ -759,7 +759,7 @@ class DiversityProbe:
     fixed draw of test images (taken once). Every draw has its own seed: the run's random streams are untouched."""
 
     def __init__(self, parts: Parts):
-        from .analysis import diversity, real_features
+        from .analysis import diversity, kth_radii, real_features
         self.parts = parts
         self.n = min(parts.cfg.diversity_images, len(parts.test))
         self.real, self.reference = None, {}
@@ -775,6 +775,7 @@ class DiversityProbe:
                 self.reference = {key: round(figures[key], 4) for key in DIVERSITY_KEYS}
                 self.reference["images"] = len(other["labels"])
         self.mix = parts.generator.input_mode != "gdfq" and parts.teacher.num_classes > 1
+        self.radii = kth_radii(self.real["features"], 5) if self.real is not None else None  # the same every epoch
 
     def __call__(self) -> dict:
         from .analysis import diversity, synthetic_features
@@ -786,7 +787,7 @@ class DiversityProbe:
         for prefix, superposed in kinds:
             syn = synthetic_features(gen, teacher, self.n, superposed, seed=0,
                                      k=max(2, cfg.superpose_k) if superposed else 1)
-            figures = diversity(syn, self.real)
+            figures = diversity(syn, self.real, real_radii=self.radii)
             row.update({prefix + key: round(figures[key], 4) for key in DIVERSITY_KEYS})
         return row
 
