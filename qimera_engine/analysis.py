@@ -26,19 +26,9 @@ GEN_CHUNK = 500  # images generated per call: bounds memory for large image size
 # --------------------------------------------------------------------------- features
 
 
-def synthetic_draw(num_classes: int, n: int, k: int, seed: int, sampler: str = "softmax",
-                   fixed: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """The labels (n, k), coefficients (n, k) and noise seeds (n,) that ``synthetic_features`` draws."""
-    rng = torch.Generator().manual_seed(int(seed))
-    labels = torch.randint(num_classes, (n, k), generator=rng)
-    seeds = torch.randint(2**31 - 1, (n,), generator=rng).tolist()  # one noise seed per sample
-    coeffs = torch.ones(n, 1) if k == 1 else sample_coefficients(n, k, sampler, fixed=fixed, generator=rng)
-    return labels, coeffs, seeds
-
-
 def synthetic_features(generator: Generator, teacher, n: int, superposed: bool, seed: int = 0, k: int = 2,
                        sampler: str = "softmax", *, fixed: list[float] | None = None,
-                       keep_images: bool = False, noise_cache: dict | None = None) -> dict:
+                       keep_images: bool = False) -> dict:
     """Generate ``n`` images and take the teacher's penultimate features and probabilities.
 
     Plain: one label per sample (K = 1, coefficient 1). Superposed: K labels uniform with replacement
@@ -46,8 +36,7 @@ def synthetic_features(generator: Generator, teacher, n: int, superposed: bool, 
     coefficients, noise) follows from ``seed`` alone; the global random state is left untouched.
     Returns features (N, D) float32, probs (N, C), labels (N, K) int64, coeffs (N, K) float32,
     seeds (N,) int64 (``generate_images(generator, labels[i:i+1], coeffs[i:i+1], seeds[i:i+1])``
-    remakes sample i), and images (N, C, H, W) when ``keep_images``. ``noise_cache`` (a dict kept by the
-    caller): the seeded noise is drawn once and reused by later calls with the same draw (a run's epochs).
+    remakes sample i), and images (N, C, H, W) when ``keep_images``.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -55,11 +44,17 @@ def synthetic_features(generator: Generator, teacher, n: int, superposed: bool, 
         raise ValueError("a GDFQ generator cannot superpose classes; use superposed=False")
     if superposed and k < 2:
         raise ValueError(f"superposition mixes k >= 2 classes, got k={k}")
-    labels, coeffs, seeds = synthetic_draw(generator.num_classes, n, k if superposed else 1, seed, sampler, fixed)
+    k = k if superposed else 1
+    rng = torch.Generator().manual_seed(int(seed))
+    labels = torch.randint(generator.num_classes, (n, k), generator=rng)
+    seeds = torch.randint(2**31 - 1, (n,), generator=rng).tolist()  # one noise seed per sample
+    if k == 1:
+        coeffs = torch.ones(n, 1)
+    else:
+        coeffs = sample_coefficients(n, k, sampler, fixed=fixed, generator=rng)
     feats, probs, images = [], [], []
     for i in range(0, n, GEN_CHUNK):
-        x = generate_images(generator, labels[i:i + GEN_CHUNK], coeffs[i:i + GEN_CHUNK], seeds[i:i + GEN_CHUNK],
-                            noise_cache=noise_cache)
+        x = generate_images(generator, labels[i:i + GEN_CHUNK], coeffs[i:i + GEN_CHUNK], seeds[i:i + GEN_CHUNK])
         f, p = collect_features(teacher.model, x)
         feats.append(f)
         probs.append(p)

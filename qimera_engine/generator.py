@@ -309,12 +309,11 @@ def seeded_pixel_noise(seeds, shapes, device=None) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def generate_images(generator: Generator, labels, coeffs, seeds, noise_cache: dict | None = None) -> torch.Tensor:
+def generate_images(generator: Generator, labels, coeffs, seeds) -> torch.Tensor:
     """Images for explicit labels (B, K), coefficients (B, K) and seeds (B,).
 
     The generator runs in eval mode (BatchNorm running statistics), so each image depends
-    only on its own labels, coefficients and seed; no training state is touched. ``noise_cache`` (a dict
-    kept by the caller) keeps the seeded noise of these seeds for the next call with the same seeds.
+    only on its own labels, coefficients and seed; no training state is touched.
     """
     device = next(generator.parameters()).device
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
@@ -332,14 +331,8 @@ def generate_images(generator: Generator, labels, coeffs, seeds, noise_cache: di
         raise ValueError(f"need one seed per sample ({labels.shape[0]}), got {len(seeds)}")
     if generator.input_mode == "gdfq" and labels.shape[1] > 1:
         raise ValueError("a GDFQ generator takes one class per sample (no superposition)")
-    key = (tuple(seeds), labels.shape[1], generator.embed_dim, tuple(generator.noise_shapes()), str(device))
-    if noise_cache is not None and key in noise_cache:
-        noise, pixel = noise_cache[key]
-    else:
-        noise = seeded_noise(seeds, labels.shape[1], generator.embed_dim, device)
-        pixel = seeded_pixel_noise(seeds, generator.noise_shapes(), device) or None
-        if noise_cache is not None:
-            noise_cache[key] = (noise, pixel)
+    noise = seeded_noise(seeds, labels.shape[1], generator.embed_dim, device)
+    pixel = seeded_pixel_noise(seeds, generator.noise_shapes(), device) or None
     was_training = generator.training
     generator.eval()
     try:

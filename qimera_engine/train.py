@@ -776,7 +776,6 @@ class DiversityProbe:
                 self.reference["images"] = len(other["labels"])
         self.mix = parts.generator.input_mode != "gdfq" and parts.teacher.num_classes > 1
         self.radii = kth_radii(self.real["features"], 5) if self.real is not None else None  # the same every epoch
-        self.noise: dict = {}  # the draws' seeded noise, the same every epoch
 
     def __call__(self) -> dict:
         from .analysis import diversity, synthetic_features
@@ -787,7 +786,7 @@ class DiversityProbe:
         kinds = [("", False)] + ([("mix_", True)] if self.mix else [])
         for prefix, superposed in kinds:
             syn = synthetic_features(gen, teacher, self.n, superposed, seed=0,
-                                     k=max(2, cfg.superpose_k) if superposed else 1, noise_cache=self.noise)
+                                     k=max(2, cfg.superpose_k) if superposed else 1)
             figures = diversity(syn, self.real, real_radii=self.radii)
             row.update({prefix + key: round(figures[key], 4) for key in DIVERSITY_KEYS})
         return row
