@@ -296,7 +296,7 @@ def knn_coverage(real, synthetic, k: int = 5) -> float:
     if len(synthetic) == 0:
         return 0.0
     # k + 1 neighbours of each real sample among the real ones: the first is the sample itself.
-    radius = NearestNeighbors(n_neighbors=k + 1).fit(real).kneighbors(real)[0][:, k]
+    radius = kth_radii(real, k)
     nearest = NearestNeighbors(n_neighbors=1).fit(synthetic).kneighbors(real)[0][:, 0]
     return float(np.mean(nearest <= radius * (1 + 1e-6)))  # tolerance: float rounding of equal distances
 
