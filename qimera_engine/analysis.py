@@ -76,6 +76,20 @@ def real_features(teacher, data: ImageData, n: int, seed: int = 0) -> dict:
     return {"features": f.numpy().astype(np.float32, copy=False),
             "probs": p.numpy().astype(np.float32, copy=False), "labels": y.numpy().astype(np.int64)}
 
+
+def real_and_others(teacher, data: ImageData, n: int, seed: int = 0) -> tuple[dict, dict]:
+    """One draw of up to 2n real images, split: the first n (the draw ``real_features(n)`` makes), and the
+    others, which measured against the first n as a generator would be give the real-vs-real reference."""
+    both = real_features(teacher, data, min(2 * n, len(data)), seed)
+    m = min(n, len(data))
+    return ({key: value[:m] for key, value in both.items()}, {key: value[m:] for key, value in both.items()})
+
+
+def as_one_class(source: dict) -> dict:
+    """Real features in ``synthetic_features``'s form: labels (N, 1) with coefficient 1 each."""
+    labels = np.asarray(source["labels"])
+    return {**source, "labels": labels[:, None], "coeffs": np.ones((len(labels), 1), np.float32)}
+
 # --------------------------------------------------------------------------- 2-D projection
 
 class LRUCache:

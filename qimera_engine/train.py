@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -759,19 +758,14 @@ class DiversityProbe:
     fixed draw of test images (taken once). Every draw has its own seed: the run's random streams are untouched."""
 
     def __init__(self, parts: Parts):
-        from .analysis import diversity, kth_radii, real_features
+        from .analysis import as_one_class, diversity, kth_radii, real_and_others
         self.parts = parts
         self.n = min(parts.cfg.diversity_images, len(parts.test))
         self.real, self.reference = None, {}
         if self.n > 5:
-            # one draw of up to 2n test images: the first n (``real_features(n)``'s draw) are measured against;
-            # the others, measured against them as a generator would be, give the reference of real against real
-            both = real_features(parts.teacher, parts.test, min(2 * self.n, len(parts.test)), seed=0)
-            self.real = {key: value[:self.n] for key, value in both.items()}
-            other = {key: value[self.n:] for key, value in both.items()}
+            self.real, other = real_and_others(parts.teacher, parts.test, self.n, seed=0)
             if len(other["labels"]) > 5:
-                other.update(labels=other["labels"][:, None], coeffs=np.ones((len(other["labels"]), 1)))
-                figures = diversity(other, self.real)
+                figures = diversity(as_one_class(other), self.real)
                 self.reference = {key: round(figures[key], 4) for key in DIVERSITY_KEYS}
                 self.reference["images"] = len(other["labels"])
         self.mix = parts.generator.input_mode != "gdfq" and parts.teacher.num_classes > 1

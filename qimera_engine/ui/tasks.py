@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from .. import (InputSpec, Run, analysis, data_stamp, evaluate, get_teacher, load_data, load_generator, load_teacher,
                open_run, qimera_home, train_and_cache)
 from . import paths
@@ -93,14 +91,9 @@ def _sources(run: Run, gdfq_path: str | None, n: int, seed: int, report, stop) -
     cfg = run.config
     report(0.15, f"real features ({n} test images, and as many others for the real-vs-real reference)")
     test = load_data(cfg.test_data, InputSpec.of(teacher), "test")
-    m = min(n, len(test))
-    # one draw of up to 2n images: its first n are the real source (the draw ``real_features(n)`` makes),
-    # the rest other real images, against which the real ones give the coverage of real against real
-    both = analysis.real_features(teacher, test, min(2 * n, len(test)), seed)
-    real = {key: value[:m] for key, value in both.items()}
-    real["other_features"], real["other_labels"] = both["features"][m:], both["labels"][m:]
-    real["labels"] = real["labels"][:, None]
-    real["coeffs"] = np.ones((len(real["labels"]), 1), np.float32)  # one class each
+    first, other = analysis.real_and_others(teacher, test, n, seed)
+    real = analysis.as_one_class(first)  # the real source, and other real images for the real-vs-real figures
+    real["other_features"], real["other_labels"] = other["features"], other["labels"]
     sources = {"real": real}
     if stop.is_set():
         return sources, test.classes
