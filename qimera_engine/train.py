@@ -407,7 +407,7 @@ class Trainer:
         self.bns.active = True
         feats = []
         hook = (self.classifier.register_forward_pre_hook(lambda m, a: feats.append(a[0].flatten(1)))
-                if cfg.ms_weight > 0 and cfg.ms_space == "feature" else None)
+                if self.classifier is not None else None)
         try:
             t_logits = self.teacher_fwd(x)
         finally:
@@ -417,7 +417,7 @@ class Trainer:
         l_bns = self.bns.pop()
         ce_g = generator_ce(t_logits.float(), latent.targets, cfg.ce_g_margin)
         loss_g = ce_g + cfg.bns_weight * l_bns
-        if cfg.ms_weight > 0:  # the batch is paired: halves with the same conditions, different noise
+        if latent.paired:  # halves with the same conditions, different noise (the sampler pairs when ms_weight > 0)
             out = (feats[-1] if feats else x.flatten(1)).float()
             a, b = out.chunk(2)
             za, zb = latent.noise.chunk(2)
