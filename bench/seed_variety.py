@@ -1,0 +1,78 @@
+"""How different are the images of one generator's noise seeds? The question Home's first exhibit raises.
+
+    python bench/seed_variety.py RUN [RUN ...] --classes cat,dog --seeds 8
+
+For each run, the images its generator makes for ``--seeds`` noise seeds (0, 1, ...), as Home shows them:
+half one class, half the other (``--coeffs``), and plain images of the first class. Reported per set:
+
+- ``pixel``: mean distance between two of the images, root-mean-square over pixels in [0, 1] display
+  values (0: the same image; two unrelated photographs are typically 0.2-0.4 apart);
+- ``feature``: mean distance between two images' teacher features (the penultimate layer that
+  Feature space and the diversity figures use);
+- ``teacher says``: how many different classes the teacher reads among them.
+
+Beside them, the same figures for as many real test images of the first class (the run's own test
+data, when it is on this machine): how far apart real images of one class are. One JSON line per run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from qimera_engine import InputSpec, load_data, load_generator, load_teacher, open_run  # noqa: E402
+from qimera_engine.analysis import to_display  # noqa: E402
+from qimera_engine.evaluate import collect_features  # noqa: E402
+from qimera_engine.generator import generate_images  # noqa: E402
+
+
+def spread(images: torch.Tensor, teacher) -> dict:
+    pix = torch.from_numpy(to_display(images, teacher)).float().div(255).flatten(1)
+    feats, probs = collect_features(teacher.model, images)
+    iu = np.triu_indices(len(pix), 1)
+    rms = (torch.cdist(pix, pix) / pix.shape[1] ** 0.5).numpy()[iu]
+    return {"pixel": round(float(rms.mean()), 4),
+            "feature": round(float(torch.cdist(feats.float(), feats.float()).numpy()[iu].mean()), 3),
+            "teacher says": len(set(probs.argmax(1).tolist()))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", help="finished run folders")
+    ap.add_argument("--classes", default="cat,dog", help="two class names (or indices)")
+    ap.add_argument("--coeffs", default="0.5,0.5")
+    ap.add_argument("--seeds", type=int, default=8)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    for path in args.runs:
+        run = open_run(path)
+        teacher, gen = load_teacher(run), load_generator(run)
+        test = None
+        try:
+            test = load_data(run.config.test_data, InputSpec.of(teacher), "test")
+            names = list(test.classes)
+        except (OSError, ValueError):
+            names = [str(i) for i in range(teacher.num_classes)]
+        a, b = (names.index(c) if c in names else int(c) for c in args.classes.split(","))
+        seeds = list(range(args.seeds))
+        lam = torch.tensor([[float(c) for c in args.coeffs.split(",")]] * len(seeds))
+        row = {"run": run.id, "method": run.config.method, "superpose_p": run.config.superpose_p,
+               "classes": [names[a], names[b]], "seeds": len(seeds)}
+        if gen.input_mode != "gdfq":
+            row["mixed"] = spread(generate_images(gen, torch.tensor([[a, b]] * len(seeds)), lam, seeds), teacher)
+        row["plain"] = spread(generate_images(gen, torch.full((len(seeds), 1), a), torch.ones(len(seeds), 1), seeds),
+                              teacher)
+        if test is not None:
+            x, y = test.subset(min(len(test), 2000), 0)
+            row["real"] = spread(x[y == a][:len(seeds)], teacher)
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
