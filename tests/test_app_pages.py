@@ -299,7 +299,7 @@ def test_feature_scatter_colours_by_class_and_marks_sources():
     legend = [(t.name, t.legend) for t in fig.data if t.showlegend is not False]
     assert legend == [("a", None), ("b", None), ("c", None), ("real", "legend2"), ("superposed", "legend2")]
     assert fig.data[1].legendgroup == fig.data[2].legendgroup == "b"  # one legend entry toggles a class everywhere
-    assert fig.data[2].marker.symbol == "x" and fig.data[0].marker.symbol == "circle"
+    assert fig.data[2].marker.symbol == "x" and fig.data[0].marker.symbol == "circle-open"  # real: open rings
     assert fig.data[2].marker.color == fig.data[1].marker.color  # same class, same colour
     assert fig.data[2].customdata[0][2] == "0.60 x b + 0.40 x c"
     assert [int(r[3]) for r in fig.data[3].customdata] == [2]  # index within its source, for selections

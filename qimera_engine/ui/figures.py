@@ -10,7 +10,10 @@ import plotly.graph_objects as go
 # Colour-blind-safe palette (plotly's qualitative "Safe"), cycled for many classes.
 SAFE = ["#88CCEE", "#CC6677", "#DDCC77", "#117733", "#332288", "#AA4499", "#44AA99", "#999933", "#882255",
         "#661100", "#6699CC", "#888888"]
-SOURCE_SYMBOLS = {"real": "circle", "plain": "diamond", "superposed": "x", "gdfq": "square"}
+# legends of line charts stand to the right of the plot, clear of the axis titles (a horizontal legend
+# under the plot lies over the x-axis title)
+LEGEND = dict(orientation="v", x=1.02, xanchor="left", y=1.0, yanchor="top")
+SOURCE_SYMBOLS = {"real": "circle-open", "plain": "diamond", "superposed": "x", "gdfq": "square"}
 
 
 def _np(x) -> np.ndarray:
@@ -70,7 +73,7 @@ def loss_figure(loss_history: list[dict], keys=("loss_g", "ce_g", "bns", "loss_s
         if any(y not in (None, 0, 0.0) for y in ys):
             fig.add_trace(go.Scatter(x=steps, y=ys, mode="lines", name=k))
     fig.update_layout(title="Losses", xaxis_title="step", yaxis_title="loss", height=300,
-                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h"))
+                      margin=dict(l=10, r=10, t=40, b=10), legend=LEGEND)
     return fig
 
 
@@ -85,7 +88,7 @@ def accuracy_figure(metrics: list[dict], fp_top1: float | None = None) -> go.Fig
     if fp_top1 is not None:
         fig.add_hline(y=fp_top1, line_dash="dash", line_color="gray", annotation_text=f"FP teacher {fp_top1:.2f}%")
     fig.update_layout(title="Test accuracy", xaxis_title="epoch", yaxis_title="top-1 (%)", height=300,
-                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h"))
+                      margin=dict(l=10, r=10, t=40, b=10), legend=LEGEND)
     return fig
 
 def overlay_figure(curves: dict[str, list[dict]], fp_top1: dict[str, float] | None = None) -> go.Figure:
@@ -97,7 +100,7 @@ def overlay_figure(curves: dict[str, list[dict]], fp_top1: dict[str, float] | No
     for value in sorted(set((fp_top1 or {}).values())):
         fig.add_hline(y=value, line_dash="dash", line_color="gray", annotation_text=f"FP teacher {value:.2f}%")
     fig.update_layout(title="Test accuracy per epoch", xaxis_title="epoch", yaxis_title="top-1 (%)", height=340,
-                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h"))
+                      margin=dict(l=10, r=10, t=40, b=10), legend=LEGEND)
     return fig
 
 # --------------------------------------------------------------------------- boundary samples
@@ -162,7 +165,7 @@ def path_figure(path: dict, name_a: str, name_b: str, names: list[str] | None = 
                       annotation_text=f"top-1 → {to} at {float(boundary['alpha']):.2f}")
     fig.update_layout(title=f"From {name_a} (0) to {name_b} (1)", xaxis_title=f"coefficient of {name_b}",
                       yaxis_title="probability", yaxis_range=[0, 1.02], height=320,
-                      margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h"))
+                      margin=dict(l=10, r=10, t=40, b=10), legend=LEGEND)
     if tiles:  # the images take the top third, the curves the rest, on one shared x-axis
         fig.update_layout(height=470, yaxis_domain=[0, 0.62],
                           xaxis_range=[alphas[0] - spacing / 2, alphas[-1] + spacing / 2])
@@ -192,9 +195,11 @@ def feature_scatter(coords: dict, labels: dict, classes: list[str], hover: dict 
             fig.add_trace(go.Scattergl(
                 x=xy[m, 0], y=xy[m, 1], mode="markers", name=f"{source}: {classes[c]}", legendgroup=classes[c],
                 showlegend=False,
+                # real: open rings in the class colour; synthetic: filled shapes with a dark edge, so the two
+                # kinds tell apart at a glance whatever the class colours
                 marker=dict(color=SAFE[c % len(SAFE)], symbol=SOURCE_SYMBOLS.get(source, "circle"),
-                            size=5 if source == "real" else 7, opacity=0.55 if source == "real" else 0.9,
-                            line=dict(width=0)),
+                            size=6 if source == "real" else 8, opacity=0.6 if source == "real" else 0.95,
+                            line=dict(width=1, color=SAFE[c % len(SAFE)] if source == "real" else "#222222")),
                 customdata=np.stack([np.full(m.sum(), source, dtype=object), np.full(m.sum(), classes[c], dtype=object),
                                      extra[m], np.flatnonzero(m)], axis=1),  # last: index within its source
                 hovertemplate="%{customdata[0]}<br>class %{customdata[1]}<br>%{customdata[2]}<extra></extra>"))
@@ -203,7 +208,8 @@ def feature_scatter(coords: dict, labels: dict, classes: list[str], hover: dict 
                                    marker=dict(color=SAFE[c % len(SAFE)], size=9), hoverinfo="skip"))
     for source in coords:  # and the sources' marker shapes, in a legend of their own
         fig.add_trace(go.Scattergl(x=[None], y=[None], mode="markers", name=source, legend="legend2",
-                                   marker=dict(color="grey", symbol=SOURCE_SYMBOLS.get(source, "circle"), size=9),
+                                   marker=dict(color="grey", symbol=SOURCE_SYMBOLS.get(source, "circle"), size=9,
+                                               line=dict(width=1, color="grey" if source == "real" else "#222222")),
                                    hoverinfo="skip"))
     fig.update_layout(title=title, height=560, margin=dict(l=10, r=10, t=40, b=10),
                       legend=dict(itemsizing="constant", title_text="class"),
@@ -222,16 +228,17 @@ def bitwidth_figure(table, fp_top1: float | None = None, value: str = "top1") ->
     fig = go.Figure()
     if len(table):
         g = table.groupby(["method", "bits"])[value].agg(["mean", "std", "count"]).reset_index()
-        for method, part in g.groupby("method"):
+        for i, (method, part) in enumerate(g.groupby("method")):
             part = part.sort_values("bits")
             fig.add_trace(go.Scatter(x=part["bits"], y=part["mean"], mode="lines+markers", name=method,
+                                     line=dict(color=SAFE[i % len(SAFE)]),
                                      error_y=dict(type="data", array=part["std"].fillna(0.0), visible=True),
                                      customdata=part["count"],
                                      hovertemplate="%{x} bits: %{y:.2f}% (%{customdata} runs)<extra>" + method + "</extra>"))
     if fp_top1 is not None:
         fig.add_hline(y=fp_top1, line_dash="dash", line_color="gray", annotation_text=f"FP {fp_top1:.2f}%")
     fig.update_layout(title="Top-1 per bit width", xaxis_title="bits (W = A)", yaxis_title="top-1 (%)",
-                      xaxis=dict(dtick=1), height=380, margin=dict(l=10, r=10, t=40, b=10))
+                      xaxis=dict(dtick=1), height=380, margin=dict(l=10, r=10, t=40, b=10), legend=LEGEND)
     return fig
 
 # --------------------------------------------------------------------------- the Home picture
