@@ -30,8 +30,8 @@ if c2.button("Qimera vs GDFQ at W4A4", key="run-pair",
                   "minute on 2 CPU cores): the fair pair that Boundary samples, Feature space and Bit widths compare."):
     common.registry().start_sweep(preset("digits"), [4], ["qimera", "gdfq"], [0],
                                   label="comparison: Qimera vs GDFQ at W4A4 (digits)")
-common.jobs_section("run", key="home", limit=1)
-common.jobs_section("sweep", key="home-pair", limit=1, curves=False)
+common.jobs_section("run", key="home", limit=1, label_prefix="demo:")  # the demo, not any newer run
+common.jobs_section("sweep", key="home-pair", limit=1, curves=False, label_prefix="comparison: Qimera vs GDFQ")
 demo = next((j for j in common.registry().jobs("run") if j.label.startswith("demo:")), None)
 if demo is not None and demo.status == "finished":
     st.success("The demo run is done. Next: see what its generator makes, and how the student compares.")

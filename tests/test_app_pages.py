@@ -609,3 +609,16 @@ def test_home_starts_a_fair_qimera_vs_gdfq_pair(empty_home):
     assert same(configs[0]) == same(configs[1]) == (4, 4, 12, 40, 64, 0)
     empty_home.cancel(job.id)
     assert empty_home.wait(job.id, 120).status in ("cancelled", "finished")  # stopped, or done before the cancel: never failed
+
+
+def test_home_shows_the_demo_job_not_a_newer_run(with_runs):
+    """Home's demo box follows the demo, however many runs started after it."""
+    demo = with_runs.start_run(preset("digits", **TINY), label="demo: digits W4A4 (Qimera)")
+    other = with_runs.start_run(preset("digits", **TINY), label="another run")
+    for job in (demo, other):
+        with_runs.cancel(job)
+        with_runs.wait(job, 120)
+    at = open_page("app.py")
+    assert not at.exception
+    bars = [p.proto.text for p in at.get("progress")]
+    assert any(t.startswith("demo: digits") for t in bars) and not any("another run" in t for t in bars)

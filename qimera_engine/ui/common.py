@@ -219,13 +219,18 @@ def above_teacher_note(metrics: list[dict], fp_top1: float | None) -> str:
             "that, so differences this small are noise, not a better model.")
 
 
-def jobs_section(kind: str | None = None, *, key: str, limit: int = 3, curves: bool = True) -> None:
-    """The newest jobs of a kind, redrawn every second while any is running (never blocks the page)."""
-    polling = bool(registry().active(kind))
+def jobs_section(kind: str | None = None, *, key: str, limit: int = 3, curves: bool = True,
+                 label_prefix: str = "") -> None:
+    """The newest jobs of a kind (whose label starts with ``label_prefix``), redrawn every second while any
+    is running (never blocks the page)."""
+    def chosen():
+        return [j for j in registry().jobs(kind) if j.label.startswith(label_prefix)][:limit]
+
+    polling = any(j.active for j in chosen())
 
     @st.fragment(run_every=POLL_SECONDS if polling else None)
     def _live():
-        jobs = registry().jobs(kind)[:limit]
+        jobs = chosen()
         for job in jobs:
             with st.container(border=True):
                 job_panel(job, curves=curves, key=key)
