@@ -56,7 +56,7 @@ with controls:
         coeffs = list(normalise_coefficients(raw))
     else:
         coeffs = [1.0]
-    st.latex(coefficient_formula(coeffs, [names[c] for c in chosen]))
+    st.latex(coefficient_formula(coeffs, [names[c] for c in chosen], mapping=gen.config()["dm"]))
     c1, c2 = st.columns(2)
     n_seeds = c1.slider("Images (seeds)", 4, 32, 8, 4, key="b_seeds", help="One image per noise seed.")
     first = c2.number_input("First seed", 0, 10**6, 0, key="b_first_seed")

@@ -355,7 +355,11 @@ def test_mix_samples_reads_generated_images(finished_home, monkeypatch):
 def test_small_logic_helpers():
     assert np.allclose(analysis.normalise_coefficients([0, 0]), [0.5, 0.5])
     assert np.allclose(analysis.normalise_coefficients([1, 3]), [0.25, 0.75])
-    assert logic.coefficient_formula([1, 1], ["3", "8"]) == r"z = 0.50\,M(e_{3}) + 0.50\,M(e_{8})"
+    assert logic.coefficient_formula([1, 1], ["3", "8"]) == r"z = 0.50\,e_{\text{3}} + 0.50\,e_{\text{8}}"
+    assert logic.coefficient_formula([1, 1], ["cat", "dog"], mapping=True) == \
+        r"z = 0.50\,M(e_{\text{cat}}) + 0.50\,M(e_{\text{dog}})"  # M only when the generator maps
+    three = logic.coefficient_formula([1, 1, 2], ["a", "b", "c"])
+    assert three.startswith(r"\begin{aligned}") and three.count(r"\\") == 2  # a line per term
     assert list(logic.dominant_class(np.array([[1, 2], [4, 5]]), np.array([[.2, .8], [.6, .4]]))) == [2, 4]
     assert logic.teachers_for("digits") == ["digits-cnn"] and "resnet20" in logic.teachers_for("cifar10")
     names = [s.name for s in logic.SETTINGS]

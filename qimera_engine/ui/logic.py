@@ -4,6 +4,8 @@ The pages only lay these out; tests call them directly.
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -314,10 +316,18 @@ def setting_label(cfg: RunConfig) -> str:
 # --------------------------------------------------------------------------- boundary samples
 
 
-def coefficient_formula(coeffs, names: list[str]) -> str:
-    """LaTeX of the superposed embedding, e.g. z = 0.62 e_{3} + 0.38 e_{8}."""
-    terms = [f"{c:.2f}\\,M(e_{{{n}}})" for c, n in zip(normalise_coefficients(coeffs), names)]
-    return "z = " + " + ".join(terms)
+def coefficient_formula(coeffs, names: list[str], mapping: bool = False) -> str:
+    """LaTeX of the superposed embedding, e.g. z = 0.62 e_{cat} + 0.38 e_{dog}; with the disentanglement
+    mapping M when the generator has it. Three terms or more take a line each (a narrow column cuts one
+    long line off)."""
+    def term(n):
+        n = re.sub(r"([_&%$#{}])", r"\\\1", str(n))  # LaTeX's special characters, as text
+        e = f"e_{{\\text{{{n}}}}}"
+        return f"M({e})" if mapping else e
+    terms = [f"{c:.2f}\\,{term(n)}" for c, n in zip(normalise_coefficients(coeffs), names)]
+    if len(terms) <= 2:
+        return "z = " + " + ".join(terms)
+    return "\\begin{aligned} z = {} & " + " \\\\ & + ".join(terms) + " \\end{aligned}"
 
 
 def hover_coefficients(labels, coeffs, class_names: list[str]) -> list[str]:
