@@ -456,6 +456,8 @@ def test_export_and_download_a_run(with_runs, page, key):
     (button,) = [b for b in at.get("download_button") if b.proto.label.startswith("Download student.onnx")]
     exported = next(r for r in list_runs() if r.id == run_id).path / "student.onnx"
     assert exported.exists() and f"{exported.stat().st_size / 2**20:.2f} MB" in button.proto.label
+    at.radio(key=f"{key}-export-format").set_value("int").run()  # another format: the ONNX file is not offered
+    assert not [b for b in at.get("download_button") if b.proto.label.startswith("Download student")]
 
 
 @pytest.fixture

@@ -342,16 +342,17 @@ def export_panel(runs: list[Run], key: str) -> None:
                 with st.spinner("Exporting..."):
                     # a shipped run's export goes to the app's own exports folder, replaced on each export
                     target = paths.export_target(run, fmt)
-                    st.session_state[f"{key}-export-file"] = str(export(run, fmt, target, force=target is not None))
+                    done = export(run, fmt, target, force=target is not None)
+                    st.session_state[f"{key}-export-file"] = (run.id, fmt, str(done))
             except (ExportError, OSError, ValueError) as e:
                 st.error(f"Cannot export {rid}: {e}")
-        done = st.session_state.get(f"{key}-export-file")
-        target = paths.export_target(run, fmt)
-        if done and Path(done).parent == (target.parent if target else run.path) and Path(done).exists():
+        # only the file of the run and format chosen now (not one exported before with other choices)
+        done_id, done_fmt, done = st.session_state.get(f"{key}-export-file") or (None, None, None)
+        if done and (done_id, done_fmt) == (run.id, fmt) and Path(done).exists():
             st.download_button(f"Download {Path(done).name} ({Path(done).stat().st_size / 2**20:.2f} MB)",
                                Path(done).read_bytes(), f"{rid}-{Path(done).name}", key=f"{key}-export-download")
-            st.caption("Load it with `onnxruntime.InferenceSession(file)` or `qimera_engine.load_int(file)`; "
-                       "see the README.")
+            st.caption("Load it with `onnxruntime.InferenceSession(file)`; see the README." if fmt == "onnx" else
+                       "Load it with `qimera_engine.load_int(file)`; see the README.")
 
 
 def need_runs_message(what: str) -> None:
