@@ -81,9 +81,9 @@ class Job:
             return 1.0
         if self.kind == "task" or not self.runs:
             return self.fraction
-        done = sum(r.status in ("finished", "failed", "cancelled") for r in self.runs)
-        cur = self.run
-        partial = cur.fraction if cur is not None and cur.status == "running" else 0.0
+        # a cancelled run counts as far as it got (a full bar would read as done)
+        done = sum(r.status in ("finished", "failed") for r in self.runs)
+        partial = sum(r.fraction for r in self.runs if r.status in ("running", "cancelled"))
         return min(1.0, (done + partial) / len(self.runs))
 
     def snapshot(self) -> "Job":

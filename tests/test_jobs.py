@@ -55,6 +55,7 @@ def test_cancel_stops_a_run_and_keeps_its_folder(home):
     job = reg.wait(job_id, timeout=60)
     assert job.status == "cancelled" and job.run.status == "cancelled"
     assert job.run.step < job.run.total_steps
+    assert 0 < job.progress == job.run.fraction < 1  # its bar stops where the run stopped: it does not read as done
     assert json.loads((Path(job.run.run_dir) / "status.json").read_text())["status"] == "cancelled"
     assert not reg.cancel(job_id)  # nothing left to cancel
     assert reg.active() == []

@@ -176,7 +176,12 @@ def show_image_grid(images, caption: str = "", ncols: int = 8, **kw) -> None:
 
 def job_panel(job: Job, *, curves: bool = True, key: str = "") -> None:
     """Progress, message, cancel button and (for runs) live loss/accuracy curves of one job."""
-    st.progress(job.progress, text=f"{job.label}: {job.message or job.status}")
+    if job.status == "cancelled":  # not the last message of the work in progress, which has stopped
+        text = (f"{job.label}: cancelled at {job.progress:.0%}"
+                + (": its finished epochs are kept, resume it on Quantize" if job.kind != "task" else ""))
+    else:
+        text = f"{job.label}: {job.message or job.status}"
+    st.progress(job.progress, text=text)
     cols = st.columns([1, 4])
     if job.active:
         if cols[0].button("Cancel", key=f"cancel-{job.id}-{key}", help="Stops after the current iteration; "
