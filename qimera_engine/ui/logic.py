@@ -153,13 +153,14 @@ def runs_table(runs: list[Run], active_dirs: set[str] | frozenset = frozenset())
         if status == "running" and str(r.path) not in active_dirs:
             status = "running elsewhere"  # another process (e.g. the command line) holds its lock
         metrics = r.metrics if not s else []
-        rows.append({"run": r.id, "method": c.label, "W": c.wbits, "A": c.abits, "teacher": c.teacher,
-                     "data": data_label(c.test_data), "seed": c.seed, "status": status,
-                     "epochs": f"{s.get('epochs_done', len(metrics))}/{c.epochs}",
-                     "FP top-1": s.get("fp_top1"),
+        # status and results first, the long data paths last: at 1280 px the table's first columns show
+        rows.append({"run": r.id, "status": status,
                      "final top-1": s.get("quant_top1", metrics[-1]["top1"] if metrics else None),
+                     "method": c.label, "W": c.wbits, "A": c.abits,
                      "best top-1": s.get("best_top1", max((m["top1"] for m in metrics), default=None)),
-                     "seconds": s.get("seconds")})
+                     "FP top-1": s.get("fp_top1"),
+                     "epochs": f"{s.get('epochs_done', len(metrics))}/{c.epochs}", "seed": c.seed,
+                     "teacher": c.teacher, "seconds": s.get("seconds"), "data": data_label(c.test_data)})
     return pd.DataFrame(rows)
 
 
