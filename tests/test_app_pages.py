@@ -628,3 +628,16 @@ def test_home_shows_the_demo_job_not_a_newer_run(with_runs):
     assert not at.exception
     bars = [p.proto.text for p in at.get("progress")]
     assert any(t.startswith("demo: digits") for t in bars) and not any("another run" in t for t in bars)
+
+
+def test_compare_runs_starts_with_runs_on_one_scale():
+    """"Compare runs" starts with the newest run and the newest other with its teacher and test data."""
+    from types import SimpleNamespace
+
+    def run(rid, teacher, data, bits=4):
+        return SimpleNamespace(id=rid, config=SimpleNamespace(teacher=teacher, test_data=data, wbits=bits, abits=bits))
+    runs = [run("cifar-new", "resnet20", "cifar10"), run("digits", "digits-cnn", "digits"),
+            run("cifar-w8", "resnet20", "cifar10", 8), run("cifar-old", "resnet20", "cifar10")]
+    assert logic.overlay_default(runs) == ["cifar-new", "cifar-w8"]
+    assert logic.overlay_default(runs[1:3]) == ["digits"]  # nothing on its scale: alone, not beside CIFAR
+    assert logic.overlay_default([]) == []

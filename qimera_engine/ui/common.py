@@ -18,7 +18,7 @@ from .. import (ExportError, InputSpec, Job, JobRegistry, Run, RunLocked, analys
                load_data, load_generator, load_student, load_teacher, open_run, qimera_home, runs_dir,
                shared_registry)
 from . import figures, paths
-from .logic import comparable, partner_runs, run_label, setting_label, split_damaged
+from .logic import comparable, overlay_default, partner_runs, run_label, same_scale, setting_label, split_damaged
 
 POLL_SECONDS = 1.0  # how often live panels redraw while a job runs
 
@@ -298,9 +298,11 @@ def runs_tools(runs: list[Run]) -> None:
     if with_metrics:
         st.subheader("Compare runs")
         ids = [r.id for r in with_metrics]
-        picked = st.multiselect("Runs to overlay", ids, ids[:2], key="q-overlay",
+        picked = st.multiselect("Runs to overlay", ids, overlay_default(with_metrics), key="q-overlay",
                                 format_func=lambda i: run_label(with_metrics[ids.index(i)]))
         chosen = [with_metrics[ids.index(i)] for i in picked]
+        if any(not same_scale(chosen[0].config, r.config) for r in chosen[1:]):
+            st.warning("These runs have different teachers or test data: their accuracies are not on one scale.")
         if chosen:
             fp = {r.id: (r.summary or {}).get("fp_top1") for r in chosen}
             st.plotly_chart(figures.overlay_figure({run_label(r): r.metrics for r in chosen},

@@ -164,6 +164,19 @@ def runs_table(runs: list[Run], active_dirs: set[str] | frozenset = frozenset())
     return pd.DataFrame(rows)
 
 
+def same_scale(a: RunConfig, b: RunConfig) -> bool:
+    """Whether two runs' accuracies share one axis: the same teacher on the same test data."""
+    return (a.teacher, a.test_data) == (b.teacher, b.test_data)
+
+
+def overlay_default(runs: list[Run]) -> list[str]:
+    """The runs "Compare runs" starts with: the newest, and the newest other run on the same scale."""
+    if not runs:
+        return []
+    partner = next((r for r in runs[1:] if same_scale(runs[0].config, r.config)), None)
+    return [runs[0].id] + ([partner.id] if partner is not None else [])
+
+
 def bitwidth_table(runs: list[Run]) -> pd.DataFrame:
     """Finished runs with W = A, for the bit-width chart: method, bits, seed, top-1 (final and best),
     and the budget (generated images): runs of different budgets are never pooled."""
