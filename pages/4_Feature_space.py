@@ -69,9 +69,11 @@ else:
     if job is not None and job.status == "failed":
         st.error(f"Could not compute the features: {job.error}")
     last = common.registry().find(st.session_state.get("f_last_key", ""))
-    if last is None or not last.result or job is None or not job.active:
+    if last is None or not last.result:
         st.stop()
-    st.info("Showing the previous projection until the new one is ready.")  # the chart does not vanish
+    # the chart does not vanish while a new one computes, nor before the UMAP button is pressed
+    st.info("Showing the previous projection until the new one is ready." if job is not None and job.active
+            else "Showing the previous projection (its title says which) until you compute this one.")
     result = last.result
 sources, classes = result["sources"], result["classes"]
 left, right = st.columns([2, 1])  # wide enough for the table of numbers

@@ -221,6 +221,11 @@ def test_feature_space_page_computes_in_the_background(with_runs):
     assert (numbers["spread"] > 0).all() and 0.7 < numbers["spread"].iloc[0] < 1.3
     at.slider(key="f_threshold").set_value(1.0).run()
     assert (at.dataframe[0].value["near boundary"] == 1.0).all()
+    # UMAP chosen but not yet computed: the PCA chart stays, said to be the previous one
+    at.segmented_control(key="f_method").set_value("umap").run()
+    assert not at.exception and at.button(key="f_go")
+    assert any("PCA of the teacher" in c.proto.spec for c in at.get("plotly_chart"))
+    assert any("previous projection" in m.value for m in at.info)
 
 
 def test_bit_widths_page(with_runs):
