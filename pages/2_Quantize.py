@@ -1,9 +1,9 @@
 """Quantize: every setting of a run, live progress while it trains, and the list of runs."""
 import streamlit as st
 
-from qimera_engine import ConfigError, parse_spec, preset
+from qimera_engine import ConfigError, preset
 from qimera_engine.ui import common
-from qimera_engine.ui.logic import config_from_values, preset_for, runs_table, settings_by_section, start_presets
+from qimera_engine.ui.logic import config_from_values, runs_table, settings_by_section, start_presets
 
 common.setup_page("Quantize", "⚙️")
 st.title("Quantize")
@@ -11,14 +11,9 @@ st.markdown("Train a generator against the FP teacher and fine-tune the quantize
             "Defaults are the paper's values; the schedule comes from the preset you start from.")
 
 presets = start_presets()
-choice = st.session_state.get("teacher_choice")
-follow = preset_for(parse_spec(choice["test_data"])[0]) if choice else "digits"  # the Teacher page's data set
-preset_name = st.selectbox("Start from preset", list(presets), index=list(presets).index(follow),
+preset_name = st.selectbox("Start from preset", list(presets), index=list(presets).index(common.teacher_preset()),
                            format_func=lambda p: f"{p}: {presets[p]}", key="q_preset")
-use_choice = bool(choice) and st.checkbox(
-    f"Use the teacher chosen on the Teacher page ({choice['teacher']} on {choice['test_data']})" if choice else "",
-    value=True, key="q_use_teacher")
-base = preset(preset_name, **(choice if use_choice else {}))
+base = preset(preset_name, **common.use_teacher_choice("q_use_teacher"))
 st.caption(f"Teacher **{base.teacher}** · data **{base.test_data}**"
            + (f" · checkpoint `{base.checkpoint}`" if base.checkpoint else ""))
 if st.button("Reset to preset values", key="q_reset"):

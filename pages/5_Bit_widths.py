@@ -35,19 +35,21 @@ st.header("Sweep")
 with st.form("sweep-form"):
     presets = start_presets()
     c1, c2, c3 = st.columns(3)
-    base_name = c1.selectbox("Preset", list(presets), key="w_preset", help="Teacher, data and paper settings.")
+    base_name = c1.selectbox("Preset", list(presets), index=list(presets).index(common.teacher_preset()),
+                             key="w_preset", help="Teacher, data and paper settings.")
     bits = c2.multiselect("Bit widths (W = A)", list(range(2, 9)), [2, 3, 4, 8], key="w_bits")
     methods = c3.multiselect("Methods", list(METHODS), ["qimera", "gdfq"], key="w_methods")
     c1, c2, c3 = st.columns(3)
     seeds = c1.number_input("Seeds per setting", 1, 10, 1, key="w_seeds")
     epochs = c2.number_input("Epochs per run", 1, 1000, 4, key="w_epochs", help="Short runs keep a sweep quick.")
     iters = c3.number_input("Iterations per epoch", 1, 10000, 20, key="w_iters")
+    chosen_teacher = common.use_teacher_choice("w_use_teacher")  # as on Quantize: the Teacher page's choice
     go = st.form_submit_button("Start sweep", type="primary")
 if go:
     try:
         warm = min(2, int(epochs) - 1)
-        base = preset(base_name, epochs=int(epochs), iters_per_epoch=int(iters), warmup_epochs=warm,
-                      calib_epochs=max(1, warm), milestones=[])
+        base = preset(base_name, **{**chosen_teacher, "epochs": int(epochs), "iters_per_epoch": int(iters),
+                                    "warmup_epochs": warm, "calib_epochs": max(1, warm), "milestones": []})
         common.registry().start_sweep(base, bits, methods, range(int(seeds)))
     except (ConfigError, ValueError) as e:
         st.error(f"Cannot start the sweep: {e}")

@@ -646,3 +646,20 @@ def test_compare_runs_starts_with_runs_on_one_scale():
     assert logic.overlay_default(runs) == ["cifar-new", "cifar-w8"]
     assert logic.overlay_default(runs[1:3]) == ["digits"]  # nothing on its scale: alone, not beside CIFAR
     assert logic.overlay_default([]) == []
+
+
+def test_bit_widths_sweep_uses_the_chosen_teacher(empty_home, monkeypatch):
+    """A sweep on Bit widths trains the teacher chosen on the Teacher page, as Quantize does."""
+    started = []
+    monkeypatch.setattr(jobs_module.JobRegistry, "start_sweep",
+                        lambda self, base, *args, **kw: started.append(base) or "job")
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.switch_page("pages/5_Bit_widths.py")
+    at.session_state["teacher_choice"] = dict(teacher="resnet20", test_data="cifar10", checkpoint="/x.th",
+                                              pretrained=False, download=False)
+    at.run()
+    assert not at.exception and at.selectbox(key="w_preset").value == "cifar10-resnet20-cpu"
+    at.button(key="FormSubmitter:sweep-form-Start sweep").click().run()
+    assert not at.exception and not at.error
+    (base,) = started
+    assert (base.teacher, base.test_data, base.checkpoint, base.epochs) == ("resnet20", "cifar10", "/x.th", 4)

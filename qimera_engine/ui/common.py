@@ -15,10 +15,11 @@ import streamlit as st
 import torch
 
 from .. import (ExportError, InputSpec, Job, JobRegistry, Run, RunLocked, analysis, delete_run, export, list_runs,
-               load_data, load_generator, load_student, load_teacher, open_run, qimera_home, runs_dir,
+               load_data, load_generator, load_student, load_teacher, open_run, parse_spec, qimera_home, runs_dir,
                shared_registry)
 from . import figures, paths
-from .logic import comparable, overlay_default, partner_runs, run_label, same_scale, setting_label, split_damaged
+from .logic import (comparable, overlay_default, partner_runs, preset_for, run_label, same_scale, setting_label,
+                    split_damaged)
 
 POLL_SECONDS = 1.0  # how often live panels redraw while a job runs
 
@@ -242,6 +243,22 @@ def jobs_section(kind: str | None = None, *, key: str, limit: int = 3, curves: b
         if polling and not any(j.active for j in jobs):
             st.rerun()  # a job just ended: redraw the whole page (run lists, results)
     _live()
+
+
+def teacher_preset() -> str:
+    """The preset that fits the Teacher page's data set (digits when nothing was chosen there)."""
+    choice = st.session_state.get("teacher_choice")
+    return preset_for(parse_spec(choice["test_data"])[0]) if choice else "digits"
+
+
+def use_teacher_choice(key: str) -> dict:
+    """A tick box (ticked) to use the teacher chosen on the Teacher page; its settings, or {} without one."""
+    choice = st.session_state.get("teacher_choice")
+    if not choice:
+        return {}
+    use = st.checkbox(f"Use the teacher chosen on the Teacher page ({choice['teacher']} on {choice['test_data']})",
+                      value=True, key=key)
+    return dict(choice) if use else {}
 
 
 def setting_widget(s, default, key: str):
