@@ -15,7 +15,7 @@ from qimera_engine import ConfigError, list_runs, load_generator, load_student, 
 from qimera_engine import jobs as jobs_module
 from qimera_engine.teachers import train_and_cache
 from qimera_engine import analysis
-from qimera_engine.ui import figures, logic, tasks
+from qimera_engine.ui import figures, logic, paths, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["app.py", "pages/1_Teacher.py", "pages/2_Quantize.py", "pages/3_Boundary_samples.py",
@@ -663,3 +663,20 @@ def test_bit_widths_sweep_uses_the_chosen_teacher(empty_home, monkeypatch):
     assert not at.exception and not at.error
     (base,) = started
     assert (base.teacher, base.test_data, base.checkpoint, base.epochs) == ("resnet20", "cifar10", "/x.th", 4)
+
+
+def test_teacher_page_offers_the_shipped_resnet20(empty_home, monkeypatch):
+    """The ResNet-20 of the shipped runs is a choice on the Teacher page, offline, and becomes Quantize's teacher."""
+    assert paths.shipped_teacher() is None  # (the suite hides the showcase: then no such choice)
+    assert "shipped" not in open_page("pages/1_Teacher.py").selectbox(key="t_data").options
+    monkeypatch.setenv("QIMERA_SHOWCASE", str(ROOT / "assets" / "showcase"))
+    at = open_page("pages/1_Teacher.py")
+    at.selectbox(key="t_data").select("shipped").run()
+    assert not at.exception and not at.radio  # nothing to choose: no weights source
+    at.button(key="t_go").click().run()
+    wait_idle(empty_home)
+    at.run()
+    assert not at.exception
+    assert at.metric[0].label == "FP top-1" and float(at.metric[0].value.rstrip("%")) > 70
+    choice = at.session_state["teacher_choice"]
+    assert (choice["teacher"], choice["checkpoint"], choice["test_data"]) == ("resnet20", *paths.shipped_teacher())
