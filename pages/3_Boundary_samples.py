@@ -5,7 +5,7 @@ import streamlit as st
 
 from qimera_engine.ui import common, figures, paths
 from qimera_engine.analysis import normalise_coefficients
-from qimera_engine.ui.logic import boundary_sentence, coefficient_formula, generator_runs
+from qimera_engine.ui.logic import boundary_sentence, coefficient_formula, first_clean_seed, generator_runs
 
 common.setup_page("Boundary samples", "🧬")
 st.title("Boundary samples")
@@ -90,7 +90,20 @@ if not mixable:
 c1, c2 = st.columns(2)
 steps = c1.slider("Steps along the path", 3, 21, 7, 2, key="b_steps",  # 7: each image >= 96 px at 1280 px wide
                   help="Each step's image sits above its point on the chart; fewer steps, larger images.")
-path_seed = c2.number_input("Path seed", 0, 10**6, int(first), key="b_path_seed")
+# the default path seed: the first from the images' first seed whose path starts on A and ends on B (with
+# some seeds the teacher reads a third class even at an end, and the path then says little about A and B)
+clean = first_clean_seed(lambda s: common.mixing_path(path, stamp, a, b, steps, s), a, b, int(first))
+path_seed = c2.number_input("Path seed", 0, 10**6, int(first) if clean is None else clean,
+                            key=f"b_path_seed_{run.id}_{a}_{b}_{int(first)}",
+                            help="The default is the first seed, from the first seed above, on whose path the "
+                                 "teacher reads class A at λ_B = 0 and class B at λ_B = 1.")
+if clean is None:
+    st.caption(f"With none of seeds {int(first)}-{int(first) + 7} does the teacher read {names[a]} at one end of the "
+               f"path and {names[b]} at the other: this generator's {names[a]}-to-{names[b]} paths pass through "
+               "other classes.")
+elif clean != int(first):
+    st.caption(f"Path seed {clean}: the first seed from {int(first)} whose path runs from {names[a]} to {names[b]} "
+               "in the teacher's eyes.")
 partner = common.pick_partner(run, runs, key="b") if mixable else None
 kind = (" (GDFQ: input interpolation)" if not mixable
         else " (Qimera: superposed embeddings)" if run.config.superposes

@@ -680,3 +680,16 @@ def test_teacher_page_offers_the_shipped_resnet20(empty_home, monkeypatch):
     assert at.metric[0].label == "FP top-1" and float(at.metric[0].value.rstrip("%")) > 70
     choice = at.session_state["teacher_choice"]
     assert (choice["teacher"], choice["checkpoint"], choice["test_data"]) == ("resnet20", *paths.shipped_teacher())
+
+
+def test_the_default_path_seed_gives_a_clean_path():
+    """Boundary samples starts its A-to-B path at the first seed whose ends the teacher reads as A and B."""
+    preds = {0: [7, 3, 5], 1: [3, 3, 7], 2: [3, 4, 5], 3: [3, 9, 5]}  # seed -> the teacher's top-1 along the path
+    calls = []
+
+    def path_of(seed):
+        calls.append(seed)
+        return {"teacher_pred": np.array(preds.get(seed, [0, 0, 0]))}
+    assert logic.first_clean_seed(path_of, 3, 5, 0) == 2 and calls == [0, 1, 2]  # stops at the first clean one
+    assert logic.first_clean_seed(path_of, 3, 5, 3) == 3
+    assert logic.first_clean_seed(path_of, 1, 2, 0, tries=4) is None  # none: the page says so

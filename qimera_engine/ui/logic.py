@@ -198,6 +198,16 @@ def bitwidth_table(runs: list[Run]) -> pd.DataFrame:
     return df[df["bits"].notna() & df["W"].between(2, 8)].astype({"bits": int}).reset_index(drop=True)
 
 
+def clean_path(path: dict, a: int, b: int) -> bool:
+    """Whether the teacher reads class A at the start of a path and class B at its end."""
+    return int(path["teacher_pred"][0]) == a and int(path["teacher_pred"][-1]) == b
+
+
+def first_clean_seed(path_of, a: int, b: int, start: int, tries: int = 8) -> int | None:
+    """The first of ``tries`` seeds from ``start`` whose path A -> B is clean (``path_of(seed)`` gives it), or None."""
+    return next((s for s in range(start, start + tries) if clean_path(path_of(s), a, b)), None)
+
+
 def boundary_sentence(path: dict, names: list[str], a: int, b: int) -> str:
     """What the teacher decides along a path A -> B, in words (the boundary is where its top-1 changes)."""
     bd = path.get("boundary")
