@@ -318,7 +318,7 @@ def test_feature_scatter_colours_by_class_and_marks_sources():
 def test_bitwidth_figure_averages_over_seeds():
     df = pd.DataFrame({"method": ["qimera", "qimera", "gdfq"], "bits": [4, 4, 4], "top1": [80.0, 90.0, 70.0]})
     fig = figures.bitwidth_figure(df, 95.0)
-    by_name = {t.name: t for t in fig.data}
+    by_name = {t.name.split(" (")[0]: t for t in fig.data}  # names: "qimera (n = 2 per point)"
     assert list(by_name["qimera"].y) == [85.0] and list(by_name["gdfq"].y) == [70.0]
     assert by_name["qimera"].error_y.array[0] == pytest.approx(np.std([80, 90], ddof=1))
     assert len(figures.method_picture().data) == 3
@@ -693,3 +693,14 @@ def test_the_default_path_seed_gives_a_clean_path():
     assert logic.first_clean_seed(path_of, 3, 5, 0) == 2 and calls == [0, 1, 2]  # stops at the first clean one
     assert logic.first_clean_seed(path_of, 3, 5, 3) == 3
     assert logic.first_clean_seed(path_of, 1, 2, 0, tries=4) is None  # none: the page says so
+
+
+def test_runs_of_different_settings_never_share_a_label():
+    """Bit widths pools runs by label: a run with the mapping layer and fixed coefficients is not "qimera"."""
+    configs = [preset("digits", seed=0), preset("digits", seed=1, wbits=2, abits=2),
+               preset("digits", dm=True, coeff_sampler="fixed", fixed_coeffs=[0.5, 0.5]), preset("digits", method="gdfq")]
+    assert logic.distinct_labels(configs) == ["qimera", "qimera", "qimera (dm=True, coeff_sampler=fixed, "
+                                              "fixed_coeffs=[0.5, 0.5])", "gdfq"]
+    fig = figures.bitwidth_figure(pd.DataFrame({"method": ["qimera"] * 3 + ["gdfq"], "bits": [2, 2, 4, 4],
+                                                "top1": [50.0, 52.0, 90.0, 80.0]}))
+    assert [t.name for t in fig.data] == ["gdfq (n = 1 per point)", "qimera (n = 1-2 per point)"]

@@ -230,7 +230,9 @@ def bitwidth_figure(table, fp_top1: float | None = None, value: str = "top1") ->
         g = table.groupby(["method", "bits"])[value].agg(["mean", "std", "count"]).reset_index()
         for i, (method, part) in enumerate(g.groupby("method")):
             part = part.sort_values("bits")
-            fig.add_trace(go.Scatter(x=part["bits"], y=part["mean"], mode="lines+markers", name=method,
+            lo, hi = int(part["count"].min()), int(part["count"].max())
+            fig.add_trace(go.Scatter(x=part["bits"], y=part["mean"], mode="lines+markers",
+                                     name=f"{method} (n = {lo}{'' if lo == hi else f'-{hi}'} per point)",
                                      line=dict(color=SAFE[i % len(SAFE)]),
                                      error_y=dict(type="data", array=part["std"].fillna(0.0), visible=True),
                                      customdata=part["count"],

@@ -4,8 +4,9 @@ The pages only lay these out; tests call them directly.
 """
 from __future__ import annotations
 
+import collections
+import json
 import re
-
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,21 +178,48 @@ def overlay_default(runs: list[Run]) -> list[str]:
     return [runs[0].id] + ([partner.id] if partner is not None else [])
 
 
+# Settings that do not make two runs different methods: what they are measured on, how, and where
+SAME_METHOD_FIELDS = {"teacher", "checkpoint", "pretrained", "test_data", "train_data", "download", "wbits", "abits",
+                      "seed", "eval_batch_size", "eval_images", "diversity_images", "device", "compile", "num_threads",
+                      "log_every"}
+
+
+def distinct_labels(configs: list[RunConfig]) -> list[str]:
+    """Each run's method label (``RunConfig.label``), with the settings where it differs from the most common
+    run of that label added, e.g. ``qimera (dm=True, coeff_sampler=fixed)``: runs of different settings never
+    share a label, so a chart never averages them together."""
+    settings = [{k: v for k, v in c.to_dict().items() if k not in SAME_METHOD_FIELDS} for c in configs]
+    keys = [json.dumps(s, sort_keys=True, default=str) for s in settings]
+    out = [c.label for c in configs]
+    for label in set(out):
+        idx = [i for i, c in enumerate(configs) if c.label == label]
+        usual = collections.Counter(keys[i] for i in idx).most_common(1)[0][0]
+        ref = settings[next(i for i in idx if keys[i] == usual)]
+        for i in idx:
+            if keys[i] != usual:
+                diff = [f"{k}={settings[i][k]}" for k in settings[i] if settings[i][k] != ref.get(k)]
+                out[i] = f"{label} ({', '.join(diff)})"
+    return out
+
+
 def bitwidth_table(runs: list[Run]) -> pd.DataFrame:
     """Finished runs with W = A, for the bit-width chart: method, bits, seed, top-1 (final and best),
     and the budget (generated images): runs of different budgets are never pooled."""
-    rows = []
+    rows, configs = [], []
     for r in runs:
         s = r.summary
         if not s or r.status.get("status") != "finished" or s.get("quant_top1") is None:
             continue
         c = r.config
+        configs.append(c)
         rows.append({"method": c.label, "bits": s["wbits"] if s["wbits"] == s["abits"] else None,
                      "W": s["wbits"], "A": s["abits"], "budget": budget(c),
                      "schedule": f"{c.epochs} × {c.iters_per_epoch} × {c.batch_size}", "seed": s.get("seed"),
                      "teacher": s.get("teacher"), "data": data_label(s.get("test_data") or c.test_data),
                      "top1": s["quant_top1"],
                      "best_top1": s.get("best_top1"), "fp_top1": s.get("fp_top1"), "run": r.id})
+    for row, label in zip(rows, distinct_labels(configs)):
+        row["method"] = label
     cols = ["method", "bits", "W", "A", "budget", "schedule", "seed", "teacher", "data", "top1", "best_top1",
             "fp_top1", "run"]
     df = pd.DataFrame(rows, columns=cols)
