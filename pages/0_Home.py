@@ -53,8 +53,13 @@ if shipped:
     a, b = names.index("cat") if "cat" in names else 0, names.index("dog") if "dog" in names else 1
     out = common.mixed_samples(str(show.path), common.stamp(show), (a, b), (0.5, 0.5), tuple(range(8)))
     left, right = st.columns([3, 2])
-    left.image(out["grid"], caption=f"Half {names[a]}, half {names[b]}: superposed samples of the shipped Qimera "
-                                    f"run ({common.run_label(show)}); eight noise seeds.")
+    left.image(out["grid"], width="stretch",
+               caption=f"Half {names[a]}, half {names[b]}: superposed samples of the shipped Qimera "
+                       f"run ({common.run_label(show)}); eight noise seeds.")
+    real = common.real_class_images(show, (a, b), 4)
+    if real is not None:  # what the teacher was trained on, for comparison (the generator never sees them)
+        left.image(real, width="stretch", caption=f"Real CIFAR-10 test images: four {names[a]}s, four {names[b]}s. "
+                                                  "Neither the generator nor the student ever sees real images.")
     with right:
         s = show.summary or {}
         st.markdown(f"ResNet-20 on CIFAR-10 quantized to W{show.config.wbits}A{show.config.abits} without its "

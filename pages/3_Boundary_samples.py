@@ -68,7 +68,7 @@ table = pd.DataFrame({"seed": seeds, "teacher says": [names[i] for i in out["tea
                       "agree": out["teacher_pred"] == out["student_pred"]})
 margin = np.sort(out["teacher_probs"], 1)
 with results:
-    st.image(out["grid"], caption="Generated images, one per seed (four per row)")
+    st.image(out["grid"], width="stretch", caption="Generated images, one per seed (four per row)")
     st.caption(f"Teacher and student agree on {table['agree'].mean():.0%}; mean top-2 margin of the teacher "
                f"{(margin[:, -1] - margin[:, -2]).mean():.2f} (0: on the boundary).")
     st.caption("Generated images are not photographs: the generator only learns images that the teacher "

@@ -100,8 +100,9 @@ def test_the_showcase_is_small_and_complete():
 def test_home_shows_cifar10_at_once(showcase):
     at = open_page("app.py")
     assert any(h.value == "CIFAR-10, ready to look at" for h in at.header)
-    assert len(at.get("image")) >= 1 and not at.exception
+    assert len(at.get("image")) == 2 and not at.exception  # the generated images, and real ones of their classes
     assert any("shipped" in c.value.lower() for c in at.caption)
+    assert at.get("image")[1].proto.imgs[0].caption.startswith("Real CIFAR-10 test images: four cats, four dogs")
     # the samples come from the generator trained on superposed batches; the preset's run is named beside them
     assert any("without** superposed batches scores 78.70%" in m.value for m in at.markdown)
 

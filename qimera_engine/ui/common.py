@@ -15,8 +15,8 @@ import streamlit as st
 import torch
 
 from .. import (ExportError, InputSpec, Job, JobRegistry, Run, RunLocked, analysis, delete_run, export, list_runs,
-               load_data, load_generator, load_student, load_teacher, open_run, parse_spec, qimera_home, runs_dir,
-               shared_registry)
+               data_stamp, load_data, load_generator, load_student, load_teacher, open_run, parse_spec, qimera_home,
+               runs_dir, shared_registry)
 from . import figures, paths
 from .logic import (comparable, overlay_default, partner_runs, preset_for, run_label, same_scale, setting_label,
                     split_damaged)
@@ -165,6 +165,19 @@ def real_images(spec: str, input_spec: InputSpec, n: int, seed: int, home: str,
     data = load_data(spec, input_spec, "test")
     x, y = data.raw(n, seed)
     return x.numpy(), y.numpy(), data.classes
+
+
+def real_class_images(run: Run, classes: tuple, per_class: int) -> np.ndarray | None:
+    """A grid of ``per_class`` real test images of each of ``classes`` (one row), from the run's test data;
+    None when that data is not readable here."""
+    try:
+        teacher = _networks(str(run.path), stamp(run))[0]
+        x, y, _ = real_images(run.config.test_data, InputSpec.of(teacher), 2000, 0, home_key(),
+                              data_stamp(run.config.test_data))
+    except (OSError, ValueError, paths.PathNotAllowed):
+        return None
+    pick = [i for c in classes for i in np.flatnonzero(y == c)[:per_class]]
+    return figures.image_grid(x[pick], per_class * len(classes)) if pick else None
 
 
 def home_key() -> str:
