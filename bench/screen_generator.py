@@ -33,7 +33,7 @@ def train_generator(parts: Parts) -> Trainer:
     cfg = parts.cfg
     trainer = Trainer.from_parts(parts)
     with trainer.bn_hooks():
-        for epoch in range(cfg.epochs):
+        for epoch in range(min(cfg.epochs, cfg.gen_epochs) if cfg.gen_epochs else cfg.epochs):  # then frozen
             trainer.sampler.p = superpose_p(cfg, epoch)
             t0 = time.perf_counter()
             for _ in range(cfg.iters_per_epoch):

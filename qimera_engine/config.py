@@ -157,6 +157,10 @@ class RunConfig:
         0.0, "0: the generator's cross-entropy pushes every sample to certainty (paper); > 0: only while a sample's "
         "KL to its target exceeds this margin (0.1: stop near 90% confidence), as IntraQ's soft inception loss.",
         "[0, 100]", cap=OVERFLOW, note="0: off", label="Generator CE margin", section="Generator")
+    gen_epochs: int = setting(
+        0, "0: the generator trains in every epoch (paper); N > 0: only in the first N epochs, then it is frozen and "
+        "goes on making the student's images from fresh noise (it skips its backward pass from then on).",
+        "[0, 100000]", cap=TIME, note="0: every epoch", label="Generator epochs", section="Generator")
 
     # --- losses (METHOD 7) ---
     bns_weight: float = setting(0.1, "Weight of the BN-statistics loss in the generator's loss.", "[0, 1e6]",
@@ -378,7 +382,8 @@ FIELDS: dict[str, Spec] = {f.name: _annotated(f, _HINTS[f.name]) for f in datacl
 PAPER_SETTINGS = {"weight_clip": "minmax", "act_calib": "ema", "lr_schedule": "step", "ce_rows": "all",
                   "lowpass_d0": 0.0, "student_steps": 1, "act_learn": False, "kd_reduction": "mean",
                   "student_ema": 0.0, "recon_iters": 0, "superpose_ramp": 0, "embed_norm": False,
-                  "block_noise": False, "ms_weight": 0.0, "bns_slack": 0.0, "ce_g_margin": 0.0}
+                  "block_noise": False, "ms_weight": 0.0, "bns_slack": 0.0, "ce_g_margin": 0.0,
+                  "gen_epochs": 0}
 
 # --------------------------------------------------------------------------- checking a value
 

@@ -352,6 +352,7 @@ class Trainer:
             self.opt_g = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=cfg.lr_g,
                                           betas=tuple(cfg.g_betas))
             self.sched_g = torch.optim.lr_scheduler.MultiStepLR(self.opt_g, cfg.milestones, cfg.lr_gamma)
+        self.generator_frozen = False  # set per epoch by begin_epoch (gen_epochs)
         self.sampler = BatchSampler(num_classes, generator.embed_dim if generator else 1, cfg.superpose_p,
                                     cfg.superpose_k, cfg.coeff_sampler, cfg.dirichlet_alpha, cfg.fixed_coeffs,
                                     seed=cfg.seed, generator=rng.device, paired=cfg.ms_weight > 0,
@@ -403,6 +404,12 @@ class Trainer:
         latent: LatentBatch = self.sampler(cfg.batch_size, self.device)
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
+        frozen = self.generator_frozen  # (gen_epochs) its losses are still measured, nothing is learnt
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            return self._generator_step(latent, frozen)
+
+    def _generator_step(self, latent: LatentBatch, frozen: bool) -> Batch:
+        cfg = self.cfg
         x = self.gen_fwd(latent.labels, latent.coeffs, latent.noise, latent.pixel)
         self.bns.active = True
         feats = []
@@ -422,9 +429,10 @@ class Trainer:
             a, b = out.chunk(2)
             za, zb = latent.noise.chunk(2)
             loss_g = loss_g + cfg.ms_weight * mode_seeking(a, b, za, zb)
-        self.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        self.opt_g.step()
+        if not frozen:
+            self.opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            self.opt_g.step()
         x, t_logits = (x.detach().clone(), t_logits.detach().clone()) if self.graphs else (x.detach(), t_logits.detach())
         return Batch(x, latent.targets, t_logits, (loss_g.detach(), ce_g.detach(), l_bns.detach()))
 
@@ -518,6 +526,7 @@ class Trainer:
         cfg = self.cfg
         calibrating = epoch < cfg.calib_epochs
         self.sampler.p = superpose_p(cfg, epoch)
+        self.generator_frozen = 0 < cfg.gen_epochs <= epoch
         set_calibration(self.student, calibrating)
         if self._last_mse_calibration(epoch):
             start_range_sampling(self.student, ACT_SAMPLE_BATCHES)

@@ -248,3 +248,18 @@ def test_each_switch_changes_the_generator(switch, default_rows, tmp_path):
     gen = json.loads((tmp_path / "r" / "generator.json").read_text())
     assert gen["block_noise"] == switch.get("block_noise", False)
     assert gen["embed_norm"] == switch.get("embed_norm", False)
+
+
+def test_a_frozen_generator_learns_nothing_more(default_rows, tmp_path):
+    """gen_epochs=1: the generator trains in epoch 0 exactly as by default, then stays as it is; its losses
+    are still measured, and the run still trains the student."""
+    from safetensors.torch import load_file
+    summary = run_to_end(preset("digits", **SHORT, gen_epochs=1), out=tmp_path / "frozen")
+    run_to_end(preset("digits", **{**SHORT, "epochs": 1}), out=tmp_path / "one")  # the generator after epoch 0
+    rows = open_run(tmp_path / "frozen").metrics
+    assert rows[0]["loss_g"] == default_rows[0]["loss_g"]  # epoch 0: as a run without the switch
+    assert rows[1]["loss_g"] > 0 and summary["epochs_done"] == 2 and rows[1]["student_trained"]
+    frozen, one = load_file(tmp_path / "frozen" / "generator.safetensors"), load_file(tmp_path / "one" / "generator.safetensors")
+    learnt = [k for k in frozen if "running" not in k and "num_batches" not in k]  # BN statistics still move
+    assert learnt and all(torch.equal(frozen[k], one[k]) for k in learnt)
+    assert preset("digits", gen_epochs=1).label == "qimera+"
