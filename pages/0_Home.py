@@ -52,11 +52,11 @@ if shipped:
     names = common.class_names(str(show.path), common.stamp(show))
     a, b = names.index("cat") if "cat" in names else 0, names.index("dog") if "dog" in names else 1
     out = common.mixed_samples(str(show.path), common.stamp(show), (a, b), (0.5, 0.5), tuple(range(8)))
-    left, right = st.columns([3, 2])
+    left, right = st.columns([2, 1])  # tiles >= 128 px at 1280 px wide
     left.image(out["grid"], width="stretch",
                caption=f"Half {names[a]}, half {names[b]}: superposed samples of the shipped Qimera "
                        f"run ({common.run_label(show)}); eight noise seeds.")
-    real = common.real_class_images(show, (a, b), 4)
+    real = common.real_class_images(show, (a, b), 4, ncols=4)  # as large as the generated ones
     if real is not None:  # what the teacher was trained on, for comparison (the generator never sees them)
         left.image(real, width="stretch", caption=f"Real CIFAR-10 test images: four {names[a]}s, four {names[b]}s. "
                                                   "Neither the generator nor the student ever sees real images.")
@@ -75,7 +75,7 @@ if shipped:
             st.markdown(line)
         st.caption("Shipped with the app (read-only), so there is something to see before any run of your own.")
         st.page_link("pages/3_Boundary_samples.py", label="Mix classes yourself", icon="🧬")
-        st.page_link("pages/4_Feature_space.py", label="Where these samples sit among real images", icon="🗺️")
+        st.page_link("pages/4_Feature_space.py", label="Real vs synthetic features", icon="🗺️")
 
 st.plotly_chart(figures.method_picture(), key="method-picture")
 st.caption("A sketch with toy 2-D data, not a run: plain synthetic samples sit at the class centres; "

@@ -167,9 +167,9 @@ def real_images(spec: str, input_spec: InputSpec, n: int, seed: int, home: str,
     return x.numpy(), y.numpy(), data.classes
 
 
-def real_class_images(run: Run, classes: tuple, per_class: int) -> np.ndarray | None:
-    """A grid of ``per_class`` real test images of each of ``classes`` (one row), from the run's test data;
-    None when that data is not readable here."""
+def real_class_images(run: Run, classes: tuple, per_class: int, ncols: int | None = None) -> np.ndarray | None:
+    """A grid of ``per_class`` real test images of each of ``classes`` (``ncols`` per row, by default all in
+    one), from the run's test data; None when that data is not readable here."""
     try:
         teacher = _networks(str(run.path), stamp(run))[0]
         x, y, _ = real_images(run.config.test_data, InputSpec.of(teacher), 2000, 0, home_key(),
@@ -177,7 +177,7 @@ def real_class_images(run: Run, classes: tuple, per_class: int) -> np.ndarray | 
     except (OSError, ValueError, paths.PathNotAllowed):
         return None
     pick = [i for c in classes for i in np.flatnonzero(y == c)[:per_class]]
-    return figures.image_grid(x[pick], per_class * len(classes)) if pick else None
+    return figures.image_grid(x[pick], ncols or per_class * len(classes)) if pick else None
 
 
 def home_key() -> str:

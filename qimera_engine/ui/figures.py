@@ -13,6 +13,9 @@ SAFE = ["#88CCEE", "#CC6677", "#DDCC77", "#117733", "#332288", "#AA4499", "#44AA
 # legends of line charts stand to the right of the plot, clear of the axis titles (a horizontal legend
 # under the plot lies over the x-axis title)
 LEGEND = dict(orientation="v", x=1.02, xanchor="left", y=1.0, yanchor="top")
+# ... or, where the plot needs the full width (the path, whose images sit above their points), at the foot of
+# the figure, under the x-axis title (the figure's bottom margin leaves room for two rows)
+LEGEND_BELOW = dict(orientation="h", yref="container", y=0.0, yanchor="bottom", x=0.0, xanchor="left")
 SOURCE_SYMBOLS = {"real": "circle-open", "plain": "diamond", "superposed": "x", "gdfq": "square"}
 
 
@@ -164,10 +167,10 @@ def path_figure(path: dict, name_a: str, name_b: str, names: list[str] | None = 
         fig.add_vline(x=float(boundary["alpha"]), line_dash="dash", line_color="black",
                       annotation_text=f"top-1 → {to} at {float(boundary['alpha']):.2f}")
     fig.update_layout(title=f"From {name_a} (0) to {name_b} (1)", xaxis_title=f"coefficient of {name_b}",
-                      yaxis_title="probability", yaxis_range=[0, 1.02], height=320,
-                      margin=dict(l=10, r=10, t=40, b=10), legend=LEGEND)
+                      yaxis_title="probability", yaxis_range=[0, 1.02], height=380,
+                      margin=dict(l=10, r=10, t=40, b=90), legend=LEGEND_BELOW)
     if tiles:  # the images take the top third, the curves the rest, on one shared x-axis
-        fig.update_layout(height=470, yaxis_domain=[0, 0.62],
+        fig.update_layout(height=530, yaxis_domain=[0, 0.62],
                           xaxis_range=[alphas[0] - spacing / 2, alphas[-1] + spacing / 2])
     return fig
 
