@@ -27,17 +27,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from qimera_engine import InputSpec, load_data, load_generator, load_teacher, open_run  # noqa: E402
-from qimera_engine.analysis import to_display  # noqa: E402
+from qimera_engine.analysis import image_spread  # noqa: E402
 from qimera_engine.evaluate import collect_features  # noqa: E402
 from qimera_engine.generator import generate_images  # noqa: E402
 
 
 def spread(images: torch.Tensor, teacher) -> dict:
-    pix = torch.from_numpy(to_display(images, teacher)).float().div(255).flatten(1)
     feats, probs = collect_features(teacher.model, images)
-    iu = np.triu_indices(len(pix), 1)
-    rms = (torch.cdist(pix, pix) / pix.shape[1] ** 0.5).numpy()[iu]
-    return {"pixel": round(float(rms.mean()), 4),
+    iu = np.triu_indices(len(images), 1)
+    return {"pixel": round(image_spread(images, teacher), 4),
             "feature": round(float(torch.cdist(feats.float(), feats.float()).numpy()[iu].mean()), 3),
             "teacher says": len(set(probs.argmax(1).tolist()))}
 

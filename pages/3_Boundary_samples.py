@@ -5,7 +5,8 @@ import streamlit as st
 
 from qimera_engine.ui import common, figures, paths
 from qimera_engine.analysis import normalise_coefficients
-from qimera_engine.ui.logic import boundary_sentence, coefficient_formula, first_clean_seed, generator_runs
+from qimera_engine.ui.logic import (boundary_sentence, coefficient_formula, first_clean_seed, generator_runs,
+                                    seed_sentence)
 
 common.setup_page("Boundary samples", "🧬")
 st.title("Boundary samples")
@@ -73,8 +74,8 @@ with results:
                f"{(margin[:, -1] - margin[:, -2]).mean():.2f} (0: on the boundary).")
     st.caption("Generated images are not photographs: the generator only learns images that the teacher "
                "classifies as asked and whose BatchNorm statistics match the teacher's, so they show the colours "
-               "and textures the teacher relies on, rarely a recognisable object. Seeds can look alike: a short "
-               "training finds a few patterns that satisfy the teacher.")
+               "and textures the teacher relies on, rarely a recognisable object.")
+    st.caption(seed_sentence(out["spread"]))
 
 left, right = st.columns([2, 3])
 with left:

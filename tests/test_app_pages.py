@@ -704,3 +704,11 @@ def test_runs_of_different_settings_never_share_a_label():
     fig = figures.bitwidth_figure(pd.DataFrame({"method": ["qimera"] * 3 + ["gdfq"], "bits": [2, 2, 4, 4],
                                                 "top1": [50.0, 52.0, 90.0, 80.0]}))
     assert [t.name for t in fig.data] == ["gdfq (n = 1 per point)", "qimera (n = 1-2 per point)"]
+
+
+def test_the_seeds_sentence_says_when_seeds_give_one_image():
+    assert logic.seed_sentence(0.05).startswith("These seeds give nearly the same image (mean distance between two "
+                                                "of them 0.05")
+    assert logic.seed_sentence(0.25).startswith("Each seed gives its own image: the mean distance between two of them "
+                                                "is 0.25")
+    assert logic.seed_sentence(None) == ""

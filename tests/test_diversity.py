@@ -263,3 +263,16 @@ def test_a_frozen_generator_learns_nothing_more(default_rows, tmp_path):
     learnt = [k for k in frozen if "running" not in k and "num_batches" not in k]  # BN statistics still move
     assert learnt and all(torch.equal(frozen[k], one[k]) for k in learnt)
     assert preset("digits", gen_epochs=1).label == "qimera+"
+
+
+def test_image_spread_is_the_mean_pixel_distance_between_two_images():
+    from types import SimpleNamespace
+    from qimera_engine.analysis import image_spread
+    plain = SimpleNamespace(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # normalised = display values
+    black, white = torch.zeros(1, 3, 4, 4), torch.ones(1, 3, 4, 4)
+    assert image_spread(torch.cat([black, black]), plain) == 0.0
+    assert image_spread(torch.cat([black, black, white]), plain) == pytest.approx(2 / 3)  # pairs: 0, 1, 1
+    half = torch.cat([torch.zeros(1, 3, 4, 2), torch.ones(1, 3, 4, 2)], dim=3)  # half the pixels differ by 1
+    assert image_spread(torch.cat([black, half]), plain) == pytest.approx(0.5 ** 0.5)
+    with pytest.raises(ValueError, match="two images"):
+        image_spread(black, plain)

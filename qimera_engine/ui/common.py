@@ -425,6 +425,7 @@ def mixed_samples(run_path: str, stamp: float, classes: tuple, coeffs: tuple, se
     """analysis.mix_samples, cached by (run, classes, rounded coefficients, seeds); images displayable."""
     teacher, gen, student = _networks(run_path, stamp)
     out = analysis.mix_samples(gen, teacher.model, student, list(classes), list(coeffs), list(seeds))
+    out["spread"] = analysis.image_spread(out["images"], teacher) if len(seeds) > 1 else None
     out["grid"] = figures.image_grid(out.pop("images"), 4, mean=teacher.mean, std=teacher.std)
     return out
 

@@ -226,6 +226,21 @@ def bitwidth_table(runs: list[Run]) -> pd.DataFrame:
     return df[df["bits"].notna() & df["W"].between(2, 8)].astype({"bits": int}).reset_index(drop=True)
 
 
+SAME_IMAGE_SPREAD = 0.1  # below this mean pixel distance (0-1 values), a generator's seeds give one image
+
+
+def seed_sentence(spread: float | None) -> str:
+    """What the seeds' images say about the generator's use of its noise (``analysis.image_spread``)."""
+    if spread is None:
+        return ""
+    if spread < SAME_IMAGE_SPREAD:
+        return (f"These seeds give nearly the same image (mean distance between two of them {spread:.2f}, in pixel "
+                "values from 0 to 1; two real CIFAR-10 images of one class are about 0.3 apart): this generator "
+                "ignores most of its noise. docs/results.md (\"Diversity\") measures why, and what helps.")
+    return (f"Each seed gives its own image: the mean distance between two of them is {spread:.2f} in pixel values "
+            "from 0 to 1 (two real CIFAR-10 images of one class: about 0.3).")
+
+
 def clean_path(path: dict, a: int, b: int) -> bool:
     """Whether the teacher reads class A at the start of a path and class B at its end."""
     return int(path["teacher_pred"][0]) == a and int(path["teacher_pred"][-1]) == b
