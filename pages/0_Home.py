@@ -15,7 +15,7 @@ st.markdown(
 
 from qimera_engine import preset, runs_dir  # noqa: E402  (after the title, see above)
 from qimera_engine.ui import common, figures, paths  # noqa: E402
-from qimera_engine.ui.logic import diversity_line  # noqa: E402
+from qimera_engine.ui.logic import diversity_line, seed_sentence, showcase_pair  # noqa: E402
 
 common.setup_page("Home", "🧪")
 st.header("Run the demo")
@@ -46,16 +46,16 @@ if demo is not None and demo.status == "finished":
 shipped = [r for r in paths.shipped_runs() if r.config.method == "qimera"]
 if shipped:
     st.header("CIFAR-10, ready to look at")
-    # the samples of a generator trained on superposed batches (the shipped Qimera+ preset run has none)
-    show = next((r for r in shipped if r.config.superposes), shipped[0])
-    plain = next((r for r in shipped if not r.config.superposes and r is not show), None)
+    show, other = showcase_pair(shipped)  # the generator whose superposed samples are most varied
     names = common.class_names(str(show.path), common.stamp(show))
     a, b = names.index("cat") if "cat" in names else 0, names.index("dog") if "dog" in names else 1
     out = common.mixed_samples(str(show.path), common.stamp(show), (a, b), (0.5, 0.5), tuple(range(8)))
     left, right = st.columns([2, 1])  # tiles >= 128 px at 1280 px wide
+    trained = ("trained on superposed batches" if show.config.superposes
+               else "trained on plain batches only: the classes are mixed here, at sampling")
     left.image(out["grid"], width="stretch",
                caption=f"Half {names[a]}, half {names[b]}: superposed samples of the shipped Qimera "
-                       f"run ({common.run_label(show)}); eight noise seeds.")
+                       f"run ({common.run_label(show)}; {trained}), eight noise seeds. {seed_sentence(out['spread'])}")
     real = common.real_class_images(show, (a, b), 4, ncols=4)  # as large as the generated ones
     if real is not None:  # what the teacher was trained on, for comparison (the generator never sees them)
         left.image(real, width="stretch", caption=f"Real CIFAR-10 test images: four {names[a]}s, four {names[b]}s. "
@@ -66,10 +66,12 @@ if shipped:
                     f"training data: FP {s.get('fp_top1', 0):.2f}% → {s.get('quant_top1', 0):.2f}% top-1 on 5,000 "
                     f"CIFAR-10 test images. The teacher reads these images as: "
                     + ", ".join(f"{names[p]}" for p in out["teacher_pred"]) + ".")
-        if plain is not None and (plain.summary or {}).get("quant_top1") is not None:
-            st.markdown(f"The same recipe trained **without** superposed batches scores "
-                        f"{plain.summary['quant_top1']:.2f}%: at this small budget superposition does not pay off, "
-                        f"so the Qimera+ preset leaves it off (measured over three seeds in docs/results.md).")
+        if other is not None and (other.summary or {}).get("quant_top1") is not None:
+            how = (f"**with** superposed batches (p = {other.config.superpose_p:g})" if other.config.superposes
+                   else "**without** superposed batches")
+            st.markdown(f"The same recipe trained {how} scores {other.summary['quant_top1']:.2f}% (one seed each). "
+                        "Over three seeds superposed batches do not pay off at this small budget, so the Qimera+ "
+                        "preset leaves them off (docs/results.md).")
         line = diversity_line(s)
         if line:
             st.markdown(line)

@@ -712,3 +712,16 @@ def test_the_seeds_sentence_says_when_seeds_give_one_image():
     assert logic.seed_sentence(0.25).startswith("Each seed gives its own image: the mean distance between two of them "
                                                 "is 0.25")
     assert logic.seed_sentence(None) == ""
+
+
+def test_home_shows_the_generator_whose_mixes_are_most_varied():
+    from types import SimpleNamespace
+
+    def run(superposes, mix=None):
+        return SimpleNamespace(config=SimpleNamespace(superposes=superposes),
+                               summary={"diversity": {"mix_coverage": mix}} if mix is not None else {})
+    plain, mixed = run(False), run(True)
+    assert logic.showcase_pair([plain, mixed]) == (mixed, plain)  # nothing measured: the one trained on mixes
+    plain, mixed = run(False, 0.75), run(True, 0.15)
+    assert logic.showcase_pair([mixed, plain]) == (plain, mixed)  # the collapsed one is not the showcase
+    assert logic.showcase_pair([plain]) == (plain, None)

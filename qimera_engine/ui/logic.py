@@ -226,6 +226,19 @@ def bitwidth_table(runs: list[Run]) -> pd.DataFrame:
     return df[df["bits"].notna() & df["W"].between(2, 8)].astype({"bits": int}).reset_index(drop=True)
 
 
+def showcase_pair(runs: list[Run]) -> tuple[Run, Run | None]:
+    """The Qimera run whose superposed samples Home shows, and the same recipe's other run (with superposed
+    batches when the shown one has none, or without): the one whose superposed samples cover most of the real
+    features, when the runs measured that (``diversity``), else the one trained on superposed batches."""
+    measured = [r for r in runs if "mix_coverage" in (r.summary or {}).get("diversity", {})]
+    if measured:
+        show = max(measured, key=lambda r: r.summary["diversity"]["mix_coverage"])
+    else:
+        show = next((r for r in runs if r.config.superposes), runs[0])
+    other = next((r for r in runs if r.config.superposes != show.config.superposes), None)
+    return show, other
+
+
 SAME_IMAGE_SPREAD = 0.1  # below this mean pixel distance (0-1 values), a generator's seeds give one image
 
 
