@@ -69,9 +69,8 @@ if shipped:
         if other is not None and (other.summary or {}).get("quant_top1") is not None:
             how = (f"**with** superposed batches (p = {other.config.superpose_p:g})" if other.config.superposes
                    else "**without** superposed batches")
-            st.markdown(f"The same recipe trained {how} scores {other.summary['quant_top1']:.2f}% (one seed each). "
-                        "Over three seeds superposed batches do not pay off at this small budget, so the Qimera+ "
-                        "preset leaves them off (docs/results.md).")
+            st.markdown(f"The same recipe trained {how} scores {other.summary['quant_top1']:.2f}%: one seed each, "
+                        "too few to tell the two apart (docs/results.md compares them over three seeds).")
         line = diversity_line(s)
         if line:
             st.markdown(line)

@@ -709,6 +709,8 @@ def test_runs_of_different_settings_never_share_a_label():
 def test_the_seeds_sentence_says_when_seeds_give_one_image():
     assert logic.seed_sentence(0.05).startswith("These seeds give nearly the same image (mean distance between two "
                                                 "of them 0.05")
+    assert logic.seed_sentence(0.13).startswith("The seeds vary the details of one picture: the mean distance between "
+                                                "two of them is 0.13")
     assert logic.seed_sentence(0.25).startswith("Each seed gives its own image: the mean distance between two of them "
                                                 "is 0.25")
     assert logic.seed_sentence(None) == ""

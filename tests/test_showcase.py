@@ -103,8 +103,11 @@ def test_home_shows_cifar10_at_once(showcase):
     assert len(at.get("image")) == 2 and not at.exception  # the generated images, and real ones of their classes
     assert any("shipped" in c.value.lower() for c in at.caption)
     assert at.get("image")[1].proto.imgs[0].caption.startswith("Real CIFAR-10 test images: four cats, four dogs")
-    # the samples come from the generator trained on superposed batches; the preset's run is named beside them
-    assert any("without** superposed batches scores 78.70%" in m.value for m in at.markdown)
+    # the samples come from the generator whose superposed samples cover most (the preset's, trained on plain
+    # batches: its runs' diversity figures say so); the run trained on superposed batches is named beside it
+    assert "trained on plain batches only" in at.get("image")[0].proto.imgs[0].caption
+    assert any("**with** superposed batches (p = 0.4) scores 79.40%" in m.value for m in at.markdown)
+    assert any("of the real test images (coverage" in m.value for m in at.markdown)  # the diversity line, real vs real beside it
 
 
 def test_boundary_samples_shows_the_shipped_pair(showcase):
