@@ -21,7 +21,7 @@ kind = st.selectbox("Data set", kinds, index=kinds.index("digits"), key="t_data"
                     format_func=lambda k: SHIPPED_LABEL if k == SHIPPED else DATASETS[k],
                     help="Digits are built in and work offline, and so does the ResNet-20 that ships with the app "
                          "(with a sample of CIFAR-10 test images); the others need files or a download.")
-path, download, checkpoint, pretrained, train = "", False, None, False, False
+path, download, checkpoint, pretrained, train, missing = "", False, None, False, False, False
 if kind == SHIPPED:  # the teacher of the shipped runs: nothing to choose
     name, (checkpoint, spec) = "resnet20", shipped
     st.caption("ResNet-20 trained on CIFAR-10 (pytorch_resnet_cifar10's weights), measured on the 500 CIFAR-10 "
@@ -66,12 +66,11 @@ else:
         st.caption("torchvision (resnet18, resnet50, mobilenet_v2) and pytorchcv (resnet20_cifar10/100) weights.")
     train = source == "Cached or trained here" and st.checkbox(
         "Train it again here", key="t_train", help="Trains on the train split and caches it (CIFAR needs a GPU).")
-    if source in sources[1:3] and not checkpoint:
-        checkpoint = ""  # asked for and not given yet (the button says so)
+    missing = source in sources[1:3] and not checkpoint  # a checkpoint asked for and not given yet
 
-key = teacher_key(name, spec, checkpoint or None, pretrained, train)
+key = teacher_key(name, spec, checkpoint, pretrained, train)
 if st.button("Load or train the teacher", type="primary", key="t_go"):
-    if checkpoint == "":
+    if missing:
         st.error("Give a checkpoint first (a path or an upload).")
     else:
         common.registry().start_task(teacher_task(name, spec, checkpoint, pretrained, download, train),
