@@ -17,6 +17,18 @@ class Started:
 @dataclass(frozen=True)
 class Log:
     text: str
+    fraction: float | None = None  # progress (0..1) of the step the text describes, e.g. a teacher's training
+
+
+class ProgressText(str):
+    """A log line that also says how far its step has got: ``log`` callbacks take it as the plain text
+    it is, and a run turns it into ``Log(text, fraction)``."""
+    fraction: float
+
+    def __new__(cls, text: str, fraction: float):
+        self = super().__new__(cls, text)
+        self.fraction = float(fraction)
+        return self
 
 
 @dataclass(frozen=True)

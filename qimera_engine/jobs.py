@@ -1,17 +1,26 @@
-"""Background jobs: runs, sweeps and slow tasks in worker threads, watched by any number of pages.
+"""Background jobs: runs, sweeps and slow tasks, watched by any number of pages.
 
 The app holds one ``JobRegistry`` per server process (Streamlit's ``st.cache_resource``), so a
 job keeps going when a page is left or reloaded, and two browser sessions see the same jobs.
-Workers only consume the engine's event stream and record it; pages read frozen snapshots.
-This module never imports Streamlit.
+Each run trains in a process of its own (``qimera_engine.worker``; at most ``max_runs`` at a time),
+so a page that is being drawn costs the run nothing but the reading of its events; a thread per job
+records the run's event stream, and pages read frozen snapshots. Tasks (teacher loading, features,
+projections) run in threads of this process. This module never imports Streamlit.
 """
 from __future__ import annotations
 
 import copy
 import itertools
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -20,6 +29,90 @@ from .events import EpochEnd, Evaluated, Finished, Log, Started, Step
 
 ACTIVE = ("queued", "running")
 _MAX_LOSS_POINTS = 2000  # live loss curve: older points are thinned out beyond this
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
+
+
+def default_max_runs() -> int:
+    """Runs that train at once: $QIMERA_MAX_RUNS, else one per two CPU cores (each run uses several
+    threads, so more would only share the same cores), at least one."""
+    text = os.environ.get("QIMERA_MAX_RUNS", "").strip()
+    if text:
+        try:
+            n = int(text)
+        except ValueError:
+            raise ValueError(f"QIMERA_MAX_RUNS must be a whole number >= 1, got {text!r}") from None
+        if n < 1:
+            raise ValueError(f"QIMERA_MAX_RUNS must be a whole number >= 1, got {text!r}")
+        return n
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+class RunFailed(Exception):
+    """A run that failed in its worker process, with the engine's own error type and message."""
+
+    def __init__(self, kind: str, message: str, trace: str = ""):
+        super().__init__(message)
+        self.kind, self.message, self.trace = kind, message, trace
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
+class _Child:
+    """One run in a worker process: its events as an iterator; ``stop()`` asks it to end (SIGTERM)."""
+
+    def __init__(self, config: RunConfig | None, resume: str | None):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen([sys.executable, "-m", "qimera_engine.worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env, cwd=_PACKAGE_PARENT)
+        request = {"config": config.to_dict() if config is not None else None,
+                   "resume": str(resume) if resume is not None else None}
+        try:
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.flush()
+        except OSError:  # it died at once: its status below says so
+            pass
+
+    def events(self):
+        error = None
+        try:
+            while True:
+                try:
+                    frame = pickle.load(self.proc.stdout)
+                except EOFError:
+                    break
+                if frame[0] == "event":
+                    yield frame[1]
+                elif frame[0] == "error":
+                    error = RunFailed(*frame[1:])
+        finally:
+            self.close()
+        code = self.proc.wait()
+        if error is not None:
+            raise error
+        if code != 0:
+            raise RunFailed("WorkerDied", f"the run's process ended with status {code} before the run did "
+                                          f"(killed, or out of memory?); its finished epochs can be resumed")
+
+    def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        try:
+            if os.name == "posix":  # a signal, handled between iterations
+                self.proc.send_signal(signal.SIGTERM)
+            else:
+                self.proc.stdin.write(b"stop\n")
+                self.proc.stdin.flush()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
 
 
 @dataclass
@@ -39,6 +132,7 @@ class RunProgress:
     metrics: list = field(default_factory=list)       # EpochEnd rows (metrics.csv)
     summary: dict | None = None
     error: str | None = None
+    preparing: float | None = None  # before the run starts: progress of what it waits for (a teacher in training)
 
     @property
     def fraction(self) -> float:
@@ -105,15 +199,25 @@ def sweep_configs(base: RunConfig, bits: Iterable[int | tuple[int, int]], method
 
 
 class JobRegistry:
-    """Thread-safe registry of background jobs. Keeps the newest ``keep`` finished jobs."""
+    """Thread-safe registry of background jobs. Keeps the newest ``keep`` finished jobs.
 
-    def __init__(self, keep: int = 100):
+    Runs train in worker processes, at most ``max_runs`` at a time (default: ``default_max_runs()``);
+    a run that waits for a free slot is "queued". ``processes=False`` trains in this process's threads
+    instead (the engine's own events either way)."""
+
+    def __init__(self, keep: int = 100, *, max_runs: int | None = None, processes: bool = True):
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._stops: dict[str, threading.Event] = {}
         self._threads: dict[str, threading.Thread] = {}
+        self._children: dict[str, _Child] = {}
         self._ids = itertools.count(1)
         self.keep = keep
+        self.processes = processes
+        self.max_runs = default_max_runs() if max_runs is None else int(max_runs)
+        if self.max_runs < 1:
+            raise ValueError(f"max_runs must be >= 1, got {max_runs!r}")
+        self._slots = threading.BoundedSemaphore(self.max_runs)
 
     # ------------------------------------------------------------------ starting jobs
     def start_run(self, config: RunConfig | None, *, resume: str | None = None, label: str | None = None) -> str:
@@ -186,7 +290,10 @@ class JobRegistry:
                 return False
             stop.set()
             job.message = "cancelling..."
-            return True
+            child = self._children.get(job_id)
+        if child is not None:
+            child.stop()
+        return True
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Block until the job ends (or ``timeout`` seconds pass); returns its snapshot."""
@@ -230,27 +337,60 @@ class JobRegistry:
                 job.error = error
         self._update(job_id, fin)
 
+    def _take_slot(self, job_id: str, stop: threading.Event) -> bool:
+        """Wait for a free run slot (False: the job was cancelled meanwhile)."""
+        if self._slots.acquire(blocking=False):
+            return True
+        self._update(job_id, lambda j: (setattr(j, "status", "queued"),
+                                        setattr(j, "message", f"waiting: {self.max_runs} run(s) train at a time")))
+        while not self._slots.acquire(timeout=0.2):
+            if stop.is_set():
+                return False
+        return True
+
+    def _events(self, job_id: str, cfg: RunConfig | None, resume: str | None, stop: threading.Event):
+        """The run's events, from a worker process (or this thread)."""
+        if not self.processes:
+            from .train import run  # imported here: the registry itself stays light to import
+            yield from run(cfg, resume=resume, stop=stop)
+            return
+        child = _Child(cfg, resume)
+        with self._lock:
+            self._children[job_id] = child
+        if stop.is_set():  # cancelled while it started
+            child.stop()
+        try:
+            yield from child.events()
+        finally:
+            with self._lock:
+                self._children.pop(job_id, None)
+
     def _do_runs(self, job_id: str, items: list[tuple[RunConfig | None, str | None]], stop: threading.Event) -> None:
-        from .train import run  # imported here: the registry itself stays light to import
-        self._update(job_id, lambda j: setattr(j, "status", "running"))
         errors = []
         for i, (cfg, resume) in enumerate(items):
-            if stop.is_set():
+            if stop.is_set() or not self._take_slot(job_id, stop):
                 self._update(job_id, lambda j, i=i: [setattr(r, "status", "cancelled") for r in j.runs[i:]])
                 break
-            self._update(job_id, lambda j, i=i: (setattr(j, "current", i), setattr(j.runs[i], "status", "running")))
+            self._update(job_id, lambda j, i=i: (setattr(j, "status", "running"), setattr(j, "current", i),
+                                                 setattr(j.runs[i], "status", "running")))
             try:
-                for ev in run(cfg, resume=resume, stop=stop):
+                for ev in self._events(job_id, cfg, resume, stop):
                     self._update(job_id, lambda j, ev=ev, i=i: _record(j, j.runs[i], ev))
             except Exception as e:  # a failed run is reported, and a sweep goes on with the next one
-                msg = f"{type(e).__name__}: {e}"
+                msg = str(e) if isinstance(e, RunFailed) else f"{type(e).__name__}: {e}"
+                tb = e.trace if isinstance(e, RunFailed) else traceback.format_exc(limit=4)
+                if isinstance(e, RunFailed) and e.kind == "KeyboardInterrupt":  # Ctrl-C on the server
+                    stop.set()
+                    self._update(job_id, lambda j, i=i: setattr(j.runs[i], "status", "cancelled"))
+                    continue
                 errors.append(msg)
-                tb = traceback.format_exc(limit=4)
 
                 def failed(j, i=i, msg=msg, tb=tb):
                     j.runs[i].status, j.runs[i].error = "failed", msg
                     j.log.append(tb)
                 self._update(job_id, failed)
+            finally:
+                self._slots.release()
         cancelled = stop.is_set()
         if cancelled:
             status = "cancelled"
@@ -282,8 +422,11 @@ def _record(job: Job, r: RunProgress, ev) -> None:
         r.config = ev.config
         r.step = ev.start_epoch * ev.config.get("iters_per_epoch", 0)
         r.epoch = ev.start_epoch
+        r.preparing = None
         job.message = f"started in {ev.run_dir}"
     elif isinstance(ev, Log):
+        if ev.fraction is not None:
+            r.preparing = ev.fraction
         job.log.append(ev.text)
         job.message = ev.text
         del job.log[:-200]

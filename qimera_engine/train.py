@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import queue
 import re
 import sys
 import threading
@@ -160,7 +161,6 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
     state is missing or damaged refuses (``RunDamaged``) unless ``restart`` starts it again from
     epoch 0, which replaces its results.
     """
-    logs: list[str] = []
     if resume is not None:
         if config is not None or out is not None:
             raise ValueError("a resumed run keeps the settings and folder it was started with: give resume alone "
@@ -186,7 +186,7 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
     parts = trainer = None
     if resume is None:  # a teacher, data set or setting that cannot be used fails here, before any folder exists
         yield loading
-        parts = Parts.build(cfg, logs.append)
+        parts = yield from _logging_while(Parts.build, cfg)
         trainer = Trainer.from_parts(parts)
         folder = create_run(cfg.to_dict(), cfg.method, cfg.wbits, cfg.abits, out)
     with folder.lock():
@@ -194,7 +194,7 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
         state = _resume_state(folder, restart) if resume is not None else None
         if parts is None:
             yield loading
-            parts = Parts.build(cfg, logs.append, teacher_sha256=folder.teacher_sha256 if state else None)
+            parts = yield from _logging_while(Parts.build, cfg, teacher_sha256=folder.teacher_sha256 if state else None)
         if state is not None and int(state["epoch"]) + 1 >= cfg.epochs and folder.status.get("status") == "finished":
             raise ValueError(f"run {folder.id} has finished all its {cfg.epochs} epochs: there is nothing to resume; "
                              f"--restart (restart=True) starts it again from epoch 0, replacing its results")
@@ -203,8 +203,6 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
         folder.set_status("running", **folder.writer_record())
         t_start = time.perf_counter()  # the run's own time: a teacher trained for the cache first is not in it
         try:
-            for text in logs:
-                yield Log(text)
             yield from _execute(parts, folder, should_stop, state, t_start, trainer)
         except GeneratorExit:
             _final_status(folder, "cancelled", reason="the caller stopped reading events")
@@ -215,6 +213,32 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
         except BaseException as e:
             _final_status(folder, "failed", error=f"{type(e).__name__}: {e}")
             raise
+
+
+_DONE = object()
+
+
+def _logging_while(build: Callable, *args, **kw):
+    """``build(*args, log=..., **kw)`` in a thread of its own, yielding its log lines as ``Log`` events while
+    it works (a teacher trained for the cache reports each epoch), then returning its result or raising
+    its error. Building draws its random numbers under ``seeded_init``, safe in any thread."""
+    lines, box = queue.SimpleQueue(), {}
+
+    def work():
+        try:
+            box["value"] = build(*args, log=lines.put, **kw)
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            box["error"] = e
+        finally:
+            lines.put(_DONE)
+    thread = threading.Thread(target=work, name="qimera-build", daemon=True)
+    thread.start()
+    while (line := lines.get()) is not _DONE:
+        yield Log(str(line), getattr(line, "fraction", None))
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _final_status(folder: Run, status: str, **extra) -> None:

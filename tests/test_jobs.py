@@ -1,7 +1,8 @@
-"""JobRegistry: runs, sweeps and tasks in worker threads, recorded from the engine's events."""
+"""JobRegistry: runs in worker processes, sweeps and tasks in threads, recorded from the engine's events."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -43,6 +44,93 @@ def test_run_job_records_the_event_stream(home):
     assert r.fp_top1 == pytest.approx(r.summary["fp_top1"], abs=1e-3) and r.fp_top1 > 50  # chance: 10
     # what the job recorded is what the run folder holds
     assert json.loads((Path(r.run_dir) / "summary.json").read_text()) == r.summary
+
+
+def test_a_run_trains_in_a_process_of_its_own(home):
+    reg = JobRegistry()
+    job_id = reg.start_run(preset("digits", **{**TINY, "epochs": 50, "iters_per_epoch": 50}))
+    deadline = time.time() + 120
+    while reg.get(job_id).run.step < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    status = json.loads((Path(reg.get(job_id).run.run_dir) / "status.json").read_text())
+    assert status["status"] == "running" and status["pid"] != os.getpid()  # the writer is another process
+    reg.cancel(job_id)
+    assert reg.wait(job_id, 60).status == "cancelled"
+    with pytest.raises(ProcessLookupError):  # and it has ended
+        os.kill(status["pid"], 0)
+
+
+def test_runs_beyond_the_cap_wait_for_a_free_slot(home):
+    reg = JobRegistry(max_runs=1)
+    long = reg.start_run(preset("digits", **{**TINY, "epochs": 50, "iters_per_epoch": 50}))
+    deadline = time.time() + 120
+    while reg.get(long).run.step < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    short = reg.start_run(preset("digits", **TINY))
+    time.sleep(1.0)
+    waiting = reg.get(short)
+    assert waiting.status == "queued" and waiting.active and "1 run(s) train at a time" in waiting.message
+    assert waiting.run.run_dir is None  # nothing started
+    reg.cancel(long)
+    assert reg.wait(short, 120).status == "finished"
+    with pytest.raises(ValueError, match="max_runs"):
+        JobRegistry(max_runs=0)
+
+
+def test_a_queued_run_can_be_cancelled(home):
+    reg = JobRegistry(max_runs=1)
+    long = reg.start_run(preset("digits", **{**TINY, "epochs": 50, "iters_per_epoch": 50}))
+    queued = reg.start_run(preset("digits", **TINY))
+    assert reg.cancel(queued)
+    job = reg.wait(queued, 30)
+    assert job.status == "cancelled" and job.run.status == "cancelled" and job.run.run_dir is None
+    reg.cancel(long)
+    reg.wait(long, 60)
+
+
+def test_a_killed_worker_is_a_failed_run_that_can_be_resumed(home):
+    import signal
+    reg = JobRegistry()
+    job_id = reg.start_run(preset("digits", **{**TINY, "epochs": 50, "iters_per_epoch": 50}))
+    deadline = time.time() + 120
+    while reg.get(job_id).run.step < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    run_dir = reg.get(job_id).run.run_dir
+    os.kill(json.loads((Path(run_dir) / "status.json").read_text())["pid"], signal.SIGKILL)
+    job = reg.wait(job_id, 60)
+    assert job.status == "failed" and job.error.startswith("WorkerDied: ") and "resumed" in job.error
+    from qimera_engine import open_run
+    assert open_run(run_dir).state == "interrupted"  # the kernel released its lock: it can be resumed
+
+
+def test_max_runs_from_the_environment(monkeypatch):
+    from qimera_engine.jobs import default_max_runs
+    monkeypatch.setenv("QIMERA_MAX_RUNS", "3")
+    assert default_max_runs() == 3 and JobRegistry().max_runs == 3
+    for bad in ("0", "two"):
+        monkeypatch.setenv("QIMERA_MAX_RUNS", bad)
+        with pytest.raises(ValueError, match="QIMERA_MAX_RUNS"):
+            default_max_runs()
+    monkeypatch.delenv("QIMERA_MAX_RUNS")
+    assert default_max_runs() >= 1
+
+
+def test_a_teacher_trained_for_a_run_reports_each_epoch(tmp_path, monkeypatch):
+    """From an empty home the run trains its teacher first; its epochs arrive as they end, with a
+    fraction for the progress bar, before the run starts."""
+    import qimera_engine.teachers as teachers
+    from qimera_engine import Log, Started, run
+    real = teachers.train_and_cache
+    monkeypatch.setattr(teachers, "train_and_cache", lambda *a, **k: real(*a, **{**k, "epochs": 3}))
+    monkeypatch.setenv("QIMERA_HOME", str(tmp_path))
+    events = []
+    for ev in run(preset("digits", **TINY)):
+        events.append(ev)
+        if isinstance(ev, Started):
+            break
+    fractions = [ev.fraction for ev in events if isinstance(ev, Log) and ev.fraction is not None]
+    assert fractions == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert any("epoch 2/3" in ev.text for ev in events if isinstance(ev, Log))
 
 
 def test_cancel_stops_a_run_and_keeps_its_folder(home):

@@ -21,7 +21,7 @@ from . import figures, paths
 from .logic import (comparable, overlay_default, partner_runs, preset_for, run_label, same_scale, setting_label,
                     split_damaged)
 
-POLL_SECONDS = 1.0  # how often live panels redraw while a job runs
+POLL_SECONDS = 2.0  # how often the panels of running jobs redraw (finished ones are drawn once)
 
 
 EXIT_WAIT_SECONDS = 120  # at exit, how long to wait for jobs asked to stop (a UMAP compile cannot be stopped)
@@ -195,7 +195,9 @@ def job_panel(job: Job, *, curves: bool = True, key: str = "") -> None:
                 + (": its finished epochs are kept, resume it on Quantize" if job.kind != "task" else ""))
     else:
         text = f"{job.label}: {job.message or job.status}"
-    st.progress(job.progress, text=text)
+    run = job.run
+    preparing = run.preparing if run is not None and job.active else None
+    st.progress(job.progress if preparing is None else preparing, text=text)  # a teacher in training: its own bar
     cols = st.columns([1, 4])
     if job.active:
         if cols[0].button("Cancel", key=f"cancel-{job.id}-{key}", help="Stops after the current iteration; "
@@ -204,7 +206,6 @@ def job_panel(job: Job, *, curves: bool = True, key: str = "") -> None:
             st.rerun()
     if job.error:
         st.error(job.error)
-    run = job.run
     if run is None:
         return
     if run.run_dir:
@@ -215,12 +216,29 @@ def job_panel(job: Job, *, curves: bool = True, key: str = "") -> None:
                                f" seed {r.config.get('seed')} [{r.status}]" for r in job.runs))
     if curves and (run.loss_history or run.metrics):
         c1, c2 = st.columns(2)
-        c1.plotly_chart(figures.loss_figure(run.loss_history), key=f"loss-{job.id}-{key}")
+        loss, accuracy = _job_figures(job)
+        c1.plotly_chart(loss, key=f"loss-{job.id}-{key}")
         c1.caption(LOSS_NAMES)
-        c2.plotly_chart(figures.accuracy_figure(run.metrics, run.fp_top1), key=f"acc-{job.id}-{key}")
+        c2.plotly_chart(accuracy, key=f"acc-{job.id}-{key}")
         note = above_teacher_note(run.metrics, run.fp_top1)
         if note:
             c2.caption(note)
+
+
+_figures = analysis.LRUCache(16)  # (job, run, points so far) -> its two charts, built once for every page
+
+
+def _job_figures(job: Job):
+    """The loss and accuracy charts of a job's current run, rebuilt only when it has reported something new
+    (every open page and every poll between two of the run's reports share one pair)."""
+    run = job.run
+    last = run.loss_history[-1]["step"] if run.loss_history else -1
+    stamp = (job.id, job.current, len(run.loss_history), last, len(run.metrics), run.fp_top1)
+    found = _figures.get(stamp)
+    if found is None:
+        found = (figures.loss_figure(run.loss_history), figures.accuracy_figure(run.metrics, run.fp_top1))
+        _figures.put(stamp, found)
+    return found
 
 
 LOSS_NAMES = ("**loss_g** = ce_g + w·bns, the generator's loss: **ce_g**, the teacher's cross-entropy against the "
@@ -240,22 +258,24 @@ def above_teacher_note(metrics: list[dict], fp_top1: float | None) -> str:
 
 def jobs_section(kind: str | None = None, *, key: str, limit: int = 3, curves: bool = True,
                  label_prefix: str = "") -> None:
-    """The newest jobs of a kind (whose label starts with ``label_prefix``), redrawn every second while any
-    is running (never blocks the page)."""
-    def chosen():
-        return [j for j in registry().jobs(kind) if j.label.startswith(label_prefix)][:limit]
+    """The newest jobs of a kind (whose label starts with ``label_prefix``): those running first, redrawn
+    every ``POLL_SECONDS`` in a fragment (never blocks the page), then the ended ones, drawn once."""
+    jobs = [j for j in registry().jobs(kind) if j.label.startswith(label_prefix)][:limit]
+    running = [j.id for j in jobs if j.active]
 
-    polling = any(j.active for j in chosen())
-
-    @st.fragment(run_every=POLL_SECONDS if polling else None)
+    @st.fragment(run_every=POLL_SECONDS if running else None)
     def _live():
-        jobs = chosen()
-        for job in jobs:
+        live = [j for j in registry().jobs() if j.id in running]
+        for job in live:
             with st.container(border=True):
                 job_panel(job, curves=curves, key=key)
-        if polling and not any(j.active for j in jobs):
-            st.rerun()  # a job just ended: redraw the whole page (run lists, results)
+        if live and not any(j.active for j in live):
+            st.rerun()  # every job shown has ended: redraw the whole page (run lists, results)
     _live()
+    for job in jobs:
+        if not job.active:
+            with st.container(border=True):
+                job_panel(job, curves=curves, key=key)
 
 
 def teacher_preset() -> str:
