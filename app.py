@@ -13,5 +13,6 @@ PAGES = [st.Page("pages/0_Home.py", title="Home", icon="🧪", default=True),
          st.Page("pages/2_Quantize.py", title="Quantize", icon="⚙️"),
          st.Page("pages/3_Boundary_samples.py", title="Boundary samples", icon="🧬"),
          st.Page("pages/4_Feature_space.py", title="Feature space", icon="🗺️"),
-         st.Page("pages/5_Bit_widths.py", title="Bit widths", icon="📉")]
+         st.Page("pages/5_Bit_widths.py", title="Bit widths", icon="📉"),
+         st.Page("pages/6_Compare.py", title="Compare", icon="⚖️")]
 st.navigation(PAGES).run()

@@ -185,16 +185,19 @@ class Job:
         return copy.deepcopy(self, {id(self.result): self.result})
 
 
-def sweep_configs(base: RunConfig, bits: Iterable[int | tuple[int, int]], methods: Iterable[str],
+def sweep_configs(base: RunConfig, bits: Iterable[int | tuple[int, int]], methods: Iterable[str | dict],
                   seeds: Iterable[int]) -> list[RunConfig]:
-    """The runs of a sweep, bit width outermost: ``bits`` are b (for WbAb) or (w, a) pairs.
+    """The runs of a sweep, bit width outermost, then method, then seed: ``bits`` are b (for WbAb) or
+    (w, a) pairs; a method is a name, or the settings that make a variant (``{"method": "qimera",
+    "superpose_p": 0}``) over ``base``.
 
     Every config is validated here, so an impossible setting fails before anything starts.
     """
     out = []
     for b, method, seed in itertools.product(list(bits), list(methods), list(seeds)):
         w, a = (b, b) if isinstance(b, int) else b
-        out.append(base.with_overrides(wbits=int(w), abits=int(a), method=method, seed=int(seed)))
+        settings = dict(method) if isinstance(method, dict) else {"method": method}
+        out.append(base.with_overrides(**settings, wbits=int(w), abits=int(a), seed=int(seed)))
     return out
 
 
@@ -376,6 +379,9 @@ class JobRegistry:
             try:
                 for ev in self._events(job_id, cfg, resume, stop):
                     self._update(job_id, lambda j, ev=ev, i=i: _record(j, j.runs[i], ev))
+                if stop.is_set():  # stopped before it started (a teacher in training): it never reported an end
+                    self._update(job_id, lambda j, i=i: j.runs[i].status == "running"
+                                 and setattr(j.runs[i], "status", "cancelled"))
             except Exception as e:  # a failed run is reported, and a sweep goes on with the next one
                 msg = str(e) if isinstance(e, RunFailed) else f"{type(e).__name__}: {e}"
                 tb = e.trace if isinstance(e, RunFailed) else traceback.format_exc(limit=4)

@@ -186,7 +186,11 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
     parts = trainer = None
     if resume is None:  # a teacher, data set or setting that cannot be used fails here, before any folder exists
         yield loading
-        parts = yield from _logging_while(Parts.build, cfg)
+        try:
+            parts = yield from _logging_while(Parts.build, cfg, should_stop=should_stop)
+        except _StoppedEarly:
+            yield Log("stopped before the run started (nothing was saved)")
+            return
         trainer = Trainer.from_parts(parts)
         folder = create_run(cfg.to_dict(), cfg.method, cfg.wbits, cfg.abits, out)
     with folder.lock():
@@ -194,7 +198,12 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
         state = _resume_state(folder, restart) if resume is not None else None
         if parts is None:
             yield loading
-            parts = yield from _logging_while(Parts.build, cfg, teacher_sha256=folder.teacher_sha256 if state else None)
+            try:
+                parts = yield from _logging_while(Parts.build, cfg, should_stop=should_stop,
+                                                  teacher_sha256=folder.teacher_sha256 if state else None)
+            except _StoppedEarly:
+                yield Log("stopped before the run resumed (nothing was changed)")
+                return
         if state is not None and int(state["epoch"]) + 1 >= cfg.epochs and folder.status.get("status") == "finished":
             raise ValueError(f"run {folder.id} has finished all its {cfg.epochs} epochs: there is nothing to resume; "
                              f"--restart (restart=True) starts it again from epoch 0, replacing its results")
@@ -218,15 +227,26 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
 _DONE = object()
 
 
-def _logging_while(build: Callable, *args, **kw):
+class _StoppedEarly(Exception):
+    """Asked to stop while the run was still being prepared (a teacher in training): nothing to save yet."""
+
+
+def _logging_while(build: Callable, *args, should_stop: Callable[[], bool] = lambda: False, **kw):
     """``build(*args, log=..., **kw)`` in a thread of its own, yielding its log lines as ``Log`` events while
     it works (a teacher trained for the cache reports each epoch), then returning its result or raising
-    its error. Building draws its random numbers under ``seeded_init``, safe in any thread."""
+    its error. A stop asked for meanwhile ends the build at its next log line (``_StoppedEarly``): a teacher
+    in training is dropped before anything of it is cached. Building draws its random numbers under
+    ``seeded_init``, safe in any thread."""
     lines, box = queue.SimpleQueue(), {}
+
+    def log(line) -> None:
+        if should_stop():
+            raise _StoppedEarly()
+        lines.put(line)
 
     def work():
         try:
-            box["value"] = build(*args, log=lines.put, **kw)
+            box["value"] = build(*args, log=log, **kw)
         except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
             box["error"] = e
         finally:

@@ -164,6 +164,8 @@ def test_quantize_rejects_an_impossible_setting_and_keeps_the_form(empty_home):
 
 
 def test_quantize_starts_a_run_and_shows_its_progress(empty_home):
+    import qimera_engine.teachers as teachers
+    teachers.train_and_cache("digits-cnn", "digits")  # quickly (the fixture's): the run's own process would take 30 epochs
     at = open_page("pages/2_Quantize.py")
     for name, value in dict(epochs=1, iters_per_epoch=2, batch_size=8, warmup_epochs=0, calib_epochs=1).items():
         at.number_input(key=f"q_digits_{name}").set_value(value)

@@ -103,6 +103,22 @@ def test_a_killed_worker_is_a_failed_run_that_can_be_resumed(home):
     assert open_run(run_dir).state == "interrupted"  # the kernel released its lock: it can be resumed
 
 
+def test_cancelling_while_the_teacher_trains_stops_at_once(tmp_path, monkeypatch):
+    """From an empty home a run first trains its teacher: a cancel then ends it at the teacher's next epoch,
+    with nothing cached and no run folder (before, the teacher trained on to its end)."""
+    monkeypatch.setenv("QIMERA_HOME", str(tmp_path))
+    reg = JobRegistry()
+    job_id = reg.start_run(preset("digits", **TINY))
+    deadline = time.time() + 120
+    while not reg.get(job_id).run.preparing and time.time() < deadline:
+        time.sleep(0.05)
+    assert reg.cancel(job_id)
+    job = reg.wait(job_id, 60)
+    assert job.status == "cancelled" and job.run.status == "cancelled" and job.run.run_dir is None
+    assert 0 < job.run.preparing < 1 and job.progress == 0
+    assert not list(tmp_path.glob("teachers/*.current")) and not (tmp_path / "runs").exists()
+
+
 def test_max_runs_from_the_environment(monkeypatch):
     from qimera_engine.jobs import default_max_runs
     monkeypatch.setenv("QIMERA_MAX_RUNS", "3")

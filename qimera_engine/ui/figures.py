@@ -246,6 +246,30 @@ def bitwidth_figure(table, fp_top1: float | None = None, value: str = "top1") ->
                       xaxis=dict(dtick=1), height=380, margin=dict(l=10, r=10, t=40, b=10), legend=LEGEND)
     return fig
 
+
+def paired_figure(pairs, reference: str) -> go.Figure:
+    """Per-seed paired differences to the reference (one point per seed, a bar at their mean), one row per
+    method and bit widths: points right of zero are seeds where the method scored higher.
+
+    ``pairs``: a DataFrame with columns W, A, method, seed, difference (``logic.comparison``)."""
+    fig = go.Figure()
+    rows = [(m, w, a) for (w, a, m) in pairs[["W", "A", "method"]].drop_duplicates().itertuples(index=False)]
+    names = [f"{m} W{w}A{a}" for m, w, a in rows]
+    for i, ((m, w, a), name) in enumerate(zip(rows, names)):
+        part = pairs[(pairs["method"] == m) & (pairs["W"] == w) & (pairs["A"] == a)]
+        colour = SAFE[i % len(SAFE)]
+        fig.add_trace(go.Scatter(x=part["difference"], y=[name] * len(part), mode="markers", name=name,
+                                 marker=dict(size=11, color=colour, line=dict(color="#333", width=1)),
+                                 customdata=part["seed"], showlegend=False,
+                                 hovertemplate="seed %{customdata}: %{x:+.2f} points<extra>" + name + "</extra>"))
+        fig.add_trace(go.Scatter(x=[part["difference"].mean()], y=[name], mode="markers", showlegend=False,
+                                 marker=dict(symbol="line-ns", size=26, color=colour, line=dict(color=colour, width=3)),
+                                 hovertemplate="mean %{x:+.2f} points<extra>" + name + "</extra>"))
+    fig.add_vline(x=0, line_dash="dash", line_color="gray")
+    fig.update_layout(title=f"Per seed: top-1 minus the reference's ({reference})", xaxis_title="difference (points)",
+                      height=120 + 50 * max(1, len(rows)), margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
 # --------------------------------------------------------------------------- the Home picture
 
 

@@ -456,3 +456,110 @@ def selected_points(points: list[dict], sources: dict, classes: list[str]) -> pd
                      "teacher top-3": ", ".join(f"{classes[c]} {probs[c]:.2f}" for c in top),
                      "margin": float(probs[top[0]] - probs[top[1]]) if len(top) > 1 else 1.0})
     return pd.DataFrame(rows)
+
+# --------------------------------------------------------------------------- Compare page
+
+COMPARE_METHODS = {  # the comparison launcher's methods: settings over the chosen preset
+    "Qimera (superposed batches, p = 0.4)": {"method": "qimera", "superpose_p": 0.4},
+    "Qimera without superposition (p = 0)": {"method": "qimera", "superpose_p": 0.0},
+    "GDFQ": {"method": "gdfq"},
+    "PTQ (no fine-tuning)": {"method": "ptq"},
+}
+_PER_RUN = ("wbits", "abits", "seed")  # the launcher sets these for every run: a variant cannot
+
+
+def parse_variants(text: str) -> dict[str, dict]:
+    """Variants of one's own for the comparison, one per line: ``name: key=value, key=value`` (values as on
+    the command line; a list keeps its commas: ``milestones=3,5``). Lines starting with # are skipped.
+    Raises ValueError naming the line."""
+    out: dict[str, dict] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, rest = line.partition(":")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"line {n}: write a variant as 'name: key=value, key=value', got {line!r}")
+        settings = {}
+        for part in re.split(r",\s*(?=[A-Za-z_]\w*\s*=)", rest.strip()):
+            if not part.strip():
+                continue
+            key, eq, value = part.partition("=")
+            key = key.strip()
+            if not eq:
+                raise ValueError(f"line {n} ({name}): {part.strip()!r} is not key=value")
+            if key not in FIELDS:
+                raise ValueError(f"line {n} ({name}): unknown setting {key!r}")
+            if key in _PER_RUN:
+                raise ValueError(f"line {n} ({name}): {key} is chosen for every run by the form, not by a variant")
+            settings[key] = value.strip()
+        if not settings:
+            raise ValueError(f"line {n} ({name}): give at least one key=value")
+        if name in out or name in COMPARE_METHODS:
+            raise ValueError(f"line {n}: the name {name!r} is taken")
+        out[name] = settings
+    return out
+
+
+def comparison(runs: list[Run], reference: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Finished runs of one teacher, data set and budget, by method (labels carry every setting that differs,
+    so different settings are never averaged) and bit widths: top-1 as mean ± std with n, and per seed the
+    paired difference to the ``reference`` method at the same bit widths (a 95 % paired t interval decides
+    the verdict). Returns (summary, pairs)."""
+    done = [r for r in runs if r.summary and r.status.get("status") == "finished"
+            and r.summary.get("quant_top1") is not None]
+    labels = distinct_labels([r.config for r in done])
+    df = pd.DataFrame([{"method": lab, "W": r.summary["wbits"], "A": r.summary["abits"], "seed": r.summary.get("seed"),
+                        "top1": r.summary["quant_top1"], "run": r.id} for r, lab in zip(done, labels)],
+                      columns=["method", "W", "A", "seed", "top1", "run"])
+    summary, pairs = [], []
+    for (w, a), part in df.groupby(["W", "A"], sort=True):
+        ref = part[part["method"] == reference].groupby("seed")["top1"].mean()
+        for method, rows in part.groupby("method", sort=False):
+            vals = rows["top1"].to_numpy(float)
+            row = {"W": w, "A": a, "method": method, "n": len(vals), "top-1 mean": vals.mean(),
+                   "top-1 std": vals.std(ddof=1) if len(vals) > 1 else float("nan")}
+            if method != reference:
+                mine = rows.groupby("seed")["top1"].mean()
+                common = sorted(set(mine.index) & set(ref.index))
+                diffs = np.array([mine[s] - ref[s] for s in common], float)
+                pairs += [{"W": w, "A": a, "method": method, "seed": s, "top1": mine[s], "reference top1": ref[s],
+                           "difference": mine[s] - ref[s]} for s in common]
+                row.update(paired_difference(diffs))
+            else:
+                row.update({"pairs": None, "difference mean": None, "difference std": None, "wins": None,
+                            "losses": None, "verdict": "the reference"})
+            summary.append(row)
+    return pd.DataFrame(summary), pd.DataFrame(pairs, columns=["W", "A", "method", "seed", "top1", "reference top1",
+                                                                "difference"])
+
+
+def paired_difference(diffs: np.ndarray) -> dict:
+    """Per-seed differences to the reference: their mean and std, wins and losses, and a verdict from a 95 %
+    paired t interval (with one pair, or none, nothing can be told)."""
+    n = len(diffs)
+    out = {"pairs": n, "difference mean": float(diffs.mean()) if n else None,
+           "difference std": float(diffs.std(ddof=1)) if n > 1 else None,
+           "wins": int((diffs > 0).sum()), "losses": int((diffs < 0).sum())}
+    if n == 0:
+        out["verdict"] = "no seed in common with the reference"
+    elif n == 1:
+        out["verdict"] = "one seed: cannot tell (run more seeds)"
+    else:
+        from scipy import stats
+        half = stats.t.ppf(0.975, n - 1) * diffs.std(ddof=1) / np.sqrt(n)
+        mean = diffs.mean()
+        if abs(mean) > half:
+            out["verdict"] = f"{'better' if mean > 0 else 'worse'} than the reference (95 %: {mean - half:+.2f} to {mean + half:+.2f})"
+        else:
+            out["verdict"] = f"cannot tell apart ({n} seeds; 95 %: {mean - half:+.2f} to {mean + half:+.2f})"
+    return out
+
+
+def comparison_defaults(preset_name: str) -> dict:
+    """The launcher's starting choice, one that separates the methods: digits at W2A2 (at W4A4 every method is
+    within one test image of FP), a CIFAR-10 ResNet-20 at W4A4 (the showcase's setting)."""
+    if preset_name == "digits":
+        return {"bits": [2], "seeds": 3, "methods": list(COMPARE_METHODS)}
+    return {"bits": [4], "seeds": 3, "methods": list(COMPARE_METHODS)[:3]}

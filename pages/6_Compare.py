@@ -1,0 +1,96 @@
+"""Compare: does a method (or superposition) help? Methods side by side over seeds, with paired differences."""
+import streamlit as st
+
+from qimera_engine import ConfigError, preset
+from qimera_engine.ui import common, figures
+from qimera_engine.ui.logic import (COMPARE_METHODS, bitwidth_table, comparison, comparison_defaults, parse_variants,
+                                    start_presets)
+
+common.setup_page("Compare", "⚖️")
+st.title("Compare methods")
+st.markdown("Does superposition help? Does Qimera beat GDFQ? Start the methods side by side, on the same teacher, "
+            "bit widths and budget, over several seeds. Each seed gives every method the same start, so the "
+            "per-seed **paired differences** below say more than two averages: one test image is worth "
+            "0.22 points on digits.")
+
+st.header("Start a comparison")
+presets = start_presets()
+preset_name = st.selectbox("Preset", list(presets), index=list(presets).index(common.teacher_preset()),
+                           format_func=lambda p: f"{p}: {presets[p]}", key="c_preset")
+chosen_teacher = common.use_teacher_choice("c_use_teacher")  # the Teacher page's teacher (the shipped ResNet-20 too)
+try:
+    base = preset(preset_name, **chosen_teacher)
+except (ConfigError, ValueError) as e:
+    st.error(f"This preset cannot start with that teacher: {e}")
+    st.stop()
+defaults = comparison_defaults(preset_name)
+with st.form("compare-form"):
+    c1, c2 = st.columns([3, 2])
+    methods = c1.multiselect("Methods", list(COMPARE_METHODS), defaults["methods"], key=f"c_{preset_name}_methods",
+                             help="Each with the preset's other settings. A variant of your own goes below.")
+    bits = c2.multiselect("Bit widths (W = A)", list(range(2, 9)), defaults["bits"], key=f"c_{preset_name}_bits")
+    c1, c2, c3 = st.columns(3)
+    seeds = c1.number_input("Seeds", 1, 10, defaults["seeds"], key=f"c_{preset_name}_seeds",
+                            help="At least 3: with one seed no difference can be told from noise.")
+    epochs = c2.number_input("Epochs per run", 1, 1000, base.epochs, key=f"c_{preset_name}_epochs",
+                             help="The same budget for every method.")
+    iters = c3.number_input("Iterations per epoch", 1, 10000, base.iters_per_epoch, key=f"c_{preset_name}_iters")
+    variants_text = st.text_area(
+        "Variants of your own (optional)", key=f"c_{preset_name}_variants", height=80,
+        placeholder="one per line, settings as on the command line, e.g.\n"
+                    "mapping on: method=qimera, dm=true\nfixed 50/50: method=qimera, coeff_sampler=fixed, fixed_coeffs=0.5,0.5")
+    go = st.form_submit_button("Start the comparison", type="primary")
+if go:
+    try:
+        chosen = {name: COMPARE_METHODS[name] for name in methods}
+        chosen.update(parse_variants(variants_text))
+        if not chosen or not bits:
+            raise ValueError("choose at least one method and one bit width")
+        schedule = {"epochs": int(epochs), "iters_per_epoch": int(iters)}
+        if schedule != {"epochs": base.epochs, "iters_per_epoch": base.iters_per_epoch}:  # a shorter run keeps its phases in proportion
+            warm = min(base.warmup_epochs, int(epochs) - 1)
+            schedule.update(warmup_epochs=warm, calib_epochs=max(1, min(base.calib_epochs, warm)),
+                            milestones=[m for m in base.milestones if m < int(epochs)])
+        runs_base = base.with_overrides(**schedule)
+        n = len(chosen) * len(bits) * int(seeds)
+        common.registry().start_sweep(runs_base, sorted(bits), list(chosen.values()), range(int(seeds)),
+                                      label=f"comparison: {', '.join(chosen)} at "
+                                            f"{', '.join(f'W{b}A{b}' for b in sorted(bits))}, {int(seeds)} seed(s), "
+                                            f"{n} runs ({runs_base.teacher})")
+    except (ConfigError, ValueError) as e:
+        st.error(f"Cannot start the comparison: {e}")
+common.jobs_section("sweep", key="compare", limit=1, curves=False, label_prefix="comparison:")
+
+st.header("Results")
+runs = common.all_runs()
+table = bitwidth_table(runs)
+if table.empty:
+    st.info("No finished runs yet: start a comparison above. Results appear here as its runs finish.")
+    st.stop()
+groups = sorted({(t, d) for t, d in zip(table["teacher"], table["data"])})
+c1, c2 = st.columns(2)
+group = c1.selectbox("Teacher and data", groups, format_func=lambda g: f"{g[0]} on {g[1]}", key="c_group")
+part = table[(table["teacher"] == group[0]) & (table["data"] == group[1])]
+budgets = part["budget"].value_counts()
+chosen_budget = c2.selectbox("Budget (generated images per run)", list(budgets.index), key="c_budget",
+                             format_func=lambda b: f"{b:,} ({budgets[b]} run(s))",
+                             help="Only runs of one budget are compared.")
+ids = set(part[part["budget"] == chosen_budget]["run"])
+subset = [r for r in runs if r.id in ids]
+labels = sorted(set(comparison(subset, "")[0]["method"]))
+reference = st.selectbox("Reference (differences are measured against it)", labels, key="c_reference",
+                         index=next((i for i, lab in enumerate(labels) if lab.endswith("p=0")),
+                                    next((i for i, lab in enumerate(labels) if lab.startswith("gdfq")), 0)))
+summary, pairs = comparison(subset, reference)
+shown = summary.assign(**{"top-1": [f"{m:.2f} ± {s:.2f}" if s == s else f"{m:.2f}"
+                                    for m, s in zip(summary["top-1 mean"], summary["top-1 std"])]})
+st.dataframe(shown[["W", "A", "method", "n", "top-1", "pairs", "difference mean", "difference std", "wins",
+                    "losses", "verdict"]], hide_index=True, key="c_table",
+             column_config={"difference mean": st.column_config.NumberColumn(format="%+.2f"),
+                            "difference std": st.column_config.NumberColumn(format="%.2f")})
+st.caption("top-1: the final epoch's, mean ± std over n runs. Difference: per seed, the method's top-1 minus the "
+           "reference's at the same bit widths (same seed, same start); wins and losses count seeds. The verdict "
+           "comes from a 95 % paired t interval: 'cannot tell apart' means the seeds disagree more than the methods do.")
+if not pairs.empty:
+    st.plotly_chart(figures.paired_figure(pairs, reference), key="c_pairs")
+st.download_button("Download CSV", summary.to_csv(index=False).encode(), "comparison.csv", "text/csv", key="c_csv")
