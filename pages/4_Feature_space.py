@@ -102,9 +102,21 @@ with left:
 points = picked.selection.points if picked and picked.selection else []
 if points:
     st.subheader(f"Selected points ({len(points)})")
-    st.dataframe(selected_points(points, sources, classes), hide_index=True, key="f_selected")
+    chosen = selected_points(points, sources, classes)
+    if len(chosen):
+        picks = list(zip(chosen["source"], chosen["index"]))
+        try:
+            grid = common.point_images(run, partner if gdfq_path else None, sources, picks, int(result.get("seed", seed)))
+            st.image(grid, caption="The images behind the points, in the table's order"
+                     + (f" (the first {common.MAX_POINT_IMAGES})" if len(picks) > common.MAX_POINT_IMAGES else "")
+                     + ": real ones from the test set, synthetic ones made again from their classes, "
+                       "coefficients and noise seed.")
+        except (OSError, ValueError, paths.PathNotAllowed) as e:
+            st.warning(f"Could not show their images: {e}")
+    st.dataframe(chosen, hide_index=True, key="f_selected")
 else:
-    st.caption("Click, box or lasso points on the chart to list them with the teacher's top-3 classes.")
+    st.caption("Click a point (or draw a box or lasso around several) to see its image, with the teacher's "
+               "top-3 classes.")
 st.caption("Colour: class (for superposed samples, the class with the largest coefficient). Marker: source. "
            "What to look for: plain samples sit in tight clusters at the class centres; superposed ones spread "
            "into the space between clusters, where the real data also lives. UMAP distances between clusters "

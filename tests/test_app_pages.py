@@ -376,6 +376,27 @@ def test_small_logic_helpers():
         logic.config_from_values(preset("digits"), {"superpose_p": 1.5})
 
 
+def test_a_picked_point_shows_the_image_behind_it(finished_home, monkeypatch):
+    """Feature space: the image of a clicked point is the very image whose features were placed there."""
+    import threading
+    from qimera_engine import InputSpec, collect_features
+    from qimera_engine.ui import common
+    monkeypatch.setenv("QIMERA_HOME", str(finished_home))
+    qimera, gdfq = by_method()["qimera"], by_method()["gdfq"]
+    src = tasks.features_task(str(qimera.path), str(gdfq.path), 50, 3, "pca")(lambda f, m: None, threading.Event())["sources"]
+    picks = [("real", 7), ("plain", 2), ("superposed", 5), ("gdfq", 1)]
+    grid = common.point_images(qimera, gdfq, src, picks, 3)
+    teacher = load_teacher(qimera)
+    tile = teacher.image_size * 12  # 8x8 digits shown 12x (figures.MIN_IMAGE_PX)
+    assert grid.shape == (tile + 4, 4 * (tile + 2) + 2, 3)
+    for j, (source, i) in enumerate(picks):  # each tile, read back as the teacher's input, gives the point's features
+        image = grid[2:2 + tile, 2 + j * (tile + 2): 2 + j * (tile + 2) + tile][::12, ::12, :1]
+        x = (torch.from_numpy(image.transpose(2, 0, 1).copy()).float()[None] / 255 - teacher.mean[0]) / teacher.std[0]
+        features, _ = collect_features(teacher.model, x)
+        dist = np.linalg.norm(src[source]["features"] - features[0].numpy(), axis=1)
+        assert dist.argmin() == i, (source, i, dist.argmin())  # (up to the display's 8-bit rounding)
+
+
 def test_features_task_projects_every_source(finished_home, monkeypatch):
     monkeypatch.setenv("QIMERA_HOME", str(finished_home))
     qimera, gdfq = by_method()["qimera"], by_method()["gdfq"]

@@ -180,6 +180,31 @@ def real_class_images(run: Run, classes: tuple, per_class: int, ncols: int | Non
     return figures.image_grid(x[pick], ncols or per_class * len(classes)) if pick else None
 
 
+MAX_POINT_IMAGES = 16  # images shown for points picked on the feature scatter
+
+
+def point_images(run: Run, gdfq: Run | None, sources: dict, picks: list[tuple[str, int]], seed: int) -> np.ndarray:
+    """The images behind points picked on Feature space's scatter, as one grid (the first
+    ``MAX_POINT_IMAGES``): a real point is its test image (the same draw the features came from), a synthetic
+    one is made again from its labels, coefficients and noise seed (``synthetic_features`` keeps them)."""
+    from .. import generate_images
+    teacher, generator, _ = run_networks(run)
+    tiles = []
+    for source, i in picks[:MAX_POINT_IMAGES]:
+        s = sources[source]
+        if source == "real":  # the features came from the first n of a draw of (up to) 2n test images
+            drawn = len(s["labels"]) + len(s.get("other_labels", ()))
+            x, _, _ = real_images(run.config.test_data, InputSpec.of(teacher), drawn, seed, home_key(),
+                                  data_stamp(run.config.test_data))
+            tiles.append(figures.image_grid(x[i:i + 1], 1, pad=0))
+        else:
+            gen = run_networks(gdfq)[1] if source == "gdfq" else generator
+            with torch.no_grad():
+                image = generate_images(gen, s["labels"][i:i + 1], s["coeffs"][i:i + 1], s["seeds"][i:i + 1])
+            tiles.append(figures.image_grid(image, 1, mean=teacher.mean, std=teacher.std, pad=0))
+    return figures.image_grid(np.stack([t.transpose(2, 0, 1) for t in tiles]), MAX_POINT_IMAGES // 2, scale=1, pad=2)
+
+
 def home_key() -> str:
     return str(qimera_home())
 
