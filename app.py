@@ -9,6 +9,7 @@ st.set_option("client.showErrorDetails", "none")  # no tracebacks in the browser
 st.set_option("client.toolbarMode", "minimal")
 
 PAGES = [st.Page("pages/0_Home.py", title="Home", icon="🧪", default=True),
+         st.Page("pages/7_Guided_tour.py", title="Guided tour", icon="🧭"),
          st.Page("pages/1_Teacher.py", title="Teacher", icon="🎓"),
          st.Page("pages/2_Quantize.py", title="Quantize", icon="⚙️"),
          st.Page("pages/3_Boundary_samples.py", title="Boundary samples", icon="🧬"),

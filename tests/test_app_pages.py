@@ -19,7 +19,7 @@ from qimera_engine.ui import figures, logic, paths, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["app.py", "pages/1_Teacher.py", "pages/2_Quantize.py", "pages/3_Boundary_samples.py",
-         "pages/4_Feature_space.py", "pages/5_Bit_widths.py"]
+         "pages/4_Feature_space.py", "pages/5_Bit_widths.py", "pages/6_Compare.py", "pages/7_Guided_tour.py"]
 TINY = dict(epochs=2, iters_per_epoch=4, warmup_epochs=1, calib_epochs=1, batch_size=16, gen_width=16)
 
 
@@ -100,6 +100,10 @@ def test_every_page_loads_with_nothing_run(empty_home, page):
         assert at.button(key="FormSubmitter:sweep-form-Start sweep")
     if page == "pages/2_Quantize.py":
         assert any("No runs yet" in m.value for m in at.info)
+    if page == "pages/6_Compare.py":
+        assert any("No finished runs yet" in m.value for m in at.info)
+    if page == "pages/7_Guided_tour.py":  # (the suite hides the showcase): a run of one's own is needed
+        assert any("No Qimera run yet" in m.value for m in at.info)
 
 
 def test_home_runs_the_demo_in_the_background(empty_home):

@@ -148,3 +148,24 @@ def test_shipped_runs_are_read_only_in_the_app(showcase, tmp_path):
     assert not at.exception and not at.error
     assert list((tmp_path / "home" / "exports").rglob("student-int.safetensors")) == exported
     assert not list(SHOWCASE.rglob("student-int.safetensors")) and not list(SHOWCASE.rglob("run.lock"))
+
+
+def test_the_guided_tour_walks_the_shipped_run_in_seven_steps(showcase):
+    from qimera_engine.ui.logic import TOUR_STEPS
+    at = open_page("pages/7_Guided_tour.py")
+    assert at.button(key="tour_back").disabled
+    seen = []
+    for i, name in enumerate(TOUR_STEPS):
+        assert at.title[0].value == f"{i + 1}. {name}" and not at.exception and not at.error
+        seen.append((len(at.get("image")), len(at.get("plotly_chart"))))
+        if i < len(TOUR_STEPS) - 1:
+            at.button(key="tour_next").click().run()
+    assert at.button(key="tour_next").disabled
+    # images on the first four screens (real, generated, both side by side, the mixes), the path and the
+    # student's curve as charts, the numbers as a table
+    assert [s[0] > 0 for s in seen[:4]] == [True] * 4 and seen[4][1] == 1 and seen[5][1] == 1
+    table = at.dataframe[0].value
+    assert set(table["method"]) == {"qimera+ p=0", "qimera+", "gdfq+"}
+    assert "one seed: cannot tell (run more seeds)" in set(table["verdict"])
+    at.button(key="tour_back").click().run()
+    assert at.title[0].value == f"6. {TOUR_STEPS[5]}"

@@ -475,6 +475,30 @@ def mixed_samples(run_path: str, stamp: float, classes: tuple, coeffs: tuple, se
     return out
 
 
+@st.cache_data(max_entries=16, show_spinner=False)
+def class_samples(run_path: str, stamp: float, classes: tuple, seed: int, ncols: int) -> dict:
+    """One plain generated image per class (noise seeds ``seed``, ``seed`` + 1, ...), as a grid of ``ncols``
+    per row, and the teacher's top-1 for each."""
+    from .. import generate_images
+    teacher, gen, _ = _networks(run_path, stamp)
+    labels = torch.tensor(classes)[:, None]
+    with torch.no_grad():
+        images = generate_images(gen, labels, torch.ones(len(classes), 1), [seed + i for i in range(len(classes))])
+        pred = teacher.model(images).argmax(1).cpu().numpy()
+    return {"grid": figures.image_grid(images, ncols, mean=teacher.mean, std=teacher.std), "teacher_pred": pred}
+
+
+def stack_grids(grids: list[np.ndarray], gap: int = 4) -> np.ndarray:
+    """Image grids of one width one above the other, with a white gap."""
+    width = max(g.shape[1] for g in grids)
+    rows = []
+    for i, g in enumerate(grids):
+        if i:
+            rows.append(np.full((gap, width, 3), 255, np.uint8))
+        rows.append(np.pad(g, ((0, 0), (0, width - g.shape[1]), (0, 0)), constant_values=255))
+    return np.concatenate(rows)
+
+
 @st.cache_data(max_entries=32, show_spinner=False)
 def mixing_path(run_path: str, stamp: float, a: int, b: int, steps: int, seed: int) -> dict:
     """analysis.path_strip, cached; its images as displayable tiles (upscaled like every grid)."""

@@ -563,3 +563,8 @@ def comparison_defaults(preset_name: str) -> dict:
     if preset_name == "digits":
         return {"bits": [2], "seeds": 3, "methods": list(COMPARE_METHODS)}
     return {"bits": [4], "seeds": 3, "methods": list(COMPARE_METHODS)[:3]}
+
+# --------------------------------------------------------------------------- Guided tour
+
+TOUR_STEPS = ["The teacher", "What a generator makes", "Real and synthetic, side by side", "Mixing two classes",
+              "Where the teacher changes its mind", "What the student learns", "The numbers"]
