@@ -290,7 +290,7 @@ def jobs_section(kind: str | None = None, *, key: str, limit: int = 3, curves: b
 
     @st.fragment(run_every=POLL_SECONDS if running else None)
     def _live():
-        live = [j for j in registry().jobs() if j.id in running]
+        live = [j for j in map(_job_or_none, running) if j is not None]  # only these are copied, not every job
         for job in live:
             with st.container(border=True):
                 job_panel(job, curves=curves, key=key)
@@ -301,6 +301,13 @@ def jobs_section(kind: str | None = None, *, key: str, limit: int = 3, curves: b
         if not job.active:
             with st.container(border=True):
                 job_panel(job, curves=curves, key=key)
+
+
+def _job_or_none(job_id: str) -> Job | None:
+    try:
+        return registry().get(job_id)
+    except KeyError:  # forgotten meanwhile (only the newest finished jobs are kept)
+        return None
 
 
 def teacher_preset() -> str:
