@@ -3,8 +3,8 @@ import streamlit as st
 
 from qimera_engine import ConfigError, preset
 from qimera_engine.ui import common, figures
-from qimera_engine.ui.logic import (COMPARE_METHODS, bitwidth_table, comparison, comparison_defaults, parse_variants,
-                                    start_presets)
+from qimera_engine.ui.logic import (COMPARE_METHODS, bitwidth_table, comparison, comparison_defaults, comparison_display,
+                                    parse_variants, start_presets)
 
 common.setup_page("Compare", "⚖️")
 st.title("Compare methods")
@@ -82,12 +82,7 @@ reference = st.selectbox("Reference (differences are measured against it)", labe
                          index=next((i for i, lab in enumerate(labels) if lab.endswith("p=0")),
                                     next((i for i, lab in enumerate(labels) if lab.startswith("gdfq")), 0)))
 summary, pairs = comparison(subset, reference)
-shown = summary.assign(**{"top-1": [f"{m:.2f} ± {s:.2f}" if s == s else f"{m:.2f}"
-                                    for m, s in zip(summary["top-1 mean"], summary["top-1 std"])]})
-st.dataframe(shown[["W", "A", "method", "n", "top-1", "pairs", "difference mean", "difference std", "wins",
-                    "losses", "verdict"]], hide_index=True, key="c_table",
-             column_config={"difference mean": st.column_config.NumberColumn(format="%+.2f"),
-                            "difference std": st.column_config.NumberColumn(format="%.2f")})
+st.dataframe(comparison_display(summary), hide_index=True, key="c_table")
 st.caption("top-1: the final epoch's, mean ± std over n runs. Difference: per seed, the method's top-1 minus the "
            "reference's at the same bit widths (same seed, same start); wins and losses count seeds. The verdict "
            "comes from a 95 % paired t interval: 'cannot tell apart' means the seeds disagree more than the methods do.")

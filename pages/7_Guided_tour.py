@@ -1,9 +1,11 @@
-"""Guided tour: the method in seven screens, on the shipped CIFAR-10 runs (or a run of one's own), for a class demo."""
+"""Guided tour: the method in seven screens, on the shipped CIFAR-10 runs (or a run of one's own), for a class demo.
+
+Each step fits one 1280 x 720 screen: its images are laid out so that a tile is at least 128 px wide there."""
 import streamlit as st
 
 from qimera_engine.ui import common, figures, paths
-from qimera_engine.ui.logic import (comparison, distinct_labels, diversity_line, first_clean_seed, generator_runs, seed_sentence,
-                                    showcase_pair, TOUR_STEPS)
+from qimera_engine.ui.logic import (TOUR_STEPS, comparison, comparison_display, distinct_labels, diversity_line,
+                                    first_clean_seed, generator_runs, seed_sentence, showcase_pair)
 
 common.setup_page("Guided tour", "🧭")
 
@@ -28,10 +30,11 @@ names = common.class_names(path, stamp)
 a = names.index("cat") if "cat" in names else 0
 b = names.index("dog") if "dog" in names else 1
 summary = run.summary or {}
+classes = tuple(range(min(10, len(names))))
 
 step = min(int(st.session_state.get("tour_step", 0)), len(TOUR_STEPS) - 1)
 head, back, forward = st.columns([6, 1, 1], vertical_alignment="bottom")
-head.title(f"{step + 1}. {TOUR_STEPS[step]}")
+head.header(f"{step + 1}. {TOUR_STEPS[step]}")
 if back.button("Back", key="tour_back", disabled=step == 0, width="stretch"):
     st.session_state["tour_step"] = step - 1
     st.rerun()
@@ -41,65 +44,56 @@ if forward.button("Next", key="tour_next", type="primary", disabled=step == len(
 st.progress((step + 1) / len(TOUR_STEPS), text=f"Step {step + 1} of {len(TOUR_STEPS)} · run {common.run_label(run)}")
 
 if step == 0:  # the teacher
-    left, right = st.columns([3, 2])
-    grid = common.real_class_images(run, tuple(range(min(10, len(names)))), 1, ncols=5)
+    text, number = st.columns([3, 1])
+    text.markdown(f"The **teacher** is a trained classifier ({run.config.teacher}) in full precision. We want a "
+                  f"**W{run.config.wbits}A{run.config.abits}** copy of it (4-bit weights and activations: about 8x "
+                  "smaller, fast on integer hardware), and **may not use any of its training data**. Rounding every "
+                  "weight to 16 levels breaks the network; fine-tuning it needs images.")
+    number.metric("Teacher's top-1", f"{summary.get('fp_top1', 0):.2f}%")
+    grid = common.real_class_images(run, classes, 1, ncols=5)
     if grid is not None:
-        left.image(grid, width="stretch", caption="Real test images, one per class: "
-                   + ", ".join(names[:10]) + ".")
-    right.metric("The teacher's top-1 (full precision)", f"{summary.get('fp_top1', 0):.2f}%")
-    right.markdown(f"The **teacher** is a trained classifier ({run.config.teacher}) in full precision. We want "
-                   f"a **W{run.config.wbits}A{run.config.abits}** copy of it, with 4-bit weights and activations: "
-                   "about 8x smaller, and fast on integer hardware.\n\n"
-                   "The catch: **we may not use any of its training data.** Rounding every weight to 16 levels "
-                   "breaks the network, and fine-tuning it needs images.")
+        st.image(grid, width="stretch", caption="Real test images, one per class: " + ", ".join(names[c] for c in classes) + ".")
 elif step == 1:  # what a generator makes
-    left, right = st.columns([3, 2])
-    out = common.class_samples(path, stamp, tuple(range(min(10, len(names)))), 0, 5)
-    left.image(out["grid"], width="stretch", caption="Generated images, one per class. The teacher reads them as: "
-               + ", ".join(names[p] for p in out["teacher_pred"]) + ".")
-    right.markdown("A **generator** learns to make images that the teacher finds typical:\n"
-                   "- the teacher classifies each one as the class asked for, and\n"
-                   "- the statistics that the teacher's BatchNorm layers saw in training (a mean and a variance "
-                   "per channel) come out the same.\n\n"
-                   "They are not photographs: they carry the colours and textures the teacher relies on. "
-                   "The 4-bit **student** is then fine-tuned to copy the teacher's answers on them.")
+    st.markdown("A **generator** learns to make images the teacher finds typical: the teacher classifies each as "
+                "the class asked for, and the statistics its BatchNorm layers saw in training (a mean and a variance "
+                "per channel) come out the same. The 4-bit **student** then learns to copy the teacher on them.")
+    out = common.class_samples(path, stamp, classes, 0, 5)
+    st.image(out["grid"], width="stretch", caption="Generated, one per class (not photographs: the colours and "
+             "textures the teacher relies on). The teacher reads them as: " + ", ".join(names[p] for p in out["teacher_pred"]) + ".")
 elif step == 2:  # real vs synthetic
+    spread = common.mixed_samples(path, stamp, (a,), (1.0,), tuple(range(8)))["spread"]
+    st.markdown((diversity_line(summary) or "This run did not measure how varied its samples are.") + " "
+                + seed_sentence(spread))
     left, right = st.columns(2)
-    real = common.real_class_images(run, (a, b), 4, ncols=4)
+    real = common.real_class_images(run, (a, b), 3, ncols=3)
     if real is not None:
-        left.image(real, width="stretch", caption=f"Real: four {names[a]}s, four {names[b]}s (never seen by the "
+        left.image(real, width="stretch", caption=f"Real: three {names[a]}s, three {names[b]}s (never seen by the "
                                                   "generator or the student).")
-    mix_a = common.mixed_samples(path, stamp, (a,), (1.0,), tuple(range(4)))
-    mix_b = common.mixed_samples(path, stamp, (b,), (1.0,), tuple(range(4)))
-    right.image(common.stack_grids([mix_a["grid"], mix_b["grid"]]), width="stretch",
-                caption=f"Generated: four {names[a]}s, four {names[b]}s (four noise seeds each). "
-                        + seed_sentence(mix_a["spread"]))
-    line = diversity_line(summary)
-    st.markdown(line or "This run did not measure how varied its samples are.")
+    made = common.class_samples(path, stamp, (a, a, a, b, b, b), 0, 3)
+    right.image(made["grid"], width="stretch", caption=f"Generated: three {names[a]}s, three {names[b]}s "
+                                                       "(three noise seeds each).")
 elif step == 3:  # mixing two classes
-    left, right = st.columns([3, 2])
+    left, right = st.columns([2, 1])
     with right:
         lam = st.slider(f"How much {names[b]} (λ)", 0.0, 1.0, 0.5, 0.05, key="tour_lambda")
         st.markdown(f"Qimera feeds the generator a **mix of class embeddings**: z = (1-λ)·e_{names[a]} + "
                     f"λ·e_{names[b]}. Near λ = 0.5 the images sit **between** the classes, near the teacher's "
-                    "decision boundary: the region where a student that copies only class centres makes its "
-                    "mistakes.")
+                    "decision boundary, where a student that copies only class centres makes its mistakes.")
     out = common.mixed_samples(path, stamp, (a, b), (round(1 - lam, 2), round(lam, 2)), tuple(range(8)))
     left.image(out["grid"], width="stretch", caption=f"{1 - lam:.0%} {names[a]}, {lam:.0%} {names[b]}, eight seeds. "
                "The teacher reads them as: " + ", ".join(names[p] for p in out["teacher_pred"]) + ".")
 elif step == 4:  # where the teacher changes its mind
-    steps = 7
+    steps = 5  # five images across the screen: each about 150 px wide at 1280
     seed = first_clean_seed(lambda s: common.mixing_path(path, stamp, a, b, steps, s), a, b, 0)
     strip = common.mixing_path(path, stamp, a, b, steps, 0 if seed is None else seed)
-    st.plotly_chart(figures.path_figure(strip, names[a], names[b], names, strip["tiles"]), key="tour_path")
-    st.caption(f"From {names[a]} (left) to {names[b]} (right) in {steps} steps: the teacher's probability of each "
-               "class along the way, with the image of each step above it. Orange: steps where the 4-bit student "
-               "disagrees with the teacher.")
+    st.caption(f"From {names[a]} (left) to {names[b]} (right): the teacher's probability of each class along the "
+               "way, the image of each step above it. Orange: steps where the 4-bit student disagrees with the teacher.")
+    st.plotly_chart(figures.path_figure(strip, names[a], names[b], names, strip["tiles"], height=470,
+                                        image_share=0.42), key="tour_path")
 elif step == 5:  # what the student learns
     left, right = st.columns([3, 2])
-    metrics = run.metrics
-    if metrics:
-        left.plotly_chart(figures.accuracy_figure(metrics, summary.get("fp_top1")), key="tour_accuracy")
+    if run.metrics:
+        left.plotly_chart(figures.accuracy_figure(run.metrics, summary.get("fp_top1")), key="tour_accuracy")
     right.metric(f"The W{run.config.wbits}A{run.config.abits} student's top-1", f"{summary.get('quant_top1', 0):.2f}%",
                  f"{summary.get('quant_top1', 0) - summary.get('fp_top1', 0):+.2f} points against the teacher")
     right.markdown("Each epoch the generator makes fresh images (plain and, with Qimera, mixed), the teacher "
@@ -110,10 +104,7 @@ else:  # the numbers
     labels = distinct_labels([r.config for r in done])  # as the table names them
     table, _ = comparison(done, next((lab for r, lab in zip(done, labels) if r.id == run.id), labels[0]))
     if len(table):
-        st.dataframe(table[["W", "A", "method", "n", "top-1 mean", "pairs", "difference mean", "verdict"]],
-                     hide_index=True, key="tour_table",
-                     column_config={"top-1 mean": st.column_config.NumberColumn(format="%.2f"),
-                                    "difference mean": st.column_config.NumberColumn(format="%+.2f")})
+        st.dataframe(comparison_display(table), hide_index=True, key="tour_table")
     st.markdown("**Does superposition help?** One seed each cannot say: two runs of one method differ by about "
                 "0.2-0.4 points from their seed alone (docs/results.md compares them over three seeds). Start a "
                 "comparison of your own over several seeds:")

@@ -156,7 +156,7 @@ def test_the_guided_tour_walks_the_shipped_run_in_seven_steps(showcase):
     assert at.button(key="tour_back").disabled
     seen = []
     for i, name in enumerate(TOUR_STEPS):
-        assert at.title[0].value == f"{i + 1}. {name}" and not at.exception and not at.error
+        assert at.header[0].value == f"{i + 1}. {name}" and not at.exception and not at.error
         seen.append((len(at.get("image")), len(at.get("plotly_chart"))))
         if i < len(TOUR_STEPS) - 1:
             at.button(key="tour_next").click().run()
@@ -168,4 +168,4 @@ def test_the_guided_tour_walks_the_shipped_run_in_seven_steps(showcase):
     assert set(table["method"]) == {"qimera+ p=0", "qimera+", "gdfq+"}
     assert "one seed: cannot tell (run more seeds)" in set(table["verdict"])
     at.button(key="tour_back").click().run()
-    assert at.title[0].value == f"6. {TOUR_STEPS[5]}"
+    assert at.header[0].value == f"6. {TOUR_STEPS[5]}"

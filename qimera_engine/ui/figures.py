@@ -133,16 +133,18 @@ def _png_uri(image: np.ndarray) -> str:
 
 
 def path_figure(path: dict, name_a: str, name_b: str, names: list[str] | None = None,
-                tiles: list[np.ndarray] | None = None) -> go.Figure:
+                tiles: list[np.ndarray] | None = None, *, height: int | None = None,
+                image_share: float = 0.34) -> go.Figure:
     """p(A), p(B) and the strongest other class along the path A -> B; where the teacher's top-1
     class changes marked; teacher/student disagreement shaded. ``tiles`` (one uint8 HxWx3 image per
-    step) are drawn above the curves, each centred on its own step of the x-axis."""
+    step) are drawn above the curves, each centred on its own step of the x-axis, in the top
+    ``image_share`` of the plot; ``height`` in pixels (default 530 with tiles, 380 without)."""
     alphas = _np(path["alphas"]).astype(float)
     fig = go.Figure()
     spacing = (alphas[1] - alphas[0]) if len(alphas) > 1 else 1.0
     for a, tile in zip(alphas, tiles or []):
         fig.add_layout_image(source=_png_uri(tile), xref="x", yref="paper", x=a, y=1.0, sizex=spacing,
-                             sizey=0.34, xanchor="center", yanchor="top", sizing="contain", layer="above")
+                             sizey=image_share, xanchor="center", yanchor="top", sizing="contain", layer="above")
     fig.add_trace(go.Scatter(x=alphas, y=_np(path["p_a"]), mode="lines+markers", name=f"teacher p({name_a})",
                              line=dict(color=SAFE[1])))
     fig.add_trace(go.Scatter(x=alphas, y=_np(path["p_b"]), mode="lines+markers", name=f"teacher p({name_b})",
@@ -167,10 +169,10 @@ def path_figure(path: dict, name_a: str, name_b: str, names: list[str] | None = 
         fig.add_vline(x=float(boundary["alpha"]), line_dash="dash", line_color="black",
                       annotation_text=f"top-1 → {to} at {float(boundary['alpha']):.2f}")
     fig.update_layout(title=f"From {name_a} (0) to {name_b} (1)", xaxis_title=f"coefficient of {name_b}",
-                      yaxis_title="probability", yaxis_range=[0, 1.02], height=380,
+                      yaxis_title="probability", yaxis_range=[0, 1.02], height=height or 380,
                       margin=dict(l=10, r=10, t=40, b=90), legend=LEGEND_BELOW)
     if tiles:  # the images take the top third, the curves the rest, on one shared x-axis
-        fig.update_layout(height=530, yaxis_domain=[0, 0.62],
+        fig.update_layout(height=height or 530, yaxis_domain=[0, 0.96 - image_share],
                           xaxis_range=[alphas[0] - spacing / 2, alphas[-1] + spacing / 2])
     return fig
 

@@ -557,6 +557,29 @@ def paired_difference(diffs: np.ndarray) -> dict:
     return out
 
 
+def comparison_display(summary: pd.DataFrame) -> pd.DataFrame:
+    """``comparison``'s summary as text for a table: top-1 as mean ± std, the paired difference as mean ± std
+    over n seeds, wins and losses; blank (never "None") where a figure does not apply (the reference's own row,
+    one run)."""
+    def top1(m, s):
+        return f"{m:.2f} ± {s:.2f}" if s == s else f"{m:.2f}"
+
+    def diff(row):
+        if row["pairs"] is None or row["pairs"] != row["pairs"] or not row["pairs"]:
+            return ""
+        sd = row["difference std"]
+        return (f"{row['difference mean']:+.2f}" + (f" ± {sd:.2f}" if sd is not None and sd == sd else "")
+                + f" ({int(row['pairs'])} seed{'s' if row['pairs'] > 1 else ''})")
+    rows = summary.to_dict("records")
+    return pd.DataFrame({"W": [r["W"] for r in rows], "A": [r["A"] for r in rows],
+                         "method": [r["method"] for r in rows], "n": [r["n"] for r in rows],
+                         "top-1": [top1(r["top-1 mean"], r["top-1 std"]) for r in rows],
+                         "difference to the reference": [diff(r) for r in rows],
+                         "wins / losses": [f"{int(r['wins'])} / {int(r['losses'])}" if r["wins"] is not None
+                                           and r["wins"] == r["wins"] else "" for r in rows],
+                         "verdict": [r["verdict"] for r in rows]})
+
+
 def comparison_defaults(preset_name: str) -> dict:
     """The launcher's starting choice, one that separates the methods: digits at W2A2 (at W4A4 every method is
     within one test image of FP), a CIFAR-10 ResNet-20 at W4A4 (the showcase's setting)."""
