@@ -88,7 +88,7 @@ elif step == 4:  # where the teacher changes its mind
     strip = common.mixing_path(path, stamp, a, b, steps, 0 if seed is None else seed)
     st.caption(f"From {names[a]} (left) to {names[b]} (right): the teacher's probability of each class along the "
                "way, the image of each step above it. Orange: steps where the 4-bit student disagrees with the teacher.")
-    st.plotly_chart(figures.path_figure(strip, names[a], names[b], names, strip["tiles"], height=470,
+    st.plotly_chart(figures.path_figure(strip, names[a], names[b], names, strip["tiles"], height=440,
                                         image_share=0.42), key="tour_path")
 elif step == 5:  # what the student learns
     left, right = st.columns([3, 2])

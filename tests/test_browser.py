@@ -224,8 +224,8 @@ def test_home_runs_the_demo_to_the_end(server, page, demo):
     expect(page.get_by_role("button", name="Cancel")).to_have_count(0)  # nothing left to cancel
     assert page.get_by_text("Runs are stored in").count() == 1
     nav = page.locator('[data-testid="stSidebarNav"]').inner_text().split("\n")
-    assert [n.strip() for n in nav if any(c.isalpha() for c in n)] == ["Home", "Teacher", "Quantize", "Boundary samples",
-                                                         "Feature space", "Bit widths"], nav
+    assert [n.strip() for n in nav if any(c.isalpha() for c in n)] == ["Home", "Guided tour", "Teacher", "Quantize", "Boundary samples",
+                                                         "Feature space", "Bit widths", "Compare"], nav
     device = page.locator('[data-testid="stMetricValue"]').first.inner_text()
     assert device == ("GPU" if "GPU:" in page.locator('[data-testid="stSidebar"]').inner_text() else "CPU")
     assert page.locator('[data-testid="stPlotlyChart"]').count() >= 2  # the method picture and the live curves
@@ -349,3 +349,152 @@ def test_boundary_controls_and_images_in_one_screen(server, page, demo):
         assert_painted(SHOTS / "boundary_samples_1280x720.png", 1280, 720)
     finally:
         page.set_viewport_size(VIEWPORT)
+
+# --------------------------------------------------------------------------- the guided tour
+
+TOUR_TITLES = ["1. The teacher", "2. What a generator makes", "3. Real and synthetic, side by side",
+               "4. Mixing two classes", "5. Where the teacher changes its mind", "6. What the student learns",
+               "7. The numbers"]
+# Tiles per row of each st.image the step shows, in page order (pages/7_Guided_tour.py: real_class_images
+# with ncols=5, class_samples with 5, real_class_images with ncols=4 beside two 4-column mixed_samples grids
+# stacked, and mixed_samples' 4 columns); every grid is built by figures.image_grid with a 1-pixel pad.
+TOUR_GRID_COLUMNS = {1: [5], 2: [5], 3: [3, 3], 4: [4]}
+TOUR_CHARTS = {5: "tour_path", 6: "tour_accuracy"}  # steps that draw a plotly chart
+TOUR_MIN_TILE_PX = 128
+TOUR_STEP_TIMEOUT_S = 240  # one step's render on a loaded 2-core machine: networks load, the path is searched
+
+
+def _boxes_overlap(a: dict, b: dict) -> bool:
+    return (a["x"] < b["x"] + b["width"] and b["x"] < a["x"] + a["width"]
+            and a["y"] < b["y"] + b["height"] and b["y"] < a["y"] + a["height"])
+
+
+def _main_scroll_top(page) -> None:
+    page.evaluate("() => ['[data-testid=\"stMain\"]', '[data-testid=\"stAppViewContainer\"]']"
+                  ".map(s => document.querySelector(s)).filter(Boolean).forEach(e => e.scrollTo(0, 0))")
+
+
+def test_guided_tour_walks_seven_screens(server, page):
+    """The tour on the shipped CIFAR-10 runs at 1280 x 720, step by step with Next: each step renders without an
+    error box; its image tiles are at least 128 px wide on screen; its main image, chart or table starts on the
+    first screen; no chart legend covers an axis title; on the last step Next is disabled and Back goes back.
+    Every layout finding of every step is gathered before the test fails, so one run reports them all."""
+    import json
+
+    from playwright.sync_api import expect
+    timeout = TOUR_STEP_TIMEOUT_S * 1000
+    problems: list[str] = []
+    measured: dict[int, dict] = {}
+    shots: list[Path] = []
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.set_viewport_size({"width": 1280, "height": 720})
+    try:
+        # As a class opens it: Home, then the sidebar's entry right after Home. (A deep link to /Guided_tour as
+        # the very first request a fresh server gets is served from the pages/ folder without app.py's
+        # navigation, a known Streamlit behaviour: its sidebar then lists "app" and the files; not tested here.)
+        open_page(page, server, "", "Qimera Explorer")
+        page.locator('[data-testid="stSidebarNav"] a').filter(has_text="Guided tour").first.click()
+        page.get_by_role("heading", name=TOUR_TITLES[0], level=2).wait_for(timeout=timeout)
+        wait_rendered(page)
+        nav = [t.split("\n")[-1].strip() for t in page.locator('[data-testid="stSidebarNav"] a').all_inner_texts()]
+        assert nav[:2] == ["Home", "Guided tour"], nav
+        for n, title in enumerate(TOUR_TITLES, start=1):
+            if n > 1:
+                page.get_by_role("button", name="Next", exact=True).click()
+            page.get_by_role("heading", name=title, level=2).wait_for(timeout=timeout)
+            page.wait_for_function("() => document.querySelector('[data-testid=\"stApp\"]')"
+                                   "?.getAttribute('data-test-script-state') === 'notRunning'", timeout=timeout)
+            wait_rendered(page)  # and no stException
+            errors = page.locator('[data-testid="stAlertContentError"]')
+            assert errors.count() == 0, (title, errors.first.inner_text())
+            assert page.get_by_role("heading", name=title, level=2).count() == 1  # the step after a rerun, not a stale one
+            _main_scroll_top(page)
+            info: dict = {"title": title}
+            main = page.locator('[data-testid="stMain"]')
+            images = main.locator('[data-testid="stImage"] img')
+            columns = TOUR_GRID_COLUMNS.get(n, [])
+            if columns:
+                images.first.wait_for(timeout=timeout)
+                page.wait_for_function(
+                    "k => { const im = [...document.querySelectorAll('[data-testid=\"stMain\"] [data-testid=\"stImage\"] img')];"
+                    " return im.length === k && im.every(e => e.complete && e.naturalWidth > 0"
+                    " && e.getBoundingClientRect().width > 0); }", arg=len(columns), timeout=timeout)
+            assert images.count() == len(columns), (title, images.count(), columns)
+            primary = []
+            info["images"] = []
+            for i, cols in enumerate(columns):
+                img = images.nth(i)
+                box = img.bounding_box()
+                natural = img.evaluate("e => [e.naturalWidth, e.naturalHeight]")
+                native_tile = (natural[0] - (cols + 1)) / cols  # image_grid: 1-px pad around and between tiles
+                tile = box["width"] * native_tile / natural[0]
+                info["images"].append({"box": box, "natural": natural, "columns": cols,
+                                       "native_tile_px": native_tile, "tile_px": round(tile, 1),
+                                       "width_over_columns": round(box["width"] / cols, 1)})
+                assert native_tile == int(native_tile) and native_tile >= 32, (title, natural, cols)  # columns as read
+                if box["width"] < TOUR_MIN_TILE_PX:
+                    problems.append(f"step {n}: image {i + 1} is {box['width']:.0f} px wide")
+                if tile < TOUR_MIN_TILE_PX or box["width"] / cols < TOUR_MIN_TILE_PX:
+                    problems.append(f"step {n}: image {i + 1} shows {cols} tiles per row at {tile:.1f} px each "
+                                    f"({box['width']:.0f} px rendered / {cols} = {box['width'] / cols:.1f}; "
+                                    f"< {TOUR_MIN_TILE_PX})")
+                primary.append(("image", box))
+            if n in TOUR_CHARTS:
+                chart = main.locator('[data-testid="stPlotlyChart"]').first
+                chart.locator(".js-plotly-plot .g-xtitle text").first.wait_for(timeout=timeout)
+                chart.locator(".js-plotly-plot .g-ytitle text").first.wait_for(timeout=timeout)
+                chart.locator(".js-plotly-plot g.legend").first.wait_for(timeout=timeout)
+                page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+                primary.append(("chart", chart.bounding_box()))
+                legends = [chart.locator("g.legend").nth(i).bounding_box() for i in range(chart.locator("g.legend").count())]
+                titles = {name: chart.locator(f".{name}").first.bounding_box() for name in ("g-xtitle", "g-ytitle")}
+                info["chart"] = {"box": chart.bounding_box(), "legends": legends, "axis_titles": titles}
+                for lb in legends:
+                    for name, tb in titles.items():
+                        if lb and tb and _boxes_overlap(lb, tb):
+                            problems.append(f"step {n}: legend {lb} overlaps the axis title {name} {tb}")
+                tiles = chart.locator("g.layer-above image")  # the path's images, one per step above its point
+                if tiles.count():
+                    boxes = [tiles.nth(i).bounding_box() for i in range(tiles.count())]
+                    info["chart"]["tiles"] = boxes
+                    small = [round(min(b["width"], b["height"]), 1) for b in boxes
+                             if min(b["width"], b["height"]) < TOUR_MIN_TILE_PX]
+                    if small:
+                        problems.append(f"step {n}: the chart's images are {small} px (< {TOUR_MIN_TILE_PX})")
+            if n == 7:
+                table = main.locator('[data-testid="stDataFrame"]').first
+                table.wait_for(timeout=timeout)
+                primary.append(("table", table.bounding_box()))
+            assert primary, title
+            info["primary"] = primary
+            for what, box in primary:
+                if box is None or box["y"] >= 720:
+                    problems.append(f"step {n}: the {what} starts below the first screen ({box})")
+            page.mouse.move(0, 0)
+            page.evaluate("() => document.activeElement?.blur()")
+            out = SHOTS / f"guided_tour_{n}_1280x720.png"
+            page.screenshot(path=str(out))
+            assert_painted(out, 1280, 720)
+            height = page.evaluate("() => Math.max(...['[data-testid=\"stMain\"]', '[data-testid=\"stAppViewContainer\"]']"
+                                   ".map(s => document.querySelector(s)).filter(Boolean).map(e => e.scrollHeight))")
+            info["content_height"] = height
+            full = SHOTS / f"guided_tour_{n}_full.png"
+            page.set_viewport_size({"width": 1280, "height": max(720, int(height) + 40)})
+            try:
+                page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+                page.screenshot(path=str(full), full_page=True)
+            finally:
+                page.set_viewport_size({"width": 1280, "height": 720})
+            shots += [out, full]
+            measured[n] = info
+        expect(page.get_by_role("button", name="Next", exact=True)).to_be_disabled()
+        page.get_by_role("button", name="Back", exact=True).click()
+        page.get_by_role("heading", name=TOUR_TITLES[-2], level=2).wait_for(timeout=timeout)
+        wait_rendered(page)
+        expect(page.get_by_role("button", name="Next", exact=True)).to_be_enabled()
+    finally:
+        page.set_viewport_size(VIEWPORT)
+        report = SHOTS / "guided_tour_measurements.json"
+        report.write_text(json.dumps(measured, indent=1, default=str))
+        print("guided tour screenshots:", *map(str, shots), "measurements:", report, sep="\n  ")
+    assert not problems, "\n".join(problems)
