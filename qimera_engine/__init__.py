@@ -17,6 +17,7 @@ from .events import EpochEnd, Evaluated, Event, Finished, Log, Started, Step
 from .generator import Generator, generate_images, sample_coefficients, soft_targets, superpose
 from .losses import bn_statistics_loss, kd_loss, soft_cross_entropy
 from .models import TEACHERS, CheckpointError, Teacher, build_teacher
+from . import analysis  # the public analysis module (qimera_engine.analysis.__all__)
 from .jobs import Job, JobRegistry, shared_registry, sweep_configs
 from .quant import quantize_model, set_calibration
 from .runs import (Run, RunDamaged, RunLocked, ShippedRun, atomic_path, delete_run, list_runs, open_run, qimera_home,
@@ -26,7 +27,7 @@ from .train import pick_device, run, run_to_end
 
 __version__ = "0.1.0"
 
-__all__ = ["FIELDS", "SECTIONS", "Spec", "describe", "Job", "JobRegistry", "RunDamaged", "RunLocked", "ShippedRun", "atomic_path", "data_stamp", "delete_run", "parse_spec",
+__all__ = ["analysis", "FIELDS", "SECTIONS", "Spec", "describe", "Job", "JobRegistry", "RunDamaged", "RunLocked", "ShippedRun", "atomic_path", "data_stamp", "delete_run", "parse_spec",
            "runs_dir", "shared_registry", "sweep_configs",
            "METHODS", "PRESETS", "TEACHERS", "CheckpointError", "ConfigError", "DataError", "EpochEnd",
            "Evaluated", "Event", "ExportError", "Finished", "Generator", "ImageData", "InputSpec", "Log", "Run", "RunConfig",

@@ -21,6 +21,12 @@ from .data import ImageData
 from .evaluate import collect_features
 from .generator import Generator, generate_images, sample_coefficients, seeded_noise
 
+__all__ = ["synthetic_features", "real_features", "real_and_others", "as_one_class", "LRUCache", "prepare_umap",
+           "umap_ready", "project", "clear_projection_cache", "margin", "boundary_share", "knn_coverage", "kth_radii",
+           "prdc", "class_spread", "dominant_labels", "diversity", "generate_from_input", "latent_interpolation",
+           "crossing_point", "decision_boundary", "path_strip", "normalise_coefficients", "mix_samples", "to_display",
+           "image_spread"]
+
 GEN_CHUNK = 500  # images generated per call: bounds memory for large image sizes
 
 # --------------------------------------------------------------------------- features

@@ -613,26 +613,35 @@ def test_feature_space_says_when_a_run_shows_the_opposite():
 
 
 def test_ui_and_pages_use_only_the_engines_public_api():
-    """qimera_engine/ui and pages/ import the engine's top-level names (and its public analysis module),
-    never its other modules; the engine proper never imports Streamlit (test_jobs checks that)."""
+    """qimera_engine/ui and pages/ use the engine's public names only: those in ``qimera_engine.__all__``, and of
+    its public ``analysis`` module those in ``analysis.__all__`` (imported or used as ``analysis.NAME``), never its
+    other modules; the UI kit's own modules (``qimera_engine.ui``) are the app's. The engine proper never imports
+    Streamlit (test_jobs checks that)."""
     import ast
     import qimera_engine
+    from qimera_engine import analysis
     files = sorted((ROOT / "qimera_engine" / "ui").glob("*.py")) + sorted((ROOT / "pages").glob("*.py")) + [ROOT / "app.py"]
     bad = []
     for f in files:
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.ImportFrom):
-                mod = ("qimera_engine" if node.level == 2 else "qimera_engine.ui" if node.level == 1 else "") + \
-                    (("." if node.level else "") + node.module if node.module else "")
-                mod = mod.lstrip(".")
+                if node.level:  # relative, inside qimera_engine/ui: .. is the engine, . the UI kit
+                    mod = "qimera_engine" + (("." + node.module) if node.module else "") if node.level == 2 \
+                        else "qimera_engine.ui" + (("." + node.module) if node.module else "")
+                else:
+                    mod = node.module or ""
                 if mod == "qimera_engine":
-                    bad += [f"{f.name}: {a.name}" for a in node.names
-                            if a.name not in qimera_engine.__all__ and a.name not in ("analysis", "ui")]
-                elif mod.startswith("qimera_engine") and not mod.startswith(("qimera_engine.ui", "qimera_engine.analysis")):
+                    bad += [f"{f.name}: {a.name}" for a in node.names if a.name not in qimera_engine.__all__]
+                elif mod == "qimera_engine.analysis":
+                    bad += [f"{f.name}: analysis.{a.name}" for a in node.names if a.name not in analysis.__all__]
+                elif mod.startswith("qimera_engine") and not mod.startswith("qimera_engine.ui"):
                     bad.append(f"{f.name}: from {mod}")
             elif isinstance(node, ast.Import):
                 bad += [f"{f.name}: import {a.name}" for a in node.names
                         if a.name.startswith("qimera_engine.") and not a.name.startswith("qimera_engine.ui")]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "analysis":
+                if node.attr not in analysis.__all__:
+                    bad.append(f"{f.name}: analysis.{node.attr}")
     assert bad == []
 
 
