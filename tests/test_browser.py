@@ -498,3 +498,21 @@ def test_guided_tour_walks_seven_screens(server, page):
         report.write_text(json.dumps(measured, indent=1, default=str))
         print("guided tour screenshots:", *map(str, shots), "measurements:", report, sep="\n  ")
     assert not problems, "\n".join(problems)
+
+
+def test_a_deep_link_as_a_fresh_servers_first_request_gets_the_apps_navigation(tmp_path, page):
+    """/Feature_space opened before anyone opened / : the page comes through app.py's navigation (its sidebar
+    lists the app's pages), not from the pages/ folder alone (which listed "app" and the file names, and stayed so
+    for every session until / was opened)."""
+    proc, base = start_server(tmp_path / "home", tmp_path / "streamlit.log")
+    try:
+        wait_healthy(proc, base, tmp_path / "streamlit.log")
+        for _ in range(2):  # and again after a reload
+            open_page(page, base, "Feature_space", "Feature space")
+            wait_rendered(page)
+            nav = [t.split("\n")[-1].strip() for t in page.locator('[data-testid="stSidebarNav"] a').all_inner_texts()]
+            assert nav == ["Home", "Guided tour", "Teacher", "Quantize", "Boundary samples", "Feature space",
+                           "Bit widths", "Compare"], nav
+            assert page.url.endswith("/Feature_space")
+    finally:
+        stop_server(proc)

@@ -67,8 +67,25 @@ def lock_down() -> None:
     st.set_option("client.toolbarMode", "minimal")
 
 
+def through_app_navigation() -> None:
+    """Run this page through app.py's ``st.navigation``. Until app.py has run once in a server, Streamlit serves
+    a link straight to a page (``/Guided_tour`` as the server's first request) the way of apps without
+    ``st.navigation``: the page file alone, with a sidebar listing "app" and the files of ``pages/``, and it stays
+    so for every session until someone opens ``/``. Here the page says the app has its own navigation (what
+    ``st.navigation`` itself records) and runs again: app.py then runs and shows the same page (a page's address
+    is the same either way)."""
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # another Streamlit: nothing to do
+        return
+    if getattr(PagesManager, "uses_pages_directory", False):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def setup_page(title: str, icon: str = "🧪") -> None:
     """The page's settings and sidebar; a page whose $QIMERA_HOME is unusable says what to set and stops."""
+    through_app_navigation()
     st.set_page_config(page_title=f"{title} · Qimera Explorer", page_icon=icon, layout="wide")
     lock_down()
     problem = paths.home_problem()
