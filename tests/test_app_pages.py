@@ -763,3 +763,27 @@ def test_home_shows_the_generator_whose_mixes_are_most_varied():
     plain, mixed = run(False, 0.75), run(True, 0.15)
     assert logic.showcase_pair([mixed, plain]) == (plain, mixed)  # the collapsed one is not the showcase
     assert logic.showcase_pair([plain]) == (plain, None)
+
+
+def test_live_charts_take_new_loss_points_at_most_every_ten_seconds(monkeypatch):
+    """While a run trains, every poll would draw its loss chart again (in every browser watching it, on the
+    run's CPU): new loss points wait up to LIVE_CHART_SECONDS, a new epoch's accuracy and the run's end do not."""
+    from qimera_engine.jobs import Job, RunProgress
+    from qimera_engine.ui import common
+    clock = [1000.0]
+    monkeypatch.setattr(common.time, "monotonic", lambda: clock[0])
+    run = RunProgress({}, status="running", loss_history=[{"step": 1, "loss_g": 1.0}], fp_top1=90.0)
+    job = Job(id="run-x", kind="run", label="x", status="running", runs=[run])
+    first = common._job_figures(job)
+    run.loss_history.append({"step": 2, "loss_g": 0.9})
+    assert common._job_figures(job) is first  # 0 s later: the same charts
+    clock[0] += common.LIVE_CHART_SECONDS + 1
+    second = common._job_figures(job)
+    assert second is not first and len(second[0].data[0].x) == 2
+    run.loss_history.append({"step": 3, "loss_g": 0.8})
+    run.metrics.append({"epoch": 0, "top1": 80.0, "best_top1": 80.0})
+    third = common._job_figures(job)  # a new epoch: at once
+    assert third is not second and list(third[1].data[0].y) == [80.0]
+    job.status = run.status = "finished"
+    assert common._job_figures(job) is not third  # the end: the full record
+    assert common._job_figures(job) is common._job_figures(job)

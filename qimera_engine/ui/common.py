@@ -267,20 +267,27 @@ def job_panel(job: Job, *, curves: bool = True, key: str = "") -> None:
             c2.caption(note)
 
 
-_figures = analysis.LRUCache(16)  # (job, run, points so far) -> its two charts, built once for every page
+_figures = analysis.LRUCache(16)  # (job, run) -> (what they show, when built, the two charts)
+LIVE_CHART_SECONDS = 10.0  # while a run trains, its loss chart takes new points at most this often
 
 
 def _job_figures(job: Job):
-    """The loss and accuracy charts of a job's current run, rebuilt only when it has reported something new
-    (every open page and every poll between two of the run's reports share one pair)."""
+    """The loss and accuracy charts of a job's current run, shared by every open page. They are rebuilt when the
+    run has reported something new, but while it trains at most every ``LIVE_CHART_SECONDS`` (a new epoch's
+    accuracy at once): a chart that changes is drawn again by every browser watching it, on the run's CPU."""
     run = job.run
     last = run.loss_history[-1]["step"] if run.loss_history else -1
-    stamp = (job.id, job.current, len(run.loss_history), last, len(run.metrics), run.fp_top1)
-    found = _figures.get(stamp)
-    if found is None:
-        found = (figures.loss_figure(run.loss_history), figures.accuracy_figure(run.metrics, run.fp_top1))
-        _figures.put(stamp, found)
-    return found
+    shows = (len(run.loss_history), last, len(run.metrics), run.fp_top1, job.active)
+    kept = _figures.get((job.id, job.current))
+    if kept is not None:
+        shown, built, charts = kept
+        fresh = shown == shows or (job.active and shown[2:] == shows[2:]
+                                   and time.monotonic() - built < LIVE_CHART_SECONDS)
+        if fresh:
+            return charts
+    charts = (figures.loss_figure(run.loss_history), figures.accuracy_figure(run.metrics, run.fp_top1))
+    _figures.put((job.id, job.current), (shows, time.monotonic(), charts))
+    return charts
 
 
 LOSS_NAMES = ("**loss_g** = ce_g + w·bns, the generator's loss: **ce_g**, the teacher's cross-entropy against the "
