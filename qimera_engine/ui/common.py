@@ -69,18 +69,24 @@ def lock_down() -> None:
 
 def through_app_navigation() -> None:
     """Run this page through app.py's ``st.navigation``. Until app.py has run once in a server, Streamlit serves
-    a link straight to a page (``/Guided_tour`` as the server's first request) the way of apps without
+    a link straight to a page (``/Feature_space`` as the server's first request) the way of apps without
     ``st.navigation``: the page file alone, with a sidebar listing "app" and the files of ``pages/``, and it stays
-    so for every session until someone opens ``/``. Here the page says the app has its own navigation (what
-    ``st.navigation`` itself records) and runs again: app.py then runs and shows the same page (a page's address
-    is the same either way)."""
+    so for every session until someone opens ``/``. Here the page runs app.py (the script run's main script)
+    in its place, within the same script run, so that whatever the user just did (a button pressed) is seen
+    once; app.py's navigation then shows this same page (its address is the same either way), and the rest
+    of this outer run stops."""
     try:
         from streamlit.runtime.pages_manager import PagesManager
+        from streamlit.runtime.scriptrunner import get_script_run_ctx
     except ImportError:  # another Streamlit: nothing to do
         return
-    if getattr(PagesManager, "uses_pages_directory", False):
-        PagesManager.uses_pages_directory = False
-        st.rerun()
+    ctx = get_script_run_ctx()
+    if not getattr(PagesManager, "uses_pages_directory", False) or ctx is None:
+        return
+    import runpy
+    PagesManager.uses_pages_directory = False  # what st.navigation records too: from now on, app.py runs first
+    runpy.run_path(str(ctx.main_script_path), run_name="__main__")
+    st.stop()
 
 
 def setup_page(title: str, icon: str = "🧪") -> None:
