@@ -172,7 +172,7 @@ def path_figure(path: dict, name_a: str, name_b: str, names: list[str] | None = 
                       yaxis_title="probability", yaxis_range=[0, 1.02], height=height or 380,
                       margin=dict(l=10, r=10, t=40, b=90), legend=LEGEND_BELOW)
     if tiles:  # the images take the top third, the curves the rest, on one shared x-axis
-        fig.update_layout(height=height or 530, yaxis_domain=[0, 0.96 - image_share],
+        fig.update_layout(height=height or 530, yaxis_domain=[0, round(0.96 - image_share, 4)],
                           xaxis_range=[alphas[0] - spacing / 2, alphas[-1] + spacing / 2])
     return fig
 
