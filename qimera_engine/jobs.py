@@ -65,7 +65,7 @@ class _Child:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen([sys.executable, "-m", "qimera_engine.worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env, cwd=_PACKAGE_PARENT)
+                                     stdout=subprocess.PIPE, env=env)  # the server's working folder: relative paths read the same
         request = {"config": config.to_dict() if config is not None else None,
                    "resume": str(resume) if resume is not None else None}
         try:
