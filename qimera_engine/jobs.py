@@ -75,7 +75,7 @@ class _Child:
             pass
 
     def events(self):
-        error = None
+        error, ended = None, False
         try:
             while True:
                 try:
@@ -83,6 +83,7 @@ class _Child:
                 except EOFError:
                     break
                 if frame[0] == "event":
+                    ended = ended or isinstance(frame[1], Finished)
                     yield frame[1]
                 elif frame[0] == "error":
                     error = RunFailed(*frame[1:])
@@ -91,7 +92,7 @@ class _Child:
         code = self.proc.wait()
         if error is not None:
             raise error
-        if code != 0:
+        if code != 0 and not ended:  # (a worker that dies after its run has ended and said so loses nothing)
             raise RunFailed("WorkerDied", f"the run's process ended with status {code} before the run did "
                                           f"(killed, or out of memory?); its finished epochs can be resumed")
 
