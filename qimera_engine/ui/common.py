@@ -525,17 +525,6 @@ def class_samples(run_path: str, stamp: float, classes: tuple, seed: int, ncols:
     return {"grid": figures.image_grid(images, ncols, mean=teacher.mean, std=teacher.std), "teacher_pred": pred}
 
 
-def stack_grids(grids: list[np.ndarray], gap: int = 4) -> np.ndarray:
-    """Image grids of one width one above the other, with a white gap."""
-    width = max(g.shape[1] for g in grids)
-    rows = []
-    for i, g in enumerate(grids):
-        if i:
-            rows.append(np.full((gap, width, 3), 255, np.uint8))
-        rows.append(np.pad(g, ((0, 0), (0, width - g.shape[1]), (0, 0)), constant_values=255))
-    return np.concatenate(rows)
-
-
 @st.cache_data(max_entries=32, show_spinner=False)
 def mixing_path(run_path: str, stamp: float, a: int, b: int, steps: int, seed: int) -> dict:
     """analysis.path_strip, cached; its images as displayable tiles (upscaled like every grid)."""
