@@ -4,7 +4,7 @@ import streamlit as st
 from qimera_engine import ConfigError, preset
 from qimera_engine.ui import common, figures
 from qimera_engine.ui.logic import (COMPARE_METHODS, bitwidth_table, comparison, comparison_defaults, comparison_display,
-                                    parse_variants, start_presets)
+                                    labelled_runs, parse_variants, start_presets)
 
 common.setup_page("Compare", "⚖️")
 st.title("Compare methods")
@@ -77,7 +77,7 @@ chosen_budget = c2.selectbox("Budget (generated images per run)", list(budgets.i
                              help="Only runs of one budget are compared.")
 ids = set(part[part["budget"] == chosen_budget]["run"])
 subset = [r for r in runs if r.id in ids]
-labels = sorted(set(comparison(subset, "")[0]["method"]))
+labels = sorted({label for _, label in labelled_runs(subset)})
 reference = st.selectbox("Reference (differences are measured against it)", labels, key="c_reference",
                          index=next((i for i, lab in enumerate(labels) if lab.endswith("p=0")),
                                     next((i for i, lab in enumerate(labels) if lab.startswith("gdfq")), 0)))

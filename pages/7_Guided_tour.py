@@ -4,8 +4,9 @@ Each step fits one 1280 x 720 screen: its images are laid out so that a tile is 
 import streamlit as st
 
 from qimera_engine.ui import common, figures, paths
-from qimera_engine.ui.logic import (TOUR_STEPS, comparison, comparison_display, distinct_labels, diversity_line,
-                                    first_clean_seed, generator_runs, seed_sentence, showcase_pair)
+from qimera_engine.ui.logic import (TOUR_STEPS, comparison, comparison_display, diversity_line,
+                                    first_clean_seed, generator_runs, labelled_runs, seed_sentence,
+                                    showcase_pair)
 
 common.setup_page("Guided tour", "🧭")
 
@@ -101,8 +102,8 @@ elif step == 5:  # what the student learns
                    "a real image; the test images only measure it.")
 else:  # the numbers
     done = [r for r in everything if r.config.teacher == run.config.teacher and r.summary]
-    labels = distinct_labels([r.config for r in done])  # as the table names them
-    table, _ = comparison(done, next((lab for r, lab in zip(done, labels) if r.id == run.id), labels[0]))
+    labelled = labelled_runs(done)  # as the table names them
+    table, _ = comparison(done, next((lab for r, lab in labelled if r.id == run.id), labelled[0][1]))
     if len(table):
         st.dataframe(comparison_display(table), hide_index=True, key="tour_table")
     st.markdown("**Does superposition help?** One seed each cannot say: two runs of one method differ by about "

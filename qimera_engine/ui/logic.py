@@ -202,24 +202,26 @@ def distinct_labels(configs: list[RunConfig]) -> list[str]:
     return out
 
 
+def labelled_runs(runs: list[Run]) -> list[tuple[Run, str]]:
+    """The finished runs (with a final top-1), each with its method label as tables name it
+    (``distinct_labels`` over these runs)."""
+    done = [r for r in runs if r.summary and r.status.get("status") == "finished"
+            and r.summary.get("quant_top1") is not None]
+    return list(zip(done, distinct_labels([r.config for r in done])))
+
+
 def bitwidth_table(runs: list[Run]) -> pd.DataFrame:
     """Finished runs with W = A, for the bit-width chart: method, bits, seed, top-1 (final and best),
     and the budget (generated images): runs of different budgets are never pooled."""
-    rows, configs = [], []
-    for r in runs:
-        s = r.summary
-        if not s or r.status.get("status") != "finished" or s.get("quant_top1") is None:
-            continue
-        c = r.config
-        configs.append(c)
-        rows.append({"method": c.label, "bits": s["wbits"] if s["wbits"] == s["abits"] else None,
+    rows = []
+    for r, label in labelled_runs(runs):
+        s, c = r.summary, r.config
+        rows.append({"method": label, "bits": s["wbits"] if s["wbits"] == s["abits"] else None,
                      "W": s["wbits"], "A": s["abits"], "budget": budget(c),
                      "schedule": f"{c.epochs} × {c.iters_per_epoch} × {c.batch_size}", "seed": s.get("seed"),
                      "teacher": s.get("teacher"), "data": data_label(s.get("test_data") or c.test_data),
                      "top1": s["quant_top1"],
                      "best_top1": s.get("best_top1"), "fp_top1": s.get("fp_top1"), "run": r.id})
-    for row, label in zip(rows, distinct_labels(configs)):
-        row["method"] = label
     cols = ["method", "bits", "W", "A", "budget", "schedule", "seed", "teacher", "data", "top1", "best_top1",
             "fp_top1", "run"]
     df = pd.DataFrame(rows, columns=cols)
@@ -507,11 +509,8 @@ def comparison(runs: list[Run], reference: str) -> tuple[pd.DataFrame, pd.DataFr
     so different settings are never averaged) and bit widths: top-1 as mean ± std with n, and per seed the
     paired difference to the ``reference`` method at the same bit widths (a 95 % paired t interval decides
     the verdict). Returns (summary, pairs)."""
-    done = [r for r in runs if r.summary and r.status.get("status") == "finished"
-            and r.summary.get("quant_top1") is not None]
-    labels = distinct_labels([r.config for r in done])
     df = pd.DataFrame([{"method": lab, "W": r.summary["wbits"], "A": r.summary["abits"], "seed": r.summary.get("seed"),
-                        "top1": r.summary["quant_top1"], "run": r.id} for r, lab in zip(done, labels)],
+                        "top1": r.summary["quant_top1"], "run": r.id} for r, lab in labelled_runs(runs)],
                       columns=["method", "W", "A", "seed", "top1", "run"])
     summary, pairs = [], []
     for (w, a), part in df.groupby(["W", "A"], sort=True):
