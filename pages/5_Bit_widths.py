@@ -15,14 +15,7 @@ table = bitwidth_table(runs)
 if table.empty:
     st.info("No finished runs with W = A between 2 and 8 yet: start a sweep below (or runs on the Quantize page).")
 else:
-    groups = sorted({(t, d) for t, d in zip(table["teacher"], table["data"])})
-    group = st.selectbox("Teacher and data", groups, format_func=lambda g: f"{g[0]} on {g[1]}", key="w_group")
-    part = table[(table["teacher"] == group[0]) & (table["data"] == group[1])]
-    budgets = part["budget"].value_counts()  # the budget with the most runs first
-    chosen = st.selectbox("Budget (generated images per run)", list(budgets.index), key="w_budget",
-                          format_func=lambda b: f"{b:,} ({budgets[b]} run(s))",
-                          help="Runs of different budgets are never averaged together.")
-    part = part[part["budget"] == chosen]
+    part = common.pick_teacher_and_budget(table, "w", "Runs of different budgets are never averaged together.")
     value = st.radio("Accuracy", ["top1", "best_top1"], horizontal=True, key="w_value",
                      format_func={"top1": "final epoch", "best_top1": "best epoch (the paper's choice)"}.get)
     st.plotly_chart(figures.bitwidth_figure(part, part["fp_top1"].mean(), value), key="w_chart")

@@ -67,15 +67,7 @@ table = bitwidth_table(runs)
 if table.empty:
     st.info("No finished runs yet: start a comparison above. Results appear here as its runs finish.")
     st.stop()
-groups = sorted({(t, d) for t, d in zip(table["teacher"], table["data"])})
-c1, c2 = st.columns(2)
-group = c1.selectbox("Teacher and data", groups, format_func=lambda g: f"{g[0]} on {g[1]}", key="c_group")
-part = table[(table["teacher"] == group[0]) & (table["data"] == group[1])]
-budgets = part["budget"].value_counts()
-chosen_budget = c2.selectbox("Budget (generated images per run)", list(budgets.index), key="c_budget",
-                             format_func=lambda b: f"{b:,} ({budgets[b]} run(s))",
-                             help="Only runs of one budget are compared.")
-ids = set(part[part["budget"] == chosen_budget]["run"])
+ids = set(common.pick_teacher_and_budget(table, "c", "Only runs of one budget are compared.", side_by_side=True)["run"])
 subset = [r for r in runs if r.id in ids]
 labels = sorted({label for _, label in labelled_runs(subset)})
 reference = st.selectbox("Reference (differences are measured against it)", labels, key="c_reference",

@@ -340,6 +340,20 @@ def _job_or_none(job_id: str) -> Job | None:
         return None
 
 
+def pick_teacher_and_budget(table, key: str, help: str, side_by_side: bool = False):
+    """The rows of ``table`` (``logic.bitwidth_table``) of one teacher and data set and one budget, both picked
+    by the user (the budget with the most runs first), so that runs of different scales or budgets are never
+    pooled. Widgets ``{key}_group`` and ``{key}_budget``, one beside the other with ``side_by_side``."""
+    c1, c2 = st.columns(2) if side_by_side else (st, st)
+    groups = sorted({(t, d) for t, d in zip(table["teacher"], table["data"])})
+    group = c1.selectbox("Teacher and data", groups, format_func=lambda g: f"{g[0]} on {g[1]}", key=f"{key}_group")
+    part = table[(table["teacher"] == group[0]) & (table["data"] == group[1])]
+    budgets = part["budget"].value_counts()
+    chosen = c2.selectbox("Budget (generated images per run)", list(budgets.index), key=f"{key}_budget",
+                          format_func=lambda b: f"{b:,} ({budgets[b]} run(s))", help=help)
+    return part[part["budget"] == chosen]
+
+
 def teacher_preset() -> str:
     """The preset that fits the Teacher page's data set (digits when nothing was chosen there)."""
     choice = st.session_state.get("teacher_choice")
