@@ -18,6 +18,15 @@ TINY = dict(epochs=2, iters_per_epoch=3, warmup_epochs=1, calib_epochs=1, batch_
             gen_width=16)
 
 
+def start_long_run(reg: JobRegistry) -> str:
+    """A run far longer than any test waits for, started and past its first step; returns the job id."""
+    job_id = reg.start_run(preset("digits", **{**TINY, "epochs": 50, "iters_per_epoch": 50}))
+    deadline = time.time() + 120
+    while reg.get(job_id).run.step < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    return job_id
+
+
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """A private QIMERA_HOME with a quickly trained digits teacher in its cache."""
@@ -48,10 +57,7 @@ def test_run_job_records_the_event_stream(home):
 
 def test_a_run_trains_in_a_process_of_its_own(home):
     reg = JobRegistry()
-    job_id = reg.start_run(preset("digits", **{**TINY, "epochs": 50, "iters_per_epoch": 50}))
-    deadline = time.time() + 120
-    while reg.get(job_id).run.step < 1 and time.time() < deadline:
-        time.sleep(0.05)
+    job_id = start_long_run(reg)
     status = json.loads((Path(reg.get(job_id).run.run_dir) / "status.json").read_text())
     assert status["status"] == "running" and status["pid"] != os.getpid()  # the writer is another process
     reg.cancel(job_id)
@@ -62,10 +68,7 @@ def test_a_run_trains_in_a_process_of_its_own(home):
 
 def test_runs_beyond_the_cap_wait_for_a_free_slot(home):
     reg = JobRegistry(max_runs=1)
-    long = reg.start_run(preset("digits", **{**TINY, "epochs": 50, "iters_per_epoch": 50}))
-    deadline = time.time() + 120
-    while reg.get(long).run.step < 1 and time.time() < deadline:
-        time.sleep(0.05)
+    long = start_long_run(reg)
     short = reg.start_run(preset("digits", **TINY))
     time.sleep(1.0)
     waiting = reg.get(short)
@@ -91,10 +94,7 @@ def test_a_queued_run_can_be_cancelled(home):
 def test_a_killed_worker_is_a_failed_run_that_can_be_resumed(home):
     import signal
     reg = JobRegistry()
-    job_id = reg.start_run(preset("digits", **{**TINY, "epochs": 50, "iters_per_epoch": 50}))
-    deadline = time.time() + 120
-    while reg.get(job_id).run.step < 1 and time.time() < deadline:
-        time.sleep(0.05)
+    job_id = start_long_run(reg)
     run_dir = reg.get(job_id).run.run_dir
     os.kill(json.loads((Path(run_dir) / "status.json").read_text())["pid"], signal.SIGKILL)
     job = reg.wait(job_id, 60)
@@ -151,10 +151,7 @@ def test_a_teacher_trained_for_a_run_reports_each_epoch(tmp_path, monkeypatch):
 
 def test_cancel_stops_a_run_and_keeps_its_folder(home):
     reg = JobRegistry()
-    job_id = reg.start_run(preset("digits", **{**TINY, "epochs": 50, "iters_per_epoch": 50}))
-    deadline = time.time() + 120
-    while reg.get(job_id).run.step < 1 and time.time() < deadline:
-        time.sleep(0.05)
+    job_id = start_long_run(reg)
     assert reg.cancel(job_id)
     job = reg.wait(job_id, timeout=60)
     assert job.status == "cancelled" and job.run.status == "cancelled"
