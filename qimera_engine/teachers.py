@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from .config import ZOO_TEACHERS
 from .data import ImageData, InputSpec, load_data, parse_spec
 from .evaluate import evaluate
+from .events import ProgressText
 from .models import Teacher, build_teacher, check_teacher_name, load_weights, save_state_dict, state_dict_sha256
 from .runs import qimera_home, read_json, write_json, write_text
-from .events import ProgressText
 from .seeding import seeded_init
 
 
@@ -144,13 +144,13 @@ def train_and_cache(name: str, data_spec: str, *, epochs: int | None = None, dev
     start = time.perf_counter()
     if log:
         log(f"training teacher {name} on {kind} ({len(train)} images, {epochs} epochs)")
+
     def on_epoch(epoch: int, loss: float) -> None:
-        if log:
-            log(ProgressText(f"training teacher {name} on {kind}: epoch {epoch + 1}/{epochs} (loss {loss:.3f}); "
-                             f"once only, it is cached for later runs", (epoch + 1) / epochs))
+        log(ProgressText(f"training teacher {name} on {kind}: epoch {epoch + 1}/{epochs} (loss {loss:.3f}); "
+                         f"once only, it is cached for later runs", (epoch + 1) / epochs))
     train_teacher(teacher, train, epochs=epochs, seed=seed, device=device,
                   batch_size=64 if kind == "digits" else 256, lr=3e-3 if kind == "digits" else 0.05,
-                  on_epoch=on_epoch)
+                  on_epoch=on_epoch if log else None)
     top1 = evaluate(teacher.model, test, device=device)["top1"]
     teacher.model.cpu()
     sha = state_dict_sha256(teacher.model)
