@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from .generator import Generator
 from .models import Teacher, load_weights
-from .quant import enable_weight_clip, quantize_model
+from .quant import QuantSpec, quantize_model
 from .runs import Run, open_run, read_json
 from .seeding import isolated_init
 from .teachers import get_teacher
@@ -36,11 +36,8 @@ def load_generator(run: Run | str | Path, device="cpu") -> Generator:
 
 def student_of(teacher: Teacher, cfg) -> nn.Module:
     """The fake-quantized student of ``teacher`` at the config's bit widths (a copy; untrained ranges)."""
-    student = quantize_model(teacher.model, cfg.wbits, cfg.abits, keep_first_last_8bit=cfg.keep_first_last_8bit,
-                             beta=cfg.ema_beta, example_input=teacher.example_input())
-    if cfg.weight_clip == "mse":  # the ratios are fitted when a run starts, and saved with the weights
-        enable_weight_clip(student)
-    return student
+    # with weight_clip=mse the ratios are fitted when a run starts, and saved with the weights
+    return quantize_model(teacher.model, QuantSpec.from_config(cfg), example_input=teacher.example_input())
 
 
 def load_student(run: Run | str | Path, teacher: Teacher | None = None, device="cpu") -> nn.Module:

@@ -95,6 +95,11 @@ class RunConfig:
                          choices=BITS, label="Weight bits (W)", section="Method")
     abits: int = setting(4, "Bits per activation, after every ReLU; 32 = full precision.",
                          choices=BITS, label="Activation bits (A)", section="Method")
+    scheme: str = setting(
+        "paper", "paper: per-channel affine weights, activations quantized after each ReLU (METHOD.md); deploy: what "
+        "an integer runtime runs (ONNX Runtime's QLinearConv): symmetric weights, activation ranges holding 0, and "
+        "8-bit quantizers on the model's input, each residual add's inputs and the classifier's input.",
+        choices=("paper", "deploy"), label="Quantization scheme", section="Method")
     keep_first_last_8bit: bool = setting(False, "Keep the first and last layers at 8 bits (off in the paper's "
                                                 "setting: every layer at wbits).")
     seed: int = setting(0, "Random seed of the whole run (same seed, same result on the CPU).", "[0, 2**63)",

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 
 from .artifacts import load_student, load_teacher
 from .models import TEACHERS, build_teacher
-from .quant import ActQuantizer, QuantConv2d, QuantLinear, quantize_model
-from .quant.convert import set_submodule
-from .quant.functional import FULL_PRECISION, affine_qparams, dequantize_affine, quantize_affine, weight_range
+from .quant import SCHEMES, ActQuantizer, QuantConv2d, QuantLinear, QuantSpec, quantize_model
+from .quant.convert import batchnorm_after, set_submodule
+from .quant.functional import FULL_PRECISION, affine_qparams, dequantize_affine, quantize_affine, weight_qparams
 from .runs import Run, in_engine_folder, open_run, qimera_home, user_path
 
 FORMAT = "qimera-int/2"
@@ -59,9 +59,9 @@ def weight_codes(layer: QuantConv2d | QuantLinear) -> tuple[torch.Tensor, torch.
     """(codes int8 like the weight, scale (C,) float32, zero point (C,) int8) of a quantized layer,
     with the arithmetic of its forward pass, so dequantizing them gives its fake-quantized weight."""
     w = layer.weight.detach().float().cpu()
-    lo, hi = weight_range(w, None if layer.clip is None else layer.clip.float().cpu())  # the forward pass's range
-    scale, zp = affine_qparams(lo, hi, layer.wbits)
-    q = quantize_affine(w, scale, zp, layer.wbits)
+    clip = None if layer.clip is None else layer.clip.float().cpu()
+    scale, zp = weight_qparams(w, layer.wbits, clip, layer.symmetric)  # the forward pass's quantizer
+    q = quantize_affine(w, scale, zp, layer.wbits, layer.symmetric)
     return q.to(torch.int8), scale.flatten(), _int8(zp.flatten(), "weight zero point")
 
 
@@ -216,7 +216,7 @@ def _metadata(run: Run, layer_bits: dict, sites: dict, teacher) -> dict[str, str
             "image_size": str(teacher.image_size), "channels": str(teacher.channels),
             "mean": json.dumps(list(teacher.mean)), "std": json.dumps(list(teacher.std)),
             "teacher_sha256": str(run.teacher_sha256), "method": cfg.method, "wbits": str(cfg.wbits),
-            "abits": str(cfg.abits), "keep_first_last_8bit": str(cfg.keep_first_last_8bit),
+            "abits": str(cfg.abits), "scheme": cfg.scheme, "keep_first_last_8bit": str(cfg.keep_first_last_8bit),
             "ema_beta": str(cfg.ema_beta), "layer_bits": json.dumps(layer_bits), "activation_sites": json.dumps(sites),
             "config": json.dumps(cfg.to_dict()), "run": run.id, "quant_top1": str(summary.get("quant_top1"))}
 
@@ -334,6 +334,9 @@ def export_info(meta: dict[str, str]) -> dict:
             "num_classes": _meta_value(meta, "num_classes", int, lambda v: 1 <= v <= 100_000, "an integer 1..100000"),
             "wbits": _meta_value(meta, "wbits", int, _bits, f"2..8 or {FULL_PRECISION}"),
             "abits": _meta_value(meta, "abits", int, _bits, f"2..8 or {FULL_PRECISION}"),
+            # files written before the deployable scheme existed hold the paper's
+            "scheme": _meta_value({"scheme": "paper", **meta}, "scheme", str, lambda v: v in SCHEMES,
+                                  " or ".join(SCHEMES)),
             "keep_first_last_8bit": _meta_value(meta, "keep_first_last_8bit", lambda v: {"True": True, "False": False}[v],
                                                 lambda v: True, "True or False"),
             "ema_beta": _meta_value(meta, "ema_beta", float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -427,9 +430,9 @@ def load_int(path: str | Path) -> nn.Module:
     info = export_info(meta)
     try:
         teacher = build_teacher(info["teacher"], info["num_classes"])
-        student = quantize_model(teacher.model, info["wbits"], info["abits"],
-                                 keep_first_last_8bit=info["keep_first_last_8bit"],
-                                 beta=info["ema_beta"], example_input=teacher.example_input(), inplace=True)
+        spec = QuantSpec(info["wbits"], info["abits"], info["scheme"], info["keep_first_last_8bit"],
+                         beta=info["ema_beta"])
+        student = quantize_model(teacher.model, spec, example_input=teacher.example_input(), inplace=True)
         layer_bits, state = info["layer_bits"], dict(tensors)
         layers, sites = _layers(student), _sites(student)
         if set(layer_bits) != {n for n, _ in layers} or set(info["activation_sites"]) != {n for n, _ in sites}:
@@ -511,9 +514,205 @@ def qdq_model(student: nn.Module) -> nn.Module:
     return m
 
 
-def export_onnx_model(model: nn.Module, example: torch.Tensor, out: str | Path, replace: bool = True) -> Path:
+# --------------------------------------------------------------------------- ONNX, deployable scheme
+
+NOT_INTEGER_READY = ("the paper's scheme: affine weights with per-channel zero points, BatchNorm between each "
+                     "convolution and its quantizer, and float tensors at the model's input, the residual adds and "
+                     "the classifier's input, so ONNX Runtime runs floating-point convolutions on dequantized "
+                     "weights; train with scheme=deploy for integer kernels")
+
+
+def integer_ready(student: nn.Module) -> str | None:
+    """None when the student's ONNX export runs on integer kernels (the deployable scheme), else why not."""
+    layers = [m for _, m in _layers(student)]
+    if not layers:
+        return "no layer is quantized (32-bit weights)"
+    if not all(m.symmetric for m in layers):
+        return NOT_INTEGER_READY
+    if not _sites(student):
+        return "the activations are not quantized (32-bit activations): the convolutions run in floating point"
+    return None
+
+
+class _UQDQ(nn.Module):
+    """An activation quantizer as ONNX's uint8 QuantizeLinear/DequantizeLinear: the same grid as the
+    quantizer's signed codes, shifted by 2^(b-1) (a range holding 0 gives a zero point within 0..2^b - 1).
+    Below 8 bits the values are first clipped to the b-bit codes' range; the export moves that clip after
+    the QuantizeLinear, onto the uint8 codes."""
+
+    def __init__(self, site: ActQuantizer):
+        super().__init__()
+        scale, zp = act_codes(site)
+        self.scale, self.zero_point = scale, zp + 2 ** (site.bits - 1)
+        if not 0 <= self.zero_point <= 255:
+            raise ExportError(f"an activation range ({self.zero_point}) does not hold 0; this student cannot be "
+                              f"exported to integer kernels")
+        s = torch.tensor(scale)
+        self.lo = float((torch.tensor(0.0) - self.zero_point) * s)
+        self.hi = float((torch.tensor(float(2 ** site.bits - 1)) - self.zero_point) * s)
+        self.clip = site.bits < 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.clip:
+            x = torch.clamp(x, self.lo, self.hi)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
+
+
+def _unsigned(site: ActQuantizer | None) -> nn.Module:
+    return nn.Identity() if site is None or site.bits >= FULL_PRECISION else _UQDQ(site)
+
+
+class _FoldedLayer(nn.Module):
+    """A deployable scheme's weight layer for export, with the BatchNorm that follows it folded in: the
+    symmetric codes stay (their sign flips where the BatchNorm's factor a = gamma / sigma is negative), the
+    scale becomes |a| x scale and the bias beta - a (mu - b); then its input and output quantizers."""
+
+    def __init__(self, layer: QuantConv2d | QuantLinear, bn: nn.BatchNorm2d | None):
+        super().__init__()
+        q, scale, zp = weight_codes(layer)
+        if zp.any():
+            raise ExportError("a layer has per-channel zero points (affine weights); " + NOT_INTEGER_READY)
+        bias = layer.bias.detach().float().cpu() if layer.bias is not None else torch.zeros(q.shape[0])
+        out_site = layer.output_quantizer
+        if bn is not None:
+            a, shift = _bn_factors(bn)
+            sign = torch.where(a < 0, -1, 1).to(torch.int8)
+            q = q * sign.reshape((-1,) + (1,) * (q.dim() - 1))
+            scale, bias = scale * a.abs(), shift + a * bias
+            out_site = getattr(bn, "output_quantizer", None) or out_site
+            dead = scale == 0  # a channel BatchNorm zeroes: its output is the constant bias
+            q[dead], scale[dead] = 0, 1.0
+        self.linear = isinstance(layer, nn.Linear)
+        self.geometry = layer.to_float().requires_grad_(False) if not self.linear else None
+        self.register_buffer("w", dequantized_weight(q, scale, torch.zeros_like(scale)))
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", torch.zeros(len(scale), dtype=torch.int32))
+        self.register_buffer("bias", bias)
+        self.input_q = _unsigned(layer.input_quantizer)
+        self.output_q = _unsigned(out_site)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_q(x)
+        w = torch.fake_quantize_per_channel_affine(self.w, self.scale, self.zero_point, 0, -128, 127)
+        y = F.linear(x, w, self.bias) if self.linear else self.geometry._conv_forward(x, w, self.bias)
+        return self.output_q(y)
+
+
+def _bn_factors(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, shift) of an eval-mode BatchNorm: bn(y) = a * y + shift per channel."""
+    var, mean = bn.running_var.detach().float().cpu(), bn.running_mean.detach().float().cpu()
+    gamma = bn.weight.detach().float().cpu() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.detach().float().cpu() if bn.bias is not None else torch.zeros_like(var)
+    a = gamma / torch.sqrt(var + bn.eps)
+    return a, beta - a * mean
+
+
+def folded_model(student: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A copy of a deployable-scheme student as it is exported: every BatchNorm that alone takes a quantized
+    layer's output folded into that layer, every quantizer an ONNX uint8 (activations) or int8 (weights)
+    QuantizeLinear/DequantizeLinear pair. Its logits are the student's, up to float rounding."""
+    reason = integer_ready(student)
+    if reason:
+        raise ExportError(f"this student cannot be exported to integer kernels: {reason}")
+    m = copy.deepcopy(student).cpu().eval()
+    pairs = batchnorm_after(m, example.cpu())
+    for name, layer in _layers(m):
+        bn = m.get_submodule(pairs[name]) if name in pairs else None
+        set_submodule(m, name, _FoldedLayer(layer, bn))
+        if bn is not None:
+            set_submodule(m, pairs[name], nn.Identity())
+    for name, site in _sites(m):
+        if not name.endswith(("input_quantizer", "output_quantizer")):
+            set_submodule(m, name, _UQDQ(site))
+    return m
+
+
+def _integer_domain(model) -> None:
+    """The graph edits that let ONNX Runtime fuse each QuantizeLinear-DequantizeLinear-Conv-QuantizeLinear
+    group into one integer kernel: a Clip right before a uint8 QuantizeLinear becomes a Clip of the codes
+    after it (the same values: the clip's ends are codes), and a float bias of a Conv or Gemm whose input and
+    weight are dequantized becomes int32 codes with scale input scale x weight scale (what QLinearConv adds)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def const(name):
+        while name in producer and producer[name].op_type in ("Identity", "Constant"):
+            node = producer[name]
+            if node.op_type == "Constant":
+                return numpy_helper.to_array(node.attribute[0].t)
+            name = node.input[0]
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    new_nodes, counter = [], iter(range(10**9))
+    for node in list(graph.node):
+        if node.op_type != "QuantizeLinear" or node.input[0] not in producer:
+            continue
+        clip = producer[node.input[0]]
+        scale, zp = const(node.input[1]), const(node.input[2])
+        if clip.op_type != "Clip" or zp is None or zp.dtype != np.uint8 or scale is None:
+            continue
+        lo, hi = const(clip.input[1]), const(clip.input[2])
+        qlo = np.clip(np.rint(lo / scale) + zp, 0, 255).astype(np.uint8)
+        qhi = np.clip(np.rint(hi / scale) + zp, 0, 255).astype(np.uint8)
+        k = next(counter)
+        codes = f"{node.output[0]}_unclipped"
+        graph.initializer.extend([numpy_helper.from_array(qlo, f"clip_lo_{k}"), numpy_helper.from_array(qhi, f"clip_hi_{k}")])
+        new_nodes.append((node, helper.make_node("Clip", [codes, f"clip_lo_{k}", f"clip_hi_{k}"], [node.output[0]],
+                                                 name=f"IntegerClip_{k}")))
+        node.output[0] = codes
+        node.input[0] = clip.input[0]
+    for node, clip_node in new_nodes:
+        graph.node.insert(list(graph.node).index(node) + 1, clip_node)
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
+        while dq_x is not None and dq_x.op_type in ("MaxPool", "Flatten", "Reshape", "Identity"):  # codes kept
+            dq_x = producer.get(dq_x.input[0])
+        if not (dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear"):
+            continue
+        sx, sw = const(dq_x.input[1]), const(dq_w.input[1])
+        if sx is None or sw is None:
+            continue
+        b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+        bscale = (np.float32(sx) * sw.astype(np.float32)).astype(np.float32) * np.ones_like(b, dtype=np.float32)
+        codes = np.clip(np.rint(b / bscale), -2**31, 2**31 - 1).astype(np.int32)
+        k = next(counter)
+        graph.initializer.extend([numpy_helper.from_array(codes, f"bias_codes_{k}"),
+                                  numpy_helper.from_array(bscale, f"bias_scale_{k}"),
+                                  numpy_helper.from_array(np.zeros_like(codes), f"bias_zero_point_{k}")])
+        dq = helper.make_node("DequantizeLinear", [f"bias_codes_{k}", f"bias_scale_{k}", f"bias_zero_point_{k}"],
+                              [f"bias_{k}"], name=f"BiasDequantize_{k}", axis=0)
+        graph.node.insert(list(graph.node).index(node), dq)
+        node.input[2] = f"bias_{k}"
+    _prune(graph)
+
+
+def _prune(graph) -> None:
+    """Remove the nodes whose outputs nothing reads (the float clips replaced above), then unused initializers."""
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+
+
+def export_onnx_model(model: nn.Module, example: torch.Tensor, out: str | Path, replace: bool = True,
+                      integer: str | None = None) -> Path:
     """Export ``model`` (a QDQ student, or a float model) with a dynamic batch axis, checked; an
-    existing ``out`` is replaced only with ``replace``."""
+    existing ``out`` is replaced only with ``replace``. ``integer``: "ready" when ``model`` is a
+    ``folded_model`` (its clips and biases are then moved into the integer domain), else why its
+    convolutions do not run as integer kernels; kept in the file's metadata (``qimera.integer_kernels``)."""
     import warnings
 
     import onnx
@@ -529,6 +728,10 @@ def export_onnx_model(model: nn.Module, example: torch.Tensor, out: str | Path, 
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         graph = onnx.load(str(tmp))
         _fold_weight_quantize(graph)
+        if integer == "ready":
+            _integer_domain(graph)
+        if integer is not None:
+            onnx.helper.set_model_props(graph, {"qimera.integer_kernels": integer})
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))
     return out
@@ -571,7 +774,9 @@ def export_onnx(run: Run | str | Path, out: str | Path | None = None, force: boo
     """Write the run's student as an ONNX QDQ model to ``out`` (default RUN/student.onnx);
     ``force`` replaces an existing file (see ``export_target``)."""
     run, teacher, student, out = _run_student(run, "onnx", out, force)
-    return export_onnx_model(qdq_model(student), teacher.example_input(), out, replace=_exists(out))
+    reason = integer_ready(student)
+    model = qdq_model(student) if reason else folded_model(student, teacher.example_input())
+    return export_onnx_model(model, teacher.example_input(), out, replace=_exists(out), integer=reason or "ready")
 
 
 def export(run: Run | str | Path, fmt: str, out: str | Path | None = None, force: bool = False) -> Path:

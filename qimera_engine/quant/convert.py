@@ -9,9 +9,12 @@ import torch
 import torch.nn as nn
 
 from .functional import FULL_PRECISION
-from .modules import ActQuantizer, QuantAct, QuantConv2d, QuantLinear, _check_bits
+from .modules import ActQuantizer, QuantAct, QuantBatchNorm2d, QuantConv2d, QuantLinear
+from .spec import QuantSpec
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+# Modules whose output holds only values of their input: a quantized input stays on its grid through them.
+GRID_KEEPING = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Identity, nn.Dropout, nn.Flatten)
 
 
 # Input sizes tried, smallest first, when the caller gives no example input: 8x8 digits,
@@ -76,43 +79,172 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
-def quantize_model(model: nn.Module, wbits: int, abits: int, *, keep_first_last_8bit: bool = False,
-                   beta: float = 0.9, example_input: torch.Tensor | None = None,
-                   inplace: bool = False) -> nn.Module:
-    """Return the fake-quantized student of ``model``.
+def quantize_model(model: nn.Module, spec: QuantSpec | int, abits: int | None = None, *,
+                   keep_first_last_8bit: bool = False, beta: float = 0.9,
+                   example_input: torch.Tensor | None = None, inplace: bool = False) -> nn.Module:
+    """Return the fake-quantized student of ``model``, as ``spec`` says (a ``QuantSpec``; or the weight
+    bits, with ``abits``, ``keep_first_last_8bit`` and ``beta``, for the paper's scheme).
 
     Every Conv2d and Linear gets ``wbits``-bit per-channel weights (the first and last
     layer 8-bit when ``keep_first_last_8bit``), and every ReLU/ReLU6 call site a
-    ``abits``-bit activation quantizer. Bits of 32 mean full precision. Parameter and
-    buffer names stay those of ``model``, so a teacher's state dict loads into its student.
+    ``abits``-bit activation quantizer. Bits of 32 mean full precision. The deployable scheme adds
+    its input and output quantizers (see ``quant.spec``). Parameter and buffer names stay those of
+    ``model``, so a teacher's state dict loads into its student.
     Call sites are counted on one forward pass of ``example_input`` (one batch of the model's
     input; when not given, zeros of a few common image sizes are tried). Safe to call from
     several threads at once.
     """
-    wbits, abits = _check_bits(wbits), _check_bits(abits)
+    if not isinstance(spec, QuantSpec):
+        spec = QuantSpec(spec, abits, keep_first_last_8bit=keep_first_last_8bit, beta=beta)
     student = model if inplace else copy.deepcopy(model)
     sites = _count_call_sites(student, example_input) if any(isinstance(m, ACTIVATIONS) for m in student.modules()) \
         else Counter()
     layers = [name for name, m in student.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if not layers:
         raise ValueError("model has no Conv2d or Linear layer to quantize")
-    edge = {layers[0], layers[-1]} if keep_first_last_8bit else set()
+    edge = {layers[0], layers[-1]} if spec.keep_first_last_8bit else set()
     act_sites = []
     param = next(student.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
+    sym = spec.symmetric_weights
     for name, m in list(student.named_modules()):
-        bits = max(wbits, 8) if name in edge else wbits
+        bits = max(spec.wbits, 8) if name in edge else spec.wbits
         if type(m) is nn.Conv2d:
-            set_submodule(student, name, QuantConv2d.from_float(m, bits))
+            set_submodule(student, name, QuantConv2d.from_float(m, bits, sym))
         elif type(m) is nn.Linear:
-            set_submodule(student, name, QuantLinear.from_float(m, bits))
+            set_submodule(student, name, QuantLinear.from_float(m, bits, sym))
         elif isinstance(m, ACTIVATIONS) and name:
-            wrapped = QuantAct(m, abits, call_sites=sites.get(name, 1), beta=beta).to(device)
+            wrapped = QuantAct(m, spec.abits, call_sites=sites.get(name, 1), beta=spec.beta,
+                               zero_in_range=spec.zero_in_range).to(device)
             set_submodule(student, name, wrapped)
             act_sites.append(wrapped)
     student._qimera_act_sites = act_sites
     student.register_forward_pre_hook(_reset_call_counters)
+    if spec.adds_io_quantizers:
+        _add_io_quantizers(student, spec, example_input)
+    if spec.weight_clip == "mse":  # ones, to load saved ratios into; the trainer fits them when a run starts
+        enable_weight_clip(student)
     return student
+
+
+def _dataflow(model: nn.Module, example_input: torch.Tensor | None) -> tuple[list, dict, int]:
+    """One forward pass, recording which module call consumed which module's output: (the calls in order,
+    each (name, module, [(tensor id, version) of its inputs], output id), the producer of each output id
+    with the output's version then, and the id of the model's output). Activation sites (``QuantAct``) are
+    seen whole; a tensor changed in place after it was made (``out += identity``) no longer counts as
+    its producer's output."""
+    calls, made, keep = [], {}, []
+    skip = {id(c) for m in model.modules() if isinstance(m, QuantAct) for c in m.modules() if c is not m}
+    skip |= {id(m) for m in model.modules() if isinstance(m, ActQuantizer)}  # seen as part of their layer
+    watched = [(n, m) for n, m in model.named_modules()
+               if n and id(m) not in skip and (isinstance(m, (QuantAct, QuantConv2d, QuantLinear, nn.BatchNorm2d))
+                                               or not list(m.children()))]
+    pending = {}
+
+    def pre(m, args, name):
+        ins = [(id(a), a._version) for a in args if isinstance(a, torch.Tensor)]
+        keep.extend(a for a in args if isinstance(a, torch.Tensor))
+        pending.setdefault(id(m), []).append(ins)
+
+    def post(m, args, out, name):
+        ins = pending[id(m)].pop()
+        if isinstance(out, torch.Tensor) and all(i != id(out) for i, _ in ins):  # not its input passed through
+            keep.append(out)
+            made[id(out)] = (len(calls), out._version)
+            calls.append((name, m, ins, id(out)))
+    handles = []
+    for n, m in watched:
+        handles.append(m.register_forward_pre_hook(lambda mod, a, n=n: pre(mod, a, n)))
+        handles.append(m.register_forward_hook(lambda mod, a, o, n=n: post(mod, a, o, n)))
+    x = example_input if example_input is not None else next(iter(_working_inputs(model)))
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            param = next(model.parameters(), None)
+            out = model(x.to(param.device if param is not None else "cpu"))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return calls, made, id(out)
+
+
+def _working_inputs(model: nn.Module):
+    """The probe inputs that run through the model (the first one found)."""
+    for x in _probe_inputs(model):
+        try:
+            with torch.no_grad():
+                model.eval()(x)
+            yield x
+            return
+        except RuntimeError:
+            continue
+    raise ValueError("could not find an input shape that runs through the model; pass example_input")
+
+
+def _batchnorm_call(calls, after):
+    """The BatchNorm call among a layer output's consumers, when it is the only one."""
+    return after[0] if len(after) == 1 and isinstance(after[0][1], nn.BatchNorm2d) else None
+
+
+def batchnorm_after(model: nn.Module, example_input: torch.Tensor | None = None) -> dict[str, str]:
+    """Each weight layer whose output only a BatchNorm2d takes, with that BatchNorm's name: the pairs a
+    fold merges (found, as the deployable scheme's quantizers are, on one forward pass)."""
+    calls, made, _ = _dataflow(model, example_input)
+    pairs = {}
+    for name, m, ins, oid in calls:
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in pairs:
+            after = [c for c in calls if any(i == oid and v == made[oid][1] for i, v in c[2])]
+            bn = _batchnorm_call(calls, after)
+            if bn is not None:
+                pairs[name] = bn[0]
+    return pairs
+
+
+def _add_io_quantizers(student: nn.Module, spec: QuantSpec, example_input: torch.Tensor | None) -> None:
+    """The deployable scheme's added quantizers (see ``quant.spec``), placed by the dataflow of one forward
+    pass: an input quantizer on each weight layer whose input is not already on an activation quantizer's
+    grid (through max-pooling, flattening, ... only), and an output quantizer after each weight layer (or
+    the BatchNorm that alone takes its output) whose output no activation site takes and that is not the
+    model's output."""
+    calls, made, out_id = _dataflow(student, example_input)
+    device = next(student.parameters()).device
+
+    def producer(t):
+        call = made.get(t[0])
+        return calls[call[0]] if call is not None and call[1] == t[1] else None
+
+    def on_grid(t) -> bool:
+        p, steps = producer(t), 0
+        while p is not None and isinstance(p[1], GRID_KEEPING) and p[2] and steps < len(calls):
+            p, steps = producer(p[2][0]), steps + 1
+        return p is not None and (isinstance(p[1], QuantAct) or p[0] in quantized_out)
+
+    def consumers(out_id):
+        return [c for c in calls if any(i == out_id and v == made[out_id][1] for i, v in c[2])]
+
+    def quantizer():
+        return ActQuantizer(spec.io_bits, spec.beta, zero_in_range=True).to(device)
+    seen, quantized_out = set(), set()  # the layers (or BatchNorms) given an output quantizer so far
+    for name, m, ins, oid in calls:
+        if not isinstance(m, (QuantConv2d, QuantLinear)) or name in seen:
+            continue
+        seen.add(name)
+        if ins and not on_grid(ins[0]):
+            m.input_quantizer = quantizer()
+        end, end_name, end_id = m, name, oid
+        bn = _batchnorm_call(calls, consumers(oid))
+        if bn is not None:
+            end_name, end, end_id = bn[0], bn[1], bn[3]
+        if end_id == out_id or any(isinstance(c[1], QuantAct) for c in consumers(end_id)):
+            continue
+        if isinstance(end, nn.BatchNorm2d):
+            end = QuantBatchNorm2d.from_float(end)
+            set_submodule(student, end_name, end)
+        end.output_quantizer = quantizer()
+        quantized_out.add(end_name)
 
 
 def act_quantizers(model: nn.Module) -> Iterable[ActQuantizer]:

@@ -1,6 +1,7 @@
-"""Pure tensor functions of the quantizer (METHOD.md section 2).
+"""Pure tensor functions of the quantizer (METHOD.md section 2): the one arithmetic that training,
+reconstruction and export all use.
 
-Uniform asymmetric ("affine") quantization with b bits over a range [lo, hi]:
+Uniform asymmetric ("affine") quantization with b bits over a range [lo, hi] (the paper's):
 
     scale = max(hi - lo, 1e-8) / (2^b - 1)
     zero_point = -round(lo / scale) - 2^(b-1)
@@ -9,6 +10,13 @@ Uniform asymmetric ("affine") quantization with b bits over a range [lo, hi]:
 
 which is METHOD.md's form with s = 1 / scale, written the way
 ``torch.fake_quantize_per_channel_affine`` writes it so the two can be compared exactly.
+
+Symmetric quantization (``symmetric=True``; the deployable scheme's weights, as integer kernels want them):
+zero point 0 and the restricted code range [-(2^(b-1) - 1), 2^(b-1) - 1], so a code's sign can flip
+(BatchNorm folding by a negative factor) without leaving the range:
+
+    scale = max(max(|lo|, |hi|), 1e-8) / (2^(b-1) - 1)
+
 Gradients pass straight through the rounding and the clamp (straight-through estimator).
 """
 from __future__ import annotations
@@ -16,6 +24,12 @@ from __future__ import annotations
 import torch
 
 FULL_PRECISION = 32
+
+
+def code_range(bits: int, symmetric: bool = False) -> tuple[int, int]:
+    """The integer codes of ``bits``: [-2^(b-1), 2^(b-1) - 1], symmetric [-(2^(b-1) - 1), 2^(b-1) - 1]."""
+    top = 2 ** (bits - 1) - 1
+    return (-top if symmetric else -top - 1), top
 
 
 def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,9 +40,21 @@ def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch
     return scale, zero_point
 
 
-def quantize_affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
-    """The integer codes q of ``x`` (as floats), in [-2^(b-1), 2^(b-1) - 1]."""
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+def symmetric_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (0) of the symmetric quantizer covering [lo, hi]; broadcasts over channels."""
+    scale = torch.clamp(torch.maximum(lo.abs(), hi.abs()), min=1e-8) / (2 ** (bits - 1) - 1)
+    return scale, torch.zeros_like(scale)
+
+
+def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool = False):
+    """``symmetric_qparams`` or ``affine_qparams``."""
+    return (symmetric_qparams if symmetric else affine_qparams)(lo, hi, bits)
+
+
+def quantize_affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                    symmetric: bool = False) -> torch.Tensor:
+    """The integer codes q of ``x`` (as floats), in ``code_range(bits, symmetric)``."""
+    qmin, qmax = code_range(bits, symmetric)
     # one new tensor, then in-place passes: the same arithmetic as torch's fake-quantize kernels
     y = x * (1.0 / scale)
     return y.add_(zero_point).round_().clamp_(qmin, qmax)
@@ -40,28 +66,30 @@ def dequantize_affine(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
     return q.sub_(zero_point).mul_(scale)
 
 
-def _fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
-    return dequantize_affine(quantize_affine(x, scale, zero_point, bits), scale, zero_point)
+def _fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                   symmetric: bool = False) -> torch.Tensor:
+    return dequantize_affine(quantize_affine(x, scale, zero_point, bits, symmetric), scale, zero_point)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
     """Fake quantization whose backward is the identity (the reference code's STE)."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, bits):  # noqa: D401 - autograd signature
-        return _fake_quantize(x, scale, zero_point, bits)
+    def forward(ctx, x, scale, zero_point, bits, symmetric):  # noqa: D401 - autograd signature
+        return _fake_quantize(x, scale, zero_point, bits, symmetric)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return grad_output, None, None, None
+        return grad_output, None, None, None, None
 
 
-def fake_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int,
+                  symmetric: bool = False) -> torch.Tensor:
     """Quantize-dequantize ``x`` to ``bits`` over [lo, hi] (broadcast), straight-through gradient."""
     if bits >= FULL_PRECISION:
         return x
-    scale, zero_point = affine_qparams(lo.to(x.dtype), hi.to(x.dtype), bits)
-    return _FakeQuantizeSTE.apply(x, scale, zero_point, bits)
+    scale, zero_point = qparams(lo.to(x.dtype), hi.to(x.dtype), bits, symmetric)
+    return _FakeQuantizeSTE.apply(x, scale, zero_point, bits, symmetric)
 
 
 def fake_quantize_learned(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
@@ -93,12 +121,21 @@ def weight_range(w: torch.Tensor, clip: torch.Tensor | None = None) -> tuple[tor
     return lo, hi
 
 
-def fake_quantize_weight(w: torch.Tensor, bits: int, clip: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-output-channel asymmetric fake quantization over ``weight_range(w, clip)``."""
+def weight_qparams(w: torch.Tensor, bits: int, clip: torch.Tensor | None = None,
+                   symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel scale and zero point of a weight over ``weight_range(w, clip)`` (broadcast
+    against ``w``): what its forward pass, the rounding reconstruction and the exports all quantize with."""
+    lo, hi = weight_range(w, clip)
+    return qparams(lo, hi, bits, symmetric)
+
+
+def fake_quantize_weight(w: torch.Tensor, bits: int, clip: torch.Tensor | None = None,
+                         symmetric: bool = False) -> torch.Tensor:
+    """Per-output-channel fake quantization (affine, or ``symmetric``) over ``weight_range(w, clip)``."""
     if bits >= FULL_PRECISION:
         return w
     lo, hi = weight_range(w, clip)
-    return fake_quantize(w, lo, hi, bits)
+    return fake_quantize(w, lo, hi, bits, symmetric)
 
 
 # Clipping ratios searched by the MSE-optimal range searches: 0.5 .. 1.0 for weights (a 4-bit
@@ -108,7 +145,7 @@ ACT_CLIP_GRID = tuple(0.2 + 0.02 * i for i in range(41))
 
 
 @torch.no_grad()
-def mse_weight_clip(w: torch.Tensor, bits: int, grid=WEIGHT_CLIP_GRID) -> torch.Tensor:
+def mse_weight_clip(w: torch.Tensor, bits: int, grid=WEIGHT_CLIP_GRID, symmetric: bool = False) -> torch.Tensor:
     """Per output channel, the ratio r of the grid whose range [r*min, r*max] gives the smallest
     squared quantization error of that channel; shaped to broadcast against ``w``. Ties keep the
     largest range (the grid is searched from 1.0 down)."""
@@ -116,7 +153,7 @@ def mse_weight_clip(w: torch.Tensor, bits: int, grid=WEIGHT_CLIP_GRID) -> torch.
     best = torch.full_like(lo, float("inf"))
     ratio = torch.ones_like(lo)
     for r in sorted(grid, reverse=True):
-        err = (fake_quantize(w, lo * r, hi * r, bits) - w).pow(2).flatten(1).sum(1).view_as(lo)
+        err = (fake_quantize(w, lo * r, hi * r, bits, symmetric) - w).pow(2).flatten(1).sum(1).view_as(lo)
         better = err < best
         best = torch.where(better, err, best)
         ratio = torch.where(better, torch.full_like(ratio, r), ratio)

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .functional import (FULL_PRECISION, fake_quantize, fake_quantize_learned, fake_quantize_weight, mse_act_range,
-                         mse_weight_clip)
+                         mse_weight_clip, weight_qparams)
 
 
 def _check_bits(bits: int) -> int:
@@ -19,14 +19,28 @@ def _check_bits(bits: int) -> int:
 
 
 class _WeightClip:
-    """Optional per-output-channel clipping of the weight range (``weight_clip="mse"``).
+    """A quantized weight layer's quantizer: per output channel, affine (the paper) or ``symmetric``
+    (zero point 0, the deployable scheme), with optional clipping of the range (``weight_clip="mse"``);
+    and the optional quantizers of its input and output that the deployable scheme adds where an integer
+    runtime needs them (``quantize_model``).
 
-    Without it (the paper) a channel's range is its current min/max. ``enable_clip`` adds a
+    Without clipping (the paper) a channel's range is its current min/max. ``enable_clip`` adds a
     ``clip`` buffer of ratios (saved with the weights); ``fit_clip`` sets each to the MSE-optimal
     ratio for the current weights, and the range becomes ``clip`` x (min, max) from then on.
     """
 
     clip: torch.Tensor | None
+    symmetric: bool
+    input_quantizer: "ActQuantizer | None"
+    output_quantizer: "ActQuantizer | None"
+
+    def _init_quantizers(self, wbits: int, symmetric: bool) -> None:
+        self.wbits = _check_bits(wbits)
+        self.symmetric = bool(symmetric)
+        self.prequantized = False
+        self.register_buffer("clip", None)  # a tensor only with weight clipping (not in the state dict before)
+        self.register_module("input_quantizer", None)
+        self.register_module("output_quantizer", None)
 
     def enable_clip(self) -> None:
         if self.clip is None:
@@ -36,16 +50,28 @@ class _WeightClip:
     def fit_clip(self) -> None:
         self.enable_clip()
         if self.wbits < FULL_PRECISION:
-            self.clip.copy_(mse_weight_clip(self.weight.detach(), self.wbits))
+            self.clip.copy_(mse_weight_clip(self.weight.detach(), self.wbits, symmetric=self.symmetric))
 
     def float_state(self) -> dict[str, torch.Tensor]:
-        """The state a plain Conv2d/Linear loads (without the clipping ratios)."""
-        return {k: v for k, v in self.state_dict().items() if k != "clip"}
+        """The state a plain Conv2d/Linear loads (without the clipping ratios and the deployable scheme's
+        input and output quantizers)."""
+        return {k: v for k, v in self.state_dict().items()
+                if k != "clip" and not k.startswith(("input_quantizer.", "output_quantizer."))}
+
+    def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-channel scale and zero point the forward pass quantizes the weight with."""
+        return weight_qparams(self.weight.detach(), self.wbits, self.clip, self.symmetric)
 
     def quantized_weight(self) -> torch.Tensor:
         if self.prequantized:
             return self.weight
-        return fake_quantize_weight(self.weight, self.wbits, self.clip)
+        return fake_quantize_weight(self.weight, self.wbits, self.clip, self.symmetric)
+
+    def _quantized_call(self, x: torch.Tensor, op) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        y = op(x, self.quantized_weight())
+        return y if self.output_quantizer is None else self.output_quantizer(y)
 
 
 class QuantConv2d(_WeightClip, nn.Conv2d):
@@ -54,19 +80,17 @@ class QuantConv2d(_WeightClip, nn.Conv2d):
     ``prequantized``: the weight already holds its dequantized codes (a student loaded from an
     integer export), so it is used as it is, bit for bit what fake quantization gave."""
 
-    def __init__(self, *args, wbits: int = FULL_PRECISION, **kwargs):
+    def __init__(self, *args, wbits: int = FULL_PRECISION, symmetric: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.wbits = _check_bits(wbits)
-        self.prequantized = False
-        self.register_buffer("clip", None)  # a tensor only with weight clipping (not in the state dict before)
+        self._init_quantizers(wbits, symmetric)
 
     # from_float / to_float build on the meta device, then load the weights: no initial values are drawn
     # from torch's global generator, which another thread may be drawing a seeded init from (seeding.py)
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, wbits: int) -> "QuantConv2d":
+    def from_float(cls, conv: nn.Conv2d, wbits: int, symmetric: bool = False) -> "QuantConv2d":
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                 conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, wbits=wbits,
-                device="meta", dtype=conv.weight.dtype).to_empty(device=conv.weight.device)
+                symmetric=symmetric, device="meta", dtype=conv.weight.dtype).to_empty(device=conv.weight.device)
         q.load_state_dict(conv.state_dict())
         return q
 
@@ -78,25 +102,23 @@ class QuantConv2d(_WeightClip, nn.Conv2d):
         return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._quantized_call(x, lambda x, w: self._conv_forward(x, w, self.bias))
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", wbits={self.wbits}"
+        return super().extra_repr() + f", wbits={self.wbits}" + (", symmetric" if self.symmetric else "")
 
 
 class QuantLinear(_WeightClip, nn.Linear):
     """Linear whose weight is fake-quantized per output row at every forward (``prequantized``:
     see QuantConv2d)."""
 
-    def __init__(self, *args, wbits: int = FULL_PRECISION, **kwargs):
+    def __init__(self, *args, wbits: int = FULL_PRECISION, symmetric: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.wbits = _check_bits(wbits)
-        self.prequantized = False
-        self.register_buffer("clip", None)  # a tensor only with weight clipping (not in the state dict before)
+        self._init_quantizers(wbits, symmetric)
 
     @classmethod
-    def from_float(cls, lin: nn.Linear, wbits: int) -> "QuantLinear":
-        q = cls(lin.in_features, lin.out_features, lin.bias is not None, wbits=wbits,
+    def from_float(cls, lin: nn.Linear, wbits: int, symmetric: bool = False) -> "QuantLinear":
+        q = cls(lin.in_features, lin.out_features, lin.bias is not None, wbits=wbits, symmetric=symmetric,
                 device="meta", dtype=lin.weight.dtype).to_empty(device=lin.weight.device)
         q.load_state_dict(lin.state_dict())
         return q
@@ -108,10 +130,33 @@ class QuantLinear(_WeightClip, nn.Linear):
         return lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized_weight(), self.bias)
+        return self._quantized_call(x, lambda x, w: F.linear(x, w, self.bias))
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", wbits={self.wbits}"
+        return super().extra_repr() + f", wbits={self.wbits}" + (", symmetric" if self.symmetric else "")
+
+
+class QuantBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d with an optional quantizer of its output: where the deployable scheme quantizes a
+    convolution's output that no activation quantizer follows (into a residual add). The state dict keeps
+    BatchNorm2d's names, with the quantizer's under ``output_quantizer``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_module("output_quantizer", None)
+
+    @classmethod
+    def from_float(cls, bn: nn.BatchNorm2d) -> "QuantBatchNorm2d":
+        q = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                device="meta", dtype=bn.weight.dtype if bn.weight is not None else None)
+        q = q.to_empty(device=bn.running_mean.device if bn.running_mean is not None else "cpu")
+        q.load_state_dict(bn.state_dict())
+        q.train(bn.training)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y if self.output_quantizer is None else self.output_quantizer(y)
 
 
 class ActQuantizer(nn.Module):
@@ -123,10 +168,11 @@ class ActQuantizer(nn.Module):
     the range is frozen. No host-device synchronisation happens here.
     """
 
-    def __init__(self, bits: int = FULL_PRECISION, beta: float = 0.9):
+    def __init__(self, bits: int = FULL_PRECISION, beta: float = 0.9, zero_in_range: bool = False):
         super().__init__()
         self.bits = _check_bits(bits)
         self.beta = float(beta)
+        self.zero_in_range = bool(zero_in_range)  # the deployable scheme: 0 is always a code (zero padding)
         self.calibrating = False
         self.register_buffer("ema_lo", torch.zeros(()))
         self.register_buffer("ema_hi", torch.zeros(()))
@@ -146,9 +192,14 @@ class ActQuantizer(nn.Module):
         return [self.ema_hi]
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The bias-corrected range (lo, hi); (0, 0) before any calibration batch."""
+        """The bias-corrected range (lo, hi); (0, 0) before any calibration batch. With ``zero_in_range``
+        it is widened to hold 0 (lo <= 0 <= hi), so 0 is exactly a code and an integer runtime's zero
+        point lies within the codes."""
         correction = self._correction()
-        return self.ema_lo / correction, self.ema_hi / correction
+        lo, hi = self.ema_lo / correction, self.ema_hi / correction
+        if self.zero_in_range:
+            lo, hi = torch.clamp(lo, max=0), torch.clamp(hi, min=0)
+        return lo, hi
 
     def _correction(self) -> torch.Tensor:
         """The EMA's bias correction 1 - beta^t (t >= 1)."""
@@ -192,7 +243,7 @@ class ActQuantizer(nn.Module):
         return fake_quantize(x, lo.detach(), hi.detach(), self.bits)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, beta={self.beta}"
+        return f"bits={self.bits}, beta={self.beta}" + (", zero_in_range" if self.zero_in_range else "")
 
 
 def _spread_index(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -257,10 +308,10 @@ class QuantAct(nn.Module):
     uses ``quantizers[n]``. The root model resets the counters before each forward.
     """
 
-    def __init__(self, act: nn.Module, abits: int, call_sites: int = 1, beta: float = 0.9):
+    def __init__(self, act: nn.Module, abits: int, call_sites: int = 1, beta: float = 0.9, zero_in_range: bool = False):
         super().__init__()
         self.act = act
-        self.quantizers = nn.ModuleList(ActQuantizer(abits, beta) for _ in range(max(1, call_sites)))
+        self.quantizers = nn.ModuleList(ActQuantizer(abits, beta, zero_in_range) for _ in range(max(1, call_sites)))
         self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .convert import weight_layers
-from .functional import FULL_PRECISION, affine_qparams, weight_range
+from .functional import FULL_PRECISION, code_range
 from .modules import QuantAct, QuantConv2d, QuantLinear
 
 ZETA, GAMMA = 1.1, -0.1     # AdaRound's stretch of the rectified sigmoid
@@ -96,11 +96,10 @@ class _Rounding:
     """One weight layer's learnable rounding (AdaRound's V), fixed scale and zero point."""
 
     def __init__(self, layer: QuantConv2d | QuantLinear):
-        self.layer, bits = layer, layer.wbits
+        self.layer = layer
         w = layer.weight.detach()
-        lo, hi = weight_range(w, layer.clip)
-        self.scale, self.zp = affine_qparams(lo, hi, bits)
-        self.qmin, self.qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        self.scale, self.zp = layer.weight_qparams()  # the layer's own quantizer: affine or symmetric
+        self.qmin, self.qmax = code_range(layer.wbits, layer.symmetric)
         self.floor = torch.floor(w / self.scale)
         rest = (w / self.scale - self.floor).clamp(0.01, 0.99)  # h(V) = rest at the start
         self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
@@ -125,7 +124,8 @@ class _Rounding:
     @torch.no_grad()
     def write_back(self) -> int:
         """Put the hard roundings into the weights as grid values, keeping each channel's minimum and
-        maximum weight where they are (they set the range, so scale and zero point stay); returns how
+        maximum weight where they are (they set the range, affine or symmetric, so scale and zero point
+        stay); returns how
         many weights round the other way than to nearest."""
         w = self.layer.weight
         flat = w.reshape(w.shape[0], -1)
