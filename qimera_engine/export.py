@@ -798,3 +798,43 @@ def onnx_session(path: str | Path, threads: int | None = None):
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # ONNX Runtime raises its own exception types for unreadable files
         raise ExportError(f"{path} is not a readable ONNX model ({str(e).splitlines()[0][:160]})") from None
+
+
+def onnx_check(run: Run | str | Path, path: str | Path, images: int = 500, threads: int | None = None,
+               repeat: int = 3) -> dict:
+    """An exported ONNX model measured on the spot beside the run's full-precision teacher (exported to a
+    temporary file), in ONNX Runtime on this machine: file sizes, top-1 on ``images`` test images, images/s
+    on one batch of them (median of ``repeat``, the two models side by side), and whether its convolutions
+    run as integer kernels (the reason when they do not)."""
+    import statistics
+    import tempfile
+    import time
+
+    import onnx
+
+    from .data import InputSpec, load_data
+    run = run if isinstance(run, Run) else open_run(run)
+    path = Path(path)
+    teacher = load_teacher(run)
+    data = load_data(run.config.test_data, InputSpec.of(teacher), "test")
+    x, y = data.subset(min(images, len(data)))
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    with tempfile.TemporaryDirectory() as tmp:
+        fp = export_onnx_model(teacher.model.cpu().eval(), teacher.example_input(), Path(tmp) / "fp.onnx")
+        sessions = {"fp": onnx_session(fp, threads), "export": onnx_session(path, threads)}
+        sizes = {"fp": fp.stat().st_size, "export": path.stat().st_size}
+    batch = x.numpy()
+    out = {k: s.run(None, {"images": batch})[0] for k, s in sessions.items()}  # also warms them up
+    speed = {k: [] for k in sessions}
+    for _ in range(repeat):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, {"images": batch})
+            speed[k].append(len(batch) / (time.perf_counter() - t))
+    top1 = {k: 100.0 * float((o.argmax(1) == y.numpy()).mean()) for k, o in out.items()}
+    ips = {k: statistics.median(v) for k, v in speed.items()}
+    return {"images": len(y), "size_mb": sizes["export"] / 2**20, "fp_size_mb": sizes["fp"] / 2**20,
+            "top1": top1["export"], "fp_top1": top1["fp"], "images_per_s": ips["export"],
+            "fp_images_per_s": ips["fp"], "speed_vs_fp": ips["export"] / ips["fp"],
+            "integer_kernels": meta.get("qimera.integer_kernels", "")}
+

@@ -492,6 +492,21 @@ def test_export_and_download_a_run(with_runs, page, key):
     assert not [b for b in at.get("download_button") if b.proto.label.startswith("Download student")]
 
 
+def test_an_onnx_export_is_measured_against_the_fp_model(with_runs):
+    at = open_page("pages/2_Quantize.py")
+    at.radio(key="q-export-format").set_value("onnx").run()
+    at.button(key="q-export-go").click().run()
+    at.button(key="q-export-check").click().run()
+    assert not at.exception and not at.error
+    labels = {m.label: m for m in at.metric}
+    assert {"Size", "Speed (ONNX Runtime, batch of 500)"} <= set(labels)
+    top1 = next(m for label, m in labels.items() if label.startswith("Top-1 on "))
+    assert top1.value.endswith("%") and "vs FP" in top1.proto.delta
+    assert "x FP" in labels["Size"].proto.delta and "x FP" in labels["Speed (ONNX Runtime, batch of 500)"].proto.delta
+    # the app's runs use the paper's scheme: the panel says why it does not run on integer kernels
+    assert any("Not integer-kernel ready" in c.value and "scheme=deploy" in c.value for c in at.caption)
+
+
 @pytest.fixture
 def mismatched_home(finished_home, tmp_path, monkeypatch):
     """The finished runs and a GDFQ run of another bit width and budget (its config edited)."""

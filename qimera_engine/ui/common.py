@@ -17,6 +17,7 @@ import torch
 from .. import (ExportError, InputSpec, Job, JobRegistry, Run, RunLocked, analysis, delete_run, export, list_runs,
                data_stamp, load_data, load_generator, load_student, load_teacher, open_run, parse_spec, qimera_home,
                runs_dir, shared_registry)
+from ..export import onnx_check
 from . import figures, paths
 from .logic import (comparable, overlay_default, partner_runs, preset_for, run_label, same_scale, setting_label,
                     split_damaged)
@@ -486,6 +487,38 @@ def export_panel(runs: list[Run], key: str) -> None:
                                Path(done).read_bytes(), f"{rid}-{Path(done).name}", key=f"{key}-export-download")
             st.caption("Load it with `onnxruntime.InferenceSession(file)`; see the README." if fmt == "onnx" else
                        "Load it with `qimera_engine.load_int(file)`; see the README.")
+            if fmt == "onnx":
+                _onnx_check_panel(run, Path(done), key)
+
+
+def _onnx_check_panel(run: Run, path: Path, key: str) -> None:
+    """Size, speed against the FP model and top-1 of an ONNX export, measured here on a small batch."""
+    if st.button("Measure it against the FP model", key=f"{key}-export-check",
+                 help="Runs the export and the full-precision teacher in ONNX Runtime on this machine, side by "
+                      "side, on 500 test images (a few seconds)."):
+        try:
+            with st.spinner("Measuring in ONNX Runtime..."):
+                st.session_state[f"{key}-export-checked"] = (str(path), path.stat().st_mtime,
+                                                             onnx_check(run, path))
+        except (ExportError, OSError, ValueError, RuntimeError) as e:
+            st.error(f"Cannot measure {path.name}: {e}")
+    done = st.session_state.get(f"{key}-export-checked")
+    if not done or done[:2] != (str(path), path.stat().st_mtime):
+        return
+    c = done[2]
+    m1, m2, m3 = st.columns(3)
+    m1.metric("Size", f"{c['size_mb']:.2f} MB", f"{c['size_mb'] / c['fp_size_mb']:.2f}x FP ({c['fp_size_mb']:.2f} MB)",
+              delta_color="off")
+    m2.metric("Speed (ONNX Runtime, batch of 500)", f"{c['images_per_s']:,.0f} images/s",
+              f"{c['speed_vs_fp']:.2f}x FP ({c['fp_images_per_s']:,.0f})", delta_color="off")
+    m3.metric(f"Top-1 on {c['images']} test images", f"{c['top1']:.1f}%", f"{c['top1'] - c['fp_top1']:+.1f} vs FP",
+              delta_color="normal")
+    if c["integer_kernels"] == "ready":
+        st.caption("Every convolution runs as an integer kernel (QLinearConv). One batch on this machine, beside "
+                   "whatever else it runs: `bench/bench_export.py` measures it properly.")
+    else:
+        st.caption(f"Not integer-kernel ready: {c['integer_kernels']}. One batch on this machine: "
+                   f"`bench/bench_export.py` measures it properly.")
 
 
 def need_runs_message(what: str) -> None:
