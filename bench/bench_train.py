@@ -26,7 +26,8 @@ from qimera_engine.config import preset  # noqa: E402
 from qimera_engine.models import build_teacher  # noqa: E402
 from qimera_engine.quant import quantize_model  # noqa: E402
 from qimera_engine.seeding import RunRandom  # noqa: E402
-from qimera_engine.train import Trainer, autocast_for, build_generator  # noqa: E402
+from qimera_engine.runtime import autocast_for  # noqa: E402
+from qimera_engine.train import Trainer, build_generator  # noqa: E402
 
 CASES = {"digits": ("digits", "digits-cnn"), "resnet20": ("cifar10-resnet20-cpu", "resnet20")}
 

@@ -26,7 +26,8 @@ import torch  # noqa: E402
 from qimera_engine.analysis import diversity, real_features, synthetic_features  # noqa: E402
 from qimera_engine.config import parse_overrides, preset  # noqa: E402
 from qimera_engine.models import save_state_dict  # noqa: E402
-from qimera_engine.train import Parts, Trainer, keep_freed_memory, superpose_p  # noqa: E402
+from qimera_engine.runtime import keep_freed_memory  # noqa: E402
+from qimera_engine.train import Parts, Trainer, superpose_p  # noqa: E402
 
 
 def train_generator(parts: Parts) -> Trainer:

@@ -32,7 +32,8 @@ import torch  # noqa: E402
 
 from qimera_engine.config import RunConfig, parse_overrides, preset  # noqa: E402
 from qimera_engine.evaluate import evaluate  # noqa: E402
-from qimera_engine.train import Batch, Parts, Trainer, keep_freed_memory  # noqa: E402
+from qimera_engine.runtime import keep_freed_memory  # noqa: E402
+from qimera_engine.train import Batch, Parts, Trainer  # noqa: E402
 
 # What a replay may change: everything the student's side reads, nothing the generator's side reads.
 STUDENT_SIDE = {"wbits", "abits", "keep_first_last_8bit", "kd_alpha", "kd_tau", "kd_reduction", "ce_weight",

@@ -23,7 +23,8 @@ from .quant import QuantSpec, quantize_model, set_calibration
 from .runs import (Run, RunDamaged, RunLocked, ShippedRun, atomic_path, delete_run, list_runs, open_run, qimera_home,
                    runs_dir)
 from .teachers import get_teacher, train_and_cache
-from .train import pick_device, run, run_to_end
+from .runtime import pick_device
+from .train import run, run_to_end
 
 __version__ = "0.1.0"
 

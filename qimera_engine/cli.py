@@ -7,14 +7,23 @@ import statistics
 import sys
 import time
 
-from .config import METHODS, PRESETS, ConfigError, RunConfig, describe, parse_overrides, preset
+from .config import (
+    METHODS,
+    PRESETS,
+    ConfigError,
+    RunConfig,
+    describe,
+    parse_overrides,
+    preset,
+)
 from .data import DataError, InputSpec, load_data
 from .evaluate import evaluate
 from .events import Evaluated, Finished, Log, Started, Step
+from .jobs import sweep_configs
 from .models import TEACHERS, CheckpointError
 from .runs import RunLocked, check_file_out, list_runs, runs_dir, write_csv
-from .jobs import sweep_configs
-from .train import pick_device, run
+from .runtime import pick_device
+from .train import run
 
 # Errors that are the user's input or the machine's state: one line, exit status 2, no traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ValueError, RunLocked, OSError, FloatingPointError)

@@ -383,7 +383,7 @@ def test_small_logic_helpers():
 def test_a_picked_point_shows_the_image_behind_it(finished_home, monkeypatch):
     """Feature space: the image of a clicked point is the very image whose features were placed there."""
     import threading
-    from qimera_engine import InputSpec, collect_features
+    from qimera_engine import collect_features
     from qimera_engine.ui import common
     monkeypatch.setenv("QIMERA_HOME", str(finished_home))
     qimera, gdfq = by_method()["qimera"], by_method()["gdfq"]

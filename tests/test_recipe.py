@@ -282,7 +282,7 @@ def test_quantizer_computes_in_fp32_under_bf16_autocast():
 
 def test_amp_run_on_the_cpu(tmp_path, digits_teacher):
     """amp=True: bf16 autocast where this CPU has native bf16, plain fp32 elsewhere; the run works either way."""
-    from qimera_engine.train import autocast_for, cpu_has_native_bf16
+    from qimera_engine.runtime import autocast_for, cpu_has_native_bf16
     ctx = autocast_for(True, torch.device("cpu"))
     assert isinstance(ctx, torch.autocast) == cpu_has_native_bf16()
     rows = open_run(_run(tmp_path, "amp", amp=True)).metrics

@@ -321,7 +321,7 @@ def _glibc() -> bool:
 
 @pytest.mark.skipif(not _glibc(), reason="the allocator tuning applies to glibc's malloc only")
 def test_the_allocator_is_tuned_once_unless_the_user_says_otherwise():
-    code = "import qimera_engine.train as t; print(t.keep_freed_memory(), t.keep_freed_memory())"
+    code = "import qimera_engine.runtime as t; print(t.keep_freed_memory(), t.keep_freed_memory())"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     def out(**extra):
         return subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
