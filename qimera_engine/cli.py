@@ -7,15 +7,7 @@ import statistics
 import sys
 import time
 
-from .config import (
-    METHODS,
-    PRESETS,
-    ConfigError,
-    RunConfig,
-    describe,
-    parse_overrides,
-    preset,
-)
+from .config import METHODS, PRESETS, ConfigError, RunConfig, describe, parse_overrides, preset
 from .data import DataError, InputSpec, load_data
 from .evaluate import evaluate
 from .events import Evaluated, Finished, Log, Started, Step
