@@ -574,14 +574,19 @@ class _FoldedLayer(nn.Module):
             raise ExportError("a layer has per-channel zero points (affine weights); " + NOT_INTEGER_READY)
         bias = layer.bias.detach().float().cpu() if layer.bias is not None else torch.zeros(q.shape[0])
         out_site = layer.output_quantizer
+        factor = None
         if bn is not None:
             a, shift = _bn_factors(bn)
             sign = torch.where(a < 0, -1, 1).to(torch.int8)
             q = q * sign.reshape((-1,) + (1,) * (q.dim() - 1))
-            scale, bias = scale * a.abs(), shift + a * bias
+            scale, bias, factor = scale * a.abs(), shift + a * bias, a
             out_site = getattr(bn, "output_quantizer", None) or out_site
             dead = scale == 0  # a channel BatchNorm zeroes: its output is the constant bias
             q[dead], scale[dead] = 0, 1.0
+        with torch.no_grad():  # the bias an integer kernel adds: rounded to its int32 grid, as the student does
+            rounding = layer.bias_correction(bias.to(layer.weight.device), factor)
+        if rounding is not None:
+            bias = bias + rounding.float().cpu()
         self.linear = isinstance(layer, nn.Linear)
         self.geometry = layer.to_float().requires_grad_(False) if not self.linear else None
         self.register_buffer("w", dequantized_weight(q, scale, torch.zeros_like(scale)))

@@ -216,35 +216,45 @@ def _add_io_quantizers(student: nn.Module, spec: QuantSpec, example_input: torch
         call = made.get(t[0])
         return calls[call[0]] if call is not None and call[1] == t[1] else None
 
-    def on_grid(t) -> bool:
+    def source(t):
+        """The quantizer whose codes ``t`` holds (through grid-keeping modules), or None."""
         p, steps = producer(t), 0
         while p is not None and isinstance(p[1], GRID_KEEPING) and p[2] and steps < len(calls):
             p, steps = producer(p[2][0]), steps + 1
-        return p is not None and (isinstance(p[1], QuantAct) or p[0] in quantized_out)
+        if p is None:
+            return None
+        if isinstance(p[1], QuantAct):  # its n-th call uses its n-th quantizer
+            n = sum(1 for c in calls[:calls.index(p)] if c[1] is p[1])
+            return p[1].quantizers[n]
+        return quantized_out.get(p[0])
 
     def consumers(out_id):
         return [c for c in calls if any(i == out_id and v == made[out_id][1] for i, v in c[2])]
 
     def quantizer():
         return ActQuantizer(spec.io_bits, spec.beta, zero_in_range=True).to(device)
-    seen, quantized_out = set(), set()  # the layers (or BatchNorms) given an output quantizer so far
+    seen, quantized_out = set(), {}  # the layers (or BatchNorms) given an output quantizer so far
     for name, m, ins, oid in calls:
         if not isinstance(m, (QuantConv2d, QuantLinear)) or name in seen:
             continue
         seen.add(name)
-        if ins and not on_grid(ins[0]):
+        src = source(ins[0]) if ins else None
+        if src is None:
             m.input_quantizer = quantizer()
+        else:
+            m.input_source = [src]
         end, end_name, end_id = m, name, oid
         bn = _batchnorm_call(calls, consumers(oid))
         if bn is not None:
-            end_name, end, end_id = bn[0], bn[1], bn[3]
+            end_name, end_id = bn[0], bn[3]
+            end = QuantBatchNorm2d.from_float(bn[1])  # folds into the layer: its bias is rounded as the layer's
+            end.folded_into = [m]
+            m.bias_in_batchnorm = True
+            set_submodule(student, end_name, end)
         if end_id == out_id or any(isinstance(c[1], QuantAct) for c in consumers(end_id)):
             continue
-        if isinstance(end, nn.BatchNorm2d):
-            end = QuantBatchNorm2d.from_float(end)
-            set_submodule(student, end_name, end)
         end.output_quantizer = quantizer()
-        quantized_out.add(end_name)
+        quantized_out[end_name] = end.output_quantizer
 
 
 def act_quantizers(model: nn.Module) -> Iterable[ActQuantizer]:

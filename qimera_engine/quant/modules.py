@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import (FULL_PRECISION, fake_quantize, fake_quantize_learned, fake_quantize_weight, mse_act_range,
-                         mse_weight_clip, weight_qparams)
+from .functional import (FULL_PRECISION, affine_qparams, fake_quantize, fake_quantize_learned, fake_quantize_weight,
+                         mse_act_range, mse_weight_clip, weight_qparams)
 
 
 def _check_bits(bits: int) -> int:
@@ -41,6 +41,31 @@ class _WeightClip:
         self.register_buffer("clip", None)  # a tensor only with weight clipping (not in the state dict before)
         self.register_module("input_quantizer", None)
         self.register_module("output_quantizer", None)
+        # deployable scheme (set by quantize_model): the quantizer whose codes this layer reads when it has no
+        # input quantizer (a list: a reference, not a child), and the BatchNorm that folds into it
+        self.input_source: list[ActQuantizer] = []
+        self.bias_in_batchnorm = False
+
+    def input_scale(self) -> torch.Tensor | None:
+        """The scale of the codes this layer reads (the deployable scheme), or None."""
+        src = self.input_quantizer if self.input_quantizer is not None else next(iter(self.input_source), None)
+        if src is None or src.bits >= FULL_PRECISION:
+            return None
+        lo, hi = src.range()
+        return affine_qparams(lo, hi, src.bits)[0]
+
+    def bias_correction(self, bias: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor | None:
+        """How far an integer kernel moves a per-channel ``bias`` (the deployable scheme): it adds the bias as
+        int32 codes in units of input scale x weight scale (x |factor|, a BatchNorm folded in), so the bias is
+        rounded to that grid. Detached (a constant to the gradient); None where nothing is rounded."""
+        sx = self.input_scale()
+        if sx is None or not self.symmetric or self.wbits >= FULL_PRECISION:
+            return None
+        unit = sx.detach() * self.weight_qparams()[0].flatten()
+        if factor is not None:
+            unit = unit * factor.detach().abs()
+        b = bias.detach()
+        return torch.where(unit > 0, torch.round(b / unit.clamp(min=1e-30)) * unit - b, torch.zeros_like(b))
 
     def enable_clip(self) -> None:
         if self.clip is None:
@@ -71,6 +96,10 @@ class _WeightClip:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         y = op(x, self.quantized_weight())
+        if self.bias is not None and not self.bias_in_batchnorm and not self.training:
+            shift = self.bias_correction(self.bias)
+            if shift is not None:
+                y = y + shift.view((1, -1) + (1,) * (y.dim() - 2))
         return y if self.output_quantizer is None else self.output_quantizer(y)
 
 
@@ -144,6 +173,7 @@ class QuantBatchNorm2d(nn.BatchNorm2d):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_module("output_quantizer", None)
+        self.folded_into: list = []  # the quantized layer it folds into at export (a reference, not a child)
 
     @classmethod
     def from_float(cls, bn: nn.BatchNorm2d) -> "QuantBatchNorm2d":
@@ -156,7 +186,23 @@ class QuantBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
+        if self.folded_into and not self.training:  # eval mode: the running statistics fold into the layer
+            shift = self.folded_into[0].bias_correction(*self.folded_bias())
+            if shift is not None:
+                y = y + shift.view(1, -1, 1, 1)
         return y if self.output_quantizer is None else self.output_quantizer(y)
+
+    def folded_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bias, factor a) of the layer with this BatchNorm folded in: a = gamma / sigma, bias
+        beta - a * mu + a * b (b: the layer's own bias)."""
+        a = self.running_var.add(self.eps).rsqrt()
+        if self.weight is not None:
+            a = a * self.weight
+        bias = -a * self.running_mean + (self.bias if self.bias is not None else 0)
+        layer = self.folded_into[0]
+        if layer.bias is not None:
+            bias = bias + a * layer.bias
+        return bias, a
 
 
 class ActQuantizer(nn.Module):
