@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 from .artifacts import load_student, load_teacher
 from .models import TEACHERS, build_teacher
-from .quant import SCHEMES, ActQuantizer, QuantConv2d, QuantLinear, QuantSpec, quantize_model
-from .quant.convert import batchnorm_after, set_submodule
+from .quant import SCHEMES, ActQuantizer, QuantBatchNorm2d, QuantConv2d, QuantLinear, QuantSpec, quantize_model
+from .quant.convert import set_submodule
 from .quant.functional import FULL_PRECISION, affine_qparams, dequantize_affine, quantize_affine, weight_qparams
 from .runs import Run, in_engine_folder, open_run, qimera_home, user_path
 
@@ -567,7 +567,7 @@ class _FoldedLayer(nn.Module):
     symmetric codes stay (their sign flips where the BatchNorm's factor a = gamma / sigma is negative), the
     scale becomes |a| x scale and the bias beta - a (mu - b); then its input and output quantizers."""
 
-    def __init__(self, layer: QuantConv2d | QuantLinear, bn: nn.BatchNorm2d | None):
+    def __init__(self, layer: QuantConv2d | QuantLinear, bn: QuantBatchNorm2d | None):
         super().__init__()
         q, scale, zp = weight_codes(layer)
         if zp.any():
@@ -576,10 +576,11 @@ class _FoldedLayer(nn.Module):
         out_site = layer.output_quantizer
         factor = None
         if bn is not None:
-            a, shift = _bn_factors(bn)
+            with torch.no_grad():
+                bias, a = (t.detach().float().cpu() for t in bn.folded_bias())  # as the student rounds it
             sign = torch.where(a < 0, -1, 1).to(torch.int8)
             q = q * sign.reshape((-1,) + (1,) * (q.dim() - 1))
-            scale, bias, factor = scale * a.abs(), shift + a * bias, a
+            scale, factor = scale * a.abs(), a
             out_site = getattr(bn, "output_quantizer", None) or out_site
             dead = scale == 0  # a channel BatchNorm zeroes: its output is the constant bias
             q[dead], scale[dead] = 0, 1.0
@@ -603,29 +604,22 @@ class _FoldedLayer(nn.Module):
         return self.output_q(y)
 
 
-def _bn_factors(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, shift) of an eval-mode BatchNorm: bn(y) = a * y + shift per channel."""
-    var, mean = bn.running_var.detach().float().cpu(), bn.running_mean.detach().float().cpu()
-    gamma = bn.weight.detach().float().cpu() if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.detach().float().cpu() if bn.bias is not None else torch.zeros_like(var)
-    a = gamma / torch.sqrt(var + bn.eps)
-    return a, beta - a * mean
-
-
-def folded_model(student: nn.Module, example: torch.Tensor) -> nn.Module:
-    """A copy of a deployable-scheme student as it is exported: every BatchNorm that alone takes a quantized
-    layer's output folded into that layer, every quantizer an ONNX uint8 (activations) or int8 (weights)
-    QuantizeLinear/DequantizeLinear pair. Its logits are the student's, up to float rounding."""
+def folded_model(student: nn.Module) -> nn.Module:
+    """A copy of a deployable-scheme student as it is exported: every BatchNorm that folds into a quantized
+    layer (``QuantBatchNorm2d.folded_into``, set by ``quantize_model``) folded into it, every quantizer an ONNX
+    uint8 (activations) or int8 (weights) QuantizeLinear/DequantizeLinear pair. Its logits are the student's,
+    up to float rounding."""
     reason = integer_ready(student)
     if reason:
         raise ExportError(f"this student cannot be exported to integer kernels: {reason}")
     m = copy.deepcopy(student).cpu().eval()
-    pairs = batchnorm_after(m, example.cpu())
+    folds = {id(bn.folded_into[0]): (name, bn) for name, bn in m.named_modules()
+             if isinstance(bn, QuantBatchNorm2d) and bn.folded_into}
     for name, layer in _layers(m):
-        bn = m.get_submodule(pairs[name]) if name in pairs else None
+        bn_name, bn = folds.get(id(layer), (None, None))
         set_submodule(m, name, _FoldedLayer(layer, bn))
         if bn is not None:
-            set_submodule(m, pairs[name], nn.Identity())
+            set_submodule(m, bn_name, nn.Identity())
     for name, site in _sites(m):
         if not name.endswith(("input_quantizer", "output_quantizer")):
             set_submodule(m, name, _UQDQ(site))
@@ -722,7 +716,8 @@ def _integer_domain(model) -> None:
 
 
 def _prune(graph) -> None:
-    """Remove the nodes whose outputs nothing reads (the float clips replaced above), then unused initializers."""
+    """Remove the nodes whose outputs nothing reads (an Identity left by a folded weight, a float clip moved
+    into the integer domain), then the initializers nothing reads."""
     while True:
         used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
         dead = [n for n in graph.node if not any(o in used for o in n.output)]
@@ -790,12 +785,7 @@ def _fold_weight_quantize(model) -> None:
         codes = numpy_helper.from_array(q, name=node.output[0])
         graph.node.remove(node)
         graph.initializer.append(codes)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for n in [n for n in graph.node if n.op_type == "Identity" and n.output[0] not in used]:
-        graph.node.remove(n)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
+    _prune(graph)
 
 
 def export_onnx(run: Run | str | Path, out: str | Path | None = None, force: bool = False) -> Path:
@@ -803,7 +793,7 @@ def export_onnx(run: Run | str | Path, out: str | Path | None = None, force: boo
     ``force`` replaces an existing file (see ``export_target``)."""
     run, teacher, student, out = _run_student(run, "onnx", out, force)
     reason = integer_ready(student)
-    model = qdq_model(student) if reason else folded_model(student, teacher.example_input())
+    model = qdq_model(student) if reason else folded_model(student)
     return export_onnx_model(model, teacher.example_input(), out, replace=_exists(out), integer=reason or "ready")
 
 

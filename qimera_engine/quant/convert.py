@@ -32,8 +32,9 @@ def _probe_inputs(model: nn.Module):
     return [torch.zeros(1, first.in_channels, s, s) for s in _PROBE_SIZES]
 
 
-def _count_call_sites(model: nn.Module, example_input: torch.Tensor | None) -> Counter:
-    """How many times each activation module is called in one forward pass, by module name.
+def _count_call_sites(model: nn.Module, example_input: torch.Tensor | None) -> tuple[Counter, torch.Tensor]:
+    """How many times each activation module is called in one forward pass, by module name, and the input
+    that ran through (``example_input``, or the first probe input that fits).
 
     The calls are counted by forward hooks on a real forward pass (eval mode, no grad). Nothing
     global is touched: torch.fx's symbolic tracing patches ``nn.Module.__call__`` for the whole
@@ -54,7 +55,7 @@ def _count_call_sites(model: nn.Module, example_input: torch.Tensor | None) -> C
                 counts.clear()
                 try:
                     model(x.to(device))
-                    return counts
+                    return counts, x
                 except RuntimeError as e:  # wrong input shape for this model: try the next size
                     errors.append(f"{tuple(x.shape)}: {e}")
     finally:
@@ -97,8 +98,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec | int, abits: int | None = 
     if not isinstance(spec, QuantSpec):
         spec = QuantSpec(spec, abits, keep_first_last_8bit=keep_first_last_8bit, beta=beta)
     student = model if inplace else copy.deepcopy(model)
-    sites = _count_call_sites(student, example_input) if any(isinstance(m, ACTIVATIONS) for m in student.modules()) \
-        else Counter()
+    sites = Counter()
+    if spec.adds_io_quantizers or any(isinstance(m, ACTIVATIONS) for m in student.modules()):
+        sites, example_input = _count_call_sites(student, example_input)  # the dataflow pass reuses the input
     layers = [name for name, m in student.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if not layers:
         raise ValueError("model has no Conv2d or Linear layer to quantize")
@@ -127,7 +129,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | int, abits: int | None = 
     return student
 
 
-def _dataflow(model: nn.Module, example_input: torch.Tensor | None) -> tuple[list, dict, int]:
+def _dataflow(model: nn.Module, example_input: torch.Tensor) -> tuple[list, dict, int]:
     """One forward pass, recording which module call consumed which module's output: (the calls in order,
     each (name, module, [(tensor id, version) of its inputs], output id), the producer of each output id
     with the output's version then, and the id of the model's output). Activation sites (``QuantAct``) are
@@ -156,13 +158,12 @@ def _dataflow(model: nn.Module, example_input: torch.Tensor | None) -> tuple[lis
     for n, m in watched:
         handles.append(m.register_forward_pre_hook(lambda mod, a, n=n: pre(mod, a, n)))
         handles.append(m.register_forward_hook(lambda mod, a, o, n=n: post(mod, a, o, n)))
-    x = example_input if example_input is not None else next(iter(_working_inputs(model)))
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
             param = next(model.parameters(), None)
-            out = model(x.to(param.device if param is not None else "cpu"))
+            out = model(example_input.to(param.device if param is not None else "cpu"))
     finally:
         for h in handles:
             h.remove()
@@ -171,39 +172,12 @@ def _dataflow(model: nn.Module, example_input: torch.Tensor | None) -> tuple[lis
     return calls, made, id(out)
 
 
-def _working_inputs(model: nn.Module):
-    """The probe inputs that run through the model (the first one found)."""
-    for x in _probe_inputs(model):
-        try:
-            with torch.no_grad():
-                model.eval()(x)
-            yield x
-            return
-        except RuntimeError:
-            continue
-    raise ValueError("could not find an input shape that runs through the model; pass example_input")
-
-
-def _batchnorm_call(calls, after):
+def _batchnorm_call(after):
     """The BatchNorm call among a layer output's consumers, when it is the only one."""
     return after[0] if len(after) == 1 and isinstance(after[0][1], nn.BatchNorm2d) else None
 
 
-def batchnorm_after(model: nn.Module, example_input: torch.Tensor | None = None) -> dict[str, str]:
-    """Each weight layer whose output only a BatchNorm2d takes, with that BatchNorm's name: the pairs a
-    fold merges (found, as the deployable scheme's quantizers are, on one forward pass)."""
-    calls, made, _ = _dataflow(model, example_input)
-    pairs = {}
-    for name, m, ins, oid in calls:
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in pairs:
-            after = [c for c in calls if any(i == oid and v == made[oid][1] for i, v in c[2])]
-            bn = _batchnorm_call(calls, after)
-            if bn is not None:
-                pairs[name] = bn[0]
-    return pairs
-
-
-def _add_io_quantizers(student: nn.Module, spec: QuantSpec, example_input: torch.Tensor | None) -> None:
+def _add_io_quantizers(student: nn.Module, spec: QuantSpec, example_input: torch.Tensor) -> None:
     """The deployable scheme's added quantizers (see ``quant.spec``), placed by the dataflow of one forward
     pass: an input quantizer on each weight layer whose input is not already on an activation quantizer's
     grid (through max-pooling, flattening, ... only), and an output quantizer after each weight layer (or
@@ -244,7 +218,7 @@ def _add_io_quantizers(student: nn.Module, spec: QuantSpec, example_input: torch
         else:
             m.input_source = [src]
         end, end_name, end_id = m, name, oid
-        bn = _batchnorm_call(calls, consumers(oid))
+        bn = _batchnorm_call(consumers(oid))
         if bn is not None:
             end_name, end_id = bn[0], bn[3]
             end = QuantBatchNorm2d.from_float(bn[1])  # folds into the layer: its bias is rounded as the layer's
