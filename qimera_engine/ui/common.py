@@ -15,8 +15,8 @@ import streamlit as st
 import torch
 
 from .. import (ExportError, InputSpec, Job, JobRegistry, Run, RunLocked, analysis, delete_run, export, list_runs,
-               data_stamp, load_data, load_generator, load_student, load_teacher, onnx_check, open_run, parse_spec, qimera_home,
-               runs_dir, shared_registry)
+               data_stamp, load_data, load_generator, load_student, load_teacher, onnx_check, open_run, parse_spec,
+               qimera_home, runs_dir, shared_registry)
 from . import figures, paths
 from .logic import (comparable, overlay_default, partner_runs, preset_for, run_label, same_scale, setting_label,
                     split_damaged)
