@@ -85,6 +85,8 @@ def cmd_quantize(args) -> int:
         print("\ninterrupted: the run keeps its last completed epoch; continue it with "
               "python -m qimera_engine quantize --resume RUN_FOLDER", file=sys.stderr)
         return 130
+    if fin is None:  # a rank other than 0 of a torchrun run: rank 0 reports
+        return 0
     s = fin.summary
     print(json.dumps(s))
     if not args.quiet:

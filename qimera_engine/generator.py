@@ -64,6 +64,11 @@ class LatentBatch:
     def superposed(self) -> bool:
         return self.labels.shape[1] > 1
 
+    def take(self, rows: slice) -> "LatentBatch":
+        """The batch's ``rows`` (one process's share of a global batch)."""
+        return LatentBatch(self.labels[rows], self.coeffs[rows], self.noise[rows], self.targets[rows],
+                           [p[rows] for p in self.pixel] if self.pixel is not None else None, self.paired)
+
 
 def sample_latents(batch: int, num_classes: int, embed_dim: int, *, k: int = 1, sampler: str = "softmax",
                    alpha: float = 1.0, fixed: list[float] | None = None, device=None,

@@ -131,10 +131,13 @@ class BNStatisticsLoss:
     ``slack`` > 0 (DSG's slack alignment): only the part of a gap beyond a margin counts, the margin
     being ``slack`` running standard deviations for a mean and ``slack`` running variances for a
     variance, so a batch may vary around the statistics instead of meeting them exactly.
+    ``moments(x, layer)`` computes a layer's batch (mean, var); by default ``bn_statistics`` of the batch at
+    hand (a run over several processes passes the global batch's, ``distributed.World.moments``).
     """
 
-    def __init__(self, model: nn.Module, slack: float = 0.0):
+    def __init__(self, model: nn.Module, slack: float = 0.0, moments=None):
         self.active, self.slack = False, float(slack)
+        self._moments = moments or (lambda x, layer: bn_statistics(x))
         self._terms: list[torch.Tensor] = []
         self.layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         if not self.layers:
@@ -143,7 +146,7 @@ class BNStatisticsLoss:
 
     def _hook(self, module: nn.BatchNorm2d, args) -> None:
         if self.active:
-            mean, var = bn_statistics(args[0])
+            mean, var = self._moments(args[0], module)
             if self.slack > 0:
                 self._terms.append(slack_gap(mean, module.running_mean, self.slack * module.running_var.sqrt())
                                    + slack_gap(var, module.running_var, self.slack * module.running_var))

@@ -26,13 +26,14 @@ import torch.nn as nn
 from .artifacts import student_of
 from .config import RunConfig
 from .data import ImageData, InputSpec, load_data
+from .distributed import SINGLE, World, from_env, run_device, sync_batchnorm
 from .evaluate import evaluate
 from .events import EpochEnd, Evaluated, Event, Finished, Log, Started, Step
 from .generator import BatchSampler, Generator, LatentBatch
 from .losses import (BNStatisticsLoss, ce_row_mask, generator_ce, kd_loss, low_pass, masked_soft_cross_entropy,
                      mode_seeking, soft_cross_entropy)
 from .models import Teacher, classifier_layer, save_state_dict
-from .quant import (enable_weight_clip, fit_ranges_mse, make_ranges_learnable, reconstruct, set_calibration,
+from .quant import (act_quantizers, enable_weight_clip, fit_ranges_mse, make_ranges_learnable, reconstruct, set_calibration,
                     start_range_sampling)
 from .runtime import autocast_for, compiled, cpu_layout, keep_freed_memory, pick_device
 from .runs import Run, RunDamaged, RunLocked, atomic_path, check_out, create_run, open_run, write_csv, write_json
@@ -69,9 +70,10 @@ class Parts:
 
     @classmethod
     def build(cls, cfg: RunConfig, log: Callable[[str], None] = lambda s: None,
-              teacher_sha256: str | None = None) -> "Parts":
-        """``teacher_sha256``: the weights a resumed run must find (``TeacherChanged`` otherwise)."""
-        device = pick_device(cfg.device)
+              teacher_sha256: str | None = None, world: World = SINGLE) -> "Parts":
+        """``teacher_sha256``: the weights a resumed run must find (``TeacherChanged`` otherwise);
+        ``world``: this process's place in a run over several (its own GPU)."""
+        device = pick_device(run_device(cfg.device, world))
         teacher = get_teacher(cfg.teacher, cfg.teacher_data, cfg.checkpoint, cfg.pretrained,
                               device=device, log=log, sha256=teacher_sha256)
         spec = InputSpec.of(teacher)
@@ -122,17 +124,23 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
         torch.set_num_threads(cfg.num_threads)
     keep_freed_memory()
     should_stop = (stop.is_set if isinstance(stop, threading.Event) else stop) or (lambda: False)
+    world = from_env(cfg.device)
+    if not world.is_main:  # started by torchrun: rank 0 owns the folder and reports; this rank follows it
+        _check_distributable(cfg, world)
+        _follow(cfg, world, should_stop)
+        return
     loading = Log(f"loading the teacher {cfg.teacher} and the test data {cfg.test_data} (a teacher that is not "
                   f"cached yet is trained first: seconds for digits)")
     parts = trainer = None
     if resume is None:  # a teacher, data set or setting that cannot be used fails here, before any folder exists
         yield loading
         try:
-            parts = yield from _logging_while(Parts.build, cfg, should_stop=should_stop)
+            parts = yield from _logging_while(Parts.build, cfg, should_stop=should_stop, world=world)
         except _StoppedEarly:
             yield Log("stopped before the run started (nothing was saved)")
             return
-        trainer = Trainer.from_parts(parts)
+        trainer = Trainer.from_parts(parts, world)
+        world.barrier()  # the other ranks build theirs now (a teacher trained for the cache is there)
         folder = create_run(cfg.to_dict(), cfg.method, cfg.wbits, cfg.abits, out)
     with folder.lock():
         # a resume's refusals (damaged state, changed config or teacher) happen before anything is written
@@ -141,10 +149,13 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
             yield loading
             try:
                 parts = yield from _logging_while(Parts.build, cfg, should_stop=should_stop,
-                                                  teacher_sha256=folder.teacher_sha256 if state else None)
+                                                  teacher_sha256=folder.teacher_sha256 if state else None,
+                                                  world=world)
             except _StoppedEarly:
                 yield Log("stopped before the run resumed (nothing was changed)")
                 return
+            trainer = Trainer.from_parts(parts, world)
+            world.barrier()
         if state is not None and int(state["epoch"]) + 1 >= cfg.epochs and folder.status.get("status") == "finished":
             raise ValueError(f"run {folder.id} has finished all its {cfg.epochs} epochs: there is nothing to resume; "
                              f"--restart (restart=True) starts it again from epoch 0, replacing its results")
@@ -152,6 +163,7 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
             write_json(folder.path / Run.TEACHER, {k: parts.teacher.info.get(k) for k in ("sha256", "weights")})
         folder.set_status("running", **folder.writer_record())
         t_start = time.perf_counter()  # the run's own time: a teacher trained for the cache first is not in it
+        world.share(state)  # every rank starts from the same epoch
         try:
             yield from _execute(parts, folder, should_stop, state, t_start, trainer)
         except GeneratorExit:
@@ -163,6 +175,28 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
         except BaseException as e:
             _final_status(folder, "failed", error=f"{type(e).__name__}: {e}")
             raise
+
+
+def _follow(cfg: RunConfig, world: World, should_stop: Callable[[], bool]) -> None:
+    """A rank other than 0: build the same parts once rank 0 has built its own, start from the state rank 0
+    shares, and train in step with it (no folder, no evaluation, no events)."""
+    world.barrier()
+    parts = Parts.build(cfg, world=world)
+    trainer = Trainer.from_parts(parts, world)
+    state = world.share(None)
+    for _ in _execute(parts, None, should_stop, state, time.perf_counter(), trainer):
+        pass
+
+
+def _check_distributable(cfg: RunConfig, world: World) -> None:
+    """Settings a run over several processes does not compute as one process would, refused up front."""
+    refused = [why for bad, why in (
+        (cfg.ms_weight > 0, "ms_weight > 0 (the mode-seeking term compares the halves of the whole batch)"),
+        (cfg.student_train_mode, "student_train_mode (the student's BatchNorm would use each process's share)"),
+    ) if bad]
+    if refused:
+        raise ValueError(f"a run over {world.size} processes cannot use {'; '.join(refused)}: run it in one process")
+    world.rows(cfg.batch_size)  # an uneven split is refused here
 
 
 _DONE = object()
@@ -314,11 +348,18 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, teacher: nn.Module, student: nn.Module, generator: Generator | None,
                  num_classes: int, rng: RunRandom, device: torch.device, train: ImageData | None = None,
-                 image_size: int = 32):
+                 image_size: int = 32, world: World = SINGLE):
         if generator is not None and not any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules()):
             raise ValueError("the teacher has no BatchNorm2d layer: Qimera needs its running statistics")
         self.cfg, self.teacher, self.student, self.generator = cfg, teacher, student, generator
         self.rng, self.device, self.train, self.image_size = rng, torch.device(device), train, image_size
+        self.world = world
+        if world.distributed:  # what a batch decides as a whole is the global batch's (distributed.py)
+            _check_distributable(cfg, world)
+            if generator is not None:
+                sync_batchnorm(generator, world)
+            for q in act_quantizers(student):
+                q.range_reduce = world.range
         for m in (teacher, student, generator):  # the fast layout for the loop and the evaluations
             if m is not None:
                 cpu_layout(m)
@@ -360,9 +401,9 @@ class Trainer:
         self.recon_flips: dict[str, int] = {}
 
     @classmethod
-    def from_parts(cls, parts: Parts) -> "Trainer":
+    def from_parts(cls, parts: Parts, world: World = SINGLE) -> "Trainer":
         return cls(parts.cfg, parts.teacher.model, parts.student, parts.generator, parts.teacher.num_classes,
-                   parts.rng, parts.device, parts.train, parts.teacher.image_size)
+                   parts.rng, parts.device, parts.train, parts.teacher.image_size, world)
 
     @contextlib.contextmanager
     def bn_hooks(self):
@@ -370,7 +411,8 @@ class Trainer:
         if self.generator is None:
             yield self
             return
-        with BNStatisticsLoss(self.teacher, self.cfg.bns_slack) as self.bns:
+        moments = (lambda x, layer: self.world.moments(x, layer.running_mean)) if self.world.distributed else None
+        with BNStatisticsLoss(self.teacher, self.cfg.bns_slack, moments) as self.bns:
             try:
                 yield self
             finally:
@@ -387,6 +429,8 @@ class Trainer:
             raise RuntimeError("generator_step needs the BN-statistics hooks: call it inside `with trainer.bn_hooks():`")
         cfg = self.cfg
         latent: LatentBatch = self.sampler(cfg.batch_size, self.device)
+        if self.world.distributed:  # every rank draws the global batch and keeps its share
+            latent = latent.take(self.world.rows(cfg.batch_size))
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
         frozen = self.generator_frozen  # (gen_epochs) its losses are still measured, nothing is learnt
@@ -417,6 +461,7 @@ class Trainer:
         if not frozen:
             self.opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
+            self.world.average_grads(self.generator.parameters())
             self.opt_g.step()
         x, t_logits = (x.detach().clone(), t_logits.detach().clone()) if self.graphs else (x.detach(), t_logits.detach())
         return Batch(x, latent.targets, t_logits, (loss_g.detach(), ce_g.detach(), l_bns.detach()))
@@ -424,7 +469,7 @@ class Trainer:
     def real_batch(self) -> Batch:
         """The real-data baseline's batch: real training images (randomly shifted), one-hot targets."""
         data = self.train
-        idx = torch.randint(len(data), (self.cfg.batch_size,), generator=self.rng.cpu)
+        idx = torch.randint(len(data), (self.cfg.batch_size,), generator=self.rng.cpu)[self.world.rows(self.cfg.batch_size)]
         images, labels = data.take(idx)
         x, y = data.normalise(images).to(self.device), labels.to(self.device)
         x = random_shift(x, max(1, self.image_size // 8), self.rng.cpu)
@@ -445,7 +490,7 @@ class Trainer:
             with torch.no_grad():
                 t_logits = self.teacher(x)
         if self.recon_pool is not None:
-            self.recon_pool.append(x)
+            self.recon_pool.append(self.world.gather_rows(x))
         if not train:
             if calibrating:  # the forward pass calibrates the activation ranges
                 with torch.no_grad():
@@ -464,6 +509,9 @@ class Trainer:
             if self.opt_r is not None:
                 self.opt_r.zero_grad(set_to_none=True)
             loss.backward()
+            self.world.average_grads(self.weights)
+            if self.opt_r is not None:
+                self.world.average_grads(self.opt_r.param_groups[0]["params"])
             self.opt_s.step()
             if self.opt_r is not None:
                 self.opt_r.step()
@@ -530,6 +578,7 @@ class Trainer:
             self.sched_g.step()
         if self._last_mse_calibration(epoch):
             fit_ranges_mse(self.student)
+            self.world.share_module(self.student)  # rank 0's fit (from its share of the sampled activations)
         set_calibration(self.student, False)
         if self.recon_pool is not None:  # the ranges are final: learn the roundings under them (for recon_at="end":
                                          # from the fine-tuned weights, on the last epoch's images)
@@ -537,6 +586,7 @@ class Trainer:
             self.recon_pool = None
             self.recon_flips = reconstruct(self.student, self.teacher, images, self.cfg.recon_iters,
                                            drop=self.cfg.recon_drop, seed=self.cfg.seed)
+            self.world.share_module(self.student)  # the same images on every rank: a guard against drift
 
     def recon_epoch(self) -> int:
         """The epoch after which ``recon_iters`` reconstructs (on that epoch's images)."""
@@ -576,10 +626,13 @@ class Trainer:
         self.sampler.rng.setstate(_tuples(st["rng_sampler"]))
 
 
-def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dict | None,
+def _execute(parts: Parts, folder: Run | None, should_stop: Callable[[], bool], st: dict | None,
              t_start: float, trainer: Trainer | None = None) -> Iterator[Event]:
+    """The epochs of a run. ``folder`` None: a rank other than 0 of a run over several processes, which
+    trains in step with rank 0 and neither evaluates nor saves."""
     cfg, dev = parts.cfg, parts.device
     trainer = trainer or Trainer.from_parts(parts)
+    world, main = trainer.world, folder is not None
     rows: list[dict] = []
     start_epoch, best, fp_top1, elapsed_before = 0, -1.0, None, 0.0
     if st is not None:
@@ -587,13 +640,14 @@ def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dic
         start_epoch, best, fp_top1 = int(st["epoch"]) + 1, float(st["best"]), float(st["fp_top1"])
         elapsed_before = float(st["seconds"])
         rows = list(st["rows"])
-    if fp_top1 is None:
+    if fp_top1 is None and main:
         fp_top1 = evaluate(parts.teacher.model, parts.test, batch_size=cfg.eval_batch_size, device=dev)["top1"]
     total = cfg.epochs * cfg.iters_per_epoch
-    yield Started(str(folder.path), cfg.to_dict(), str(dev), total, start_epoch, fp_top1)
+    if main:
+        yield Started(str(folder.path), cfg.to_dict(), str(dev), total, start_epoch, fp_top1)
 
     amp = autocast_for(cfg.amp, dev)
-    probe = DiversityProbe(parts) if parts.generator is not None and cfg.diversity_images > 0 else None
+    probe = DiversityProbe(parts) if main and parts.generator is not None and cfg.diversity_images > 0 else None
     eval_subset = parts.test.sample(cfg.eval_images) if 0 < cfg.eval_images < len(parts.test) else None
     student = parts.student
     with trainer.bn_hooks():
@@ -603,7 +657,9 @@ def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dic
             sums = torch.zeros(6, device=dev)  # loss_g, ce_g, bns, loss_s, kd, ce_s
             window, t_window = torch.zeros(6, device=dev), time.perf_counter()
             for it in range(cfg.iters_per_epoch):
-                if should_stop():
+                if world.any(should_stop()):  # a stop on any rank stops them all
+                    if not main:
+                        return
                     folder.set_status("cancelled", epoch=epoch, completed_epochs=epoch)
                     yield Finished(str(folder.path), "cancelled", _summary(cfg, folder, rows, fp_top1, elapsed_before + time.perf_counter() - t_start))
                     return
@@ -616,7 +672,7 @@ def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dic
                 window += vec
                 if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iters_per_epoch:
                     n = (it % cfg.log_every) + 1
-                    vals = (window / n).tolist()  # the one host sync per log interval
+                    vals = world.mean(window / n).tolist()  # the one host sync per log interval
                     if not all(math.isfinite(v) for v in vals):
                         raise FloatingPointError(
                             f"a loss became NaN or infinite in epoch {epoch}, iteration {it} "
@@ -628,6 +684,9 @@ def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dic
                     window.zero_()
                     t_window = time.perf_counter()
             trainer.end_epoch(epoch)
+            sums = world.mean(sums)
+            if not main:
+                continue
             if trainer.recon_flips and epoch == trainer.recon_epoch():
                 yield Log(f"reconstructed the roundings of {len(trainer.recon_flips)} blocks on generated images: "
                           f"{sum(trainer.recon_flips.values())} weights now round the other way")
@@ -644,6 +703,8 @@ def _execute(parts: Parts, folder: Run, should_stop: Callable[[], bool], st: dic
             _save_epoch(folder, parts, trainer, epoch, best, fp_top1, elapsed, rows)
             yield Evaluated(epoch, result["top1"], best)
             yield EpochEnd(epoch, row)
+    if not main:
+        return
     summary = _summary(cfg, folder, rows, fp_top1, elapsed_before + time.perf_counter() - t_start,
                        probe.reference if probe is not None else None)
     folder.check_present()
@@ -657,11 +718,11 @@ ACT_SAMPLE_BATCHES = 40  # act_calib="mse": activations of the last 40 calibrati
 _LOSS_NAMES = ("loss_g", "ce_g", "bns", "loss_s", "kd", "ce_s")
 
 
-def _restore(trainer: Trainer, st: dict, folder: Run) -> None:
+def _restore(trainer: Trainer, st: dict, folder: Run | None) -> None:
     try:
         trainer.load_state_dict(st)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise RunDamaged(f"run {folder.id}: its resume state {Run.STATE} does not fit the run "
+        raise RunDamaged(f"run {folder.id if folder else '(rank ' + str(trainer.world.rank) + ')'}: its resume state {Run.STATE} does not fit the run "
                          f"({type(e).__name__}: {str(e)[:120]}); resume with --restart to start it again") from None
 
 

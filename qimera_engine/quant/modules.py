@@ -224,6 +224,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("ema_hi", torch.zeros(()))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.samples: SampleRing | None = None  # kept by calibrating forwards while set
+        self.range_reduce = None  # (lo, hi) -> (lo, hi) over all processes of a run (distributed.World.range)
 
     def make_learnable(self) -> list[nn.Parameter]:
         """Turn the upper end of the range (``ema_hi``) into a parameter that training moves
@@ -254,6 +255,8 @@ class ActQuantizer(nn.Module):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         lo, hi = torch.aminmax(x.detach())
+        if self.range_reduce is not None:  # several processes: the global batch's min and max
+            lo, hi = self.range_reduce(lo, hi)
         self.ema_lo.mul_(self.beta).add_(lo.to(self.ema_lo.dtype), alpha=1 - self.beta)
         self.ema_hi.mul_(self.beta).add_(hi.to(self.ema_hi.dtype), alpha=1 - self.beta)
         self.steps.add_(1)

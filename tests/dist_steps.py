@@ -1,0 +1,56 @@
+"""One rank of tests/test_distributed.py: the first iterations of a digits run, recorded.
+
+Started once per rank with torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or with none
+for a one-process reference (``--as-if-distributed``: with the operations of a run over several processes).
+``--unsynced``: each process computes the BatchNorm moments of its own share
+(what a run without the synchronised moments would do), which the test expects to differ.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from qimera_engine import distributed
+from qimera_engine.config import RunConfig
+from qimera_engine.losses import bn_statistics
+from qimera_engine.quant import act_quantizers
+from qimera_engine.train import Parts, Trainer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--unsynced", action="store_true")
+    ap.add_argument("--as-if-distributed", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = RunConfig.from_dict(json.loads(args.config)).resolved()
+    world = distributed.from_env("cpu")
+    if args.as_if_distributed:
+        world = distributed.World(as_if_distributed=True)
+    if args.unsynced:
+        distributed.World.moments = lambda self, x, shift: bn_statistics(x)
+        distributed.GlobalBatchNorm2d.forward = torch.nn.BatchNorm2d.forward
+    parts = Parts.build(cfg, world=world)
+    trainer = Trainer.from_parts(parts, world)
+    losses = []
+    with trainer.bn_hooks():
+        for epoch in range(cfg.epochs):
+            calibrating, train_student = trainer.begin_epoch(epoch)
+            for it in range(cfg.iters_per_epoch):
+                batch = trainer.next_batch()
+                trainer.set_student_lr(epoch, it)
+                s_losses = trainer.student_step(batch, train_student, calibrating)
+                losses.append(world.mean(torch.stack([*batch.g_losses, *s_losses]).float()).tolist())
+            trainer.end_epoch(epoch)
+    if world.is_main:
+        ranges = [torch.stack(q.range()).tolist() for q in act_quantizers(parts.student)]
+        torch.save({"losses": losses, "ranges": ranges, "student": parts.student.state_dict(),
+                    "generator": parts.generator.state_dict()}, args.out)
+
+
+if __name__ == "__main__":
+    main()
