@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
-import fcntl
+import hashlib
 import io
 import json
 import os
@@ -21,6 +21,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
 
 
 def user_path(path: str | Path) -> Path:
@@ -115,7 +121,7 @@ class OutRefused(ValueError):
 
 
 # Folders of $QIMERA_HOME that hold the engine's own files: a run is never written inside them.
-ENGINE_FOLDERS = ("teachers", "cache", "data", "uploads", "exports")
+ENGINE_FOLDERS = ("teachers", "cache", "data", "uploads", "exports", "runs-elsewhere")
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -142,6 +148,44 @@ def _object(obj) -> dict:
     return obj
 
 
+def _try_lock(fd: int, exclusive: bool) -> bool:
+    """Lock the file ``fd`` without waiting: True when this descriptor now holds it, False when another does.
+
+    POSIX: ``flock``, which the kernel releases when its holder dies; Linux NFS clients map it to byte-range
+    locks the NFS server keeps (NFSv4, or NFSv3 with its lock manager), so it holds across hosts that share
+    the runs folder, but not on a mount with ``nolock``. Windows: a lock on the file's first byte
+    (``msvcrt.locking``; it has no shared locks, so asking takes the lock for a moment)."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return True
+    except OSError:
+        return False
+
+
+def _read_at_start(fd: int, n: int = 200) -> bytes:
+    """The first ``n`` bytes of a file another process has locked (on Windows, the first byte is the lock)."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, n)
+    except OSError:
+        return b""
+
+
+def _unlock(fd: int) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    else:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+
 # Run folders whose lock a thread of this process holds (a lock file removed by hand cannot hide them).
 _HELD: set[str] = set()
 _HELD_LOCK = threading.Lock()
@@ -163,6 +207,8 @@ def _process_start(pid: int) -> int | None:
 
 
 def _process_alive(pid: int, start: int | None) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send that process Ctrl-C there: a recorded writer counts as alive
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -256,8 +302,8 @@ class Run:
         """The lock file's descriptor, never following a symbolic link and never opening anything but a
         regular file inside the run folder (a link to a file elsewhere would be truncated); None when there
         is no lock file and ``create`` is False."""
-        flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_NONBLOCK
-        flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | getattr(os, "O_NONBLOCK", 0)
+        flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
         try:
             fd = os.open(self.path / self.LOCK, flags, 0o644)
         except FileNotFoundError:
@@ -285,9 +331,10 @@ class Run:
         fd = self._open_lock(create=False)
         if fd is not None:
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # read-only: asking about a lock writes nothing
-            except BlockingIOError:
-                return True
+                if not _try_lock(fd, exclusive=False):  # read-only: asking about a lock writes nothing
+                    return True
+                if fcntl is None:
+                    _unlock(fd)
             finally:
                 os.close(fd)  # closing releases the shared lock
         return self._recorded_writer_alive()
@@ -324,10 +371,8 @@ class Run:
         process or another, gets ``RunLocked``; the kernel releases the lock of a dead holder. A live
         writer whose lock file was removed is still found, by the process that status.json names."""
         fd = self._open_lock(create=True)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        if not _try_lock(fd, exclusive=True):
+            holder = _read_at_start(fd).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise RunLocked(f"run {self.id} is being written by another run ({holder}); wait for it to end or "
                             f"cancel it") from None
@@ -341,13 +386,14 @@ class Run:
                 _HELD.add(key)
             try:
                 os.ftruncate(fd, 0)
-                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
                 yield self
             finally:
                 with _HELD_LOCK:
                     _HELD.discard(key)
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            _unlock(fd)
             os.close(fd)
 
     def writer_record(self) -> dict:
@@ -510,12 +556,29 @@ def delete_run(run: Run) -> None:
         shutil.rmtree(run.path)
 
 
-ELSEWHERE = "runs-elsewhere.txt"  # in $QIMERA_HOME: run folders written outside runs/ (--out), one per line
+ELSEWHERE = "runs-elsewhere"  # in $QIMERA_HOME: one small file per run folder written outside runs/ (--out)
+ELSEWHERE_LIST = "runs-elsewhere.txt"  # the same, one per line, as earlier versions wrote it (still read)
 
 
 def _remember_elsewhere(path: Path) -> None:
-    with open(qimera_home() / ELSEWHERE, "a") as f:  # one short append: whole lines, even from two writers
-        f.write(f"{path}\n")
+    """Note a run folder written outside runs/ for ``list_runs``: a file of its own, named by a hash of the
+    path and written whole by a rename, so no two writers (processes, hosts on shared storage) ever append
+    to one file."""
+    index = qimera_home() / ELSEWHERE
+    index.mkdir(parents=True, exist_ok=True)
+    write_text(index / f"{hashlib.sha256(str(path).encode()).hexdigest()[:24]}.txt", f"{path}\n")
+
+
+def _elsewhere() -> list[Path]:
+    """The run folders noted by ``_remember_elsewhere`` (and in an earlier version's list)."""
+    home, lines = qimera_home(), []
+    with contextlib.suppress(OSError):
+        lines += (home / ELSEWHERE_LIST).read_text().splitlines()
+    with contextlib.suppress(OSError):
+        for entry in sorted((home / ELSEWHERE).glob("*.txt")):
+            with contextlib.suppress(OSError):
+                lines += entry.read_text().splitlines()
+    return [Path(line) for line in dict.fromkeys(lines) if line.strip()]
 
 
 def list_runs(root: str | Path | None = None) -> list[Run]:
@@ -524,9 +587,7 @@ def list_runs(root: str | Path | None = None) -> list[Run]:
     folders = []
     if root is None:
         root = runs_dir()
-        index = qimera_home() / ELSEWHERE
-        if index.is_file():
-            folders = [Path(line) for line in dict.fromkeys(index.read_text().splitlines()) if line.strip()]
+        folders = _elsewhere()
     root = Path(root)
     if root.is_dir():
         folders = [*root.iterdir(), *folders]

@@ -164,7 +164,7 @@ CASES = [
     ("checkpoint-unknown-user", None, ["quantize", "--checkpoint=~nosuchuser-qimera/t.pt", *SETS],
      "cannot expand '~nosuchuser-qimera'"),
     ("export-over-the-runs-index", lambda t, h, r: None,
-     ["export", "{orig}", "--format=int", "--out={home}/runs-elsewhere.txt", "--force"], "one of this tool's own folders"),
+     ["export", "{orig}", "--format=int", "--out={home}/runs-elsewhere/x.txt", "--force"], "one of this tool's own folders"),
     ("export-into-the-teacher-cache", lambda t, h, r: None,
      ["export", "{orig}", "--format=int", "--out={home}/teachers/x.safetensors"], "one of this tool's own folders"),
     ("export-into-another-run", lambda t, h, r: None,
@@ -199,7 +199,7 @@ def test_the_store_refuses(case, copy_of, stopped_run, tmp_path, digits_teacher,
             .replace("{orig}", str(stopped_run)) for a in argv]
     watched = (home / "runs", home / "teachers", work, stopped_run, *([run] if run.exists() else []))
     before = contents(*watched)
-    elsewhere = (home / "runs-elsewhere.txt").read_text() if (home / "runs-elsewhere.txt").exists() else None
+    elsewhere = contents(home / "runs-elsewhere") if (home / "runs-elsewhere").exists() else None
     try:
         code = cli.main(argv)
     except SystemExit as e:
@@ -209,7 +209,7 @@ def test_the_store_refuses(case, copy_of, stopped_run, tmp_path, digits_teacher,
     assert words in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert contents(*watched) == before
-    assert ((home / "runs-elsewhere.txt").read_text() if (home / "runs-elsewhere.txt").exists() else None) == elsewhere
+    assert (contents(home / "runs-elsewhere") if (home / "runs-elsewhere").exists() else None) == elsewhere
 
 
 def test_an_empty_folder_takes_a_run(tmp_path, digits_teacher):
@@ -370,7 +370,7 @@ def test_a_refused_setting_writes_no_run_folder(tmp_path, digits_teacher, monkey
     from qimera_engine import run_to_end
     from qimera_engine import train as train_module
 
-    def refuse(parts):
+    def refuse(parts, world=None):
         raise ValueError("the teacher has no BatchNorm2d layer: Qimera needs its running statistics")
     monkeypatch.setattr(train_module.Trainer, "from_parts", staticmethod(refuse))
     before = contents(Path(os.environ["QIMERA_HOME"]) / "runs")
@@ -412,3 +412,29 @@ def test_a_lock_held_in_another_thread_refuses_a_delete(copy_of):
     finally:
         release.set()
         t.join()
+
+
+def test_runs_written_elsewhere_are_noted_one_file_each(tmp_path, monkeypatch):
+    """No shared append-only file: each run folder outside runs/ is noted in a file of its own (written whole),
+    so writers on other processes or hosts never touch one file; an earlier version's list is still read."""
+    import multiprocessing
+
+    from qimera_engine import runs as store
+    home = tmp_path / "home"
+    monkeypatch.setenv("QIMERA_HOME", str(home))
+    folders = [tmp_path / f"out{i}" for i in range(6)]
+    for f in folders:
+        f.mkdir()
+        (f / "config.json").write_text("{}")
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(3) as pool:  # six notes from three processes at once
+        pool.map(store._remember_elsewhere, [f.resolve() for f in folders])
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text("{}")
+    (home / "runs-elsewhere.txt").write_text(f"{legacy}\n")
+    assert len(list((home / "runs-elsewhere").glob("*.txt"))) == 6
+    store._remember_elsewhere(folders[0].resolve())  # noted again: the same file
+    assert len(list((home / "runs-elsewhere").glob("*.txt"))) == 6
+    assert {r.path.resolve() for r in store.list_runs()} == {f.resolve() for f in [*folders, legacy]}
+    assert store.in_engine_folder(home / "runs-elsewhere" / "x.txt")
