@@ -143,13 +143,26 @@ def cmd_sweep(args) -> int:
     base = preset(args.preset, **parse_overrides(args.set))
     configs = sweep_configs(base, bits, methods, seeds)  # every setting checked before the first run
     out = check_file_out(args.out, args.force, "table")  # and where the table goes
+    keys = ("method", "wbits", "abits", "seed", "fp_top1", "quant_top1", "best_top1", "seconds", "run")
     rows = []
-    for i, cfg in enumerate(configs):
+    if args.ray is not None:
+        from .sweeps import ray_sweep
+        root = args.runs_dir or str(out.with_suffix("")) + "-runs"
+        done = {}
+
+        def on_done(i, summary):  # the table after every cell: a crash keeps what is done
+            cfg = configs[i]
+            print(f"[{len(done) + 1}/{len(configs)}] {cfg.method} W{cfg.wbits}A{cfg.abits} seed {cfg.seed}: "
+                  f"{summary.get('quant_top1')}", file=sys.stderr)
+            done[i] = {k: summary.get(k) for k in keys}
+            write_csv(out, [done[j] for j in sorted(done)])
+        ray_sweep(configs, root, None if args.ray == "local" else args.ray, on_done=on_done)
+        rows = [done[j] for j in sorted(done)]
+    for i, cfg in enumerate(configs if args.ray is None else []):
         print(f"[{i + 1}/{len(configs)}] {cfg.method} W{cfg.wbits}A{cfg.abits} seed {cfg.seed}", file=sys.stderr)
         fin = _progress(run(cfg), quiet=args.quiet)
         sm = fin.summary
-        rows.append({k: sm[k] for k in ("method", "wbits", "abits", "seed", "fp_top1", "quant_top1",
-                                        "best_top1", "seconds", "run")})
+        rows.append({k: sm[k] for k in keys})
         write_csv(out, rows)  # after every run: a crash keeps what is done
     print(f"wrote {out}", file=sys.stderr)
     for b in bits:
@@ -261,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="sweep.csv", help="CSV table to write (an existing file only with --force)")
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run each cell as a Ray task in a process of its own (pip install ray): on a local Ray "
+                        "instance on this machine's CPUs, or on the cluster at ADDRESS (auto: the one this "
+                        "machine belongs to); a worker that dies is retried and continues its cell")
+    s.add_argument("--runs-dir", help="with --ray: where each cell's run folder goes, on storage every worker "
+                                      "reads (default: beside --out, OUT-runs/)")
     s.set_defaults(fn=cmd_sweep)
 
     x = sub.add_parser("export", help="the quantized student as integer weights or an ONNX model")

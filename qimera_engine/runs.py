@@ -206,6 +206,15 @@ def _process_start(pid: int) -> int | None:
         return None
 
 
+def _process_state(pid: int) -> bytes | None:
+    """The state letter of process ``pid`` (Linux; R, S, ..., Z for a zombie), None where /proc does not tell."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def _process_alive(pid: int, start: int | None) -> bool:
     if os.name == "nt":  # os.kill(pid, 0) would send that process Ctrl-C there: a recorded writer counts as alive
         return True
@@ -216,6 +225,8 @@ def _process_alive(pid: int, start: int | None) -> bool:
     except PermissionError:  # alive, but another user's
         pass
     except OSError:
+        return False
+    if _process_state(pid) in (b"Z", b"X"):  # killed, not yet reaped by its parent: it writes nothing more
         return False
     now = _process_start(pid)
     return start is None or now is None or now == start

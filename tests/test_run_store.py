@@ -438,3 +438,25 @@ def test_runs_written_elsewhere_are_noted_one_file_each(tmp_path, monkeypatch):
     assert len(list((home / "runs-elsewhere").glob("*.txt"))) == 6
     assert {r.path.resolve() for r in store.list_runs()} == {f.resolve() for f in [*folders, legacy]}
     assert store.in_engine_folder(home / "runs-elsewhere" / "x.txt")
+
+
+def test_a_killed_writer_not_yet_reaped_is_not_alive():
+    """A writer killed with -9 stays a zombie until its parent (a Ray raylet, a shell) reaps it; a resume
+    meanwhile must not take it for a live writer."""
+    import signal
+    import subprocess
+    import time
+
+    from qimera_engine.runs import _process_alive, _process_start
+    child = subprocess.Popen(["sleep", "60"])
+    start = _process_start(child.pid)
+    try:
+        assert _process_alive(child.pid, start)
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _process_alive(child.pid, start) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _process_alive(child.pid, start)  # not reaped yet: a zombie
+    finally:
+        child.kill()
+        child.wait()

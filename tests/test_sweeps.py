@@ -1,0 +1,88 @@
+"""Sweeps as Ray tasks (``sweep --ray``): every cell done once, a killed worker's cell continued, not redone."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_cell_is_named_by_its_settings():
+    from qimera_engine.config import preset
+    from qimera_engine.sweeps import cell_name
+    assert cell_name(preset("digits", method="gdfq", wbits=3, abits=4, seed=2)) == "gdfq-w3a4-s2"
+
+
+def test_a_finished_cell_is_only_read(tmp_path, digits_teacher):
+    from qimera_engine.config import preset
+    from qimera_engine.sweeps import run_cell
+    cfg = preset("digits", epochs=2, iters_per_epoch=3, warmup_epochs=1, calib_epochs=1, batch_size=16,
+                 diversity_images=0)
+    first = run_cell(cfg.to_dict(), str(tmp_path / "c"))
+    stamp = (tmp_path / "c" / "summary.json").stat().st_mtime_ns
+    assert run_cell(cfg.to_dict(), str(tmp_path / "c")) == first
+    assert (tmp_path / "c" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_a_cell_cut_off_before_its_first_save_starts_again(tmp_path, digits_teacher):
+    """Killed between writing its first epoch's files and its resume state: nothing can be continued, so the
+    retry starts the cell again (a plain resume refuses such a folder rather than replace its results)."""
+    from qimera_engine.config import preset
+    from qimera_engine.runs import create_run
+    from qimera_engine.sweeps import run_cell
+    cfg = preset("digits", epochs=2, iters_per_epoch=3, warmup_epochs=1, calib_epochs=1, batch_size=16,
+                 diversity_images=0)
+    folder = create_run(cfg.to_dict(), cfg.method, cfg.wbits, cfg.abits, tmp_path / "c")
+    (folder.path / "metrics.csv").write_text("epoch,top1\n0,50.0\n")  # written before the kill, no state.pt
+    summary = run_cell(cfg.to_dict(), str(folder.path))
+    assert summary["epochs_done"] == 2
+
+
+@pytest.mark.slow
+def test_ray_sweep_survives_a_killed_worker(tmp_path, digits_teacher):
+    pytest.importorskip("ray", reason="sweep --ray needs Ray (tests/requirements.txt installs it)")
+    runs = tmp_path / "cells"
+    cmd = [sys.executable, "-m", "qimera_engine", "sweep", "--preset", "digits", "--bits", "4",
+           "--methods", "qimera,gdfq", "--seeds", "0,1", "--set", "epochs=4", "--set", "iters_per_epoch=12",
+           "--set", "warmup_epochs=1", "--set", "calib_epochs=1", "--set", "diversity_images=0",
+           "--out", str(tmp_path / "table.csv"), "--runs-dir", str(runs), "--ray", "--quiet"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    sweep = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed, kept = None, None
+    try:
+        deadline = time.monotonic() + 600
+        while killed is None and time.monotonic() < deadline and sweep.poll() is None:
+            for cell in sorted(runs.glob("*")) if runs.is_dir() else []:
+                try:
+                    status = json.loads((cell / "status.json").read_text())
+                    rows = (cell / "metrics.csv").read_text().splitlines()
+                except (OSError, ValueError):
+                    continue
+                saved = (cell / "state.pt").is_file()
+                if status.get("status") == "running" and saved and 2 <= len(rows) <= 3:  # epochs saved, not all
+                    kept = rows[:2]  # the header and epoch 0, which the resume state holds
+                    os.kill(status["pid"], signal.SIGKILL)  # the Ray worker running this cell
+                    killed = cell
+                    break
+            time.sleep(0.2)
+        out, _ = sweep.communicate(timeout=900)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert killed is not None, "no cell was caught mid-run"
+    assert sweep.returncode == 0, out[-6000:]
+    lines = (tmp_path / "table.csv").read_text().splitlines()
+    assert len(lines) == 5, lines  # a header and the 4 cells
+    assert sorted(p.name for p in runs.iterdir()) == ["gdfq-w4a4-s0", "gdfq-w4a4-s1", "qimera-w4a4-s0", "qimera-w4a4-s1"]
+    for cell in runs.iterdir():
+        assert json.loads((cell / "status.json").read_text())["status"] == "finished", cell
+        assert json.loads((cell / "summary.json").read_text())["epochs_done"] == 4
+    # the killed cell went on from its last saved epoch: those rows (their timings too) are as they were
+    assert (killed / "metrics.csv").read_text().splitlines()[:2] == kept
