@@ -91,9 +91,41 @@ def autocast_for(amp: bool, device: torch.device):
 
 
 def compiled(module: nn.Module, mode: str = "default"):
-    """``torch.compile(module, mode=mode)``, or the module itself where compilation is unavailable here."""
+    """``torch.compile(module, mode=mode)``, falling back to the module itself where compiling fails here.
+
+    torch.compile compiles lazily, at a call, so a missing C++ compiler or Triton shows only then: the
+    wrapper catches what compiling raises there (torch's dynamo and inductor errors, a missing module or
+    tool) at any call, warns once and runs eagerly from then on. Errors of the computation itself (a shape
+    that does not fit) come from the eager call too and are raised as they are."""
     try:
-        return torch.compile(module, mode=mode)
+        fn = torch.compile(module, mode=mode)
     except (RuntimeError, ImportError) as e:  # e.g. no compiler for this platform
         warnings.warn(f"torch.compile is unavailable ({type(e).__name__}: {str(e)[:100]}); running eagerly")
         return module
+    return _CompiledOrEager(module, fn)
+
+
+def _compile_failures() -> tuple[type[BaseException], ...]:
+    failures: list[type[BaseException]] = [ImportError, FileNotFoundError]  # no Triton; no C++ compiler on PATH
+    with contextlib.suppress(ImportError, AttributeError):
+        from torch._dynamo.exc import TorchDynamoException  # BackendCompilerFailed, InductorError, ...
+        failures.append(TorchDynamoException)
+    return tuple(failures)
+
+
+class _CompiledOrEager:
+    """A compiled forward that becomes its eager module for good at the first compile failure."""
+
+    def __init__(self, module: nn.Module, fn):
+        self.module, self.fn = module, fn
+
+    def __call__(self, *args, **kwargs):
+        if self.fn is self.module:
+            return self.module(*args, **kwargs)
+        try:
+            return self.fn(*args, **kwargs)
+        except _compile_failures() as e:
+            warnings.warn(f"torch.compile failed here ({type(e).__name__}: {str(e).strip()[:160]}); "
+                          f"running eagerly from now on")
+            self.fn = self.module
+            return self.module(*args, **kwargs)

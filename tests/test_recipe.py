@@ -370,3 +370,27 @@ def test_compiled_steps_match_the_eager_steps(digits_teacher):
                         torch.cat([q.detach().flatten() for q in p.student.parameters()])))
     (l0, w0), (l1, w1) = results
     assert torch.allclose(l0, l1, rtol=1e-4, atol=1e-5) and torch.allclose(w0, w1, rtol=1e-4, atol=1e-6)
+
+
+def test_a_compile_failure_at_the_first_call_falls_back_to_eager(monkeypatch):
+    """torch.compile fails only when called (no C++ compiler, no Triton): the forward warns and runs eagerly
+    from then on; an error of the computation itself is raised as it is."""
+    import torch._dynamo.exc
+
+    from qimera_engine import runtime
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise torch._dynamo.exc.TorchDynamoException("backend compiler failed: no C++ compiler")
+    monkeypatch.setattr(torch, "compile", lambda module, mode="default": failing)
+    layer = torch.nn.Linear(3, 2)
+    fwd = runtime.compiled(layer)
+    x = torch.randn(4, 3)
+    with pytest.warns(UserWarning, match="torch.compile failed here"):
+        y = fwd(x)
+    torch.testing.assert_close(y, layer(x))
+    fwd(x)
+    assert len(calls) == 1  # eager for good after the failure
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        fwd(torch.randn(4, 5))
