@@ -144,7 +144,6 @@ def cmd_sweep(args) -> int:
     configs = sweep_configs(base, bits, methods, seeds)  # every setting checked before the first run
     out = check_file_out(args.out, args.force, "table")  # and where the table goes
     keys = ("method", "wbits", "abits", "seed", "fp_top1", "quant_top1", "best_top1", "seconds", "run")
-    rows = []
     if args.ray is not None:
         from .sweeps import ray_sweep
         root = args.runs_dir or str(out.with_suffix("")) + "-runs"
@@ -156,14 +155,15 @@ def cmd_sweep(args) -> int:
                   f"{summary.get('quant_top1')}", file=sys.stderr)
             done[i] = {k: summary.get(k) for k in keys}
             write_csv(out, [done[j] for j in sorted(done)])
-        ray_sweep(configs, root, None if args.ray == "local" else args.ray, on_done=on_done)
-        rows = [done[j] for j in sorted(done)]
-    for i, cfg in enumerate(configs if args.ray is None else []):
-        print(f"[{i + 1}/{len(configs)}] {cfg.method} W{cfg.wbits}A{cfg.abits} seed {cfg.seed}", file=sys.stderr)
-        fin = _progress(run(cfg), quiet=args.quiet)
-        sm = fin.summary
-        rows.append({k: sm[k] for k in keys})
-        write_csv(out, rows)  # after every run: a crash keeps what is done
+        summaries = ray_sweep(configs, root, None if args.ray == "local" else args.ray, on_done=on_done)
+        rows = [{k: s.get(k) for k in keys} for s in summaries]
+    else:
+        rows = []
+        for i, cfg in enumerate(configs):
+            print(f"[{i + 1}/{len(configs)}] {cfg.method} W{cfg.wbits}A{cfg.abits} seed {cfg.seed}", file=sys.stderr)
+            fin = _progress(run(cfg), quiet=args.quiet)
+            rows.append({k: fin.summary[k] for k in keys})
+            write_csv(out, rows)  # after every run: a crash keeps what is done
     print(f"wrote {out}", file=sys.stderr)
     for b in bits:
         for m in methods:

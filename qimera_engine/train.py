@@ -33,8 +33,8 @@ from .generator import BatchSampler, Generator, LatentBatch
 from .losses import (BNStatisticsLoss, ce_row_mask, generator_ce, kd_loss, low_pass, masked_soft_cross_entropy,
                      mode_seeking, soft_cross_entropy)
 from .models import Teacher, classifier_layer, save_state_dict
-from .quant import (act_quantizers, enable_weight_clip, fit_ranges_mse, make_ranges_learnable, reconstruct, set_calibration,
-                    start_range_sampling)
+from .quant import (act_quantizers, enable_weight_clip, fit_ranges_mse, make_ranges_learnable, reconstruct,
+                    set_calibration, start_range_sampling)
 from .runtime import autocast_for, compiled, cpu_layout, keep_freed_memory, pick_device
 from .runs import Run, RunDamaged, RunLocked, atomic_path, check_out, create_run, open_run, write_csv, write_json
 from .seeding import RunRandom, seeded_init
@@ -126,7 +126,6 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
     should_stop = (stop.is_set if isinstance(stop, threading.Event) else stop) or (lambda: False)
     world = from_env(cfg.device)
     if not world.is_main:  # started by torchrun: rank 0 owns the folder and reports; this rank follows it
-        _check_distributable(cfg, world)
         _follow(cfg, world, should_stop)
         return
     loading = Log(f"loading the teacher {cfg.teacher} and the test data {cfg.test_data} (a teacher that is not "
@@ -469,7 +468,8 @@ class Trainer:
     def real_batch(self) -> Batch:
         """The real-data baseline's batch: real training images (randomly shifted), one-hot targets."""
         data = self.train
-        idx = torch.randint(len(data), (self.cfg.batch_size,), generator=self.rng.cpu)[self.world.rows(self.cfg.batch_size)]
+        n = self.cfg.batch_size
+        idx = torch.randint(len(data), (n,), generator=self.rng.cpu)[self.world.rows(n)]  # this rank's share
         images, labels = data.take(idx)
         x, y = data.normalise(images).to(self.device), labels.to(self.device)
         x = random_shift(x, max(1, self.image_size // 8), self.rng.cpu)
@@ -509,9 +509,7 @@ class Trainer:
             if self.opt_r is not None:
                 self.opt_r.zero_grad(set_to_none=True)
             loss.backward()
-            self.world.average_grads(self.weights)
-            if self.opt_r is not None:
-                self.world.average_grads(self.opt_r.param_groups[0]["params"])
+            self.world.average_grads(self.weights + (self.opt_r.param_groups[0]["params"] if self.opt_r else []))
             self.opt_s.step()
             if self.opt_r is not None:
                 self.opt_r.step()
@@ -648,7 +646,7 @@ def _execute(parts: Parts, folder: Run | None, should_stop: Callable[[], bool], 
 
     amp = autocast_for(cfg.amp, dev)
     probe = DiversityProbe(parts) if main and parts.generator is not None and cfg.diversity_images > 0 else None
-    eval_subset = parts.test.sample(cfg.eval_images) if 0 < cfg.eval_images < len(parts.test) else None
+    eval_subset = parts.test.sample(cfg.eval_images) if main and 0 < cfg.eval_images < len(parts.test) else None
     student = parts.student
     with trainer.bn_hooks():
         for epoch in range(start_epoch, cfg.epochs):
@@ -722,7 +720,8 @@ def _restore(trainer: Trainer, st: dict, folder: Run | None) -> None:
     try:
         trainer.load_state_dict(st)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise RunDamaged(f"run {folder.id if folder else '(rank ' + str(trainer.world.rank) + ')'}: its resume state {Run.STATE} does not fit the run "
+        which = folder.id if folder is not None else f"(rank {trainer.world.rank})"
+        raise RunDamaged(f"run {which}: its resume state {Run.STATE} does not fit the run "
                          f"({type(e).__name__}: {str(e)[:120]}); resume with --restart to start it again") from None
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,13 @@ SHARED_DATA = SHARED / "data" / "cifar10-dev"
 
 # A short digits schedule: a few seconds on 2 cores.
 TINY = dict(epochs=2, iters_per_epoch=6, warmup_epochs=1, calib_epochs=1, batch_size=16, log_every=2)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (servers in tests listen there only)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_sessionfinish(session, exitstatus):

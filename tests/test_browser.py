@@ -16,7 +16,6 @@ import importlib.util
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,14 +50,9 @@ def require_browser() -> None:
         pytest.skip(reason)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(home: Path, log: Path) -> tuple[subprocess.Popen, str]:
     """`streamlit run app.py` on 127.0.0.1 in its own process group; returns (process, base URL)."""
+    from conftest import free_port  # here, not at the top: bench/ scripts import this module without pytest
     port = free_port()
     cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",

@@ -5,14 +5,13 @@ gradient; the generator's Adam turns the rounding noise of gradients that are ze
 biases of the convolutions right before a BatchNorm) into full steps, so two correct runs drift apart by
 about 1e-3 in 20 iterations even in one process with 1 or 2 threads. The exact comparison is therefore
 with a one-process run that takes the same operations (``World(as_if_distributed=True)``); the ordinary
-one-process run is compared at the tolerance a thread count alone gives, and a run without the
-synchronised moments is shown to fall far outside both.
+one-process run must stay within a tenth of the differences a run without the synchronised moments
+shows.
 """
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = Path(__file__).with_name("dist_steps.py")
@@ -27,12 +27,6 @@ CONFIG = dict(teacher="digits-cnn", test_data="digits", epochs=2, iters_per_epoc
               calib_epochs=1, batch_size=32, gen_width=64, lr_s=1e-3, device="cpu")
 # biases whose gradient is zero in exact arithmetic (a BatchNorm follows), and the running means they shift
 ZERO_GRADIENT = {"conv1.bias", "conv2.bias", "bn1.running_mean", "bn2.running_mean"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_for(rank: int, size: int, port: int) -> dict:
