@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .events import Finished
 from .runs import Run
 
@@ -31,9 +31,9 @@ def run_cell(config: dict, folder: str) -> dict:
         import torch
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     if (path / Run.CONFIG).is_file():
-        summary = Run(path).summary
-        if summary is not None and Run(path).status.get("status") == "finished":
-            return summary
+        earlier = Run(path)
+        if earlier.summary is not None and earlier.status.get("status") == "finished":
+            return earlier.summary
         # cut off before its first epoch's resume state was saved: nothing of it can be continued
         events = run(None, resume=path, restart=not (path / Run.STATE).is_file())
     else:
@@ -53,8 +53,8 @@ def ray_sweep(configs: list[RunConfig], runs_root: str | Path, address: str | No
     that dies is retried up to ``max_retries`` times. ``on_done(i, summary)`` as each cell finishes."""
     try:
         import ray
-    except ImportError as e:
-        raise ImportError("sweep --ray needs Ray: pip install ray") from e
+    except ImportError as e:  # a one-line error on the command line, not a traceback
+        raise ConfigError("sweep --ray needs Ray, which is not installed: pip install ray") from e
     root = Path(runs_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     names = [cell_name(c) for c in configs]

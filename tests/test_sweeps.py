@@ -45,6 +45,16 @@ def test_a_cell_cut_off_before_its_first_save_starts_again(tmp_path, digits_teac
     assert summary["epochs_done"] == 2
 
 
+def test_sweep_ray_without_ray_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    from qimera_engine import cli
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as where it is not installed
+    code = cli.main(["sweep", "--preset", "digits", "--bits", "4", "--methods", "ptq", "--seeds", "0",
+                     "--out", str(tmp_path / "t.csv"), "--ray"])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs Ray, which is not installed: pip install ray" in err and "Traceback" not in err
+    assert not (tmp_path / "t.csv").exists()
+
+
 @pytest.mark.slow
 def test_ray_sweep_survives_a_killed_worker(tmp_path, digits_teacher):
     pytest.importorskip("ray", reason="sweep --ray needs Ray (tests/requirements.txt installs it)")
