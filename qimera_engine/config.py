@@ -127,6 +127,10 @@ class RunConfig:
         0, "0: p from the start (paper); R > 0: no superposed batches in epoch 0, then p rises linearly to its "
         "value in epoch R.", "[0, 100000]", cap=TIME, note="0: no ramp", label="Superposition ramp (epochs)",
         section="Qimera+")
+    superpose_start: int = setting(
+        0, "0: superposed batches from the first epoch (paper); S > 0: none before epoch S. With gen_epochs=S the "
+        "generator learns from plain batches only and the student alone sees the mixes of the frozen generator.",
+        "[0, 100000]", cap=TIME, note="0: from the start", label="Superposition from epoch", section="Qimera+")
     superpose_k: int = setting(2, "How many class embeddings each superposed sample mixes (paper: 2 on "
                                   "CIFAR-10).", "[1, 100000]", cap=MEMORY, label="Classes mixed K", section="Method")
     coeff_sampler: str = setting("softmax", "softmax of Gaussian logits (paper), Dirichlet(alpha), or fixed "
@@ -386,7 +390,8 @@ FIELDS: dict[str, Spec] = {f.name: _annotated(f, _HINTS[f.name]) for f in datacl
 # The Qimera+ switches at the paper's behaviour (``RunConfig.label`` marks a run that leaves any of them).
 PAPER_SETTINGS = {"weight_clip": "minmax", "act_calib": "ema", "lr_schedule": "step", "ce_rows": "all",
                   "lowpass_d0": 0.0, "student_steps": 1, "act_learn": False, "kd_reduction": "mean",
-                  "student_ema": 0.0, "recon_iters": 0, "superpose_ramp": 0, "embed_norm": False,
+                  "student_ema": 0.0, "recon_iters": 0, "superpose_ramp": 0, "superpose_start": 0,
+                  "embed_norm": False,
                   "block_noise": False, "ms_weight": 0.0, "bns_slack": 0.0, "ce_g_margin": 0.0,
                   "gen_epochs": 0}
 

@@ -740,7 +740,10 @@ def _metrics_row(cfg: RunConfig, trainer: Trainer, epoch: int, result: dict, bes
 
 def superpose_p(cfg: RunConfig, epoch: int) -> float:
     """The probability that a batch of ``epoch`` is superposed: ``superpose_p``, or with
-    ``superpose_ramp`` = R > 0, ``superpose_p * min(1, epoch / R)`` (none in epoch 0)."""
+    ``superpose_ramp`` = R > 0, ``superpose_p * min(1, epoch / R)`` (none in epoch 0); none at all before
+    epoch ``superpose_start``."""
+    if epoch < cfg.superpose_start:
+        return 0.0
     if cfg.superpose_ramp == 0:
         return cfg.superpose_p
     return cfg.superpose_p * min(1.0, epoch / cfg.superpose_ramp)

@@ -247,6 +247,29 @@ def test_superpose_ramp_starts_plain_and_reaches_p():
     assert superpose_p(preset("digits", superpose_p=0.4), 0) == 0.4  # 0: no ramp (paper)
 
 
+def test_superpose_start_holds_every_superposed_batch_back_until_its_epoch():
+    cfg = preset("digits", superpose_p=0.4, superpose_start=2)
+    assert [superpose_p(cfg, e) for e in range(4)] == [0.0, 0.0, 0.4, 0.4]
+    ramped = preset("digits", superpose_p=0.4, superpose_start=2, superpose_ramp=4)  # the ramp counts from epoch 0
+    assert [superpose_p(ramped, e) for e in (1, 2, 4)] == pytest.approx([0.0, 0.2, 0.4])
+    assert cfg.label == "qimera+" and cfg.superposes
+
+
+@pytest.mark.slow  # two short digits runs
+def test_superpose_start_with_a_frozen_generator_mixes_only_for_the_student(tmp_path, digits_teacher):
+    """superpose_start=1 with gen_epochs=1: the generator learns in epoch 0 from exactly the plain run's
+    batches and ends with its weights; after it, only the student's batches are superposed."""
+    from safetensors.torch import load_file
+    late = open_run(_run(tmp_path, "late", superpose_p=1.0, superpose_start=1, gen_epochs=1)).metrics
+    plain = open_run(_run(tmp_path, "plain", superpose_p=0.0, gen_epochs=1)).metrics
+    assert late[0]["loss_g"] == plain[0]["loss_g"] and late[0]["loss_s"] == plain[0]["loss_s"]
+    assert all(late[e]["loss_s"] != plain[e]["loss_s"] for e in (1, 2))
+    gens = [load_file(tmp_path / name / "generator.safetensors") for name in ("late", "plain")]
+    learnt = [k for k in gens[0] if "running" not in k and "num_batches" not in k]
+    assert learnt and all(torch.equal(gens[0][k], gens[1][k]) for k in learnt)
+    assert open_run(tmp_path / "late").config.superpose_start == 1
+
+
 @pytest.mark.slow  # three short digits runs
 def test_superpose_ramp_run_is_plain_in_its_first_epoch_then_superposed(tmp_path, digits_teacher):
     """Epoch 0 of a ramped run draws exactly the batches of a run without superposition (the coin is

@@ -194,6 +194,7 @@ BOUNDS = {
     "dm_width": ("0", "65537", "dm_width must be an integer >= 1 and <= 65536"),
     "superpose_p": ("-0.1", "1.01", "superpose_p must be in [0, 1]"),
     "superpose_ramp": ("-1", "100001", "superpose_ramp must be an integer >= 0 and <= 100000"),
+    "superpose_start": ("-1", "100001", "superpose_start must be an integer >= 0 and <= 100000"),
     "superpose_k": ("0", "100001", "superpose_k must be an integer >= 1 and <= 100000"),
     "dirichlet_alpha": ("0", "1e7", "dirichlet_alpha must be > 0 and <= 1e6"),
     "fixed_coeffs": ("-0.5,1.5", "1.5,-0.5", "fixed_coeffs must be values in [0, 1]"),
