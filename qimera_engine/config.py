@@ -332,8 +332,10 @@ class RunConfig:
     @property
     def superposes(self) -> bool:
         """Whether any training batch mixes class embeddings: the sampler superposes a batch with probability
-        ``superpose_p``, and only when ``superpose_k`` > 1 (a run's saved config is resolved: GDFQ's has p = 0)."""
-        return self.superpose_p > 0 and self.superpose_k > 1
+        ``superpose_p``, and only when ``superpose_k`` > 1 (a run's saved config is resolved: GDFQ's has p = 0),
+        from epoch ``superpose_start`` (a ramp: from epoch 1), if the run gets that far."""
+        first = max(self.superpose_start, 1 if self.superpose_ramp else 0)
+        return self.superpose_p > 0 and self.superpose_k > 1 and first < self.epochs
 
     @property
     def teacher_data(self) -> str:

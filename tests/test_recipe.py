@@ -253,6 +253,8 @@ def test_superpose_start_holds_every_superposed_batch_back_until_its_epoch():
     ramped = preset("digits", superpose_p=0.4, superpose_start=2, superpose_ramp=4)  # the ramp counts from epoch 0
     assert [superpose_p(ramped, e) for e in (1, 2, 4)] == pytest.approx([0.0, 0.2, 0.4])
     assert cfg.label == "qimera+" and cfg.superposes
+    never = preset("digits", superpose_p=0.4, superpose_start=8, epochs=8)  # starts after the last epoch
+    assert not never.superposes and never.label == "qimera+ p=0"
 
 
 @pytest.mark.slow  # two short digits runs
