@@ -29,7 +29,7 @@ if c2.button("Qimera vs GDFQ at W4A4", key="run-pair",
              help="Two digits runs with the same teacher, bit widths, budget and seed, one per method (about a "
                   "minute on 2 CPU cores): the fair pair that Boundary samples, Feature space and Bit widths compare."):
     common.registry().start_sweep(preset("digits"), [4], ["qimera", "gdfq"], [0],
-                                  label="comparison: Qimera vs GDFQ at W4A4 (digits)")
+                                  label="comparison: Qimera vs GDFQ at W4A4 (digits)", on_ray=False)
 common.jobs_section("run", key="home", limit=1, label_prefix="demo:")  # the demo, not any newer run
 common.jobs_section("sweep", key="home-pair", limit=1, curves=False, label_prefix="comparison: Qimera vs GDFQ")
 demo = next((j for j in common.registry().jobs("run") if j.label.startswith("demo:")), None)
@@ -51,7 +51,8 @@ if shipped:
     a, b = names.index("cat") if "cat" in names else 0, names.index("dog") if "dog" in names else 1
     out = common.mixed_samples(str(show.path), common.stamp(show), (a, b), (0.5, 0.5), tuple(range(8)))
     left, right = st.columns([2, 1])  # tiles >= 128 px at 1280 px wide
-    trained = ("trained on superposed batches" if show.config.superposes
+    trained = ("trained on superposed batches" if show.config.generator_superposes
+               else "trained on plain batches only; its student saw superposed ones" if show.config.superposes
                else "trained on plain batches only: the classes are mixed here, at sampling")
     left.image(out["grid"], width="stretch",
                caption=f"Half {names[a]}, half {names[b]}: superposed samples of the shipped Qimera "

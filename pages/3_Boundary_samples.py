@@ -107,7 +107,9 @@ elif clean != int(first):
                "in the teacher's eyes.")
 partner = common.pick_partner(run, runs, key="b") if mixable else None
 kind = (" (GDFQ: input interpolation)" if not mixable
-        else " (Qimera: superposed embeddings)" if run.config.superposes
+        else " (Qimera: superposed embeddings)" if run.config.generator_superposes
+        else " (Qimera: superposed embeddings; the generator trained on plain batches, only its student saw mixes)"
+        if run.config.superposes
         else " (Qimera: superposed embeddings; trained on plain batches only, so these mixes are new to it)")
 panels = [("This run" + kind, run)]
 if partner is not None:

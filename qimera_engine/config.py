@@ -338,6 +338,13 @@ class RunConfig:
         return self.superpose_p > 0 and self.superpose_k > 1 and first < self.epochs
 
     @property
+    def generator_superposes(self) -> bool:
+        """Whether the generator itself learns from superposed batches: ``superposes``, and the first of them
+        comes while the generator still trains (``gen_epochs``). Else only the student sees the mixes."""
+        first = max(self.superpose_start, 1 if self.superpose_ramp else 0)
+        return self.superposes and (self.gen_epochs == 0 or first < self.gen_epochs)
+
+    @property
     def teacher_data(self) -> str:
         """The data set whose train split the (cached) teacher was trained on."""
         if self.train_data:

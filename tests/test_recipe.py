@@ -255,6 +255,10 @@ def test_superpose_start_holds_every_superposed_batch_back_until_its_epoch():
     assert cfg.label == "qimera+" and cfg.superposes
     never = preset("digits", superpose_p=0.4, superpose_start=8, epochs=8)  # starts after the last epoch
     assert not never.superposes and never.label == "qimera+ p=0"
+    assert cfg.generator_superposes and not never.generator_superposes
+    student_only = preset("digits", superpose_p=0.4, superpose_start=3, gen_epochs=3)  # the generator is frozen first
+    assert student_only.superposes and not student_only.generator_superposes
+    assert preset("digits", superpose_p=0.4, superpose_start=2, gen_epochs=3).generator_superposes
 
 
 @pytest.mark.slow  # two short digits runs
