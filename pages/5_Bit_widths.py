@@ -38,6 +38,7 @@ with st.form("sweep-form"):
     iters = c3.number_input("Iterations per epoch", 1, 10000, 20, key="w_iters")
     chosen_teacher = common.use_teacher_choice("w_use_teacher")  # as on Quantize: the Teacher page's choice
     go = st.form_submit_button("Start sweep", type="primary")
+    common.sweep_where_caption()
 if go:
     try:
         warm = min(2, int(epochs) - 1)

@@ -40,6 +40,7 @@ with st.form("compare-form"):
         placeholder="one per line, settings as on the command line, e.g.\n"
                     "mapping on: method=qimera, dm=true\nfixed 50/50: method=qimera, coeff_sampler=fixed, fixed_coeffs=0.5,0.5")
     go = st.form_submit_button("Start the comparison", type="primary")
+    common.sweep_where_caption()
 if go:
     try:
         chosen = {name: COMPARE_METHODS[name] for name in methods}

@@ -59,15 +59,17 @@ class RunFailed(Exception):
 
 
 class _Child:
-    """One run in a worker process: its events as an iterator; ``stop()`` asks it to end (SIGTERM)."""
+    """One run (or one sweep on Ray) in a worker process: its frames as an iterator; ``stop()`` asks it to
+    end (SIGTERM). ``request``: what the worker reads (see ``qimera_engine.worker``)."""
 
-    def __init__(self, config: RunConfig | None, resume: str | None):
+    def __init__(self, request: dict):
+        # A sweep's worker is Ray's driver, and Ray takes over SIGTERM there (it exits at once): it is asked
+        # to stop by a line on its stdin instead, which lets it interrupt its cells so that each saves.
+        self.by_signal = os.name == "posix" and not request.get("sweep")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen([sys.executable, "-m", "qimera_engine.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env)  # the server's working folder: relative paths read the same
-        request = {"config": config.to_dict() if config is not None else None,
-                   "resume": str(resume) if resume is not None else None}
         try:
             self.proc.stdin.write(json.dumps(request).encode() + b"\n")
             self.proc.stdin.flush()
@@ -75,6 +77,10 @@ class _Child:
             pass
 
     def events(self):
+        return (frame[1] for frame in self.frames() if frame[0] == "event")
+
+    def frames(self):
+        """Every frame but errors; a reported error (or a worker that died before its end) is raised after."""
         error, ended = None, False
         try:
             while True:
@@ -82,11 +88,11 @@ class _Child:
                     frame = pickle.load(self.proc.stdout)
                 except EOFError:
                     break
-                if frame[0] == "event":
-                    ended = ended or isinstance(frame[1], Finished)
-                    yield frame[1]
-                elif frame[0] == "error":
+                if frame[0] == "error":
                     error = RunFailed(*frame[1:])
+                else:
+                    ended = ended or (frame[0] == "event" and isinstance(frame[1], Finished))
+                    yield frame
         finally:
             self.close()
         code = self.proc.wait()
@@ -100,7 +106,7 @@ class _Child:
         if self.proc.poll() is not None:
             return
         try:
-            if os.name == "posix":  # a signal, handled between iterations
+            if self.by_signal:  # a signal, handled between iterations
                 self.proc.send_signal(signal.SIGTERM)
             else:
                 self.proc.stdin.write(b"stop\n")
@@ -207,9 +213,14 @@ class JobRegistry:
 
     Runs train in worker processes, at most ``max_runs`` at a time (default: ``default_max_runs()``);
     a run that waits for a free slot is "queued". ``processes=False`` trains in this process's threads
-    instead (the engine's own events either way)."""
+    instead (the engine's own events either way).
 
-    def __init__(self, keep: int = 100, *, max_runs: int | None = None, processes: bool = True):
+    ``ray_address``: sweeps run as Ray tasks on that cluster ("local": a Ray instance on this machine, one
+    cell per CPU), each cell into its own folder under ``ray_runs_dir`` (default: the run store), which every
+    Ray worker must reach. Sweeps on Ray take no run slot: the cluster schedules them."""
+
+    def __init__(self, keep: int = 100, *, max_runs: int | None = None, processes: bool = True,
+                 ray_address: str | None = None, ray_runs_dir: str | Path | None = None):
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._stops: dict[str, threading.Event] = {}
@@ -222,6 +233,8 @@ class JobRegistry:
         if self.max_runs < 1:
             raise ValueError(f"max_runs must be >= 1, got {max_runs!r}")
         self._slots = threading.BoundedSemaphore(self.max_runs)
+        self.ray_address = (ray_address or "").strip() or None
+        self.ray_runs_dir = ray_runs_dir
 
     # ------------------------------------------------------------------ starting jobs
     def start_run(self, config: RunConfig | None, *, resume: str | None = None, label: str | None = None) -> str:
@@ -235,12 +248,22 @@ class JobRegistry:
         job = self._new("run", label, runs=[RunProgress(cfg_dict)])
         return self._spawn(job, lambda stop: self._do_runs(job.id, [(config, resume)], stop))
 
-    def start_sweep(self, base: RunConfig, bits, methods, seeds, *, label: str | None = None) -> str:
-        """Runs over bit widths x methods x seeds, one after another; returns the job id."""
+    def start_sweep(self, base: RunConfig, bits, methods, seeds, *, label: str | None = None,
+                    on_ray: bool = True) -> str:
+        """Runs over bit widths x methods x seeds, one after another (or as Ray tasks, when the registry has
+        a ``ray_address`` and ``on_ray``); returns the job id."""
         configs = sweep_configs(base, bits, methods, seeds)
         if not configs:
             raise ValueError("a sweep needs at least one bit width, one method and one seed")
         label = label or f"sweep of {len(configs)} runs ({base.teacher})"
+        if self.ray_address and on_ray:
+            from .runs import runs_dir, user_path
+            from .sweeps import cell_folders
+            root = user_path(self.ray_runs_dir) if self.ray_runs_dir else runs_dir()
+            folders = [str(f) for f in cell_folders(configs, root, time.strftime("%Y%m%d-%H%M%S-ray-"))]
+            job = self._new("sweep", f"{label} on Ray",
+                            runs=[RunProgress(c.to_dict(), run_dir=f) for c, f in zip(configs, folders)])
+            return self._spawn(job, lambda stop: self._do_ray_sweep(job.id, configs, folders, stop))
         job = self._new("sweep", label, runs=[RunProgress(c.to_dict()) for c in configs])
         return self._spawn(job, lambda stop: self._do_runs(job.id, [(c, None) for c in configs], stop))
 
@@ -358,7 +381,8 @@ class JobRegistry:
             from .train import run  # imported here: the registry itself stays light to import
             yield from run(cfg, resume=resume, stop=stop)
             return
-        child = _Child(cfg, resume)
+        child = _Child({"config": cfg.to_dict() if cfg is not None else None,
+                        "resume": str(resume) if resume is not None else None})
         with self._lock:
             self._children[job_id] = child
         if stop.is_set():  # cancelled while it started
@@ -406,6 +430,98 @@ class JobRegistry:
         else:
             status = "finished"
         self._finish(job_id, status, "; ".join(errors) or None)
+
+    def _do_ray_sweep(self, job_id: str, configs: list[RunConfig], folders: list[str], stop: threading.Event) -> None:
+        """A sweep as Ray tasks, driven by one worker process (Ray's driver needs a main thread of its own);
+        each cell's progress is read from its run folder, its end from the worker's frames."""
+        where = "a local Ray instance" if self.ray_address == "local" else f"Ray at {self.ray_address}"
+        self._update(job_id, lambda j: (setattr(j, "status", "running"), setattr(j, "message", f"starting on {where}")))
+        child = _Child({"sweep": {"configs": [c.to_dict() for c in configs], "folders": folders,
+                                  "address": None if self.ray_address == "local" else self.ray_address}})
+        with self._lock:
+            self._children[job_id] = child
+        if stop.is_set():
+            child.stop()
+        ended = threading.Event()
+        watcher = threading.Thread(target=self._watch_cells, args=(job_id, folders, ended), daemon=True,
+                                   name=f"qimera-{job_id}-cells")
+        watcher.start()
+        error = None
+        try:
+            for frame in child.frames():
+                if frame[0] == "cell":
+                    def done(j, i=frame[1], summary=frame[2]):
+                        r = j.runs[i]
+                        r.status, r.summary, r.step = "finished", dict(summary or {}), r.total_steps
+                    self._update(job_id, done)
+                elif frame[0] == "cell_failed":
+                    def failed(j, i=frame[1], message=frame[2]):
+                        j.runs[i].status, j.runs[i].error = "failed", message
+                    self._update(job_id, failed)
+        except RunFailed as e:
+            error = str(e)
+            self._update(job_id, lambda j: j.log.append(e.trace or str(e)))
+        finally:
+            ended.set()
+            watcher.join()
+            with self._lock:
+                self._children.pop(job_id, None)
+        self._read_cells(job_id, folders)
+        cancelled = stop.is_set()
+
+        def close(j):
+            for r in j.runs:
+                if r.status in ACTIVE:
+                    r.status = "cancelled" if cancelled else "failed"
+                    if not cancelled:
+                        r.error = r.error or error or "the cell did not finish"
+        self._update(job_id, close)
+        runs = self.get(job_id).runs
+        if cancelled:
+            status = "cancelled"
+        elif error is not None or all(r.status == "failed" for r in runs):
+            status = "failed"
+        else:
+            status = "finished"
+        errors = [r.error for r in runs if r.error]
+        self._finish(job_id, status, error or ("; ".join(errors) or None))
+
+    def _watch_cells(self, job_id: str, folders: list[str], ended: threading.Event, every_s: float = 1.0) -> None:
+        while not ended.wait(every_s):
+            self._read_cells(job_id, folders)
+
+    def _read_cells(self, job_id: str, folders: list[str]) -> None:
+        """Each cell's progress from its run folder: status, finished epochs and their metrics."""
+        from .runs import Run
+        seen = []
+        for folder in folders:
+            path = Path(folder)
+            if not (path / Run.CONFIG).is_file():
+                seen.append(None)
+                continue
+            run = Run(path)
+            try:
+                seen.append((run.status.get("status"), run.metrics))
+            except Exception:  # noqa: BLE001 - a file caught mid-write: read again next time
+                seen.append(None)
+
+        def update(j):
+            for r, got in zip(j.runs, seen):
+                if got is None or r.status in ("finished", "failed"):
+                    continue
+                status, metrics = got
+                per_epoch = int(r.config.get("iters_per_epoch") or 0)
+                r.total_steps = per_epoch * int(r.config.get("epochs") or 0)
+                r.metrics, r.epoch = list(metrics), len(metrics)
+                r.step = min(r.total_steps, per_epoch * len(metrics))
+                if status in ("running", "finished"):  # (finished: once the worker says so, with its summary)
+                    r.status = "running"
+            running = [i for i, r in enumerate(j.runs) if r.status == "running"]
+            if running:
+                j.current = running[0]
+                done = sum(r.status == "finished" for r in j.runs)
+                j.message = f"{len(running)} cell(s) running, {done}/{len(j.runs)} done"
+        self._update(job_id, update)
 
     def _do_task(self, job_id: str, fn: Callable, stop: threading.Event) -> None:
         self._update(job_id, lambda j: setattr(j, "status", "running"))
@@ -462,5 +578,6 @@ def shared_registry() -> JobRegistry:
     global _shared
     with _shared_lock:
         if _shared is None:
-            _shared = JobRegistry()
+            _shared = JobRegistry(ray_address=os.environ.get("QIMERA_RAY_ADDRESS"),
+                                  ray_runs_dir=os.environ.get("QIMERA_RAY_RUNS_DIR") or None)
         return _shared

@@ -45,21 +45,47 @@ def run_cell(config: dict, folder: str) -> dict:
     return summary
 
 
+def cell_folders(configs: list[RunConfig], root: str | Path, prefix: str = "") -> list[Path]:
+    """One run folder per cell under ``root``: ``prefix`` + ``cell_name``, and ``-2``, ``-3`` ... for cells
+    that share a name (variants of one method that differ in other settings)."""
+    root, seen, out = Path(root), {}, []
+    for cfg in configs:
+        name = prefix + cell_name(cfg)
+        seen[name] = seen.get(name, 0) + 1
+        out.append(root / (name if seen[name] == 1 else f"{name}-{seen[name]}"))
+    return out
+
+
 def ray_sweep(configs: list[RunConfig], runs_root: str | Path, address: str | None = None,
-              max_retries: int = 3, on_done: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """Every config as a Ray task (``run_cell``) into ``runs_root``/``cell_name``; returns the summaries in
-    the order of ``configs``. ``address``: a running cluster's (``ray start --head`` prints it), or None for
-    a local one on this machine's CPUs. One CPU per cell, and one GPU where the cluster has GPUs; a worker
-    that dies is retried up to ``max_retries`` times. ``on_done(i, summary)`` as each cell finishes."""
+              max_retries: int = 3, on_done: Callable[[int, dict], None] | None = None, *,
+              folders: list[str | Path] | None = None, on_failed: Callable[[int, str], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> list[dict | None]:
+    """Every config as a Ray task (``run_cell``) into ``runs_root``/``cell_name`` (or into ``folders``, one per
+    config); returns the summaries in the order of ``configs``. ``address``: a running cluster's (``ray start
+    --head`` prints it), or None for a local one on this machine's CPUs. One CPU per cell, and one GPU where
+    the cluster has GPUs; a worker that dies is retried up to ``max_retries`` times. ``on_done(i, summary)``
+    as each cell finishes. A cell that fails for good raises, unless ``on_failed(i, message)`` is given: then
+    it is reported there, its result is None and the other cells go on. When ``should_stop()`` turns true the
+    cells still running are interrupted (each ends its current iteration and can be resumed) and the sweep
+    returns what it has.
+
+    Call it from a process's main thread: a local Ray instance started from a thread that ends is ended
+    with it (its processes are tied to the thread that started them)."""
     try:
         import ray
     except ImportError as e:  # a one-line error on the command line, not a traceback
         raise ConfigError("sweep --ray needs Ray, which is not installed: pip install ray") from e
-    root = Path(runs_root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    names = [cell_name(c) for c in configs]
-    if len(set(names)) != len(names):
-        raise ValueError("two cells of the sweep would share a run folder: give each method, bit width and seed once")
+    if folders is None:
+        root = Path(runs_root).resolve()
+        paths = [root / cell_name(c) for c in configs]
+        if len({p.name for p in paths}) != len(paths):
+            raise ValueError("two cells of the sweep would share a run folder: give each method, bit width and seed once")
+    else:
+        paths = [Path(f).resolve() for f in folders]
+        if len(paths) != len(configs) or len(set(paths)) != len(paths):
+            raise ValueError("a sweep needs one run folder of its own per cell")
+    for path in {p.parent for p in paths}:
+        path.mkdir(parents=True, exist_ok=True)
     started_here = not ray.is_initialized()
     if started_here:
         env = {k: os.environ[k] for k in ("QIMERA_HOME", "PYTHONPATH") if k in os.environ}
@@ -68,15 +94,44 @@ def ray_sweep(configs: list[RunConfig], runs_root: str | Path, address: str | No
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=max_retries)(run_cell)
-        pending = {task.remote(c.to_dict(), str(root / n)): i for i, (c, n) in enumerate(zip(configs, names))}
+        pending = {task.remote(c.to_dict(), str(p)): i for i, (c, p) in enumerate(zip(configs, paths))}
         results: list[dict | None] = [None] * len(configs)
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            if should_stop is not None and should_stop():
+                _interrupt(ray, list(pending))
+                break
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=None if should_stop is None else 0.5)
+            if not done:
+                continue
             i = pending.pop(done[0])
-            results[i] = ray.get(done[0])
+            try:
+                results[i] = ray.get(done[0])
+            except Exception as e:  # noqa: BLE001 - the cell's own error, after Ray's retries
+                if on_failed is None:
+                    raise
+                on_failed(i, _cell_error(e))
+                continue
             if on_done is not None:
                 on_done(i, results[i])
         return results
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _interrupt(ray, refs: list, grace_s: float = 60.0) -> None:
+    """Stop running cells as Ctrl-C would (each saves its status and ends), then force what is left."""
+    for ref in refs:
+        ray.cancel(ref, force=False, recursive=True)
+    _, left = ray.wait(refs, num_returns=len(refs), timeout=grace_s)
+    for ref in left:
+        ray.cancel(ref, force=True)
+
+
+def _cell_error(e: Exception) -> str:
+    """The engine's own error out of Ray's wrapping: its type and message, not Ray's traceback."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}"

@@ -6,6 +6,11 @@ and reads the run's events back from its stdout, one pickled frame each:
 - ``("event", Event)`` for every engine event,
 - ``("error", type name, message, traceback)`` when the run raises, then the worker exits with status 1.
 
+A sweep on Ray (``{"sweep": {"configs": [...], "folders": [...], "address": ADDRESS | null}}``) runs its
+cells as Ray tasks from this process's main thread (``sweeps.ray_sweep``), each into its folder, and sends
+``("cell", i, summary)`` or ``("cell_failed", i, message)`` as each cell ends; the cells' progress is in
+their folders.
+
 Stopping: SIGTERM (the JobRegistry's cancel), a line ``stop`` on stdin, or stdin closing (the parent has
 gone) all end the run after the current iteration, like ``run(stop=...)``: finished epochs stay on disk
 and the run can be resumed. Whatever else the run prints goes to stderr, never into the frames.
@@ -55,6 +60,14 @@ def main() -> int:
 
     try:
         from .config import RunConfig
+        if request.get("sweep"):
+            from .sweeps import ray_sweep
+            sweep = request["sweep"]
+            ray_sweep([RunConfig.from_dict(c) for c in sweep["configs"]], "", sweep.get("address"),
+                      folders=sweep["folders"], should_stop=stop.is_set,
+                      on_done=lambda i, summary: send(("cell", i, summary)),
+                      on_failed=lambda i, message: send(("cell_failed", i, message)))
+            return 0
         from .train import run
         config = RunConfig.from_dict(request["config"]) if request.get("config") else None
         for event in run(config, resume=request.get("resume"), stop=stop):

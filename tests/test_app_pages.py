@@ -802,3 +802,25 @@ def test_live_charts_take_new_loss_points_at_most_every_ten_seconds(monkeypatch)
     job.status = run.status = "finished"
     assert common._job_figures(job) is not third  # the end: the full record
     assert common._job_figures(job) is common._job_figures(job)
+
+
+def test_sweep_forms_say_where_the_runs_train(empty_home, monkeypatch, tmp_path):
+    """Bit widths and Compare say whether a sweep trains here or on Ray, and a Ray sweep starts from them."""
+    at = open_page("pages/5_Bit_widths.py")
+    assert any("Runs here, one after another" in c.value for c in at.caption)
+    monkeypatch.setenv("QIMERA_RAY_ADDRESS", "local")
+    monkeypatch.setenv("QIMERA_RAY_RUNS_DIR", str(tmp_path / "shared-store"))
+    reg = fresh_registry()
+    assert reg.ray_address == "local" and str(reg.ray_runs_dir) == str(tmp_path / "shared-store")
+    started = []
+    monkeypatch.setattr(jobs_module.JobRegistry, "_do_ray_sweep",
+                        lambda self, job_id, configs, folders, stop: started.append(folders))
+    for page, form in (("pages/5_Bit_widths.py", "sweep-form-Start sweep"),
+                       ("pages/6_Compare.py", "compare-form-Start the comparison")):
+        at = open_page(page)
+        assert any("Ray tasks on a local Ray instance" in c.value and "shared-store" in c.value for c in at.caption)
+        at.button(key=f"FormSubmitter:{form}").click().run()
+        assert not at.exception and not at.error
+    wait_idle(reg)
+    assert len(started) == 2 and all(Path(f).parent == tmp_path / "shared-store" for f in started[0])
+    assert len(set(started[1])) == len(started[1])

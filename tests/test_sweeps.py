@@ -96,3 +96,68 @@ def test_ray_sweep_survives_a_killed_worker(tmp_path, digits_teacher):
         assert json.loads((cell / "summary.json").read_text())["epochs_done"] == 4
     # the killed cell went on from its last saved epoch: those rows (their timings too) are as they were
     assert (killed / "metrics.csv").read_text().splitlines()[:2] == kept
+
+
+def test_cell_folders_tell_variants_apart(tmp_path):
+    from qimera_engine.config import preset
+    from qimera_engine.jobs import sweep_configs
+    from qimera_engine.sweeps import cell_folders
+    configs = sweep_configs(preset("digits"), [4], ["qimera", {"method": "qimera", "superpose_p": 0.0}, "gdfq"], [0])
+    names = [f.name for f in cell_folders(configs, tmp_path, "x-")]
+    assert names == ["x-qimera-w4a4-s0", "x-qimera-w4a4-s0-2", "x-gdfq-w4a4-s0"]
+
+
+def _ray_env(monkeypatch):
+    pytest.importorskip("ray", reason="sweeps on Ray need Ray (tests/requirements.txt installs it)")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.mark.slow
+def test_app_sweep_on_ray_lands_each_cell_in_its_folder(tmp_path, monkeypatch, digits_teacher):
+    """The app's sweeps (Bit widths, Compare) on a local Ray instance: two variants of one method, one folder
+    each, with progress read from the folders and the summaries in the job."""
+    _ray_env(monkeypatch)
+    from qimera_engine.config import preset
+    from qimera_engine.jobs import JobRegistry
+    from qimera_engine.runs import Run
+    reg = JobRegistry(ray_address="local", ray_runs_dir=tmp_path / "store")
+    base = preset("digits", epochs=2, iters_per_epoch=4, warmup_epochs=1, calib_epochs=1, batch_size=16,
+                  diversity_images=0)
+    job_id = reg.start_sweep(base, [4], ["ptq", {"method": "ptq", "weight_clip": "minmax"}], [0])
+    job = reg.wait(job_id, timeout=600)
+    assert job.status == "finished", (job.error, job.log[-3:])
+    assert "on Ray" in job.label
+    folders = [Path(r.run_dir) for r in job.runs]
+    assert len(set(folders)) == 2 and all(f.parent == tmp_path / "store" for f in folders)
+    for r, folder in zip(job.runs, folders):
+        assert r.status == "finished" and r.summary["quant_top1"] == Run(folder).summary["quant_top1"]
+        assert Run(folder).status["status"] == "finished" and r.fraction == 1.0
+        assert Run(folder).config.weight_clip == r.config["weight_clip"]
+
+
+@pytest.mark.slow
+def test_app_sweep_on_ray_cancels_into_resumable_cells(tmp_path, monkeypatch, digits_teacher):
+    _ray_env(monkeypatch)
+    from qimera_engine.config import preset
+    from qimera_engine.jobs import JobRegistry
+    from qimera_engine.runs import Run
+    reg = JobRegistry(ray_address="local", ray_runs_dir=tmp_path / "store")
+    base = preset("digits", epochs=200, iters_per_epoch=20, warmup_epochs=1, calib_epochs=1, batch_size=16,
+                  diversity_images=0)
+    job_id = reg.start_sweep(base, [4], ["qimera"], [0, 1])
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any(r.epoch >= 1 for r in reg.get(job_id).runs):
+        assert reg.get(job_id).active, reg.get(job_id).error
+        time.sleep(0.5)
+    assert any(r.status == "running" and r.epoch >= 1 for r in reg.get(job_id).runs), "no cell got going"
+    asked = time.monotonic()
+    assert reg.cancel(job_id)
+    job = reg.wait(job_id, timeout=180)
+    assert job.status == "cancelled", (job.status, job.error, job.log[-3:])
+    assert all(r.status == "cancelled" for r in job.runs)
+    started = [Run(Path(r.run_dir)) for r in job.runs if (Path(r.run_dir) / "config.json").is_file()]
+    # each cell ended as Ctrl-C ends a run: its status says so and what it had done stays, to resume
+    assert started and [f.status["status"] for f in started] == ["cancelled"] * len(started)
+    assert any(f.metrics for f in started) and not any(f.writer_alive for f in started)
+    print("cancelled in", round(time.monotonic() - asked, 1), "s")

@@ -35,6 +35,20 @@ def registry() -> JobRegistry:
     return jobs
 
 
+def sweep_where_caption() -> None:
+    """Under a sweep form: where its runs will train (here, one after another, or on Ray)."""
+    jobs = registry()
+    if jobs.ray_address:
+        where = ("a local Ray instance, one run per CPU core" if jobs.ray_address == "local"
+                 else f"the Ray cluster at {jobs.ray_address}, one run per CPU (one GPU each where it has GPUs)")
+        store = jobs.ray_runs_dir or runs_dir()
+        st.caption(f"Runs as Ray tasks on {where} (`QIMERA_RAY_ADDRESS`), each into its own folder under "
+                   f"`{store}`; progress shows once per epoch.")
+    else:
+        st.caption(f"Runs here, one after another ({jobs.max_runs} run(s) train at a time on this machine). "
+                   f"Set `QIMERA_RAY_ADDRESS` before starting the app to spread a sweep over a Ray cluster.")
+
+
 def stop_jobs(jobs: JobRegistry, timeout: float = EXIT_WAIT_SECONDS) -> None:
     """Cancel every active job and wait for its thread. Run at exit: a worker thread still inside a
     torch operation when the interpreter finalizes aborts the whole process ("terminate called without
@@ -257,7 +271,8 @@ def job_panel(job: Job, *, curves: bool = True, key: str = "") -> None:
     if run is None:
         return
     if run.run_dir:
-        cols[1].caption(f"Run folder: `{run.run_dir}` · device {run.device} · {run.images_per_s:.0f} images/s")
+        cols[1].caption(f"Run folder: `{run.run_dir}`" + (f" · device {run.device} · {run.images_per_s:.0f} images/s"
+                                                          if run.device else ""))  # (cells on Ray report by folder)
     if job.kind == "sweep":
         st.caption(f"Run {job.current + 1} of {len(job.runs)}: "
                    + ", ".join(f"{r.config.get('method')} W{r.config.get('wbits')}A{r.config.get('abits')}"
