@@ -68,14 +68,16 @@ table = bitwidth_table(runs)
 if table.empty:
     st.info("No finished runs yet: start a comparison above. Results appear here as its runs finish.")
     st.stop()
-ids = set(common.pick_teacher_and_budget(table, "c", "Only runs of one budget are compared.", side_by_side=True)["run"])
+ids = set(common.pick_teacher_and_budget(table, "c", "Only runs of one budget are compared.", side_by_side=True,
+                                             newest_budget=True)["run"])
 subset = [r for r in runs if r.id in ids]
 labels = sorted({label for _, label in labelled_runs(subset)})
 reference = st.selectbox("Reference (differences are measured against it)", labels, key="c_reference",
                          index=next((i for i, lab in enumerate(labels) if lab.endswith("p=0")),
                                     next((i for i, lab in enumerate(labels) if lab.startswith("gdfq")), 0)))
 summary, pairs = comparison(subset, reference)
-st.dataframe(comparison_display(summary), hide_index=True, key="c_table")
+# a static table: its cells wrap, so the mean ± std and the verdict are read whole at 1280 px (a dataframe cuts them)
+st.table(comparison_display(summary).set_index("method"))
 st.caption("top-1: the final epoch's, mean ± std over n runs. Difference: per seed, the method's top-1 minus the "
            "reference's at the same bit widths (same seed, same start); wins and losses count seeds. The verdict "
            "comes from a 95 % paired t interval: 'cannot tell apart' means the seeds disagree more than the methods do.")

@@ -128,8 +128,9 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
     if not world.is_main:  # started by torchrun: rank 0 owns the folder and reports; this rank follows it
         _follow(cfg, world, should_stop)
         return
-    loading = Log(f"loading the teacher {cfg.teacher} and the test data {cfg.test_data} (a teacher that is not "
-                  f"cached yet is trained first: seconds for digits)")
+    loading = Log(f"loading the teacher {cfg.teacher} and the test data {cfg.test_data}"
+                  + (" (the digits teacher is trained first when it is not cached yet: seconds)"
+                     if cfg.teacher == "digits-cnn" else ""))
     parts = trainer = None
     if resume is None:  # a teacher, data set or setting that cannot be used fails here, before any folder exists
         yield loading

@@ -824,3 +824,12 @@ def test_sweep_forms_say_where_the_runs_train(empty_home, monkeypatch, tmp_path)
     wait_idle(reg)
     assert len(started) == 2 and all(Path(f).parent == tmp_path / "shared-store" for f in started[0])
     assert len(set(started[1])) == len(started[1])
+
+
+def test_a_sweeps_run_list_tells_variants_apart():
+    """The sweep panel's run list names each run as the charts do: Qimera with and without superposition differ."""
+    from qimera_engine import preset
+    from qimera_engine.ui import common
+    with_mix, without = (common._method_label(preset("digits", superpose_p=p).to_dict()) for p in (0.4, 0.0))
+    assert with_mix != without and without.endswith("p=0")
+    assert common._method_label({"method": "gdfq", "no_such_setting": 1}) == "gdfq"  # an older config: its method

@@ -116,6 +116,29 @@ def test_the_launcher_uses_the_shipped_resnet20_and_the_shipped_runs_show_paired
     (base, bits, methods), = started
     assert (base.teacher, base.checkpoint, base.test_data, bits) == ("resnet20", checkpoint, data, [4])
     assert [m.get("superpose_p") for m in methods] == [0.4, 0.0, None]
-    table = at.dataframe[0].value
-    assert len(table) >= 3 and (table["n"] >= 1).all()
+    table = at.table[0].value  # a static table: every cell is read whole
+    assert len(table) >= 3 and (table["n"] >= 1).all() and set(table["bits"]) == {"W4A4"}
     assert "one seed: cannot tell (run more seeds)" in set(table["verdict"])  # the shipped runs: one seed each
+    assert "qimera+ p=0" in set(table.index)
+
+
+def test_results_open_on_the_newest_runs_not_the_showcase(tmp_path, monkeypatch):
+    """A comparison just run is what Results shows first, though the shipped runs are there too (and sort first),
+    and so are more runs of another budget with the same teacher."""
+    import os
+    from qimera_engine.runs import create_run, write_json
+    monkeypatch.setenv("QIMERA_HOME", str(tmp_path))
+    monkeypatch.setenv("QIMERA_SHOWCASE", str(ROOT / "assets" / "showcase"))
+    made = [("qimera", 5, s) for s in range(3)] + [("qimera", 3, 0), ("gdfq", 3, 0)]  # the last two: the newest
+    for when, (method, iters, seed) in enumerate(made):  # a teacher whose name sorts after the showcase's resnet20
+        cfg = preset("cifar100-resnet20", method=method, seed=seed, epochs=2, iters_per_epoch=iters, warmup_epochs=1,
+                     calib_epochs=1)
+        run = create_run(cfg.to_dict(), method, 4, 4)
+        write_json(run.path / "summary.json", {"quant_top1": 60.0, "wbits": 4, "abits": 4, "seed": seed,
+                                               "teacher": cfg.teacher, "test_data": cfg.test_data})
+        run.set_status("finished")
+        os.utime(run.path / "config.json", (1e9 + when, 1e9 + when))
+    at = open_compare({})
+    assert at.selectbox(key="c_group").value == ("resnet20_cifar100", "cifar100")
+    assert at.selectbox(key="c_budget").value == 2 * 3 * cfg.batch_size
+    assert set(at.table[0].value.index) == {"qimera", "gdfq"}

@@ -14,9 +14,9 @@ import numpy as np
 import streamlit as st
 import torch
 
-from .. import (ExportError, InputSpec, Job, JobRegistry, Run, RunLocked, analysis, delete_run, export, list_runs,
-               data_stamp, load_data, load_generator, load_student, load_teacher, onnx_check, open_run, parse_spec,
-               qimera_home, runs_dir, shared_registry)
+from .. import (ConfigError, ExportError, InputSpec, Job, JobRegistry, Run, RunConfig, RunLocked, analysis,
+               delete_run, export, list_runs, data_stamp, load_data, load_generator, load_student, load_teacher,
+               onnx_check, open_run, parse_spec, qimera_home, runs_dir, shared_registry)
 from . import figures, paths
 from .logic import (comparable, overlay_default, partner_runs, preset_for, run_label, same_scale, setting_label,
                     split_damaged)
@@ -275,7 +275,7 @@ def job_panel(job: Job, *, curves: bool = True, key: str = "") -> None:
                                                           if run.device else ""))  # (cells on Ray report by folder)
     if job.kind == "sweep":
         st.caption(f"Run {job.current + 1} of {len(job.runs)}: "
-                   + ", ".join(f"{r.config.get('method')} W{r.config.get('wbits')}A{r.config.get('abits')}"
+                   + ", ".join(f"{_method_label(r.config)} W{r.config.get('wbits')}A{r.config.get('abits')}"
                                f" seed {r.config.get('seed')} [{r.status}]" for r in job.runs))
     if curves and (run.loss_history or run.metrics):
         c1, c2 = st.columns(2)
@@ -286,6 +286,14 @@ def job_panel(job: Job, *, curves: bool = True, key: str = "") -> None:
         note = above_teacher_note(run.metrics, run.fp_top1)
         if note:
             c2.caption(note)
+
+
+def _method_label(config: dict) -> str:
+    """A run's method as the charts name it (``qimera p=0`` apart from ``qimera``), from its config."""
+    try:
+        return RunConfig.from_dict(config).label
+    except (ConfigError, TypeError, ValueError):  # a config of an older version: its method alone
+        return str(config.get("method"))
 
 
 _figures = analysis.LRUCache(16)  # (job, run) -> (what they show, when built, the two charts)
@@ -355,16 +363,21 @@ def _job_or_none(job_id: str) -> Job | None:
         return None
 
 
-def pick_teacher_and_budget(table, key: str, help: str, side_by_side: bool = False):
+def pick_teacher_and_budget(table, key: str, help: str, side_by_side: bool = False, newest_budget: bool = False):
     """The rows of ``table`` (``logic.bitwidth_table``) of one teacher and data set and one budget, both picked
-    by the user (the budget with the most runs first), so that runs of different scales or budgets are never
-    pooled. Widgets ``{key}_group`` and ``{key}_budget``, one beside the other with ``side_by_side``."""
+    by the user, so that runs of different scales or budgets are never pooled. They open on the newest run's
+    teacher and data (``table`` comes newest first, as ``all_runs``: the user's own before the showcase), and on
+    its budget with ``newest_budget`` (a comparison just run), else on the budget with the most runs (curves).
+    Widgets ``{key}_group`` and ``{key}_budget``, one beside the other with ``side_by_side``."""
     c1, c2 = st.columns(2) if side_by_side else (st, st)
     groups = sorted({(t, d) for t, d in zip(table["teacher"], table["data"])})
-    group = c1.selectbox("Teacher and data", groups, format_func=lambda g: f"{g[0]} on {g[1]}", key=f"{key}_group")
+    newest = (table["teacher"].iloc[0], table["data"].iloc[0])
+    group = c1.selectbox("Teacher and data", groups, index=groups.index(newest),
+                         format_func=lambda g: f"{g[0]} on {g[1]}", key=f"{key}_group")
     part = table[(table["teacher"] == group[0]) & (table["data"] == group[1])]
     budgets = part["budget"].value_counts()
-    chosen = c2.selectbox("Budget (generated images per run)", list(budgets.index), key=f"{key}_budget",
+    order = list(dict.fromkeys(part["budget"])) if newest_budget else list(budgets.index)
+    chosen = c2.selectbox("Budget (generated images per run)", order, key=f"{key}_budget",
                           format_func=lambda b: f"{b:,} ({budgets[b]} run(s))", help=help)
     return part[part["budget"] == chosen]
 

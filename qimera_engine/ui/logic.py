@@ -67,8 +67,8 @@ def config_from_values(base: RunConfig, values: dict) -> RunConfig:
 def start_presets() -> dict[str, str]:
     """Presets to start the Quantize form from, with a description."""
     return {"digits": "Fast demo: 8x8 digits, small CNN trained on the spot (seconds on a CPU)",
-            "cifar10-resnet20-cpu": "CIFAR-10 ResNet-20 at a CPU budget, the paper's settings (needs the data and "
-                                    "teacher weights)",
+            "cifar10-resnet20-cpu": "CIFAR-10 ResNet-20 at a CPU budget, the paper's settings (with the Teacher "
+                                    "page's ResNet-20: the shipped one, or your data and weights)",
             "cifar10-resnet20-fast": "Qimera+: the CPU budget with our recipe (clipped ranges, roundings "
                                      "reconstructed at the end, a varied generator frozen after 3 epochs, no "
                                      "superposed batches: at this budget they cost accuracy): more accurate, faster",
@@ -559,7 +559,7 @@ def paired_difference(diffs: np.ndarray) -> dict:
 def comparison_display(summary: pd.DataFrame) -> pd.DataFrame:
     """``comparison``'s summary as text for a table: top-1 as mean ± std, the paired difference as mean ± std
     over n seeds, wins and losses; blank (never "None") where a figure does not apply (the reference's own row,
-    one run)."""
+    one run). The method first: it is the row's name (the page shows the table without an index)."""
     def top1(m, s):
         return f"{m:.2f} ± {s:.2f}" if s == s else f"{m:.2f}"
 
@@ -570,8 +570,8 @@ def comparison_display(summary: pd.DataFrame) -> pd.DataFrame:
         return (f"{row['difference mean']:+.2f}" + (f" ± {sd:.2f}" if sd is not None and sd == sd else "")
                 + f" ({int(row['pairs'])} seed{'s' if row['pairs'] > 1 else ''})")
     rows = summary.to_dict("records")
-    return pd.DataFrame({"W": [r["W"] for r in rows], "A": [r["A"] for r in rows],
-                         "method": [r["method"] for r in rows], "n": [r["n"] for r in rows],
+    return pd.DataFrame({"method": [r["method"] for r in rows], "bits": [f"W{r['W']}A{r['A']}" for r in rows],
+                         "n": [r["n"] for r in rows],
                          "top-1": [top1(r["top-1 mean"], r["top-1 std"]) for r in rows],
                          "difference to the reference": [diff(r) for r in rows],
                          "wins / losses": [f"{int(r['wins'])} / {int(r['losses'])}" if r["wins"] is not None
