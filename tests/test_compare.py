@@ -129,6 +129,8 @@ def test_results_open_on_the_newest_runs_not_the_showcase(tmp_path, monkeypatch)
     from qimera_engine.runs import create_run, write_json
     monkeypatch.setenv("QIMERA_HOME", str(tmp_path))
     monkeypatch.setenv("QIMERA_SHOWCASE", str(ROOT / "assets" / "showcase"))
+    at = open_compare({})  # opened before the runs exist: on the showcase's runs
+    assert at.selectbox(key="c_group").value[0] == "resnet20"
     made = [("qimera", 5, s) for s in range(3)] + [("qimera", 3, 0), ("gdfq", 3, 0)]  # the last two: the newest
     for when, (method, iters, seed) in enumerate(made):  # a teacher whose name sorts after the showcase's resnet20
         cfg = preset("cifar100-resnet20", method=method, seed=seed, epochs=2, iters_per_epoch=iters, warmup_epochs=1,
@@ -137,8 +139,11 @@ def test_results_open_on_the_newest_runs_not_the_showcase(tmp_path, monkeypatch)
         write_json(run.path / "summary.json", {"quant_top1": 60.0, "wbits": 4, "abits": 4, "seed": seed,
                                                "teacher": cfg.teacher, "test_data": cfg.test_data})
         run.set_status("finished")
-        os.utime(run.path / "config.json", (1e9 + when, 1e9 + when))
-    at = open_compare({})
+        os.utime(run.path / "config.json", (2e9 + when, 2e9 + when))
+    at.run()  # the same page, drawn again once the comparison's runs have finished
+    assert not at.exception
     assert at.selectbox(key="c_group").value == ("resnet20_cifar100", "cifar100")
     assert at.selectbox(key="c_budget").value == 2 * 3 * cfg.batch_size
     assert set(at.table[0].value.index) == {"qimera", "gdfq"}
+    at.selectbox(key="c_budget").select(2 * 5 * cfg.batch_size).run()  # a choice made since is kept
+    assert at.selectbox(key="c_budget").value == 2 * 5 * cfg.batch_size and at.table[0].value["n"].max() == 3

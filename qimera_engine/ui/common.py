@@ -372,6 +372,13 @@ def pick_teacher_and_budget(table, key: str, help: str, side_by_side: bool = Fal
     c1, c2 = st.columns(2) if side_by_side else (st, st)
     groups = sorted({(t, d) for t, d in zip(table["teacher"], table["data"])})
     newest = (table["teacher"].iloc[0], table["data"].iloc[0])
+    # A widget keeps what it showed across reruns, so a page opened before a comparison finished would stay on
+    # the older runs: when a newer run appears, the pickers go to it (a choice made since then is kept).
+    newest_run = (table["run"].iloc[0], newest)
+    if st.session_state.get(f"{key}_newest") != newest_run:
+        st.session_state[f"{key}_newest"] = newest_run
+        st.session_state.pop(f"{key}_group", None)
+        st.session_state.pop(f"{key}_budget", None)
     group = c1.selectbox("Teacher and data", groups, index=groups.index(newest),
                          format_func=lambda g: f"{g[0]} on {g[1]}", key=f"{key}_group")
     part = table[(table["teacher"] == group[0]) & (table["data"] == group[1])]
