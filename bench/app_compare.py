@@ -165,7 +165,7 @@ def shoot_results(page, out: Path) -> None:
     """The Results section, from its heading to the CSV button (table and chart between), at the page's
     width: the viewport is made as tall as the page for the shot (the app scrolls inside its main area)."""
     from test_browser import wait_rendered
-    page.locator('[data-testid="stDataFrame"]').last.wait_for()
+    page.locator('[data-testid="stTable"]').last.wait_for()
     page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').last.wait_for()
     wait_rendered(page)
     page.mouse.move(0, 0)  # no tooltip, no focus ring on the last widget touched
@@ -261,6 +261,11 @@ def measure(args, home: Path, log: Path) -> dict:
                 took = wait_finished(page, proc, t0, args.timeout)
                 print(f"click to finished: {took:.1f} s (polled every {POLL_S:g} s)", flush=True)
                 runs = list_runs(home / "runs")
+                # "finished" shows in the live panel's last redraw, which then asks for a whole-page rerun:
+                # let that rerun draw Results before reading them
+                time.sleep(3)
+                from test_browser import wait_rendered
+                wait_rendered(page)
                 for change in show_these_runs(page, *page_group(runs)):
                     print(f"note: the Results section did not open on these runs; changed {change}")
                 shoot_results(page, args.shot)
