@@ -374,16 +374,20 @@ def pick_teacher_and_budget(table, key: str, help: str, side_by_side: bool = Fal
     newest = (table["teacher"].iloc[0], table["data"].iloc[0])
     # A widget keeps what it showed across reruns, so a page opened before a comparison finished would stay on
     # the older runs: when a newer run appears, the pickers go to it (a choice made since then is kept).
+    # (Set, not deleted: a deleted key would take the value the browser still holds.)
     newest_run = (table["run"].iloc[0], newest)
-    if st.session_state.get(f"{key}_newest") != newest_run:
+    moved = st.session_state.get(f"{key}_newest") != newest_run
+    if moved:
         st.session_state[f"{key}_newest"] = newest_run
-        st.session_state.pop(f"{key}_group", None)
-        st.session_state.pop(f"{key}_budget", None)
-    group = c1.selectbox("Teacher and data", groups, index=groups.index(newest),
-                         format_func=lambda g: f"{g[0]} on {g[1]}", key=f"{key}_group")
+        st.session_state[f"{key}_group"] = newest
+    if st.session_state.get(f"{key}_group") not in groups:  # (the runs it showed were deleted)
+        st.session_state[f"{key}_group"] = newest
+    group = c1.selectbox("Teacher and data", groups, format_func=lambda g: f"{g[0]} on {g[1]}", key=f"{key}_group")
     part = table[(table["teacher"] == group[0]) & (table["data"] == group[1])]
     budgets = part["budget"].value_counts()
     order = list(dict.fromkeys(part["budget"])) if newest_budget else list(budgets.index)
+    if moved or st.session_state.get(f"{key}_budget") not in order:
+        st.session_state[f"{key}_budget"] = order[0]
     chosen = c2.selectbox("Budget (generated images per run)", order, key=f"{key}_budget",
                           format_func=lambda b: f"{b:,} ({budgets[b]} run(s))", help=help)
     return part[part["budget"] == chosen]
