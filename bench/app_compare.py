@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from app_watch import VIEWPORT, machine, pick_port, start_server  # noqa: E402
+from app_watch import VIEWPORT, machine, open_selectbox, pick_port, start_server  # noqa: E402
 
 SHOT = ROOT / "docs" / "screenshots" / "compare-resnet20.png"
 SHIPPED_LABEL = "CIFAR-10 with the shipped ResNet-20 (offline)"  # pages/1_Teacher.py
@@ -51,21 +51,9 @@ class CannotMeasure(RuntimeError):
 
 
 def choose(page, label: str, option: str | re.Pattern) -> None:
-    """Pick ``option`` in the selectbox labelled ``label`` (a combobox with an "Open" button; a click on it
-    just after a rerun is sometimes lost, so it is tried again)."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    """Pick ``option`` in the selectbox labelled ``label``, and wait for the rerun it starts."""
     from test_browser import wait_rendered
-    box = page.get_by_role("combobox", name=label, exact=True)
-    opener = page.locator('[data-testid="stSelectbox"]').filter(has=box).get_by_role("button", name="Open")
-    item = page.get_by_role("listbox").get_by_role("option", name=option, exact=isinstance(option, str)).first
-    for attempt in range(5):
-        opener.click()
-        try:
-            item.wait_for(timeout=2_000)
-            break
-        except PlaywrightTimeout:
-            if attempt == 4:
-                raise
+    _, item = open_selectbox(page, label, option)
     item.click()
     wait_rendered(page)
 

@@ -214,24 +214,30 @@ def run_no_browser(env: dict, runs: Path, bits: int, timeout: float, server_pid:
     return measured("no browser", folder, wall, cpu)
 
 
-def choose(page, label: str, value: int) -> None:
-    """Pick ``value`` in the form's selectbox labelled ``label`` (a form: nothing reruns until submitted).
+def open_selectbox(page, label: str, option):
+    """The selectbox labelled ``label`` opened on its ``option`` (a name, or a pattern): (the box, the option).
     Streamlit draws a selectbox as a combobox: a text input (named by the label, holding the value shown)
-    with an "Open" button beside it for its list of options. Just after another selectbox has closed, a
-    click on "Open" is sometimes lost (the list does not open): then it is clicked again."""
+    with an "Open" button beside it for its list of options. Just after another selectbox has closed (or just
+    after a rerun), a click on "Open" is sometimes lost (the list does not open): then it is clicked again."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
-    from playwright.sync_api import expect
     box = page.get_by_role("combobox", name=label, exact=True)
     opener = page.locator('[data-testid="stSelectbox"]').filter(has=box).get_by_role("button", name="Open")
-    option = page.get_by_role("listbox").get_by_role("option", name=str(value), exact=True)
+    item = page.get_by_role("listbox").get_by_role("option", name=option, exact=isinstance(option, str)).first
     for attempt in range(5):
         opener.click()
         try:
-            option.wait_for(timeout=2_000)
+            item.wait_for(timeout=2_000)
             break
         except PlaywrightTimeout:
             if attempt == 4:
                 raise
+    return box, item
+
+
+def choose(page, label: str, value: int) -> None:
+    """Pick ``value`` in the form's selectbox labelled ``label`` (a form: nothing reruns until submitted)."""
+    from playwright.sync_api import expect
+    box, option = open_selectbox(page, label, str(value))
     option.click()
     expect(box).to_have_value(str(value))
     expect(page.get_by_role("listbox")).to_have_count(0)  # closed again: the next widget is not covered

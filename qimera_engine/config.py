@@ -334,15 +334,18 @@ class RunConfig:
         """Whether any training batch mixes class embeddings: the sampler superposes a batch with probability
         ``superpose_p``, and only when ``superpose_k`` > 1 (a run's saved config is resolved: GDFQ's has p = 0),
         from epoch ``superpose_start`` (a ramp: from epoch 1), if the run gets that far."""
-        first = max(self.superpose_start, 1 if self.superpose_ramp else 0)
-        return self.superpose_p > 0 and self.superpose_k > 1 and first < self.epochs
+        return self.superpose_p > 0 and self.superpose_k > 1 and self._first_superposed_epoch < self.epochs
 
     @property
     def generator_superposes(self) -> bool:
         """Whether the generator itself learns from superposed batches: ``superposes``, and the first of them
         comes while the generator still trains (``gen_epochs``). Else only the student sees the mixes."""
-        first = max(self.superpose_start, 1 if self.superpose_ramp else 0)
-        return self.superposes and (self.gen_epochs == 0 or first < self.gen_epochs)
+        return self.superposes and (self.gen_epochs == 0 or self._first_superposed_epoch < self.gen_epochs)
+
+    @property
+    def _first_superposed_epoch(self) -> int:
+        """The first epoch that may superpose a batch: ``superpose_start``, with a ramp not epoch 0 (p = 0 there)."""
+        return max(self.superpose_start, 1 if self.superpose_ramp else 0)
 
     @property
     def teacher_data(self) -> str:

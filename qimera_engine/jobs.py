@@ -493,10 +493,12 @@ class JobRegistry:
     def _read_cells(self, job_id: str, folders: list[str]) -> None:
         """Each cell's progress from its run folder: status, finished epochs and their metrics."""
         from .runs import Run
+        with self._lock:  # a cell that has ended is not read again
+            ended = {i for i, r in enumerate(self._jobs[job_id].runs) if r.status in ("finished", "failed")}
         seen = []
-        for folder in folders:
+        for i, folder in enumerate(folders):
             path = Path(folder)
-            if not (path / Run.CONFIG).is_file():
+            if i in ended or not (path / Run.CONFIG).is_file():
                 seen.append(None)
                 continue
             run = Run(path)
