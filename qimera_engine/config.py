@@ -257,6 +257,10 @@ class RunConfig:
                                 section="Qimera+")
     recon_drop: float = setting(0.0, "> 0: probability that a block input element is the teacher's, not the "
                                      "student's (QDrop); 0: off.", "[0, 1]")
+    recon_act_lr: float = setting(0.0, "> 0: the reconstruction learns each block's activation ranges with its "
+                                        "roundings, at this Adam rate (as BRECQ and Genie learn step sizes); 0: "
+                                        "the ranges stay as calibrated.", "[0, 1]", note="0: off",
+                                  label="Reconstruction range rate", section="Qimera+")
 
     # --- machine ---
     device: str = setting("auto", "auto (CUDA when present) | cpu | cuda | cuda:N.", choices=("auto", "cpu", "cuda"),

@@ -99,8 +99,30 @@ def test_reconstruction_is_reproducible_and_leaves_unquantized_layers_alone():
     assert reconstruct(fp, teacher, x, 5) == {}
 
 
+def test_reconstruction_learns_the_activation_ranges_only_when_asked():
+    """``act_lr`` > 0 moves the ranges inside the units (and fits the teacher at least as well as the
+    roundings alone); the ranges are buffers again afterwards, so saving and export see a plain student."""
+    from qimera_engine.quant import act_quantizers
+    torch.manual_seed(0)
+    teacher = CifarResNet(20).eval()
+    x = torch.randn(128, 3, 32, 32)
+    fixed, learned = _calibrated(teacher, x, abits=3), _calibrated(teacher, x, abits=3)
+    keys = set(fixed.state_dict())
+    ranges = [float(q.ema_hi) for q in act_quantizers(fixed)]
+    reconstruct(fixed, teacher, x, 40, seed=0)
+    reconstruct(learned, teacher, x, 40, act_lr=1e-2, seed=0)
+    assert [float(q.ema_hi) for q in act_quantizers(fixed)] == ranges
+    moved = [float(q.ema_hi) != r for q, r in zip(act_quantizers(learned), ranges)]
+    assert sum(moved) >= len(units(learned)) - 2  # each block's own quantizers (not the stem's, outside them)
+    assert all(not isinstance(q.ema_hi, torch.nn.Parameter) for q in act_quantizers(learned))
+    assert set(learned.state_dict()) == keys and all(p.requires_grad for p in learned.parameters())
+    with torch.no_grad():
+        err_fixed, err_learned = ((m(x) - teacher(x)).pow(2).mean() for m in (fixed, learned))
+    assert err_learned < 1.02 * err_fixed
+
+
 @pytest.mark.parametrize("field,value,message", [
-    ("recon_iters", -1, "recon_iters must be"), ("recon_images", 0, "recon_images must be"),
+    ("recon_act_lr", -0.1, "recon_act_lr must be"), ("recon_iters", -1, "recon_iters must be"), ("recon_images", 0, "recon_images must be"),
     ("recon_drop", 1.5, "recon_drop must be"), ("recon_drop", math.nan, "recon_drop must be"),
     ("recon_at", "start", "recon_at must be one of")])
 def test_bad_reconstruction_settings_are_refused(field, value, message):

@@ -238,6 +238,13 @@ class ActQuantizer(nn.Module):
             self.register_parameter("ema_hi", nn.Parameter(value))
         return [self.ema_hi]
 
+    def make_fixed(self) -> None:
+        """Undo ``make_learnable``: the upper end, where training left it, is a buffer again."""
+        if isinstance(self.ema_hi, nn.Parameter):
+            value = self.ema_hi.detach().clone()
+            del self._parameters["ema_hi"]
+            self.register_buffer("ema_hi", value)
+
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The bias-corrected range (lo, hi); (0, 0) before any calibration batch. With ``zero_in_range``
         it is widened to hold 0 (lo <= 0 <= hi), so 0 is exactly a code and an integer runtime's zero

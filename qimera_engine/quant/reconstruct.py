@@ -11,8 +11,10 @@ reproduces the teacher's unit output on the same images:
     loss = mean_over_images ||unit_q(x) - unit_fp(x_fp)||^2 + lam * sum(1 - |2 h(V) - 1|^beta)
 
 with beta falling linearly from 20 to 2 after a warm-up (20% of the iterations, no rounding term). Scales,
-zero points, activation ranges and BatchNorm stay as they are; only the roundings move (each weight to
-one of its two neighbouring grid points). The learned hard roundings are then written into the weights as
+zero points and BatchNorm stay as they are; only the roundings move (each weight to one of its two
+neighbouring grid points). With ``act_lr`` > 0 the upper ends of the activation ranges inside each unit
+are learned with them (Adam at that rate, the straight-through gradient of ``act_learn``), as BRECQ and
+Genie learn activation step sizes; otherwise the ranges stay too. The learned hard roundings are then written into the weights as
 grid values, so the ordinary fake quantizer gives them from then on: no new state to save or export.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .convert import weight_layers
+from .convert import act_quantizers, weight_layers
 from .functional import FULL_PRECISION, code_range
 from .modules import QuantAct, QuantConv2d, QuantLinear
 
@@ -148,10 +150,12 @@ def _reset_sites(unit: nn.Module) -> None:
 
 
 def reconstruct(student: nn.Module, teacher: nn.Module, images: torch.Tensor, iters: int, *,
-                batch_size: int = 32, drop: float = 0.0, lr: float = 1e-3, seed: int = 0) -> dict[str, int]:
+                batch_size: int = 32, drop: float = 0.0, lr: float = 1e-3, act_lr: float = 0.0,
+                seed: int = 0) -> dict[str, int]:
     """Learn the student's weight roundings unit by unit (see the module docstring) on ``images``, with
     ``iters`` Adam steps of ``batch_size`` images per unit; ``drop`` > 0 is the probability that an
-    input element of a unit is the teacher's instead of the student's (QDrop). The student's module
+    input element of a unit is the teacher's instead of the student's (QDrop); ``act_lr`` > 0 learns
+    the unit's activation ranges as well, at that rate. The student's module
     names must be the teacher's (``quantize_model`` keeps them). Returns, per unit, how many weights
     now round the other way than to nearest."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -167,7 +171,14 @@ def reconstruct(student: nn.Module, teacher: nn.Module, images: torch.Tensor, it
             x_q, _ = _capture(student, name, images, 256, output=False)
             x_fp, y_fp = _capture(teacher, name, images, 256, output=True)
             roundings = [_Rounding(m) for m in layers]
-            _fit_unit(unit, roundings, x_q, x_fp if drop > 0 else None, y_fp, iters, batch_size, drop, lr, gen)
+            quantizers = [q for q in act_quantizers(unit) if q.bits < FULL_PRECISION] if act_lr > 0 else []
+            ranges = [p for q in quantizers for p in q.make_learnable()]
+            try:
+                _fit_unit(unit, roundings, x_q, x_fp if drop > 0 else None, y_fp, iters, batch_size, drop, lr, gen,
+                          ranges, act_lr)
+            finally:
+                for q in quantizers:
+                    q.make_fixed()
             del x_q, x_fp, y_fp
             flipped[name] = sum(r.write_back() for r in roundings)
     finally:
@@ -177,15 +188,21 @@ def reconstruct(student: nn.Module, teacher: nn.Module, images: torch.Tensor, it
 
 def _fit_unit(unit: nn.Module, roundings: list[_Rounding], x_q: torch.Tensor, x_fp: torch.Tensor | None,
               y_fp: torch.Tensor, iters: int, batch_size: int, drop: float, lr: float,
-              gen: torch.Generator) -> None:
-    """Adam on the roundings' V alone (the unit's own parameters are frozen for the while)."""
-    opt = torch.optim.Adam([r.v for r in roundings], lr=lr)
-    params = list(unit.parameters())
+              gen: torch.Generator, ranges: list[nn.Parameter] = (), act_lr: float = 0.0) -> None:
+    """Adam on the roundings' V (and the activation ranges ``ranges``, at ``act_lr``) alone: the unit's
+    other parameters are frozen for the while."""
+    groups = [{"params": [r.v for r in roundings], "lr": lr}]
+    if ranges:
+        groups.append({"params": list(ranges), "lr": act_lr})
+    opt = torch.optim.Adam(groups)
+    params = [p for p in unit.parameters() if all(p is not r for r in ranges)]
     grads = [p.requires_grad for p in params]
     warm = int(WARMUP * iters)
     try:
         for p in params:
             p.requires_grad_(False)
+        for p in ranges:
+            p.requires_grad_(True)
         for r in roundings:
             r.__enter__()
         for it in range(iters):
