@@ -81,9 +81,13 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="an ImageFolder of CIFAR-10 test images")
     ap.add_argument("--per-class", type=int, default=50)
     args = ap.parse_args()
+    curves = OUT / "bit_widths.csv"  # assets/build_curves.py's rows outlive a rebuild of the runs
+    kept = curves.read_bytes() if curves.is_file() else None
     if OUT.exists():
         shutil.rmtree(OUT)
     (OUT / "teacher").mkdir(parents=True)
+    if kept is not None:
+        curves.write_bytes(kept)
     from qimera_engine import build_teacher
     teacher = build_teacher("resnet20", checkpoint=args.checkpoint)
     save_state_dict(load_state_dict_file(args.checkpoint), OUT / TEACHER)

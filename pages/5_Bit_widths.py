@@ -2,8 +2,8 @@
 import streamlit as st
 
 from qimera_engine import METHODS, ConfigError, preset
-from qimera_engine.ui import common, figures
-from qimera_engine.ui.logic import bitwidth_table, start_presets
+from qimera_engine.ui import common, figures, paths
+from qimera_engine.ui.logic import bitwidth_table, shipped_curves, start_presets
 
 common.setup_page("Bit widths", "📉")
 st.title("Bit widths")
@@ -11,7 +11,7 @@ st.markdown("How accuracy falls as weights and activations get fewer bits (W = A
             "run counts, and a sweep started below adds to it.")
 
 runs = common.all_runs()
-table = bitwidth_table(runs)
+table = bitwidth_table(runs, paths.curves_file())
 if table.empty:
     st.info("No finished runs with W = A between 2 and 8 yet: start a sweep below (or runs on the Quantize page).")
 else:
@@ -20,6 +20,10 @@ else:
                      format_func={"top1": "final epoch", "best_top1": "best epoch (the paper's choice)"}.get)
     st.plotly_chart(figures.bitwidth_figure(part, part["fp_top1"].mean(), value), key="w_chart")
     st.dataframe(part, hide_index=True, key="w_table")
+    precomputed = part["run"].isin(set(shipped_curves(paths.curves_file())["run"])).sum()
+    if precomputed:
+        st.caption(f"{precomputed} of these rows are precomputed: summaries of runs made for the showcase, shipped "
+                   "without their networks (the project's docs/results.md gives their command, machine and date).")
     st.download_button("Download CSV", part.to_csv(index=False).encode(), "bit_widths.csv", "text/csv",
                        key="w_csv")
     common.export_panel([r for r in runs if r.id in set(part["run"])], key="w")

@@ -330,6 +330,27 @@ def test_bitwidth_figure_averages_over_seeds():
     assert len(figures.method_picture().data) == 3
 
 
+def test_bit_widths_append_shipped_curves(finished_home, monkeypatch, tmp_path):
+    """Precomputed rows (assets/build_curves.py) join the runs' rows: data labelled as the runs' are, a row
+    of a run that is listed already is not counted twice, and a file without the columns is refused."""
+    monkeypatch.setenv("QIMERA_HOME", str(finished_home))
+    runs = [by_method()["qimera"]]
+    own = logic.bitwidth_table(runs)
+    curves = tmp_path / "bit_widths.csv"
+    rows = [{**own.iloc[0].to_dict(), "data": "folder:cifar10-dev"},  # the same run: dropped
+            {**own.iloc[0].to_dict(), "run": "ptq-w3a3-s0", "method": "ptq+", "bits": 3, "W": 3, "A": 3,
+             "data": "folder:cifar10-dev", "top1": 61.5}]
+    pd.DataFrame(rows).to_csv(curves, index=False)
+    table = logic.bitwidth_table(runs, curves)
+    assert list(table["run"]) == [own["run"].iloc[0], "ptq-w3a3-s0"] and list(table["bits"]) == [4, 3]
+    assert table["data"].iloc[1] == paths.data_label("folder:cifar10-dev")
+    assert logic.bitwidth_table([], curves)["top1"].tolist() == [own["top1"].iloc[0], 61.5]  # from an empty home
+    assert logic.bitwidth_table(runs, tmp_path / "none.csv").equals(own)
+    pd.DataFrame([{"method": "ptq+", "bits": 3}]).to_csv(curves, index=False)
+    with pytest.raises(ValueError, match="lacks the columns"):
+        logic.bitwidth_table(runs, curves)
+
+
 def test_tables_of_runs(finished_home, monkeypatch):
     monkeypatch.setenv("QIMERA_HOME", str(finished_home))
     runs = [by_method()["qimera"], by_method()["gdfq"]]

@@ -7,11 +7,13 @@ import shutil
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
 from conftest import SHOWCASE
+from qimera_engine.ui import logic
 from qimera_engine import RunLocked, ShippedRun, delete_run, load_student, load_teacher, open_run, preset, run_to_end
 from qimera_engine.config import RunConfig
 
@@ -97,6 +99,35 @@ def test_the_showcase_is_small_and_complete():
             assert '"/' not in text and ":/" not in text, (f.name, text[:300])
 
 
+def test_the_shipped_curves_are_of_the_shipped_teacher_and_named_data(monkeypatch):
+    """assets/build_curves.py's rows: the showcase's teacher and test split, W = A, nothing of a machine."""
+    monkeypatch.syspath_prepend(str(ROOT / "assets"))
+    import build_curves
+    curves = SHOWCASE / "bit_widths.csv"
+    if not curves.is_file():
+        pytest.skip("no precomputed curves shipped yet (assets/build_curves.py)")
+    table = logic.shipped_curves(curves)
+    shipped = json.loads((SHOWCASE / "runs" / "cifar10-resnet20-qimera-w4a4" / "summary.json").read_text())
+    assert set(table["teacher"]) == {"resnet20"} and set(table["data"]) == {shipped["test_data"]}
+    assert (table["W"] == table["A"]).all() and (table["bits"] == table["W"]).all() and table["W"].between(2, 8).all()
+    assert set(table["fp_top1"].round(2)) == {round(shipped["fp_top1"], 2)}  # the same teacher on the same images
+    assert not table["run"].duplicated().any() and table["top1"].between(0, 100).all()
+    assert build_curves.merge(table, table.iloc[:1]).equals(build_curves.merge(table, table.iloc[:0]))
+
+
+def test_build_curves_names_data_and_replaces_rows_of_the_same_run(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "assets"))
+    import build_curves
+    assert build_curves.named("folder:/somewhere/cifar10-dev") == "folder:cifar10-dev"
+    assert build_curves.named("cifar10") == "cifar10"
+    cols = logic.BITWIDTH_COLUMNS
+    old = pd.DataFrame([dict.fromkeys(cols, 1) | {"run": "a", "method": "ptq+", "top1": 10.0},
+                        dict.fromkeys(cols, 1) | {"run": "b", "method": "ptq+", "top1": 20.0}])
+    new = pd.DataFrame([dict.fromkeys(cols, 1) | {"run": "b", "method": "ptq+", "top1": 30.0}])
+    merged = build_curves.merge(old, new)
+    assert list(merged["run"]) == ["a", "b"] and list(merged["top1"]) == [10.0, 30.0] and list(merged.columns) == cols
+
+
 def test_home_shows_cifar10_at_once(showcase):
     at = open_page("app.py")
     assert any(h.value == "CIFAR-10, ready to look at" for h in at.header)
@@ -130,8 +161,16 @@ def test_feature_space_and_bit_widths_show_the_showcase(showcase):
         at.run()
     assert at.get("plotly_chart"), "no projection"
     at = open_page("pages/5_Bit_widths.py")
+    curves = logic.shipped_curves(SHOWCASE / "bit_widths.csv")
+    if len(curves):  # the precomputed curves: Bit widths opens on the budget with the most rows
+        table = at.dataframe[0].value
+        assert table["budget"].nunique() == 1 and table["bits"].nunique() >= 3
+        assert any("precomputed" in c.value for c in at.caption)
+        shown = open_run(SHOWCASE / "runs" / "cifar10-resnet20-qimera-w4a4")
+        at.selectbox(key="w_budget").set_value(logic.budget(shown.config)).run()
     table = at.dataframe[0].value
-    assert set(table["method"]) == {"qimera+ p=0", "qimera+", "gdfq+"} and set(table["W"]) == {4}  # never pooled
+    assert {"qimera+ p=0", "qimera+", "gdfq+"} <= set(table["method"]) and table["budget"].nunique() == 1
+    assert set(table.loc[table["run"].str.startswith("cifar10-resnet20-"), "W"]) == {4}
 
 
 def test_shipped_runs_are_read_only_in_the_app(showcase, tmp_path):

@@ -210,22 +210,43 @@ def labelled_runs(runs: list[Run]) -> list[tuple[Run, str]]:
     return list(zip(done, distinct_labels([r.config for r in done])))
 
 
-def bitwidth_table(runs: list[Run]) -> pd.DataFrame:
+BITWIDTH_COLUMNS = ["method", "bits", "W", "A", "budget", "schedule", "seed", "teacher", "data", "top1", "best_top1",
+                    "fp_top1", "run"]
+
+
+def bitwidth_table(runs: list[Run], curves=None, label=data_label) -> pd.DataFrame:
     """Finished runs with W = A, for the bit-width chart: method, bits, seed, top-1 (final and best),
-    and the budget (generated images): runs of different budgets are never pooled."""
+    and the budget (generated images): runs of different budgets are never pooled. ``curves``: a CSV of
+    such rows shipped with the app (``shipped_curves``; data specs as the runs recorded them), appended
+    after the runs, without the rows of runs already listed; ``label`` turns a data spec into what the
+    table shows."""
     rows = []
-    for r, label in labelled_runs(runs):
+    for r, method in labelled_runs(runs):
         s, c = r.summary, r.config
-        rows.append({"method": label, "bits": s["wbits"] if s["wbits"] == s["abits"] else None,
+        rows.append({"method": method, "bits": s["wbits"] if s["wbits"] == s["abits"] else None,
                      "W": s["wbits"], "A": s["abits"], "budget": budget(c),
                      "schedule": f"{c.epochs} × {c.iters_per_epoch} × {c.batch_size}", "seed": s.get("seed"),
-                     "teacher": s.get("teacher"), "data": data_label(s.get("test_data") or c.test_data),
+                     "teacher": s.get("teacher"), "data": label(s.get("test_data") or c.test_data),
                      "top1": s["quant_top1"],
                      "best_top1": s.get("best_top1"), "fp_top1": s.get("fp_top1"), "run": r.id})
-    cols = ["method", "bits", "W", "A", "budget", "schedule", "seed", "teacher", "data", "top1", "best_top1",
-            "fp_top1", "run"]
-    df = pd.DataFrame(rows, columns=cols)
+    df = pd.DataFrame(rows, columns=BITWIDTH_COLUMNS)
+    extra = shipped_curves(curves)
+    if len(extra):
+        extra = extra[~extra["run"].isin(df["run"])].assign(data=lambda t: t["data"].map(label))
+        df = pd.concat([df, extra], ignore_index=True) if len(df) else extra
     return df[df["bits"].notna() & df["W"].between(2, 8)].astype({"bits": int}).reset_index(drop=True)
+
+
+def shipped_curves(path) -> pd.DataFrame:
+    """The bit-width rows of a CSV written by ``assets/build_curves.py`` (no rows when ``path`` is None or
+    missing); a file without the table's columns is refused."""
+    if path is None or not path.is_file():
+        return pd.DataFrame(columns=BITWIDTH_COLUMNS)
+    table = pd.read_csv(path)
+    missing = [c for c in BITWIDTH_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path} lacks the columns {', '.join(missing)}")
+    return table[BITWIDTH_COLUMNS]
 
 
 def showcase_pair(runs: list[Run]) -> tuple[Run, Run | None]:

@@ -22,6 +22,13 @@ def showcase_dir() -> Path:
     """The CIFAR-10 showcase that ships with the app (assets/showcase, built by assets/build_showcase.py);
     read, never written. ``QIMERA_SHOWCASE`` points elsewhere (the tests use it)."""
     return Path(os.environ.get(SHOWCASE_ENV) or Path(__file__).resolve().parents[2] / "assets" / "showcase")
+
+
+def curves_file() -> Path:
+    """The showcase's precomputed bit-width rows (summaries of runs that do not ship; assets/build_curves.py)."""
+    return showcase_dir() / "bit_widths.csv"
+
+
 def shipped_teacher() -> tuple[str, str] | None:
     """(checkpoint, data spec) of the ResNet-20 and CIFAR-10 test sample that ship with the app, or None."""
     weights, sample = showcase_dir() / "teacher" / "resnet20-cifar10.safetensors", showcase_dir() / "data" / "cifar10-sample"

@@ -1,0 +1,77 @@
+"""Add finished runs' bit-width rows to assets/showcase/bit_widths.csv: the curves Bit widths shows from an
+empty $QIMERA_HOME, without shipping the runs' networks (a few hundred bytes per run).
+
+    python bench/results_table.py --preset cifar10-resnet20-fast --bits 2,3,4,5,6,7,8 --methods ptq \
+        --seeds 0,1,2 --set checkpoint=resnet20-cifar10.th --set test_data=folder:cifar10-dev \
+        --out curves/ptq.csv --runs-dir curves/runs
+    python assets/build_curves.py curves/runs/*
+
+Only finished runs with W = A, of the shipped ResNet-20 (the same weights, by their hash), are taken. A
+row whose run id (its folder's name) is in the file already is replaced, so the file grows run by run
+across sessions and a rerun of a cell replaces it. Data sets are named, not located (``folder:cifar10-dev``),
+as the shipped runs name theirs. docs/results.md records each batch of rows: command, machine, date.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd  # noqa: E402
+
+from qimera_engine import build_teacher, open_run  # noqa: E402
+from qimera_engine.models import state_dict_sha256  # noqa: E402
+from qimera_engine.ui.logic import BITWIDTH_COLUMNS, bitwidth_table, shipped_curves  # noqa: E402
+
+SHOWCASE = Path(__file__).resolve().parent / "showcase"
+TEACHER = SHOWCASE / "teacher" / "resnet20-cifar10.safetensors"
+
+
+def named(spec: str) -> str:
+    kind, _, path = str(spec).partition(":")
+    return f"{kind}:{Path(path).name}" if path else kind
+
+
+def rows_of(folders: list[Path], teacher_sha: str) -> pd.DataFrame:
+    runs = []
+    for folder in folders:
+        run = open_run(folder)
+        if run.state != "finished":
+            raise SystemExit(f"{folder} is {run.state}; only finished runs give rows")
+        if run.teacher_sha256 != teacher_sha:
+            raise SystemExit(f"{folder} was trained with another teacher than {TEACHER.name}")
+        runs.append(run)
+    table = bitwidth_table(runs, label=named)
+    skipped = len(runs) - len(table)
+    if skipped:
+        print(f"skipped {skipped} run(s) whose W and A differ or lie outside 2-8 bits")
+    return table
+
+
+def merge(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    keep = old[~old["run"].isin(new["run"])]
+    both = pd.concat([keep, new], ignore_index=True) if len(keep) else new
+    return both.sort_values(["method", "bits", "seed", "run"]).reset_index(drop=True)[BITWIDTH_COLUMNS]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="finished run folders")
+    ap.add_argument("--out", type=Path, default=SHOWCASE / "bit_widths.csv")
+    a = ap.parse_args(argv)
+    if not TEACHER.is_file():
+        raise SystemExit(f"{TEACHER} is missing: build the showcase first (assets/build_showcase.py)")
+    sha = state_dict_sha256(build_teacher("resnet20", checkpoint=str(TEACHER)).model)
+    table = merge(shipped_curves(a.out), rows_of(a.runs, sha))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = a.out.with_suffix(".tmp")
+    table.to_csv(tmp, index=False)
+    tmp.replace(a.out)
+    counts = table.groupby(["method", "budget"]).size()
+    print(f"wrote {a.out}: {len(table)} rows; runs per method and budget:\n{counts.to_string()}")
+
+
+if __name__ == "__main__":
+    main()
