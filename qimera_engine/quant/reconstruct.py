@@ -14,8 +14,9 @@ with beta falling linearly from 20 to 2 after a warm-up (20% of the iterations, 
 zero points and BatchNorm stay as they are; only the roundings move (each weight to one of its two
 neighbouring grid points). With ``act_lr`` > 0 the upper ends of the activation ranges inside each unit
 are learned with them (Adam at that rate, the straight-through gradient of ``act_learn``), as BRECQ and
-Genie learn activation step sizes; otherwise the ranges stay too. The learned hard roundings are then written into the weights as
-grid values, so the ordinary fake quantizer gives them from then on: no new state to save or export.
+Genie learn activation step sizes; otherwise the ranges stay too. The learned hard roundings are then
+written into the weights as grid values, so the ordinary fake quantizer gives them from then on: no new
+state to save or export.
 """
 from __future__ import annotations
 
