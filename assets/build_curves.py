@@ -18,20 +18,17 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # build_showcase, beside this file
 
 import pandas as pd  # noqa: E402
 
-from qimera_engine import build_teacher, open_run  # noqa: E402
+from build_showcase import named  # noqa: E402
+from qimera_engine import atomic_path, build_teacher, open_run  # noqa: E402
 from qimera_engine.models import state_dict_sha256  # noqa: E402
 from qimera_engine.ui.logic import BITWIDTH_COLUMNS, bitwidth_table, shipped_curves  # noqa: E402
 
 SHOWCASE = Path(__file__).resolve().parent / "showcase"
 TEACHER = SHOWCASE / "teacher" / "resnet20-cifar10.safetensors"
-
-
-def named(spec: str) -> str:
-    kind, _, path = str(spec).partition(":")
-    return f"{kind}:{Path(path).name}" if path else kind
 
 
 def rows_of(folders: list[Path], teacher_sha: str) -> pd.DataFrame:
@@ -65,10 +62,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"{TEACHER} is missing: build the showcase first (assets/build_showcase.py)")
     sha = state_dict_sha256(build_teacher("resnet20", checkpoint=str(TEACHER)).model)
     table = merge(shipped_curves(a.out), rows_of(a.runs, sha))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_suffix(".tmp")
-    table.to_csv(tmp, index=False)
-    tmp.replace(a.out)
+    with atomic_path(a.out) as tmp:
+        table.to_csv(tmp, index=False)
     counts = table.groupby(["method", "budget"]).size()
     print(f"wrote {a.out}: {len(table)} rows; runs per method and budget:\n{counts.to_string()}")
 

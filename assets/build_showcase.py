@@ -46,6 +46,12 @@ THIS SOFTWARE IS PROVIDED BY THE COPYRIGHT HOLDERS AND CONTRIBUTORS "AS IS" AND 
 """
 
 
+def named(spec: str) -> str:
+    """A data spec by its folder's name, not its location (``folder:/x/cifar10-dev`` -> ``folder:cifar10-dev``)."""
+    kind, _, path = str(spec).partition(":")
+    return f"{kind}:{Path(path).name}" if path else kind
+
+
 def copy_run(src: Path, name: str, teacher_sha: str, superposed: bool | None = None) -> None:
     run = open_run(src)
     if run.state != "finished":
@@ -62,8 +68,7 @@ def copy_run(src: Path, name: str, teacher_sha: str, superposed: bool | None = N
     cfg["test_data"] = f"folder:{os.path.relpath(OUT / SAMPLE, dest)}"
     (dest / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     summary = json.loads((dest / "summary.json").read_text())  # measured on the whole split: named, not located
-    kind, _, path = summary["test_data"].partition(":")
-    summary["test_data"] = f"{kind}:{Path(path).name}" if path else kind
+    summary["test_data"] = named(summary["test_data"])
     summary["run"] = name
     (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if json.loads((dest / "teacher.json").read_text())["sha256"] != teacher_sha:

@@ -3,7 +3,7 @@ import streamlit as st
 
 from qimera_engine import METHODS, ConfigError, preset
 from qimera_engine.ui import common, figures, paths
-from qimera_engine.ui.logic import bitwidth_table, shipped_curves, start_presets
+from qimera_engine.ui.logic import bitwidth_table, start_presets
 
 common.setup_page("Bit widths", "📉")
 st.title("Bit widths")
@@ -20,7 +20,7 @@ else:
                      format_func={"top1": "final epoch", "best_top1": "best epoch (the paper's choice)"}.get)
     st.plotly_chart(figures.bitwidth_figure(part, part["fp_top1"].mean(), value), key="w_chart")
     st.dataframe(part, hide_index=True, key="w_table")
-    precomputed = part["run"].isin(set(shipped_curves(paths.curves_file())["run"])).sum()
+    precomputed = (~part["run"].isin({r.id for r in runs})).sum()  # the rows no run of the list gave
     if precomputed:
         st.caption(f"{precomputed} of these rows are precomputed: summaries of runs made for the showcase, shipped "
                    "without their networks (the project's docs/results.md gives their command, machine and date).")
