@@ -6,6 +6,7 @@ workers record into the JobRegistry, and pages read it from fragments.
 from __future__ import annotations
 
 import atexit
+import inspect
 import secrets
 import time
 from pathlib import Path
@@ -171,6 +172,8 @@ def run_networks(run: Run):
     """(teacher, generator, student) of a run, cached until its weights change. Read-only: shared."""
     return _networks(str(run.path), _stamp(run))
 
+
+_METRIC_ARROW = "delta_arrow" in inspect.signature(st.metric).parameters
 
 OUTSIDE_NETWORKS = ("Its teacher's checkpoint lies outside the app's folders ($QIMERA_HOME and the folders in "
                     f"{paths.ALLOWED_ENV}), so the app does not load its networks. The command line can.")
@@ -545,10 +548,12 @@ def _onnx_check_panel(run: Run, path: Path, key: str) -> None:
         return
     c = done[2]
     m1, m2, m3 = st.columns(3)
+    # a ratio to FP is no change up or down: no arrow (delta_arrow came after 1.46; older ones still show one)
+    ratio = {"delta_color": "off", **({"delta_arrow": "off"} if _METRIC_ARROW else {})}
     m1.metric("Size", f"{c['size_mb']:.2f} MB", f"{c['size_mb'] / c['fp_size_mb']:.2f}x FP ({c['fp_size_mb']:.2f} MB)",
-              delta_color="off")
+              **ratio)
     m2.metric("Speed (ONNX Runtime, batch of 500)", f"{c['images_per_s']:,.0f} images/s",
-              f"{c['speed_vs_fp']:.2f}x FP ({c['fp_images_per_s']:,.0f})", delta_color="off")
+              f"{c['speed_vs_fp']:.2f}x FP ({c['fp_images_per_s']:,.0f})", **ratio)
     m3.metric(f"Top-1 on {c['images']} test images", f"{c['top1']:.1f}%", f"{c['top1'] - c['fp_top1']:+.1f} vs FP",
               delta_color="normal")
     if c["integer_kernels"] == "ready":
