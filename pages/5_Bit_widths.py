@@ -15,15 +15,23 @@ table = bitwidth_table(runs, paths.curves_file())
 if table.empty:
     st.info("No finished runs with W = A between 2 and 8 yet: start a sweep below (or runs on the Quantize page).")
 else:
-    part = common.pick_teacher_and_budget(table, "w", "Runs of different budgets are never averaged together.")
+    part = common.pick_teacher_and_budget(table, "w", "Runs of different budgets are never averaged together. PTQ, "
+                                          "which calibrates and never fine-tunes, is shown at every budget.",
+                                          baselines=True)
     value = st.radio("Accuracy", ["top1", "best_top1"], horizontal=True, key="w_value",
                      format_func={"top1": "final epoch", "best_top1": "best epoch (the paper's choice)"}.get)
     st.plotly_chart(figures.bitwidth_figure(part, part["fp_top1"].mean(), value), key="w_chart")
     st.dataframe(part, hide_index=True, key="w_table")
+    notes = []
+    if part["method"].str.contains("(no fine-tuning", regex=False).any():
+        notes.append("PTQ calibrates its student on generated images and never fine-tunes it, so its rows (their own "
+                     "budget in the label) stand beside every budget's as the baseline without fine-tuning.")
     precomputed = (~part["run"].isin({r.id for r in runs})).sum()  # the rows no run of the list gave
     if precomputed:
-        st.caption(f"{precomputed} of these rows are precomputed: summaries of runs made for the showcase, shipped "
-                   "without their networks (the project's docs/results.md gives their command, machine and date).")
+        notes.append(f"{precomputed} of these rows are precomputed: summaries of runs made for the showcase, shipped "
+                     "without their networks (the project's docs/results.md gives their command, machine and date).")
+    if notes:
+        st.caption(" ".join(notes))
     st.download_button("Download CSV", part.to_csv(index=False).encode(), "bit_widths.csv", "text/csv",
                        key="w_csv")
     common.export_panel([r for r in runs if r.id in set(part["run"])], key="w")

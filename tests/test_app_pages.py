@@ -330,6 +330,19 @@ def test_bitwidth_figure_averages_over_seeds():
     assert len(figures.method_picture().data) == 3
 
 
+def test_budget_rows_add_ptq_from_other_budgets_as_a_labelled_baseline():
+    """PTQ (calibration only) joins a budget that has no PTQ rows of its own, named with its own budget;
+    fine-tuned methods of other budgets never do, and a budget with its own PTQ rows keeps only those."""
+    part = pd.DataFrame({"method": ["qimera+", "gdfq+", "ptq+", "ptq+", "ptq", "gdfq+"],
+                         "budget": [1000, 1000, 200, 200, 300, 2000], "top1": [80.0, 78.0, 60.0, 61.0, 55.0, 79.0]})
+    rows = logic.budget_rows(part, 1000, baselines=True)
+    assert list(rows["method"]) == ["qimera+", "gdfq+", "ptq+ (no fine-tuning, 200 images)",
+                                    "ptq+ (no fine-tuning, 200 images)", "ptq (no fine-tuning, 300 images)"]
+    assert logic.budget_rows(part, 1000).equals(part[part["budget"] == 1000])  # not asked: this budget only
+    assert list(logic.budget_rows(part, 200, baselines=True)["method"]) == ["ptq+", "ptq+", "ptq (no fine-tuning, 300 images)"]
+    assert logic.no_fine_tuning("ptq+ (dm=True)") and not logic.no_fine_tuning("qimera+ p=0")
+
+
 def test_bit_widths_append_shipped_curves(finished_home, monkeypatch, tmp_path):
     """Precomputed rows (assets/build_curves.py) join the runs' rows: data labelled as the runs' are, a row
     of a run that is listed already is not counted twice, and a file without the columns is refused."""

@@ -164,13 +164,18 @@ def test_feature_space_and_bit_widths_show_the_showcase(showcase):
     curves = logic.shipped_curves(SHOWCASE / "bit_widths.csv")
     if len(curves):  # the precomputed curves: Bit widths opens on the budget with the most rows
         table = at.dataframe[0].value
-        assert table["budget"].nunique() == 1 and table["bits"].nunique() >= 3
+        own = table[~table["method"].str.contains("(no fine-tuning", regex=False)]
+        assert own["budget"].nunique() == 1 and table["bits"].nunique() >= 3
         assert any("precomputed" in c.value for c in at.caption)
         shown = open_run(SHOWCASE / "runs" / "cifar10-resnet20-qimera-w4a4")
         at.selectbox(key="w_budget").set_value(logic.budget(shown.config)).run()
     table = at.dataframe[0].value
-    assert {"qimera+ p=0", "qimera+", "gdfq+"} <= set(table["method"]) and table["budget"].nunique() == 1
+    own = table[~table["method"].str.contains("(no fine-tuning", regex=False)]
+    assert {"qimera+ p=0", "qimera+", "gdfq+"} <= set(table["method"]) and own["budget"].nunique() == 1
     assert set(table.loc[table["run"].str.startswith("cifar10-resnet20-"), "W"]) == {4}
+    if (curves["method"] == "ptq+").any():  # PTQ, calibrated only, stands beside the fine-tuned runs' budget
+        assert "ptq+ (no fine-tuning, 12,800 images)" in set(table["method"])
+        assert any("baseline without fine-tuning" in c.value for c in at.caption)
 
 
 def test_shipped_runs_are_read_only_in_the_app(showcase, tmp_path):

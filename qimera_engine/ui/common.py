@@ -19,8 +19,8 @@ from .. import (ConfigError, ExportError, InputSpec, Job, JobRegistry, Run, RunC
                delete_run, export, list_runs, data_stamp, load_data, load_generator, load_student, load_teacher,
                onnx_check, open_run, parse_spec, qimera_home, runs_dir, shared_registry)
 from . import figures, paths
-from .logic import (comparable, overlay_default, partner_runs, preset_for, run_label, same_scale, setting_label,
-                    split_damaged)
+from .logic import (budget_rows, comparable, overlay_default, partner_runs, preset_for, run_label, same_scale,
+                    setting_label, split_damaged)
 
 POLL_SECONDS = 2.0  # how often the panels of running jobs redraw (finished ones are drawn once)
 
@@ -366,11 +366,13 @@ def _job_or_none(job_id: str) -> Job | None:
         return None
 
 
-def pick_teacher_and_budget(table, key: str, help: str, side_by_side: bool = False, newest_budget: bool = False):
+def pick_teacher_and_budget(table, key: str, help: str, side_by_side: bool = False, newest_budget: bool = False,
+                            baselines: bool = False):
     """The rows of ``table`` (``logic.bitwidth_table``) of one teacher and data set and one budget, both picked
     by the user, so that runs of different scales or budgets are never pooled. They open on the newest run's
     teacher and data (``table`` comes newest first, as ``all_runs``: the user's own before the showcase), and on
     its budget with ``newest_budget`` (a comparison just run), else on the budget with the most runs (curves).
+    With ``baselines``, PTQ's rows of other budgets join the chosen one's (``logic.budget_rows``).
     Widgets ``{key}_group`` and ``{key}_budget``, one beside the other with ``side_by_side``."""
     c1, c2 = st.columns(2) if side_by_side else (st, st)
     groups = sorted({(t, d) for t, d in zip(table["teacher"], table["data"])})
@@ -393,7 +395,7 @@ def pick_teacher_and_budget(table, key: str, help: str, side_by_side: bool = Fal
         st.session_state[f"{key}_budget"] = order[0]
     chosen = c2.selectbox("Budget (generated images per run)", order, key=f"{key}_budget",
                           format_func=lambda b: f"{b:,} ({budgets[b]} run(s))", help=help)
-    return part[part["budget"] == chosen]
+    return budget_rows(part, chosen, baselines)
 
 
 def teacher_preset() -> str:

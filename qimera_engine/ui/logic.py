@@ -237,6 +237,28 @@ def bitwidth_table(runs: list[Run], curves=None, label=data_label) -> pd.DataFra
     return df[df["bits"].notna() & df["W"].between(2, 8)].astype({"bits": int}).reset_index(drop=True)
 
 
+def no_fine_tuning(method: str) -> bool:
+    """Whether a table's method label names PTQ (``ptq``, ``ptq+``, ``ptq+ (...)``): a student calibrated only."""
+    return method.split(" ")[0].rstrip("+") == "ptq"
+
+
+def budget_rows(part: pd.DataFrame, chosen: int, baselines: bool = False) -> pd.DataFrame:
+    """The rows of ``part`` (``bitwidth_table``, one teacher and data set) at budget ``chosen``. With
+    ``baselines``, PTQ's rows of other budgets join them when this budget has no PTQ rows of that label:
+    PTQ only calibrates its student, so it has no training budget to match; it is the baseline without
+    fine-tuning that papers set beside the fine-tuned methods. Their label says what they used
+    (``ptq+ (no fine-tuning, 12,800 images)``), so they are never pooled with rows of this budget."""
+    rows = part[part["budget"] == chosen]
+    if not baselines:
+        return rows
+    own = {m for m in rows["method"] if no_fine_tuning(m)}
+    other = part[(part["budget"] != chosen) & part["method"].map(no_fine_tuning) & ~part["method"].isin(own)]
+    if other.empty:
+        return rows
+    other = other.assign(method=[f"{m} (no fine-tuning, {b:,} images)" for m, b in zip(other["method"], other["budget"])])
+    return pd.concat([rows, other], ignore_index=True)
+
+
 def shipped_curves(path) -> pd.DataFrame:
     """The bit-width rows of a CSV written by ``assets/build_curves.py`` (no rows when ``path`` is None or
     missing); a file without the table's columns is refused."""
