@@ -9,7 +9,8 @@ empty $QIMERA_HOME, without shipping the runs' networks (a few hundred bytes per
 Only finished runs with W = A, of the shipped ResNet-20 (the same weights, by their hash), are taken. A
 row whose run id (its folder's name) is in the file already is replaced, so the file grows run by run
 across sessions and a rerun of a cell replaces it. Data sets are named, not located (``folder:cifar10-dev``),
-as the shipped runs name theirs. docs/results.md records each batch of rows: command, machine, date.
+as the shipped runs name theirs. The shipped runs themselves (a folder with shipped.json) give no row:
+Bit widths lists them already. docs/results.md records each batch of rows: command, machine, date.
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def rows_of(folders: list[Path], teacher_sha: str) -> pd.DataFrame:
     runs = []
     for folder in folders:
         run = open_run(folder)
+        if run.read_only:  # a showcase run (or a copy of one): Bit widths lists it already
+            print(f"skipped {folder}: a run shipped with the app, which Bit widths lists already")
+            continue
         if run.state != "finished":
             raise SystemExit(f"{folder} is {run.state}; only finished runs give rows")
         if run.teacher_sha256 != teacher_sha:
