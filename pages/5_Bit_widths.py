@@ -21,7 +21,8 @@ else:
     value = st.radio("Accuracy", ["top1", "best_top1"], horizontal=True, key="w_value",
                      format_func={"top1": "final epoch", "best_top1": "best epoch (the paper's choice)"}.get)
     st.plotly_chart(figures.bitwidth_figure(part, part["fp_top1"].mean(), value), key="w_chart")
-    st.dataframe(part, hide_index=True, key="w_table")
+    st.dataframe(part, hide_index=True, key="w_table",
+                 column_config={"method": st.column_config.TextColumn(width="medium")})  # labels are long
     notes = []
     if part["method"].str.contains("(no fine-tuning", regex=False).any():
         notes.append("PTQ calibrates its student on generated images and never fine-tunes it, so its rows (their own "

@@ -226,7 +226,8 @@ def feature_scatter(coords: dict, labels: dict, classes: list[str], hover: dict 
 
 
 def bitwidth_figure(table, fp_top1: float | None = None, value: str = "top1") -> go.Figure:
-    """Mean top-1 (error bars: std over seeds) against bit width, one line per method.
+    """Mean top-1 (error bars: std over seeds) against bit width, one line per method; a baseline without
+    fine-tuning (``logic.budget_rows`` names it so) dotted.
 
     ``table``: a pandas DataFrame with columns method, bits (e.g. 4 for W4A4), ``value``.
     """
@@ -238,7 +239,8 @@ def bitwidth_figure(table, fp_top1: float | None = None, value: str = "top1") ->
             lo, hi = int(part["count"].min()), int(part["count"].max())
             fig.add_trace(go.Scatter(x=part["bits"], y=part["mean"], mode="lines+markers",
                                      name=f"{method} (n = {lo}{'' if lo == hi else f'-{hi}'} per point)",
-                                     line=dict(color=SAFE[i % len(SAFE)]),
+                                     line=dict(color=SAFE[i % len(SAFE)],
+                                               dash="dot" if "(no fine-tuning" in method else "solid"),
                                      error_y=dict(type="data", array=part["std"].fillna(0.0), visible=True),
                                      customdata=part["count"],
                                      hovertemplate="%{x} bits: %{y:.2f}% (%{customdata} runs)<extra>" + method + "</extra>"))
