@@ -3,7 +3,7 @@ import streamlit as st
 
 from qimera_engine import METHODS, ConfigError, preset
 from qimera_engine.ui import common, figures, paths
-from qimera_engine.ui.logic import bitwidth_table, start_presets
+from qimera_engine.ui.logic import bitwidth_table, from_other_budget, start_presets
 
 common.setup_page("Bit widths", "📉")
 st.title("Bit widths")
@@ -20,11 +20,12 @@ else:
                                           baselines=True)
     value = st.radio("Accuracy", ["top1", "best_top1"], horizontal=True, key="w_value",
                      format_func={"top1": "final epoch", "best_top1": "best epoch (the paper's choice)"}.get)
-    st.plotly_chart(figures.bitwidth_figure(part, part["fp_top1"].mean(), value), key="w_chart")
+    baselines = {m for m in part["method"] if from_other_budget(m)}
+    st.plotly_chart(figures.bitwidth_figure(part, part["fp_top1"].mean(), value, dotted=baselines), key="w_chart")
     st.dataframe(part, hide_index=True, key="w_table",
                  column_config={"method": st.column_config.TextColumn(width="medium")})  # labels are long
     notes = []
-    if part["method"].str.contains("(no fine-tuning", regex=False).any():
+    if baselines:
         notes.append("PTQ calibrates its student on generated images and never fine-tunes it, so its rows (their own "
                      "budget in the label) stand beside every budget's as the baseline without fine-tuning.")
     precomputed = (~part["run"].isin({r.id for r in runs})).sum()  # the rows no run of the list gave

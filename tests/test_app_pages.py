@@ -341,7 +341,7 @@ def test_budget_rows_add_ptq_from_other_budgets_as_a_labelled_baseline():
     assert logic.budget_rows(part, 1000).equals(part[part["budget"] == 1000])  # not asked: this budget only
     assert list(logic.budget_rows(part, 200, baselines=True)["method"]) == ["ptq+", "ptq+", "ptq (no fine-tuning, 300 images)"]
     assert logic.no_fine_tuning("ptq+ (dm=True)") and not logic.no_fine_tuning("qimera+ p=0")
-    fig = figures.bitwidth_figure(rows.assign(bits=4), 90.0)
+    fig = figures.bitwidth_figure(rows.assign(bits=4), 90.0, dotted={m for m in rows["method"] if logic.from_other_budget(m)})
     assert {t.name.split(" (n =")[0]: t.line.dash for t in fig.data} == {
         "qimera+": "solid", "gdfq+": "solid", "ptq+ (no fine-tuning, 200 images)": "dot",
         "ptq (no fine-tuning, 300 images)": "dot"}

@@ -166,13 +166,13 @@ def test_feature_space_and_bit_widths_show_the_showcase(showcase):
     curves = logic.shipped_curves(SHOWCASE / "bit_widths.csv")
     if len(curves):  # the precomputed curves: Bit widths opens on the budget with the most rows
         table = at.dataframe[0].value
-        own = table[~table["method"].str.contains("(no fine-tuning", regex=False)]
+        own = table[~table["method"].map(logic.from_other_budget)]
         assert own["budget"].nunique() == 1 and table["bits"].nunique() >= 3
         assert any("precomputed" in c.value for c in at.caption)
         shown = open_run(SHOWCASE / "runs" / "cifar10-resnet20-qimera-w4a4")
         at.selectbox(key="w_budget").set_value(logic.budget(shown.config)).run()
     table = at.dataframe[0].value
-    own = table[~table["method"].str.contains("(no fine-tuning", regex=False)]
+    own = table[~table["method"].map(logic.from_other_budget)]
     assert {"qimera+ p=0", "qimera+", "gdfq+"} <= set(table["method"]) and own["budget"].nunique() == 1
     assert set(table.loc[table["run"].str.startswith("cifar10-resnet20-"), "W"]) == {4}
     if (curves["method"] == "ptq+").any():  # PTQ, calibrated only, stands beside the fine-tuned runs' budget

@@ -225,9 +225,9 @@ def feature_scatter(coords: dict, labels: dict, classes: list[str], hover: dict 
 # --------------------------------------------------------------------------- bit widths
 
 
-def bitwidth_figure(table, fp_top1: float | None = None, value: str = "top1") -> go.Figure:
-    """Mean top-1 (error bars: std over seeds) against bit width, one line per method; a baseline without
-    fine-tuning (``logic.budget_rows`` names it so) dotted.
+def bitwidth_figure(table, fp_top1: float | None = None, value: str = "top1", dotted=()) -> go.Figure:
+    """Mean top-1 (error bars: std over seeds) against bit width, one line per method; the methods in
+    ``dotted`` (baselines) drawn dotted.
 
     ``table``: a pandas DataFrame with columns method, bits (e.g. 4 for W4A4), ``value``.
     """
@@ -240,7 +240,7 @@ def bitwidth_figure(table, fp_top1: float | None = None, value: str = "top1") ->
             fig.add_trace(go.Scatter(x=part["bits"], y=part["mean"], mode="lines+markers",
                                      name=f"{method} (n = {lo}{'' if lo == hi else f'-{hi}'} per point)",
                                      line=dict(color=SAFE[i % len(SAFE)],
-                                               dash="dot" if "(no fine-tuning" in method else "solid"),
+                                               dash="dot" if method in dotted else "solid"),
                                      error_y=dict(type="data", array=part["std"].fillna(0.0), visible=True),
                                      customdata=part["count"],
                                      hovertemplate="%{x} bits: %{y:.2f}% (%{customdata} runs)<extra>" + method + "</extra>"))

@@ -242,6 +242,14 @@ def no_fine_tuning(method: str) -> bool:
     return method.split(" ")[0].rstrip("+") == "ptq"
 
 
+BASELINE_NOTE = "no fine-tuning"  # what ``budget_rows`` adds to the label of a row it brings in from another budget
+
+
+def from_other_budget(method: str) -> bool:
+    """Whether a label is one that ``budget_rows`` gave a baseline of another budget."""
+    return f"({BASELINE_NOTE}, " in method
+
+
 def budget_rows(part: pd.DataFrame, chosen: int, baselines: bool = False) -> pd.DataFrame:
     """The rows of ``part`` (``bitwidth_table``, one teacher and data set) at budget ``chosen``. With
     ``baselines``, PTQ's rows of other budgets join them when this budget has no PTQ rows of that label:
@@ -255,7 +263,7 @@ def budget_rows(part: pd.DataFrame, chosen: int, baselines: bool = False) -> pd.
     other = part[(part["budget"] != chosen) & part["method"].map(no_fine_tuning) & ~part["method"].isin(own)]
     if other.empty:
         return rows
-    other = other.assign(method=[f"{m} (no fine-tuning, {b:,} images)" for m, b in zip(other["method"], other["budget"])])
+    other = other.assign(method=[f"{m} ({BASELINE_NOTE}, {b:,} images)" for m, b in zip(other["method"], other["budget"])])
     return pd.concat([rows, other], ignore_index=True)
 
 
