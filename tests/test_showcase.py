@@ -164,12 +164,14 @@ def test_feature_space_and_bit_widths_show_the_showcase(showcase):
     assert at.get("plotly_chart"), "no projection"
     at = open_page("pages/5_Bit_widths.py")
     curves = logic.shipped_curves(SHOWCASE / "bit_widths.csv")
-    if len(curves):  # the precomputed curves: Bit widths opens on the budget with the most rows
+    if len(curves):  # the precomputed curves: Bit widths opens on the budget with the most fine-tuned rows
         table = at.dataframe[0].value
         own = table[~table["method"].map(logic.from_other_budget)]
         assert own["budget"].nunique() == 1 and table["bits"].nunique() >= 3
         assert any("precomputed" in c.value for c in at.caption)
         shown = open_run(SHOWCASE / "runs" / "cifar10-resnet20-qimera-w4a4")
+        if not curves["method"].map(logic.no_fine_tuning).all():  # fine-tuned curves: it opens on their budget
+            assert set(own["budget"]) == {logic.budget(shown.config)}
         at.selectbox(key="w_budget").set_value(logic.budget(shown.config)).run()
     table = at.dataframe[0].value
     own = table[~table["method"].map(logic.from_other_budget)]

@@ -19,8 +19,8 @@ from .. import (ConfigError, ExportError, InputSpec, Job, JobRegistry, Run, RunC
                delete_run, export, list_runs, data_stamp, load_data, load_generator, load_student, load_teacher,
                onnx_check, open_run, parse_spec, qimera_home, runs_dir, shared_registry)
 from . import figures, paths
-from .logic import (budget_rows, comparable, overlay_default, partner_runs, preset_for, run_label, same_scale,
-                    setting_label, split_damaged)
+from .logic import (budget_rows, comparable, no_fine_tuning, overlay_default, partner_runs, preset_for, run_label,
+                    same_scale, setting_label, split_damaged)
 
 POLL_SECONDS = 2.0  # how often the panels of running jobs redraw (finished ones are drawn once)
 
@@ -372,7 +372,8 @@ def pick_teacher_and_budget(table, key: str, help: str, side_by_side: bool = Fal
     by the user, so that runs of different scales or budgets are never pooled. They open on the newest run's
     teacher and data (``table`` comes newest first, as ``all_runs``: the user's own before the showcase), and on
     its budget with ``newest_budget`` (a comparison just run), else on the budget with the most runs (curves).
-    With ``baselines``, PTQ's rows of other budgets join the chosen one's (``logic.budget_rows``).
+    With ``baselines``, PTQ's rows of other budgets join the chosen one's (``logic.budget_rows``), and the
+    pickers open on the budget with the most fine-tuned runs.
     Widgets ``{key}_group`` and ``{key}_budget``, one beside the other with ``side_by_side``."""
     c1, c2 = st.columns(2) if side_by_side else (st, st)
     groups = sorted({(t, d) for t, d in zip(table["teacher"], table["data"])})
@@ -390,7 +391,13 @@ def pick_teacher_and_budget(table, key: str, help: str, side_by_side: bool = Fal
     group = c1.selectbox("Teacher and data", groups, format_func=lambda g: f"{g[0]} on {g[1]}", key=f"{key}_group")
     part = table[(table["teacher"] == group[0]) & (table["data"] == group[1])]
     budgets = part["budget"].value_counts()
-    order = list(dict.fromkeys(part["budget"])) if newest_budget else list(budgets.index)
+    if newest_budget:
+        order = list(dict.fromkeys(part["budget"]))
+    elif baselines:  # PTQ's rows join every budget: open on the one with most fine-tuned runs
+        tuned = part.loc[~part["method"].map(no_fine_tuning), "budget"].value_counts()
+        order = sorted(budgets.index, key=lambda b: (-tuned.get(b, 0), -budgets[b]))
+    else:
+        order = list(budgets.index)
     if moved or st.session_state.get(f"{key}_budget") not in order:
         st.session_state[f"{key}_budget"] = order[0]
     chosen = c2.selectbox("Budget (generated images per run)", order, key=f"{key}_budget",
