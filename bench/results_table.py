@@ -6,7 +6,8 @@
         --seeds 0,1,2 --set checkpoint=PATH --set test_data=folder:PATH --jobs 3
 
 Each cell is one `python -m qimera_engine quantize` process (``--jobs`` of them at a time, e.g.
-several on one GPU). ``--variant NAME:key=value,key=value`` adds a row with changed settings.
+several on one GPU). A finished cell is kept and a broken one resumed when the same command runs again;
+``--collect`` runs nothing and reports the cells that have finished. ``--variant NAME:key=value,key=value`` adds a row with changed settings.
 The table reports the final epoch and, separately, the best epoch on the test set (METHOD 8).
 """
 from __future__ import annotations
@@ -70,6 +71,8 @@ def main():
     ap.add_argument("--threads", type=int, help="OMP threads per process")
     ap.add_argument("--out", default="bench/out/table.csv")
     ap.add_argument("--runs-dir", help="where the run folders go (default: beside --out)")
+    ap.add_argument("--collect", action="store_true",
+                    help="run nothing: write the CSV and table of the cells that have finished (a table cut short)")
     args = ap.parse_args()
 
     rows = [(m, [f"method={m}"]) for m in args.methods.split(",") if m]
@@ -82,6 +85,12 @@ def main():
     out_dir = Path(args.runs_dir) if args.runs_dir else out_csv.with_suffix("")
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(label, args.set + sets, b, s) for b in bits for label, sets in rows for s in seeds]
+    if args.collect:
+        done = [j for j in jobs if (out_dir / f"{j[0]}-w{j[2]}a{j[2]}-s{j[3]}" / "summary.json").exists()]
+        print(f"{len(done)} of {len(jobs)} cells have finished in {out_dir}")
+        if not done:
+            raise SystemExit("no finished cells to collect")
+        jobs = done
     t0 = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda j: (j, one(args.preset, j[0], j[1], j[2], j[3], out_dir, args.threads)), jobs))
@@ -105,6 +114,8 @@ def main():
     for b in bits:
         for label, _ in rows:
             sel = [r for r in table if r["method"] == label and r["wbits"] == b]
+            if not sel:  # (--collect: no finished cell here yet)
+                continue
 
             def div(key):
                 return fmt([r[key] for r in sel if r[key] != ""])
