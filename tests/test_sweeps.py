@@ -161,3 +161,25 @@ def test_app_sweep_on_ray_cancels_into_resumable_cells(tmp_path, monkeypatch, di
     assert started and [f.status["status"] for f in started] == ["cancelled"] * len(started)
     assert any(f.metrics for f in started) and not any(f.writer_alive for f in started)
     print("cancelled in", round(time.monotonic() - asked, 1), "s")
+
+
+def test_the_table_tool_collects_the_finished_cells_of_a_table_cut_short(tmp_path):
+    """bench/results_table.py --collect: the finished cells' CSV and table, nothing run, unfinished ones left out."""
+    summary = {"fp_top1": 81.0, "quant_top1": 70.0, "best_top1": 71.0, "seconds": 10.0, "images_per_s": 5.0}
+    for name, top1 in (("qimera-w4a4-s0", 70.0), ("qimera-w4a4-s1", 72.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({**summary, "quant_top1": top1}))
+    (tmp_path / "qimera-w2a2-s0").mkdir()  # started, not finished
+    out = tmp_path / "t.csv"
+    args = [sys.executable, str(ROOT / "bench" / "results_table.py"), "--preset", "digits", "--bits", "2,4",
+            "--methods", "qimera", "--seeds", "0,1", "--runs-dir", str(tmp_path), "--out", str(out), "--collect"]
+    p = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "2 of 4 cells have finished" in p.stdout and "| qimera | W4A4 | 71.00 ± 1.41 |" in p.stdout
+    assert "W2A2" not in p.stdout and not (tmp_path / "qimera-w2a2-s0" / "summary.json").exists()
+    import csv
+    assert [(r["wbits"], r["seed"], r["final_top1"]) for r in csv.DictReader(out.open())] == [
+        ("4", "0", "70.0"), ("4", "1", "72.0")]
+    p = subprocess.run(args[:-5] + ["--runs-dir", str(tmp_path / "none"), "--out", str(out), "--collect"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "no finished cells" in p.stderr
