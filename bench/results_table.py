@@ -7,8 +7,9 @@
 
 Each cell is one `python -m qimera_engine quantize` process (``--jobs`` of them at a time, e.g.
 several on one GPU). A finished cell is kept and a broken one resumed when the same command runs again;
-``--collect`` runs nothing and reports the cells that have finished. ``--variant NAME:key=value,key=value`` adds a row with changed settings.
-The table reports the final epoch and, separately, the best epoch on the test set (METHOD 8).
+``--collect`` runs nothing and reports the cells that have finished. ``--variant NAME:key=value,key=value``
+adds a row with changed settings. The table reports the final epoch and, separately, the best epoch on
+the test set (METHOD 8).
 """
 from __future__ import annotations
 
@@ -26,8 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def cell_dir(out_dir, label, bits, seed) -> Path:
+    """The run folder of one cell of the table."""
+    return out_dir / f"{label}-w{bits}a{bits}-s{seed}"
+
+
 def one(preset, label, sets, bits, seed, out_dir, threads):
-    out = out_dir / f"{label}-w{bits}a{bits}-s{seed}"
+    out = cell_dir(out_dir, label, bits, seed)
     if (out / "summary.json").exists():  # finished before: keep it (a rerun resumes a broken table)
         return label, json.loads((out / "summary.json").read_text())
     if (out / "state.pt").exists():
@@ -86,7 +92,7 @@ def main():
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(label, args.set + sets, b, s) for b in bits for label, sets in rows for s in seeds]
     if args.collect:
-        done = [j for j in jobs if (out_dir / f"{j[0]}-w{j[2]}a{j[2]}-s{j[3]}" / "summary.json").exists()]
+        done = [j for j in jobs if (cell_dir(out_dir, j[0], j[2], j[3]) / "summary.json").exists()]
         print(f"{len(done)} of {len(jobs)} cells have finished in {out_dir}")
         if not done:
             raise SystemExit("no finished cells to collect")
