@@ -124,7 +124,14 @@ def test_tilde_alone_is_still_the_users_home(tmp_path, monkeypatch):
     monkeypatch.setenv("QIMERA_HOME", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
     assert allowed_path("~/data") == (tmp_path / "data").resolve()
-    assert paths.data_label("folder:~no-such-account-q7/x") == "folder (outside the app's folders)"
+    assert paths.data_label("folder:~no-such-account-q7/x") == "folder …/x (outside the app's folders)"
+
+
+def test_a_data_set_outside_is_named_by_its_folder_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("QIMERA_HOME", str(tmp_path / "home"))
+    label = paths.data_label(f"folder:{tmp_path}/srv/cifar10-dev/")
+    assert label == "folder …/cifar10-dev (outside the app's folders)"  # two such data sets stay apart
+    assert str(tmp_path) not in label and "srv" not in label  # and no server path shows
 
 
 def test_teacher_page_answers_every_tilde_name_alike(tmp_path, monkeypatch):
@@ -194,12 +201,12 @@ def test_a_run_with_data_outside_is_listed_but_its_data_never_read(env, spy):
     run = clone(env, "outside-data", test_data=f"folder:{out}")
     assert "outside the app's folders" in common.resume_note(run) and common.resume_note(env.run) is None
     table = logic.runs_table([run])
-    assert table["data"].tolist() == ["folder (outside the app's folders)"]
-    assert logic.bitwidth_table([run])["data"].tolist() == ["folder (outside the app's folders)"]  # Bit widths
+    assert table["data"].tolist() == ["folder …/data (outside the app's folders)"]
+    assert logic.bitwidth_table([run])["data"].tolist() == ["folder …/data (outside the app's folders)"]  # Bit widths
     at = page("pages/2_Quantize.py")
     table = at.dataframe[0].value
     shown = table[table["run"] == run.id]
-    assert shown["data"].tolist() == ["folder (outside the app's folders)"] and shown["FP top-1"].notna().all()
+    assert shown["data"].tolist() == ["folder …/data (outside the app's folders)"] and shown["FP top-1"].notna().all()
     assert str(out) not in table.to_string() and str(out) not in texts(at)
 
     at = page("pages/3_Boundary_samples.py", run.id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from .. import DataError, ShippedRun, atomic_path, parse_spec, qimera_home
 
@@ -220,12 +220,15 @@ def data_allowed(spec: str) -> bool:
 
 
 def data_label(spec: str) -> str:
-    """A data spec as a page may show it: its kind alone when its folder is outside the allowed ones."""
+    """A data spec as a page may show it: its kind and its folder's own name alone (no path, so nothing of the
+    server's folders shows) when the folder is outside the allowed ones, so two such data sets stay apart."""
     try:
         _data_root(spec)
         return spec
     except PathNotAllowed:
-        return f"{str(spec).partition(':')[0] or 'data'} (outside the app's folders)"
+        kind, _, arg = str(spec).partition(":")
+        name = PurePath(arg.rstrip("/\\")).name if arg else ""
+        return f"{kind or 'data'}{' …/' + name if name else ''} (outside the app's folders)"
 
 
 def check_run(run) -> None:
