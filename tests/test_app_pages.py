@@ -183,6 +183,10 @@ def test_quantize_starts_a_run_and_shows_its_progress(empty_home):
     assert len(at.get("progress")) >= 1
     table = at.dataframe[0].value
     assert list(table["status"]) == ["finished"] and table["W"].iloc[0] == 8
+    # the ended job's panel: no Cancel, and its run folder's caption full width, not indented beside where it was
+    assert not [b for b in at.button if str(b.key).startswith("cancel-")]
+    assert [c for c in at.caption if c.value.startswith("Run folder:")]
+    assert not [c for col in at.columns for c in col.caption if c.value.startswith("Run folder:")]
 
 # --------------------------------------------------------------------------- with finished runs
 

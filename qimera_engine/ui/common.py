@@ -274,8 +274,9 @@ def job_panel(job: Job, *, curves: bool = True, key: str = "") -> None:
     if run is None:
         return
     if run.run_dir:
-        cols[1].caption(f"Run folder: `{run.run_dir}`" + (f" · device {run.device} · {run.images_per_s:.0f} images/s"
-                                                          if run.device else ""))  # (cells on Ray report by folder)
+        speed = f" · device {run.device} · {run.images_per_s:.0f} images/s" if run.device else ""  # (Ray cells: folder only)
+        # beside Cancel while the job runs; full width after it, not indented under an empty column
+        (cols[1] if job.active else st).caption(f"Run folder: `{run.run_dir}`{speed}")
     if job.kind == "sweep":
         st.caption(f"Run {job.current + 1} of {len(job.runs)}: "
                    + ", ".join(f"{_method_label(r.config)} W{r.config.get('wbits')}A{r.config.get('abits')}"
