@@ -25,11 +25,11 @@ except (ConfigError, ValueError) as e:
     st.stop()
 defaults = comparison_defaults(preset_name)
 with st.form("compare-form"):
-    c1, c2 = st.columns([3, 2])
-    methods = c1.multiselect("Methods", list(COMPARE_METHODS), defaults["methods"], key=f"c_{preset_name}_methods",
+    # the methods get the full width: their labels are long, and at 1280 px a narrower box hid the third
+    methods = st.multiselect("Methods", list(COMPARE_METHODS), defaults["methods"], key=f"c_{preset_name}_methods",
                              help="Each with the preset's other settings. A variant of your own goes below.")
-    bits = c2.multiselect("Bit widths (W = A)", list(range(2, 9)), defaults["bits"], key=f"c_{preset_name}_bits")
-    c1, c2, c3 = st.columns(3)
+    c0, c1, c2, c3 = st.columns([2, 1, 1, 1])
+    bits = c0.multiselect("Bit widths (W = A)", list(range(2, 9)), defaults["bits"], key=f"c_{preset_name}_bits")
     seeds = c1.number_input("Seeds", 1, 10, defaults["seeds"], key=f"c_{preset_name}_seeds",
                             help="At least 3: with one seed no difference can be told from noise.")
     epochs = c2.number_input("Epochs per run", 1, 1000, base.epochs, key=f"c_{preset_name}_epochs",

@@ -5,6 +5,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -47,7 +48,13 @@ def test_comparison_pairs_seeds_and_gives_honest_verdicts():
     assert row[("qimera", 2)]["verdict"].startswith("better than the reference")
     assert row[("gdfq", 2)]["verdict"].startswith("cannot tell apart (3 seeds")
     assert (row[("gdfq", 2)]["wins"], row[("gdfq", 2)]["losses"]) == (2, 1)
-    assert row[("qimera p=0", 2)]["verdict"] == "the reference"
+    assert row[("qimera p=0", 2)]["verdict"] == "the reference" and pd.isna(row[("qimera p=0", 2)]["pairs"])
+    assert {str(summary[c].dtype) for c in ("n", "pairs", "wins", "losses")} == {"Int64"}  # counts, not 2.0
+    shown = logic.comparison_display(summary).set_index(["method", "bits"])
+    assert shown.loc[("qimera p=0", "W2A2"), "difference to the reference"] == ""  # blank, never "None" or "nan"
+    assert shown.loc[("qimera p=0", "W2A2"), "wins / losses"] == ""
+    assert shown.loc[("gdfq", "W2A2"), "wins / losses"] == "2 / 1"
+    assert shown.loc[("qimera", "W3A3"), "difference to the reference"] == ""  # no pair at W3A3
     assert row[("qimera", 3)]["verdict"] == "no seed in common with the reference"
     assert sorted(pairs[pairs["method"] == "qimera"]["difference"].round(6)) == [2.0, 2.1, 2.2]
     one = logic.paired_difference(np.array([0.5]))

@@ -581,8 +581,10 @@ def comparison(runs: list[Run], reference: str) -> tuple[pd.DataFrame, pd.DataFr
                 row.update({"pairs": None, "difference mean": None, "difference std": None, "wins": None,
                             "losses": None, "verdict": "the reference"})
             summary.append(row)
-    return pd.DataFrame(summary), pd.DataFrame(pairs, columns=["W", "A", "method", "seed", "top1", "reference top1",
-                                                                "difference"])
+    summary = pd.DataFrame(summary)
+    if len(summary):  # counts stay whole numbers (missing for the reference's own row), not floats beside NaN
+        summary = summary.astype({c: "Int64" for c in ("n", "pairs", "wins", "losses")})
+    return summary, pd.DataFrame(pairs, columns=["W", "A", "method", "seed", "top1", "reference top1", "difference"])
 
 
 def paired_difference(diffs: np.ndarray) -> dict:
@@ -615,18 +617,18 @@ def comparison_display(summary: pd.DataFrame) -> pd.DataFrame:
         return f"{m:.2f} ± {s:.2f}" if s == s else f"{m:.2f}"
 
     def diff(row):
-        if row["pairs"] is None or row["pairs"] != row["pairs"] or not row["pairs"]:
+        if pd.isna(row["pairs"]) or not row["pairs"]:
             return ""
         sd = row["difference std"]
-        return (f"{row['difference mean']:+.2f}" + (f" ± {sd:.2f}" if sd is not None and sd == sd else "")
+        return (f"{row['difference mean']:+.2f}" + ("" if pd.isna(sd) else f" ± {sd:.2f}")
                 + f" ({int(row['pairs'])} seed{'s' if row['pairs'] > 1 else ''})")
     rows = summary.to_dict("records")
     return pd.DataFrame({"method": [r["method"] for r in rows], "bits": [f"W{r['W']}A{r['A']}" for r in rows],
                          "n": [r["n"] for r in rows],
                          "top-1": [top1(r["top-1 mean"], r["top-1 std"]) for r in rows],
                          "difference to the reference": [diff(r) for r in rows],
-                         "wins / losses": [f"{int(r['wins'])} / {int(r['losses'])}" if r["wins"] is not None
-                                           and r["wins"] == r["wins"] else "" for r in rows],
+                         "wins / losses": [f"{int(r['wins'])} / {int(r['losses'])}" if not pd.isna(r["wins"]) else ""
+                                           for r in rows],
                          "verdict": [r["verdict"] for r in rows]})
 
 
