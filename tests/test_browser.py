@@ -315,10 +315,35 @@ def test_feature_space_shows_a_chart(server, page, demo):
 
 
 def test_bit_widths_shows_a_chart(server, page, demo):
+    """Bit widths opens on the demo's digits run; the shipped ResNet-20 curves are one choice away, each
+    method a line of its own, the legend clear of the axis titles."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout, expect
     open_page(page, server, "Bit_widths", "Bit widths")
     page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').first.wait_for()
     assert page.get_by_text("No finished runs").count() == 0
     page.get_by_role("button", name="Start sweep").wait_for()
+    box = page.get_by_role("combobox", name="Teacher and data", exact=True)
+    opener = page.locator('[data-testid="stSelectbox"]').filter(has=box).get_by_role("button", name="Open")
+    option = page.get_by_role("listbox").get_by_role("option", name=re.compile("^resnet20 on ")).first
+    for attempt in range(5):  # just after a rerun a click on "Open" is sometimes lost: click again
+        opener.click()
+        try:
+            option.wait_for(timeout=2_000)
+            break
+        except PlaywrightTimeout:
+            assert attempt < 4, "the list of teachers and data sets did not open"
+    option.click()
+    expect(box).to_have_value(re.compile("^resnet20 on "))
+    wait_rendered(page)
+    chart = page.locator('[data-testid="stPlotlyChart"]').first
+    chart.locator(".js-plotly-plot g.legend").first.wait_for()
+    legend = chart.locator("g.legend").first.text_content()  # (SVG: no inner_text)
+    assert "qimera+ p=0" in legend and "ptq+ (no fine-tuning" in legend, legend  # the shipped curves
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+    legend_box = chart.locator("g.legend").first.bounding_box()
+    for name in ("g-xtitle", "g-ytitle"):
+        title = chart.locator(f".js-plotly-plot .{name}").first.bounding_box()
+        assert not _boxes_overlap(legend_box, title), (name, legend_box, title)
     screenshot(page, "bit_widths")
 
 
