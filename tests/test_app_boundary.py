@@ -132,6 +132,14 @@ def test_a_data_set_outside_is_named_by_its_folder_alone(tmp_path, monkeypatch):
     label = paths.data_label(f"folder:{tmp_path}/srv/cifar10-dev/")
     assert label == "folder …/cifar10-dev (outside the app's folders)"  # two such data sets stay apart
     assert str(tmp_path) not in label and "srv" not in label  # and no server path shows
+    shipped = tmp_path / "app" / "assets" / "showcase"
+    (shipped / "data" / "cifar10-sample").mkdir(parents=True)
+    monkeypatch.setenv("QIMERA_SHOWCASE", str(shipped))  # the showcase's data: short, and alike on every install
+    assert paths.data_label(f"folder:{shipped}/data/cifar10-sample") == \
+        "folder:…/showcase/data/cifar10-sample (shipped with the app)"
+    inside = tmp_path / "home" / "data" / "mine"
+    inside.mkdir(parents=True)
+    assert paths.data_label(f"folder:{inside}") == f"folder:{inside}"  # the user's own data: as typed
 
 
 def test_teacher_page_answers_every_tilde_name_alike(tmp_path, monkeypatch):
