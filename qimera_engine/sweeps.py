@@ -98,7 +98,7 @@ def ray_sweep(configs: list[RunConfig], runs_root: str | Path, address: str | No
         results: list[dict | None] = [None] * len(configs)
         while pending:
             if should_stop is not None and should_stop():
-                _interrupt(ray, list(pending))
+                _interrupt(ray, list(pending), [paths[i] for i in pending.values()])
                 break
             done, _ = ray.wait(list(pending), num_returns=1, timeout=None if should_stop is None else 0.5)
             if not done:
@@ -119,13 +119,46 @@ def ray_sweep(configs: list[RunConfig], runs_root: str | Path, address: str | No
             ray.shutdown()
 
 
-def _interrupt(ray, refs: list, grace_s: float = 60.0) -> None:
-    """Stop running cells as Ctrl-C would (each saves its status and ends), then force what is left."""
+def _interrupt(ray, refs: list, folders: list[Path], grace_s: float = 60.0) -> None:
+    """Stop running cells as Ctrl-C would (each saves its status and ends), then force what is left, and
+    record the forced ones as cancelled too (a worker killed mid-step could not say so itself)."""
     for ref in refs:
         ray.cancel(ref, force=False, recursive=True)
     _, left = ray.wait(refs, num_returns=len(refs), timeout=grace_s)
     for ref in left:
         ray.cancel(ref, force=True)
+    if left:
+        ray.wait(left, num_returns=len(left), timeout=30)  # (the killed workers' ends come back as errors)
+        forced = {refs.index(ref) for ref in left}
+        mark_cancelled([f for i, f in enumerate(folders) if i in forced], f"stopped by force: it did not end "
+                       f"within {grace_s:.0f} s of the cancel")
+
+
+def mark_cancelled(folders: list[Path], reason: str, wait_s: float = 30.0) -> list[Path]:
+    """Write "cancelled" into the status of each run folder whose status still says "running" for a process
+    of this machine that is gone (its lock free): what is on disk stays and resumes as after Ctrl-C. A run
+    whose writer lives (or that another machine wrote: its process cannot be checked from here) is left as
+    it is. Waits up to ``wait_s`` for a killed writer to go. Returns the folders it marked."""
+    import socket
+    import time
+
+    from .runs import RunDamaged, RunLocked
+    marked = []
+    deadline = time.monotonic() + wait_s
+    for folder in folders:
+        run = Run(Path(folder))
+        try:
+            if run.status.get("status") != "running" or run.status.get("host") != socket.gethostname():
+                continue
+            while run.writer_alive and time.monotonic() < deadline:
+                time.sleep(0.2)
+            with run.lock():  # RunLocked while a writer still holds it: then it is left alone
+                if run.status.get("status") == "running":
+                    run.set_status("cancelled", reason=reason)
+                    marked.append(Path(folder))
+        except (RunLocked, RunDamaged, OSError):
+            continue
+    return marked
 
 
 def _cell_error(e: Exception) -> str:

@@ -163,6 +163,29 @@ def test_app_sweep_on_ray_cancels_into_resumable_cells(tmp_path, monkeypatch, di
     print("cancelled in", round(time.monotonic() - asked, 1), "s")
 
 
+def test_cells_killed_by_force_are_recorded_as_cancelled_and_live_ones_are_not(tmp_path):
+    """A Ray cell that did not stop within the grace is killed mid-step and cannot write its own status: the
+    sweep writes "cancelled" for it, once its process is gone, and never touches a run whose writer lives."""
+    import socket
+    from qimera_engine.runs import _process_start, create_run
+    from qimera_engine.sweeps import mark_cancelled
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_start = _process_start(dead.pid)
+    dead.wait()
+    killed, live, elsewhere = (create_run({"seed": i}, "qimera", 4, 4, tmp_path / n)
+                               for i, n in enumerate(("killed", "live", "elsewhere")))
+    killed.set_status("running", pid=dead.pid, pid_start=dead_start, host=socket.gethostname())
+    elsewhere.set_status("running", pid=dead.pid, pid_start=dead_start, host="another-machine")
+    with live.lock():
+        live.set_status("running", **live.writer_record())
+        marked = mark_cancelled([killed.path, live.path, elsewhere.path], "stopped by force", wait_s=1)
+        assert live.status["status"] == "running"  # its writer holds the lock: left alone
+    assert marked == [killed.path]
+    assert killed.status["status"] == "cancelled" and killed.status["reason"] == "stopped by force"
+    assert elsewhere.status["status"] == "running"  # another machine's process cannot be checked from here
+    assert mark_cancelled([killed.path], "again", wait_s=0) == []  # only runs that still say running
+
+
 def test_the_table_tool_collects_the_finished_cells_of_a_table_cut_short(tmp_path):
     """bench/results_table.py --collect: the finished cells' CSV and table, nothing run, unfinished ones left out."""
     summary = {"fp_top1": 81.0, "quant_top1": 70.0, "best_top1": 71.0, "seconds": 10.0, "images_per_s": 5.0}
