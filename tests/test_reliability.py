@@ -106,14 +106,15 @@ def test_creating_a_run_folder_is_exclusive(tmp_path):
         try:
             create_run({"seed": i}, "qimera", 4, 4, out)
             results.append(i)
-        except (FileExistsError, OutRefused) as e:  # at the same instant, or just after the winner's config landed
-            refused.append(str(e))
+        except (FileExistsError, OutRefused) as e:  # at the same instant, or just after the winner's config landed,
+            refused.append(str(e))                # or while its config was being written (a temporary file there)
     threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(results) == 1 and len(refused) == 7 and all("already holds a run" in m for m in refused)
+    assert len(results) == 1 and len(refused) == 7
+    assert all(m.startswith(str(out)) and ("already holds a run" in m or "is not empty" in m) for m in refused), refused
     assert json.loads((out / "config.json").read_text()) == {"seed": results[0]}
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # no temporary files left
 
