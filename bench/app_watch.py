@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from test_browser import open_selectbox  # noqa: E402,F401  (bench/app_compare.py takes it from here too)
+
 TARGET = 1.2                              # tab open / no browser, of the run's own "seconds"
 VIEWPORT = {"width": 1280, "height": 720}
 PAGE_TIMEOUT_MS = 60_000                  # one page render (not the run: that has --timeout)
@@ -212,26 +214,6 @@ def run_no_browser(env: dict, runs: Path, bits: int, timeout: float, server_pid:
                 proc.kill()
                 proc.wait()
     return measured("no browser", folder, wall, cpu)
-
-
-def open_selectbox(page, label: str, option):
-    """The selectbox labelled ``label`` opened on its ``option`` (a name, or a pattern): (the box, the option).
-    Streamlit draws a selectbox as a combobox: a text input (named by the label, holding the value shown)
-    with an "Open" button beside it for its list of options. Just after another selectbox has closed (or just
-    after a rerun), a click on "Open" is sometimes lost (the list does not open): then it is clicked again."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-    box = page.get_by_role("combobox", name=label, exact=True)
-    opener = page.locator('[data-testid="stSelectbox"]').filter(has=box).get_by_role("button", name="Open")
-    item = page.get_by_role("listbox").get_by_role("option", name=option, exact=isinstance(option, str)).first
-    for attempt in range(5):
-        opener.click()
-        try:
-            item.wait_for(timeout=2_000)
-            break
-        except PlaywrightTimeout:
-            if attempt == 4:
-                raise
-    return box, item
 
 
 def choose(page, label: str, value: int) -> None:

@@ -151,6 +151,26 @@ def open_page(page, base: str, path: str, title: str) -> None:
     page.get_by_role("heading", name=title, level=1).wait_for()
 
 
+def open_selectbox(page, label: str, option):
+    """The selectbox labelled ``label`` opened on its ``option`` (a name, or a pattern): (the box, the option).
+    Streamlit draws a selectbox as a combobox: a text input (named by the label, holding the value shown)
+    with an "Open" button beside it for its list of options. Just after another selectbox has closed (or just
+    after a rerun), a click on "Open" is sometimes lost (the list does not open): then it is clicked again."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    box = page.get_by_role("combobox", name=label, exact=True)
+    opener = page.locator('[data-testid="stSelectbox"]').filter(has=box).get_by_role("button", name="Open")
+    item = page.get_by_role("listbox").get_by_role("option", name=option, exact=isinstance(option, str)).first
+    for attempt in range(5):
+        opener.click()
+        try:
+            item.wait_for(timeout=2_000)
+            break
+        except PlaywrightTimeout:
+            if attempt == 4:
+                raise
+    return box, item
+
+
 def screenshot(page, name: str) -> Path:
     """A full-page screenshot. The app scrolls inside its main area, so the viewport is made as tall
     as the content for the shot, and set back afterwards."""
@@ -317,21 +337,12 @@ def test_feature_space_shows_a_chart(server, page, demo):
 def test_bit_widths_shows_a_chart(server, page, demo):
     """Bit widths opens on the demo's digits run; the shipped ResNet-20 curves are one choice away, each
     method a line of its own, the legend clear of the axis titles."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout, expect
+    from playwright.sync_api import expect
     open_page(page, server, "Bit_widths", "Bit widths")
     page.locator('[data-testid="stPlotlyChart"] .js-plotly-plot').first.wait_for()
     assert page.get_by_text("No finished runs").count() == 0
     page.get_by_role("button", name="Start sweep").wait_for()
-    box = page.get_by_role("combobox", name="Teacher and data", exact=True)
-    opener = page.locator('[data-testid="stSelectbox"]').filter(has=box).get_by_role("button", name="Open")
-    option = page.get_by_role("listbox").get_by_role("option", name=re.compile("^resnet20 on ")).first
-    for attempt in range(5):  # just after a rerun a click on "Open" is sometimes lost: click again
-        opener.click()
-        try:
-            option.wait_for(timeout=2_000)
-            break
-        except PlaywrightTimeout:
-            assert attempt < 4, "the list of teachers and data sets did not open"
+    box, option = open_selectbox(page, "Teacher and data", re.compile("^resnet20 on "))
     option.click()
     expect(box).to_have_value(re.compile("^resnet20 on "))
     wait_rendered(page)
