@@ -8,12 +8,14 @@ that had finished is only read. Ray is optional (``pip install ray``) and import
 from __future__ import annotations
 
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Callable
 
 from .config import ConfigError, RunConfig
 from .events import Finished
-from .runs import Run
+from .runs import Run, RunDamaged, RunLocked
 
 
 def cell_name(cfg: RunConfig) -> str:
@@ -129,9 +131,9 @@ def _interrupt(ray, refs: list, folders: list[Path], grace_s: float = 60.0) -> N
         ray.cancel(ref, force=True)
     if left:
         ray.wait(left, num_returns=len(left), timeout=30)  # (the killed workers' ends come back as errors)
-        forced = {refs.index(ref) for ref in left}
-        mark_cancelled([f for i, f in enumerate(folders) if i in forced], f"stopped by force: it did not end "
-                       f"within {grace_s:.0f} s of the cancel")
+        folder_of = dict(zip(refs, folders))
+        mark_cancelled([folder_of[ref] for ref in left], f"stopped by force: it did not end within {grace_s:.0f} s "
+                       f"of the cancel")
 
 
 def mark_cancelled(folders: list[Path], reason: str, wait_s: float = 30.0) -> list[Path]:
@@ -139,16 +141,13 @@ def mark_cancelled(folders: list[Path], reason: str, wait_s: float = 30.0) -> li
     of this machine that is gone (its lock free): what is on disk stays and resumes as after Ctrl-C. A run
     whose writer lives (or that another machine wrote: its process cannot be checked from here) is left as
     it is. Waits up to ``wait_s`` for a killed writer to go. Returns the folders it marked."""
-    import socket
-    import time
-
-    from .runs import RunDamaged, RunLocked
     marked = []
     deadline = time.monotonic() + wait_s
     for folder in folders:
         run = Run(Path(folder))
         try:
-            if run.status.get("status") != "running" or run.status.get("host") != socket.gethostname():
+            status = run.status
+            if status.get("status") != "running" or status.get("host") != socket.gethostname():
                 continue
             while run.writer_alive and time.monotonic() < deadline:
                 time.sleep(0.2)

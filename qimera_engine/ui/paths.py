@@ -223,15 +223,15 @@ def data_label(spec: str) -> str:
     """A data spec as a page may show it: its kind and its folder's own name alone (no path, so nothing of the
     server's folders shows) when the folder is outside the allowed ones, so two such data sets stay apart; the
     showcase's data by its place in the showcase (one label wherever the app is installed, and short)."""
+    kind, _, arg = str(spec).partition(":")
     try:
         root = _data_root(spec)
     except PathNotAllowed:
-        kind, _, arg = str(spec).partition(":")
         name = PurePath(arg.rstrip("/\\")).name if arg else ""
         return f"{kind or 'data'}{' …/' + name if name else ''} (outside the app's folders)"
     shipped = Path(os.path.realpath(showcase_dir()))
-    if root is not None and (root == shipped or shipped in root.parents):  # wherever the app is installed
-        return f"{str(spec).partition(':')[0]}:…/showcase/{root.relative_to(shipped).as_posix()} (shipped with the app)"
+    if root is not None and _inside(root, [shipped]):  # wherever the app is installed
+        return f"{kind}:…/showcase/{root.relative_to(shipped).as_posix()} (shipped with the app)"
     return spec
 
 
