@@ -18,13 +18,24 @@ else:
     part = common.pick_teacher_and_budget(table, "w", "Runs of different budgets are never averaged together. PTQ, "
                                           "which calibrates and never fine-tunes, is shown at every budget.",
                                           baselines=True)
-    value = st.radio("Accuracy", ["top1", "best_top1"], horizontal=True, key="w_value",
+    c1, c2 = st.columns(2)
+    value = c1.radio("Accuracy", ["top1", "best_top1"], horizontal=True, key="w_value",
                      format_func={"top1": "final epoch", "best_top1": "best epoch (the paper's choice)"}.get)
+    gap = c2.radio("Show", [False, True], horizontal=True, key="w_gap",
+                   format_func={False: "top-1", True: "points below FP (log scale)"}.get,
+                   help="On a log scale the gaps of 5 to 8 bits (tenths of a point) show as clearly as those of "
+                        "2 bits (tens of points); on the top-1 scale they lie on top of each other.") is True
     baselines = {m for m in part["method"] if from_other_budget(m)}
-    st.plotly_chart(figures.bitwidth_figure(part, part["fp_top1"].mean(), value, dotted=baselines), key="w_chart")
+    st.plotly_chart(figures.bitwidth_figure(part, part["fp_top1"].mean(), value, dotted=baselines, gap=gap),
+                    key="w_chart")
     st.dataframe(part, hide_index=True, key="w_table",
                  column_config={"method": st.column_config.TextColumn(width="medium")})  # labels are long
     notes = []
+    if gap:
+        mean_gap = (part["fp_top1"] - part[value]).groupby([part["method"], part["bits"]]).mean()
+        if (mean_gap <= figures.GAP_FLOOR).any():
+            notes.append(f"{int((mean_gap <= figures.GAP_FLOOR).sum())} points are at or above their teacher's "
+                         f"top-1 and are drawn at {figures.GAP_FLOOR:g} (a log scale has no zero).")
     if baselines:
         notes.append("PTQ calibrates its student on generated images and never fine-tunes it, so its rows (their own "
                      "budget in the label) stand beside every budget's as the baseline without fine-tuning.")

@@ -244,6 +244,8 @@ def test_bit_widths_page(with_runs):
     part = part[part["method"] != "ptq"]
     assert sorted(part["method"]) == ["gdfq", "qimera"] and set(part["bits"]) == {4}
     assert at.get("download_button")
+    at.radio(key="w_gap").set_value(True).run()
+    assert not at.exception and '"type":"log"' in at.get("plotly_chart")[0].proto.spec.replace(" ", "")
     at.multiselect(key="w_bits").set_value([8])
     at.multiselect(key="w_methods").set_value(["ptq"])
     at.number_input(key="w_epochs").set_value(1)
@@ -332,6 +334,13 @@ def test_bitwidth_figure_averages_over_seeds():
     assert list(by_name["qimera"].y) == [85.0] and list(by_name["gdfq"].y) == [70.0]
     assert by_name["qimera"].error_y.array[0] == pytest.approx(np.std([80, 90], ddof=1))
     assert len(figures.method_picture().data) == 3
+    # the gap view: each run's own FP minus its top-1, on a log axis; a student above its teacher at the floor
+    df = df.assign(fp_top1=[95.0, 96.0, 69.0])
+    fig = figures.bitwidth_figure(df, 95.0, gap=True)
+    by_name = {t.name.split(" (")[0]: t for t in fig.data}
+    assert list(by_name["qimera"].y) == [10.5] and list(by_name["gdfq"].y) == [figures.GAP_FLOOR]
+    assert by_name["gdfq"].customdata[0][1] == -1.0  # the hover still tells the true gap
+    assert fig.layout.yaxis.type == "log" and not fig.layout.shapes  # no FP line on a gap axis
 
 
 def test_budget_rows_add_ptq_from_other_budgets_as_a_labelled_baseline():

@@ -225,29 +225,46 @@ def feature_scatter(coords: dict, labels: dict, classes: list[str], hover: dict 
 # --------------------------------------------------------------------------- bit widths
 
 
-def bitwidth_figure(table, fp_top1: float | None = None, value: str = "top1", dotted=()) -> go.Figure:
-    """Mean top-1 (error bars: std over seeds) against bit width, one line per method; the methods in
-    ``dotted`` (baselines) drawn dotted.
+GAP_FLOOR = 0.01  # points: where the gap view draws a student at or above its teacher (a log axis has no 0)
+GAP_TICKS = [0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100]  # plain numbers (plotly's log ticks read "5, 2, 10, 5, 2")
 
-    ``table``: a pandas DataFrame with columns method, bits (e.g. 4 for W4A4), ``value``.
+
+def bitwidth_figure(table, fp_top1: float | None = None, value: str = "top1", dotted=(), gap: bool = False) -> go.Figure:
+    """Mean top-1 (error bars: std over seeds) against bit width, one line per method; the methods in
+    ``dotted`` (baselines) drawn dotted. With ``gap``, the points below FP instead (each run's own FP
+    top-1 minus its ``value``) on a log axis, so that gaps of 0.1 and of 50 points both show; a mean gap
+    at or below zero is drawn at ``GAP_FLOOR``.
+
+    ``table``: a pandas DataFrame with columns method, bits (e.g. 4 for W4A4), ``value`` (and fp_top1
+    with ``gap``).
     """
     fig = go.Figure()
     if len(table):
+        if gap:
+            table = table.assign(**{value: table["fp_top1"] - table[value]})
         g = table.groupby(["method", "bits"])[value].agg(["mean", "std", "count"]).reset_index()
         for i, (method, part) in enumerate(g.groupby("method")):
             part = part.sort_values("bits")
             lo, hi = int(part["count"].min()), int(part["count"].max())
-            fig.add_trace(go.Scatter(x=part["bits"], y=part["mean"], mode="lines+markers",
+            y = part["mean"].clip(lower=GAP_FLOOR) if gap else part["mean"]
+            what = "%{customdata[1]:.2f} points below FP" if gap else "%{y:.2f}%"
+            fig.add_trace(go.Scatter(x=part["bits"], y=y, mode="lines+markers",
                                      name=f"{method} (n = {lo}{'' if lo == hi else f'-{hi}'} per point)",
                                      line=dict(color=SAFE[i % len(SAFE)],
                                                dash="dot" if method in dotted else "solid"),
                                      error_y=dict(type="data", array=part["std"].fillna(0.0), visible=True),
-                                     customdata=part["count"],
-                                     hovertemplate="%{x} bits: %{y:.2f}% (%{customdata} runs)<extra>" + method + "</extra>"))
-    if fp_top1 is not None:
-        fig.add_hline(y=fp_top1, line_dash="dash", line_color="gray", annotation_text=f"FP {fp_top1:.2f}%")
-    fig.update_layout(title="Top-1 per bit width", xaxis_title="bits (W = A)", yaxis_title="top-1 (%)",
-                      xaxis=dict(dtick=1), height=380, margin=dict(l=10, r=10, t=40, b=10), legend=LEGEND)
+                                     customdata=np.stack([part["count"], part["mean"]], axis=1),
+                                     hovertemplate="%{x} bits: " + what + " (%{customdata[0]} runs)<extra>"
+                                                   + method + "</extra>"))
+    if gap:
+        fig.update_layout(title="Points below FP per bit width (log scale)", yaxis=dict(type="log", tickvals=GAP_TICKS, ticktext=[f"{t:g}" for t in GAP_TICKS]),
+                          yaxis_title="FP top-1 minus top-1 (points)")
+    else:
+        if fp_top1 is not None:
+            fig.add_hline(y=fp_top1, line_dash="dash", line_color="gray", annotation_text=f"FP {fp_top1:.2f}%")
+        fig.update_layout(title="Top-1 per bit width", yaxis_title="top-1 (%)")
+    fig.update_layout(xaxis_title="bits (W = A)", xaxis=dict(dtick=1), height=380,
+                      margin=dict(l=10, r=10, t=40, b=10), legend=LEGEND)
     return fig
 
 
