@@ -15,7 +15,8 @@ st.markdown(
 
 from qimera_engine import preset, runs_dir  # noqa: E402  (after the title, see above)
 from qimera_engine.ui import common, figures, paths  # noqa: E402
-from qimera_engine.ui.logic import diversity_line, seed_sentence, showcase_pair  # noqa: E402
+from qimera_engine.ui.logic import (bitwidth_table, budget, curves_line, diversity_line, seed_sentence,  # noqa: E402
+                                    showcase_pair)  # noqa: E402
 
 common.setup_page("Home", "🧪")
 st.header("Run the demo")
@@ -71,7 +72,11 @@ if shipped:
             how = (f"**with** superposed batches (p = {other.config.superpose_p:g})" if other.config.superposes
                    else "**without** superposed batches")
             st.markdown(f"The same recipe trained {how} scores {other.summary['quant_top1']:.2f}%: one seed each, "
-                        "too few to tell the two apart (docs/results.md compares them over three seeds).")
+                        "too few to tell the two apart.")
+        line = curves_line(bitwidth_table(paths.shipped_runs(), paths.curves_file()), show.config.wbits,
+                           s.get("teacher"), budget(show.config))
+        if line and show.config.wbits == show.config.abits:
+            st.markdown(line)
         line = diversity_line(s)
         if line:
             st.markdown(line)

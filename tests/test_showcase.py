@@ -13,7 +13,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from conftest import SHOWCASE
-from qimera_engine.ui import logic
+from qimera_engine.ui import logic, paths
 from qimera_engine import RunLocked, ShippedRun, delete_run, load_student, load_teacher, open_run, preset, run_to_end
 from qimera_engine.config import RunConfig
 
@@ -141,6 +141,28 @@ def test_home_shows_cifar10_at_once(showcase):
     assert "trained on plain batches only" in at.get("image")[0].proto.imgs[0].caption
     assert any("**with** superposed batches (p = 0.4) scores 79.40%" in m.value for m in at.markdown)
     assert any("of the real test images (coverage" in m.value for m in at.markdown)  # the diversity line, real vs real beside it
+    curves = logic.shipped_curves(SHOWCASE / "bit_widths.csv")
+    if (curves["bits"] == 4).sum() >= 2:  # and the seeds at W4A4 of the shipped runs and the precomputed curves
+        line = next(m.value for m in at.markdown if m.value.startswith("Over several seeds at W4A4"))
+        table = logic.bitwidth_table(paths.shipped_runs(), SHOWCASE / "bit_widths.csv")
+        n = len(table[(table["method"] == "qimera+ p=0") & (table["bits"] == 4)])  # the shipped run counts as a seed
+        assert n == 1 + (curves[curves["method"] == "qimera+ p=0"]["bits"] == 4).sum() and f"(n = {n})" in line
+
+
+def test_the_curves_line_gives_each_method_its_seeds():
+    cols = logic.BITWIDTH_COLUMNS
+    rows = pd.DataFrame([dict.fromkeys(cols, 0) | {"method": m, "bits": b, "teacher": "t", "top1": v}
+                         for m, b, v in [("a", 4, 70.0), ("a", 4, 72.0), ("b", 4, 75.0), ("a", 2, 10.0), ("b", 2, 11.0)]])
+    rows.loc[len(rows)] = dict.fromkeys(cols, 0) | {"method": "a", "bits": 4, "teacher": "t", "top1": 99.0, "budget": 5}
+    rows.loc[len(rows)] = dict.fromkeys(cols, 0) | {"method": "ptq+", "bits": 4, "teacher": "t", "top1": 60.0, "budget": 7}
+    rows.loc[len(rows)] = dict.fromkeys(cols, 0) | {"method": "ptq+", "bits": 4, "teacher": "t", "top1": 62.0, "budget": 8}
+    assert logic.curves_line(rows, 4, "t", 0).endswith("a **71.00** ± 1.41 (n = 2), ptq+ **61.00** ± 1.41 (n = 2). "
+                                                       "Bit widths shows every bit width.")  # PTQ of any budget
+    rows = rows[:-1]
+    assert logic.curves_line(rows, 4, "t", 0) == (  # not the other budget's run of "a"
+        "Over several seeds at W4A4 (the shipped and precomputed runs: same teacher and test images; ± is the std "
+        "over seeds): a **71.00** ± 1.41 (n = 2). Bit widths shows every bit width.")  # b and ptq+: one seed
+    assert logic.curves_line(rows, 2, "t", 0) is None and logic.curves_line(rows, 4, "other", 0) is None
 
 
 def test_boundary_samples_shows_the_shipped_pair(showcase):

@@ -346,6 +346,21 @@ FEATURE_NUMBERS = ("**near boundary**: share of samples whose teacher hesitates 
                    "plain ones and than GDFQ's, and a higher coverage.")
 
 
+def curves_line(table: pd.DataFrame, bits: int, teacher: str, budget: int) -> str | None:
+    """One sentence of a bit-width table (``bitwidth_table``: the shipped runs and the precomputed curves) at
+    W = A = ``bits`` for ``teacher`` and ``budget`` (PTQ at any: it never fine-tunes): each method's mean top-1
+    ± std with its number of seeds, best first, for the methods with two seeds or more there (None if none)."""
+    part = table[(table["bits"] == bits) & (table["teacher"] == teacher)
+                 & ((table["budget"] == budget) | table["method"].map(no_fine_tuning))]
+    g = part.groupby("method")["top1"].agg(["mean", "std", "count"]).sort_values("mean", ascending=False)
+    g = g[g["count"] >= 2]  # a single seed is no mean (the page names single runs on their own)
+    if g.empty:
+        return None
+    each = ", ".join(f"{m} **{r['mean']:.2f}** ± {r['std']:.2f} (n = {int(r['count'])})" for m, r in g.iterrows())
+    return (f"Over several seeds at W{bits}A{bits} (the shipped and precomputed runs: same teacher and test images; "
+            f"± is the std over seeds): {each}. Bit widths shows every bit width.")
+
+
 def diversity_line(summary: dict) -> str | None:
     """How varied a run's generated samples are, beside the reference of real images against real ones (from
     the summary a run writes; None for a run without those figures)."""
