@@ -178,8 +178,24 @@ def from_env(device: str = "auto") -> World:
     if not dist.is_initialized():
         if gpu:
             torch.cuda.set_device(local % torch.cuda.device_count())
-        dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(backend(gpu), timeout=datetime.timedelta(minutes=30))
     return World(dist.get_rank(), dist.get_world_size(), local)
+
+
+BACKENDS = ("nccl", "gloo")
+
+
+def backend(gpu: bool) -> str:
+    """The process group's backend: NCCL on GPUs, gloo on CPUs, or ``$QIMERA_DIST_BACKEND``. gloo on GPUs
+    serves several processes that share one GPU, which NCCL refuses (it wants one GPU per process)."""
+    chosen = os.environ.get("QIMERA_DIST_BACKEND", "").strip().lower()
+    if not chosen:
+        return "nccl" if gpu else "gloo"
+    if chosen not in BACKENDS:
+        raise ValueError(f"QIMERA_DIST_BACKEND={chosen!r}: choose one of {', '.join(BACKENDS)}")
+    if chosen == "nccl" and not gpu:
+        raise ValueError("QIMERA_DIST_BACKEND=nccl needs the run on a GPU (device cuda or auto with a GPU)")
+    return chosen
 
 
 def run_device(device: str, world: World) -> str:

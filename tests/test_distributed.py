@@ -139,3 +139,34 @@ def test_torchrun_runs_the_digits_preset_into_one_folder(tmp_path, digits_teache
     status = json.loads((tmp_path / "runs" / "two" / "status.json").read_text())
     assert status["status"] == "finished" and two["epochs_done"] == one["epochs_done"] == 12
     assert abs(two["quant_top1"] - one["quant_top1"]) <= 0.5, (two["quant_top1"], one["quant_top1"])
+
+
+def test_the_backend_is_nccl_on_gpus_gloo_on_cpus_or_as_the_environment_says(monkeypatch):
+    from qimera_engine.distributed import backend
+    monkeypatch.delenv("QIMERA_DIST_BACKEND", raising=False)
+    assert backend(True) == "nccl" and backend(False) == "gloo"
+    monkeypatch.setenv("QIMERA_DIST_BACKEND", "Gloo")  # several processes sharing one GPU: NCCL refuses that
+    assert backend(True) == "gloo"
+    monkeypatch.setenv("QIMERA_DIST_BACKEND", "nccl")
+    with pytest.raises(ValueError, match="needs the run on a GPU"):
+        backend(False)
+    monkeypatch.setenv("QIMERA_DIST_BACKEND", "mpi")
+    with pytest.raises(ValueError, match="choose one of nccl, gloo"):
+        backend(True)
+
+
+@pytest.mark.slow
+def test_the_process_count_benchmark_runs_one_and_two_processes(tmp_path, digits_teacher, monkeypatch, capsys):
+    """bench/bench_ddp.py: the same short digits run plainly and under torchrun, a line and a figure each."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    import bench_ddp
+    results = bench_ddp.main(["--nproc", "1,2", "--out-dir", str(tmp_path / "b"), "--json", str(tmp_path / "r.json"),
+                              "--", "--preset", "digits", "--set", "epochs=2", "--set", "iters_per_epoch=5"])
+    assert [r["processes"] for r in results] == [1, 2] and [r["backend"] for r in results] == ["-", "gloo"]
+    assert all(r["images_per_s"] > 0 and r["epochs"] == 2 and r["top1"] is not None for r in results)
+    assert json.loads((tmp_path / "r.json").read_text())["results"] == results
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["n1", "n2"]
+    assert "2 process(es) [gloo]:" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="is not empty"):  # a second measurement never writes into the first's runs
+        bench_ddp.main(["--nproc", "1", "--out-dir", str(tmp_path / "b")])
