@@ -237,5 +237,7 @@ def test_the_guided_tour_walks_the_shipped_run_in_seven_steps(showcase):
     table = at.dataframe[0].value
     assert set(table["method"]) == {"qimera+ p=0", "qimera+", "gdfq+"}
     assert "one seed: cannot tell (run more seeds)" in set(table["verdict"])
+    if (logic.shipped_curves(SHOWCASE / "bit_widths.csv")["bits"] == 4).any():  # and the several-seed figures
+        assert any("Over several seeds at W4A4" in m.value and "qimera+ p=0 **" in m.value for m in at.markdown)
     at.button(key="tour_back").click().run()
     assert at.header[0].value == f"6. {TOUR_STEPS[5]}"
