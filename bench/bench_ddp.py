@@ -66,10 +66,10 @@ def measure(n: int, out: Path, device: str, args: list[str]) -> dict:
         rows = list(csv.DictReader(f))
     rates = [float(r["images_per_s"]) for r in rows[1:]] or [float(rows[0]["images_per_s"])]
     summary = json.loads((out / "summary.json").read_text())
+    default = "nccl" if device.startswith("cuda") else "gloo"
     return {"processes": n, "images_per_s": statistics.median(rates), "wall_s": round(wall, 1),
             "top1": summary.get("quant_top1"), "epochs": len(rows),
-            "backend": environment(n, device).get("QIMERA_DIST_BACKEND", "nccl" if device.startswith("cuda") else "gloo")
-            if n > 1 else "-"}
+            "backend": environment(n, device).get("QIMERA_DIST_BACKEND", default) if n > 1 else "-"}
 
 
 def main(argv=None) -> list[dict]:

@@ -15,8 +15,8 @@ st.markdown(
 
 from qimera_engine import preset, runs_dir  # noqa: E402  (after the title, see above)
 from qimera_engine.ui import common, figures, paths  # noqa: E402
-from qimera_engine.ui.logic import (bitwidth_table, budget, curves_line, diversity_line, seed_sentence,  # noqa: E402
-                                    showcase_pair)  # noqa: E402
+from qimera_engine.ui.logic import (bitwidth_table, budget, curves_line, diversity_line,  # noqa: E402
+                                    seed_sentence, showcase_pair)
 
 common.setup_page("Home", "🧪")
 st.header("Run the demo")

@@ -5,8 +5,8 @@ import streamlit as st
 
 from qimera_engine.ui import common, figures, paths
 from qimera_engine.ui.logic import (TOUR_STEPS, bitwidth_table, budget, comparison, comparison_display,
-                                    curves_line, diversity_line, first_clean_seed, generator_runs, labelled_runs, seed_sentence,
-                                    showcase_pair)
+                                    curves_line, diversity_line, first_clean_seed, generator_runs, labelled_runs,
+                                    seed_sentence, showcase_pair)
 
 common.setup_page("Guided tour", "🧭")
 

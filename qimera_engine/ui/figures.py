@@ -229,7 +229,8 @@ GAP_FLOOR = 0.01  # points: where the gap view draws a student at or above its t
 GAP_TICKS = [0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100]  # plain numbers (plotly's log ticks read "5, 2, 10, 5, 2")
 
 
-def bitwidth_figure(table, fp_top1: float | None = None, value: str = "top1", dotted=(), gap: bool = False) -> go.Figure:
+def bitwidth_figure(table, fp_top1: float | None = None, value: str = "top1", dotted=(),
+                    gap: bool = False) -> go.Figure:
     """Mean top-1 (error bars: std over seeds) against bit width, one line per method; the methods in
     ``dotted`` (baselines) drawn dotted. With ``gap``, the points below FP instead (each run's own FP
     top-1 minus its ``value``) on a log axis, so that gaps of 0.1 and of 50 points both show; a mean gap
@@ -257,8 +258,8 @@ def bitwidth_figure(table, fp_top1: float | None = None, value: str = "top1", do
                                      hovertemplate="%{x} bits: " + what + " (%{customdata[0]} runs)<extra>"
                                                    + method + "</extra>"))
     if gap:
-        fig.update_layout(title="Points below FP per bit width (log scale)", yaxis=dict(type="log", tickvals=GAP_TICKS, ticktext=[f"{t:g}" for t in GAP_TICKS]),
-                          yaxis_title="FP top-1 minus top-1 (points)")
+        fig.update_layout(title="Points below FP per bit width (log scale)", yaxis_title="FP top-1 minus top-1 (points)",
+                          yaxis=dict(type="log", tickvals=GAP_TICKS, ticktext=[f"{t:g}" for t in GAP_TICKS]))
     else:
         if fp_top1 is not None:
             fig.add_hline(y=fp_top1, line_dash="dash", line_color="gray", annotation_text=f"FP {fp_top1:.2f}%")
