@@ -347,15 +347,26 @@ def test_bit_widths_shows_a_chart(server, page, demo):
     expect(box).to_have_value(re.compile("^resnet20 on "))
     wait_rendered(page)
     chart = page.locator('[data-testid="stPlotlyChart"]').first
-    chart.locator(".js-plotly-plot g.legend").first.wait_for()
-    legend = chart.locator("g.legend").first.text_content()  # (SVG: no inner_text)
+
+    def legend_clear_of_axis_titles() -> str:
+        chart.locator(".js-plotly-plot g.legend").first.wait_for()
+        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        legend_box = chart.locator("g.legend").first.bounding_box()
+        for name in ("g-xtitle", "g-ytitle"):
+            title = chart.locator(f".js-plotly-plot .{name}").first.bounding_box()
+            assert not _boxes_overlap(legend_box, title), (name, legend_box, title)
+        return chart.locator("g.legend").first.text_content()  # (SVG: no inner_text)
+
+    legend = legend_clear_of_axis_titles()
     assert "qimera+ p=0" in legend and "ptq+ (no fine-tuning" in legend, legend  # the shipped curves
-    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
-    legend_box = chart.locator("g.legend").first.bounding_box()
-    for name in ("g-xtitle", "g-ytitle"):
-        title = chart.locator(f".js-plotly-plot .{name}").first.bounding_box()
-        assert not _boxes_overlap(legend_box, title), (name, legend_box, title)
     screenshot(page, "bit_widths")
+    page.get_by_text("points below FP (log scale)").click()  # the gap view: the 5-8 bit gaps apart
+    chart.locator(".gtitle", has_text="Points below FP").wait_for()
+    wait_rendered(page)
+    assert "qimera+ p=0" in legend_clear_of_axis_titles()
+    ticks = chart.locator(".ytick text").all_text_contents()  # plain numbers on the log axis, not "5, 2, 10, 5"
+    assert ticks and set(ticks) <= {"0.01", "0.03", "0.1", "0.3", "1", "3", "10", "30", "100"}, ticks
+    screenshot(page, "bit_widths_gap")
 
 
 def test_boundary_controls_and_images_in_one_screen(server, page, demo):
