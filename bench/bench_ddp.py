@@ -22,7 +22,6 @@ import csv
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,18 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def command(n: int, out: Path, device: str, args: list[str]) -> list[str]:
     quantize = ["-m", "qimera_engine", "quantize", *args, "--set", f"device={device}", "--out", str(out), "--quiet"]
     if n == 1:
         return [sys.executable, *quantize]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--nnodes=1",
-            "--master-addr=127.0.0.1", f"--master-port={free_port()}", *quantize]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *quantize]
 
 
 def environment(n: int, device: str) -> dict:
@@ -57,8 +49,9 @@ def environment(n: int, device: str) -> dict:
 
 
 def measure(n: int, out: Path, device: str, args: list[str]) -> dict:
+    env = environment(n, device)
     start = time.perf_counter()
-    done = subprocess.run(command(n, out, device, args), env=environment(n, device), capture_output=True, text=True)
+    done = subprocess.run(command(n, out, device, args), env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{n} process(es) failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -69,7 +62,7 @@ def measure(n: int, out: Path, device: str, args: list[str]) -> dict:
     default = "nccl" if device.startswith("cuda") else "gloo"
     return {"processes": n, "images_per_s": statistics.median(rates), "wall_s": round(wall, 1),
             "top1": summary.get("quant_top1"), "epochs": len(rows),
-            "backend": environment(n, device).get("QIMERA_DIST_BACKEND", default) if n > 1 else "-"}
+            "backend": env.get("QIMERA_DIST_BACKEND", default) if n > 1 else "-"}
 
 
 def main(argv=None) -> list[dict]:

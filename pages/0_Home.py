@@ -15,8 +15,8 @@ st.markdown(
 
 from qimera_engine import preset, runs_dir  # noqa: E402  (after the title, see above)
 from qimera_engine.ui import common, figures, paths  # noqa: E402
-from qimera_engine.ui.logic import (bitwidth_table, budget, curves_line, diversity_line,  # noqa: E402
-                                    seed_sentence, showcase_pair)
+from qimera_engine.ui.logic import (diversity_line, run_curves_line, seed_sentence,  # noqa: E402
+                                    showcase_pair)
 
 common.setup_page("Home", "🧪")
 st.header("Run the demo")
@@ -44,7 +44,8 @@ if demo is not None and demo.status == "finished":
     with c3:
         st.page_link("pages/2_Quantize.py", label="Its curves, and a GDFQ run to compare", icon="⚙️")
 
-shipped = [r for r in paths.shipped_runs() if r.config.method == "qimera"]
+all_shipped = paths.shipped_runs()
+shipped = [r for r in all_shipped if r.config.method == "qimera"]
 if shipped:
     st.header("CIFAR-10, ready to look at")
     show, other = showcase_pair(shipped)  # the generator whose superposed samples are most varied
@@ -73,9 +74,8 @@ if shipped:
                    else "**without** superposed batches")
             st.markdown(f"The same recipe trained {how} scores {other.summary['quant_top1']:.2f}%: one seed each, "
                         "too few to tell the two apart.")
-        line = curves_line(bitwidth_table(paths.shipped_runs(), paths.curves_file()), show.config.wbits,
-                           s.get("teacher"), budget(show.config))
-        if line and show.config.wbits == show.config.abits:
+        line = run_curves_line(all_shipped, show, paths.curves_file())
+        if line:
             st.markdown(line)
         line = diversity_line(s)
         if line:

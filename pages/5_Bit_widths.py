@@ -26,16 +26,15 @@ else:
                    help="On a log scale the gaps of 5 to 8 bits (tenths of a point) show as clearly as those of "
                         "2 bits (tens of points); on the top-1 scale they lie on top of each other.") is True
     baselines = {m for m in part["method"] if from_other_budget(m)}
-    st.plotly_chart(figures.bitwidth_figure(part, part["fp_top1"].mean(), value, dotted=baselines, gap=gap),
-                    key="w_chart")
+    chart = figures.bitwidth_figure(part, part["fp_top1"].mean(), value, dotted=baselines, gap=gap)
+    st.plotly_chart(chart, key="w_chart")
     st.dataframe(part, hide_index=True, key="w_table",
                  column_config={"method": st.column_config.TextColumn(width="medium")})  # labels are long
     notes = []
-    if gap:
-        mean_gap = (part["fp_top1"] - part[value]).groupby([part["method"], part["bits"]]).mean()
-        if (mean_gap <= figures.GAP_FLOOR).any():
-            notes.append(f"{int((mean_gap <= figures.GAP_FLOOR).sum())} points are at or above their teacher's "
-                         f"top-1 and are drawn at {figures.GAP_FLOOR:g} (a log scale has no zero).")
+    floored = sum(int((t.customdata[:, 1] <= figures.GAP_FLOOR).sum()) for t in chart.data) if gap else 0
+    if floored:  # (customdata[:, 1]: each point's mean gap, before the floor)
+        notes.append(f"{floored} points are at or above their teacher's top-1 and are drawn at "
+                     f"{figures.GAP_FLOOR:g} (a log scale has no zero).")
     if baselines:
         notes.append("PTQ calibrates its student on generated images and never fine-tunes it, so its rows (their own "
                      "budget in the label) stand beside every budget's as the baseline without fine-tuning.")

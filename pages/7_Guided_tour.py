@@ -4,8 +4,8 @@ Each step fits one 1280 x 720 screen: its images are laid out so that a tile is 
 import streamlit as st
 
 from qimera_engine.ui import common, figures, paths
-from qimera_engine.ui.logic import (TOUR_STEPS, bitwidth_table, budget, comparison, comparison_display,
-                                    curves_line, diversity_line, first_clean_seed, generator_runs, labelled_runs,
+from qimera_engine.ui.logic import (TOUR_STEPS, comparison, comparison_display, diversity_line,
+                                    first_clean_seed, generator_runs, labelled_runs, run_curves_line,
                                     seed_sentence, showcase_pair)
 
 common.setup_page("Guided tour", "🧭")
@@ -106,8 +106,7 @@ else:  # the numbers
     table, _ = comparison(done, next((lab for r, lab in labelled if r.id == run.id), labelled[0][1]))
     if len(table):
         st.dataframe(comparison_display(table), hide_index=True, key="tour_table")
-    line = (curves_line(bitwidth_table(everything, paths.curves_file()), run.config.wbits, summary.get("teacher"),
-                        budget(run.config)) if shipped and run.config.wbits == run.config.abits else None)
+    line = run_curves_line(everything, run, paths.curves_file()) if shipped else None  # (the shipped teacher's)
     st.markdown("**Does superposition help?** One seed each cannot say: two runs of one method differ by about "
                 "0.2-0.4 points from their seed alone. "
                 + (line + " " if line else "(docs/results.md compares them over three seeds.) ")

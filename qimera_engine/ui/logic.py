@@ -361,6 +361,15 @@ def curves_line(table: pd.DataFrame, bits: int, teacher: str, budget: int) -> st
             f"± is the std over seeds): {each}. Bit widths shows every bit width.")
 
 
+def run_curves_line(runs: list[Run], run: Run, curves=None) -> str | None:
+    """``curves_line`` at ``run``'s bit width, teacher and budget, over ``runs`` and the precomputed ``curves``
+    (``bitwidth_table``); None for a run whose W and A differ (the curves have W = A only)."""
+    c = run.config
+    if c.wbits != c.abits:
+        return None
+    return curves_line(bitwidth_table(runs, curves), c.wbits, c.teacher, budget(c))
+
+
 def diversity_line(summary: dict) -> str | None:
     """How varied a run's generated samples are, beside the reference of real images against real ones (from
     the summary a run writes; None for a run without those figures)."""
