@@ -4,6 +4,7 @@ Started once per rank with torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, 
 for a one-process reference (``--as-if-distributed``: with the operations of a run over several processes).
 ``--unsynced``: each process computes the BatchNorm moments of its own share
 (what a run without the synchronised moments would do), which the test expects to differ.
+``--adam-eps E``: Adam (here only the generator's) with eps E in place of its default (the same in every run compared).
 """
 from __future__ import annotations
 
@@ -25,8 +26,12 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--unsynced", action="store_true")
     ap.add_argument("--as-if-distributed", action="store_true")
+    ap.add_argument("--adam-eps", type=float, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.adam_eps is not None:
+        adam_init = torch.optim.Adam.__init__
+        torch.optim.Adam.__init__ = lambda self, params, **kw: adam_init(self, params, **{**kw, "eps": args.adam_eps})
     cfg = RunConfig.from_dict(json.loads(args.config)).resolved()
     world = distributed.from_env("cpu")
     if args.as_if_distributed:
