@@ -22,6 +22,7 @@ WEIGHT_CLIPS = ("minmax", "mse")
 ACT_CALIBS = ("ema", "mse")
 LR_SCHEDULES = ("step", "cosine")
 CE_ROWS = ("all", "plain", "agree")
+GEN_AUGMENTS = ("none", "flip", "flip-shift")
 COMPILE_MODES = ("off", "default", "reduce-overhead")
 RECON_AT = ("calib", "end")
 BITS = (2, 3, 4, 5, 6, 7, 8, 32)
@@ -166,6 +167,11 @@ class RunConfig:
         0.0, "0: the generator's cross-entropy pushes every sample to certainty (paper); > 0: only while a sample's "
         "KL to its target exceeds this margin (0.1: stop near 90% confidence), as IntraQ's soft inception loss.",
         "[0, 100]", cap=OVERFLOW, note="0: off", label="Generator CE margin", section="Generator")
+    gen_augment: str = setting(
+        "none", "none (paper); flip: mirror a random half of each generated batch before the teacher sees it (for "
+        "images whose mirror image shows the same class, as CIFAR's); flip-shift: and roll the batch by up to 1/8 of the image size (DeepInversion's jitter). The "
+        "generator learns through the augmentation, and the student trains on the augmented images.",
+        choices=GEN_AUGMENTS, label="Augment generated images", section="Generator")
     gen_epochs: int = setting(
         0, "0: the generator trains in every epoch (paper); N > 0: only in the first N epochs, then it is frozen and "
         "goes on making the student's images from fresh noise (it skips its backward pass from then on).",
@@ -409,7 +415,7 @@ PAPER_SETTINGS = {"weight_clip": "minmax", "act_calib": "ema", "lr_schedule": "s
                   "student_ema": 0.0, "recon_iters": 0, "superpose_ramp": 0, "superpose_start": 0,
                   "embed_norm": False,
                   "block_noise": False, "ms_weight": 0.0, "bns_slack": 0.0, "ce_g_margin": 0.0,
-                  "gen_epochs": 0}
+                  "gen_epochs": 0, "gen_augment": "none"}
 
 # --------------------------------------------------------------------------- checking a value
 

@@ -440,6 +440,8 @@ class Trainer:
     def _generator_step(self, latent: LatentBatch, frozen: bool) -> Batch:
         cfg = self.cfg
         x = self.gen_fwd(latent.labels, latent.coeffs, latent.noise, latent.pixel)
+        if cfg.gen_augment != "none":
+            x = self._augment(x)
         self.bns.active = True
         feats = []
         hook = (self.classifier.register_forward_pre_hook(lambda m, a: feats.append(a[0].flatten(1)))
@@ -465,6 +467,18 @@ class Trainer:
             self.opt_g.step()
         x, t_logits = (x.detach().clone(), t_logits.detach().clone()) if self.graphs else (x.detach(), t_logits.detach())
         return Batch(x, latent.targets, t_logits, (loss_g.detach(), ce_g.detach(), l_bns.detach()))
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        """``gen_augment``: mirror a random half of the rows, and (flip-shift) roll the batch by up to 1/8 of its
+        size. Drawn for the global batch, so every process of a distributed run augments its rows alike."""
+        n = self.cfg.batch_size
+        flip = (torch.rand(n, generator=self.rng.cpu) < 0.5)[self.world.rows(n)].to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if self.cfg.gen_augment == "flip-shift":
+            pad = max(1, x.shape[-1] // 8)
+            dy, dx = torch.randint(-pad, pad + 1, (2,), generator=self.rng.cpu).tolist()
+            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+        return x
 
     def real_batch(self) -> Batch:
         """The real-data baseline's batch: real training images (randomly shifted), one-hot targets."""

@@ -236,7 +236,8 @@ def test_summary_holds_the_figures_and_the_real_reference(tmp_path):
 
 @pytest.mark.parametrize("switch", [dict(embed_norm=True), dict(block_noise=True), dict(ms_weight=1.0),
                                     dict(ms_weight=1.0, ms_space="feature"), dict(bns_slack=0.5),
-                                    dict(ce_g_margin=0.1)], ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+                                    dict(ce_g_margin=0.1), dict(gen_augment="flip"), dict(gen_augment="flip-shift")],
+                         ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
 def test_each_switch_changes_the_generator(switch, default_rows, tmp_path):
     summary = run_to_end(preset("digits", **SHORT, **switch), out=tmp_path / "r")
     rows = open_run(tmp_path / "r").metrics
