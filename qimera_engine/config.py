@@ -169,8 +169,9 @@ class RunConfig:
         "[0, 100]", cap=OVERFLOW, note="0: off", label="Generator CE margin", section="Generator")
     gen_augment: str = setting(
         "none", "none (paper); flip: mirror a random half of each generated batch before the teacher sees it (for "
-        "images whose mirror image shows the same class, as CIFAR's); flip-shift: and roll the batch by up to 1/8 of the image size (DeepInversion's jitter). The "
-        "generator learns through the augmentation, and the student trains on the augmented images.",
+        "images whose mirror image shows the same class, as CIFAR's); flip-shift: and roll the batch by up to 1/8 "
+        "of the image size (DeepInversion's jitter). The generator learns through the augmentation, and the "
+        "student trains on the augmented images.",
         choices=GEN_AUGMENTS, label="Augment generated images", section="Generator")
     gen_epochs: int = setting(
         0, "0: the generator trains in every epoch (paper); N > 0: only in the first N epochs, then it is frozen and "

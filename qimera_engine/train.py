@@ -441,7 +441,7 @@ class Trainer:
         cfg = self.cfg
         x = self.gen_fwd(latent.labels, latent.coeffs, latent.noise, latent.pixel)
         if cfg.gen_augment != "none":
-            x = self._augment(x)
+            x = self._augment(x, latent.paired)
         self.bns.active = True
         feats = []
         hook = (self.classifier.register_forward_pre_hook(lambda m, a: feats.append(a[0].flatten(1)))
@@ -468,11 +468,16 @@ class Trainer:
         x, t_logits = (x.detach().clone(), t_logits.detach().clone()) if self.graphs else (x.detach(), t_logits.detach())
         return Batch(x, latent.targets, t_logits, (loss_g.detach(), ce_g.detach(), l_bns.detach()))
 
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, paired: bool = False) -> torch.Tensor:
         """``gen_augment``: mirror a random half of the rows, and (flip-shift) roll the batch by up to 1/8 of its
-        size. Drawn for the global batch, so every process of a distributed run augments its rows alike."""
+        size. Drawn for the global batch, so every process of a distributed run draws the same numbers. In a
+        paired batch (mode seeking) the two halves are mirrored alike: a pair differs by its noise alone."""
         n = self.cfg.batch_size
-        flip = (torch.rand(n, generator=self.rng.cpu) < 0.5)[self.world.rows(n)].to(x.device)
+        flip = (torch.rand(n, generator=self.rng.cpu) < 0.5)[self.world.rows(n)]
+        if paired:
+            half = flip[:len(flip) // 2]
+            flip = torch.cat([half, half])
+        flip = flip.to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
         if self.cfg.gen_augment == "flip-shift":
             pad = max(1, x.shape[-1] // 8)

@@ -251,6 +251,31 @@ def test_each_switch_changes_the_generator(switch, default_rows, tmp_path):
     assert gen["embed_norm"] == switch.get("embed_norm", False)
 
 
+@pytest.mark.parametrize("paired", [False, True])
+def test_gen_augment_mirrors_rows_and_rolls_the_batch(paired):
+    """Each row comes back as it was or mirrored, about half of them mirrored; flip-shift also rolls the whole
+    batch by one shift of at most 1/8 of the image size; a paired batch's halves are mirrored alike."""
+    from types import SimpleNamespace
+    from qimera_engine.distributed import SINGLE
+    from qimera_engine.train import Trainer
+    x = torch.randn(400, 3, 16, 16)
+
+    def trainer(mode):
+        rng = SimpleNamespace(cpu=torch.Generator().manual_seed(0))
+        return SimpleNamespace(cfg=SimpleNamespace(batch_size=400, gen_augment=mode), rng=rng, world=SINGLE)
+
+    out = Trainer._augment(trainer("flip"), x, paired)
+    same = (out == x).flatten(1).all(1)
+    mirrored = (out == x.flip(3)).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and 120 < int(mirrored.sum()) < 280
+    if paired:
+        assert torch.equal(mirrored[:200], mirrored[200:])
+    shifted = Trainer._augment(trainer("flip-shift"), x, paired)
+    rolls = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+             if torch.equal(shifted, torch.roll(out, shifts=(dy, dx), dims=(2, 3)))]
+    assert len(rolls) == 1  # the same mirrors (the same draws come first), then one roll of at most 2 = 16 / 8 pixels
+
+
 def test_a_frozen_generator_learns_nothing_more(default_rows, tmp_path):
     """gen_epochs=1: the generator trains in epoch 0 exactly as by default, then stays as it is; its losses
     are still measured, and the run still trains the student."""
