@@ -37,7 +37,7 @@ from qimera_engine.runtime import keep_freed_memory  # noqa: E402
 from qimera_engine.train import Parts, Trainer  # noqa: E402
 
 # What a screen may change: the reconstruction's settings and what its images are drawn with.
-SETTABLE = {"recon_iters", "recon_images", "recon_drop", "recon_act_lr", "superpose_p", "superpose_k", "test_data", "num_threads",
+SETTABLE = {"recon_iters", "recon_images", "recon_drop", "recon_lr", "recon_act_lr", "superpose_p", "superpose_k", "test_data", "num_threads",
             "eval_batch_size"}
 
 
@@ -69,7 +69,7 @@ def screen(run: Run, overrides: dict, image_seed: int) -> dict:
     before = evaluate(parts.student, parts.test, batch_size=cfg.eval_batch_size, device=parts.device)["top1"]
     t1 = time.perf_counter()
     flips = reconstruct(parts.student, parts.teacher.model, images, cfg.recon_iters, drop=cfg.recon_drop,
-                        act_lr=cfg.recon_act_lr, seed=cfg.seed) if cfg.recon_iters else {}
+                        lr=cfg.recon_lr, act_lr=cfg.recon_act_lr, seed=cfg.seed) if cfg.recon_iters else {}
     t2 = time.perf_counter()
     after = evaluate(parts.student, parts.test, batch_size=cfg.eval_batch_size, device=parts.device)["top1"]
     return {"run": run.path.name, "seed": cfg.seed, "before": round(before, 2), "after": round(after, 2),

@@ -268,6 +268,9 @@ class RunConfig:
                                         "roundings, at this Adam rate (as BRECQ and Genie learn step sizes); 0: "
                                         "the ranges stay as calibrated.", "[0, 1]", note="0: off",
                                   label="Reconstruction range rate", section="Qimera+")
+    recon_lr: float = setting(1e-3, "Adam rate of the reconstruction's rounding variables (AdaRound/BRECQ: 1e-3 "
+                                    "over 20,000 steps per block; fewer steps may want more).", "(0, 10]",
+                              cap=OVERFLOW, log=True, label="Reconstruction rounding rate", section="Qimera+")
 
     # --- machine ---
     device: str = setting("auto", "auto (CUDA when present) | cpu | cuda | cuda:N.", choices=("auto", "cpu", "cuda"),

@@ -603,8 +603,8 @@ class Trainer:
             images = torch.cat(list(self.recon_pool))[-self.cfg.recon_images:]
             self.recon_pool = None
             self.recon_flips = reconstruct(self.student, self.teacher, images, self.cfg.recon_iters,
-                                           drop=self.cfg.recon_drop, act_lr=self.cfg.recon_act_lr,
-                                           seed=self.cfg.seed)
+                                           drop=self.cfg.recon_drop, lr=self.cfg.recon_lr,
+                                           act_lr=self.cfg.recon_act_lr, seed=self.cfg.seed)
             self.world.share_module(self.student)  # the same images on every rank: a guard against drift
 
     def recon_epoch(self) -> int:

@@ -99,6 +99,27 @@ def test_reconstruction_is_reproducible_and_leaves_unquantized_layers_alone():
     assert reconstruct(fp, teacher, x, 5) == {}
 
 
+def test_a_higher_rounding_rate_moves_more_roundings_and_the_run_passes_it_on(tmp_path, digits_teacher):
+    """``lr`` is the Adam rate of AdaRound's V: in the same number of steps a higher one takes more
+    weights off the nearest rounding; a run hands ``recon_lr`` to it (the default, 1e-3, is the rate
+    every run used before the switch existed)."""
+    torch.manual_seed(0)
+    teacher = CifarResNet(20).eval()
+    x = torch.randn(128, 3, 32, 32)
+    slow, fast = _calibrated(teacher, x), _calibrated(teacher, x)
+    n_slow = sum(reconstruct(slow, teacher, x, 20, seed=0, lr=1e-3).values())
+    n_fast = sum(reconstruct(fast, teacher, x, 20, seed=0, lr=3e-2).values())
+    assert n_fast > n_slow
+    short = dict(epochs=1, iters_per_epoch=4, warmup_epochs=0, calib_epochs=1, batch_size=16, milestones=[],
+                 log_every=4, seed=0, recon_iters=10, recon_images=32, recon_at="end", diversity_images=0)
+    flips = {}
+    for name, extra in (("default", {}), ("explicit", {"recon_lr": 1e-3}), ("fast", {"recon_lr": 0.1})):
+        logs = [e.text for e in run(preset("digits", **short, **extra), out=tmp_path / name)
+                if isinstance(e, Log) and "reconstructed" in e.text]
+        flips[name] = int(re.search(r"(\d+) weights now round", logs[0]).group(1))
+    assert flips["default"] == flips["explicit"] and flips["fast"] != flips["default"]
+
+
 def test_reconstruction_learns_the_activation_ranges_only_when_asked():
     """``act_lr`` > 0 moves the ranges inside the units (and fits the teacher at least as well as the
     roundings alone); the ranges are buffers again afterwards, so saving and export see a plain student."""
