@@ -31,10 +31,9 @@ import torch  # noqa: E402
 from qimera_engine.config import RunConfig, parse_overrides  # noqa: E402
 from qimera_engine.evaluate import evaluate  # noqa: E402
 from qimera_engine.models.checkpoint import load_weights  # noqa: E402
-from qimera_engine.quant import reconstruct  # noqa: E402
 from qimera_engine.runs import Run, open_run  # noqa: E402
 from qimera_engine.runtime import keep_freed_memory  # noqa: E402
-from qimera_engine.train import Parts, Trainer  # noqa: E402
+from qimera_engine.train import Parts, Trainer, reconstruct_as_configured  # noqa: E402
 
 # What a screen may change: the reconstruction's settings and what its images are drawn with.
 SETTABLE = {"recon_iters", "recon_images", "recon_drop", "recon_lr", "recon_act_lr", "superpose_p", "superpose_k", "test_data", "num_threads",
@@ -68,8 +67,7 @@ def screen(run: Run, overrides: dict, image_seed: int) -> dict:
     images = torch.cat(batches)[-cfg.recon_images:]
     before = evaluate(parts.student, parts.test, batch_size=cfg.eval_batch_size, device=parts.device)["top1"]
     t1 = time.perf_counter()
-    flips = reconstruct(parts.student, parts.teacher.model, images, cfg.recon_iters, drop=cfg.recon_drop,
-                        lr=cfg.recon_lr, act_lr=cfg.recon_act_lr, seed=cfg.seed) if cfg.recon_iters else {}
+    flips = reconstruct_as_configured(cfg, parts.student, parts.teacher.model, images) if cfg.recon_iters else {}
     t2 = time.perf_counter()
     after = evaluate(parts.student, parts.test, batch_size=cfg.eval_batch_size, device=parts.device)["top1"]
     return {"run": run.path.name, "seed": cfg.seed, "before": round(before, 2), "after": round(after, 2),

@@ -602,9 +602,7 @@ class Trainer:
                                          # from the fine-tuned weights, on the last epoch's images)
             images = torch.cat(list(self.recon_pool))[-self.cfg.recon_images:]
             self.recon_pool = None
-            self.recon_flips = reconstruct(self.student, self.teacher, images, self.cfg.recon_iters,
-                                           drop=self.cfg.recon_drop, lr=self.cfg.recon_lr,
-                                           act_lr=self.cfg.recon_act_lr, seed=self.cfg.seed)
+            self.recon_flips = reconstruct_as_configured(self.cfg, self.student, self.teacher, images)
             self.world.share_module(self.student)  # the same images on every rank: a guard against drift
 
     def recon_epoch(self) -> int:
@@ -798,6 +796,14 @@ def _save_epoch(folder: Run, parts: Parts, trainer: Trainer, epoch: int, best: f
 
 
 DIVERSITY_KEYS = ("coverage", "precision", "recall", "density", "spread_vs_real", "spread_ratio")
+
+
+def reconstruct_as_configured(cfg: RunConfig, student: nn.Module, teacher: nn.Module,
+                              images: torch.Tensor) -> dict[str, int]:
+    """``quant.reconstruct`` with a run's ``recon_*`` settings: what a run does after its reconstruction epoch,
+    and what ``bench/screen_recon.py`` does again on a saved student."""
+    return reconstruct(student, teacher, images, cfg.recon_iters, drop=cfg.recon_drop, lr=cfg.recon_lr,
+                       act_lr=cfg.recon_act_lr, seed=cfg.seed)
 
 
 class DiversityProbe:
