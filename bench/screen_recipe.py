@@ -40,7 +40,8 @@ STUDENT_SIDE = {"wbits", "abits", "keep_first_last_8bit", "kd_alpha", "kd_tau", 
                 "lr_s", "momentum", "weight_decay", "milestones", "lr_gamma", "calib_epochs", "warmup_epochs",
                 "ema_beta", "student_train_mode", "weight_clip", "act_calib", "lr_schedule", "ce_rows",
                 "lowpass_d0", "student_steps", "act_learn", "act_lr", "test_data", "eval_batch_size", "num_threads",
-                "student_ema", "recon_iters", "recon_images", "recon_drop", "recon_at", "recon_lr", "recon_act_lr"}
+                "student_ema", "recon_iters", "recon_images", "recon_drop", "recon_at", "recon_lr", "recon_act_lr",
+                "recon_refine", "recon_refine_lr"}
 
 
 def _as_a_run(cfg: RunConfig) -> None:

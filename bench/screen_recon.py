@@ -36,8 +36,8 @@ from qimera_engine.runtime import keep_freed_memory  # noqa: E402
 from qimera_engine.train import Parts, Trainer, reconstruct_as_configured  # noqa: E402
 
 # What a screen may change: the reconstruction's settings and what its images are drawn with.
-SETTABLE = {"recon_iters", "recon_images", "recon_drop", "recon_lr", "recon_act_lr", "superpose_p", "superpose_k", "test_data", "num_threads",
-            "eval_batch_size"}
+SETTABLE = {"recon_iters", "recon_images", "recon_drop", "recon_lr", "recon_act_lr", "recon_refine",
+            "recon_refine_lr", "superpose_p", "superpose_k", "test_data", "num_threads", "eval_batch_size"}
 
 
 def screen(run: Run, overrides: dict, image_seed: int) -> dict:

@@ -271,6 +271,14 @@ class RunConfig:
     recon_lr: float = setting(1e-3, "Adam rate of the reconstruction's rounding variables (AdaRound/BRECQ: 1e-3 "
                                     "over 20,000 steps per block; fewer steps may want more).", "(0, 10]",
                               cap=OVERFLOW, log=True, label="Reconstruction rounding rate", section="Qimera+")
+    recon_refine: int = setting(
+        0, "0: off; > 0: before the reconstruction, this many Adam steps on the pixels of each batch of its images "
+        "toward the teacher's BN statistics, each image keeping the teacher's class (Genie/ZeroQ-style distilled "
+        "images).", "[0, 10**4]", cap=TIME, note="0: off", label="Refine reconstruction images (steps)",
+        section="Qimera+")
+    recon_refine_lr: float = setting(0.05, "Adam rate of recon_refine's pixel steps (images as the teacher sees them, "
+                                           "normalised).", "(0, 10]", cap=OVERFLOW, log=True,
+                                     label="Refinement rate", section="Qimera+")
 
     # --- machine ---
     device: str = setting("auto", "auto (CUDA when present) | cpu | cuda | cuda:N.", choices=("auto", "cpu", "cuda"),

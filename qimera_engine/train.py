@@ -34,7 +34,7 @@ from .losses import (BNStatisticsLoss, ce_row_mask, generator_ce, kd_loss, low_p
                      mode_seeking, soft_cross_entropy)
 from .models import Teacher, classifier_layer, save_state_dict
 from .quant import (act_quantizers, enable_weight_clip, fit_ranges_mse, make_ranges_learnable, reconstruct,
-                    set_calibration, start_range_sampling)
+                    refine_images, set_calibration, start_range_sampling)
 from .runtime import autocast_for, compiled, cpu_layout, keep_freed_memory, pick_device
 from .runs import Run, RunDamaged, RunLocked, atomic_path, check_out, create_run, open_run, write_csv, write_json
 from .seeding import RunRandom, seeded_init
@@ -802,6 +802,8 @@ def reconstruct_as_configured(cfg: RunConfig, student: nn.Module, teacher: nn.Mo
                               images: torch.Tensor) -> dict[str, int]:
     """``quant.reconstruct`` with a run's ``recon_*`` settings: what a run does after its reconstruction epoch,
     and what ``bench/screen_recon.py`` does again on a saved student."""
+    images = refine_images(teacher, images, cfg.recon_refine, lr=cfg.recon_refine_lr, batch_size=cfg.batch_size,
+                           bns_weight=cfg.bns_weight, margin=cfg.ce_g_margin)
     return reconstruct(student, teacher, images, cfg.recon_iters, drop=cfg.recon_drop, lr=cfg.recon_lr,
                        act_lr=cfg.recon_act_lr, seed=cfg.seed)
 

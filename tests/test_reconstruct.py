@@ -18,6 +18,7 @@ from qimera_engine.quant import (
     enable_weight_clip,
     quantize_model,
     reconstruct,
+    refine_images,
     set_calibration,
     weight_layers,
 )
@@ -120,6 +121,46 @@ def test_a_higher_rounding_rate_moves_more_roundings_and_the_run_passes_it_on(tm
     assert flips["default"] == flips["explicit"] and flips["fast"] != flips["default"]
 
 
+def test_refined_images_meet_the_teachers_statistics_closer_and_keep_their_class():
+    """``refine_images``: Adam on the pixels, batch by batch, lowers each batch's BN-statistics loss; the
+    teacher still gives each image the class it gave at the start; the input, the teacher's weights and
+    its mode are untouched; the result is reproducible; no steps returns the input itself."""
+    from qimera_engine.losses import bn_statistics_loss
+    torch.manual_seed(0)
+    teacher = DigitsCNN(width=16)
+    with torch.no_grad():  # running statistics the random images do not meet
+        for m in teacher.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(64, 1, 8, 8)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    x0 = x.clone()
+    assert refine_images(teacher, x, 0) is x
+    y = refine_images(teacher, x, 15, lr=0.2, batch_size=32)
+    assert torch.equal(x, x0) and y.shape == x.shape and not torch.equal(y, x)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    teacher.eval()
+    with torch.no_grad():
+        for rows in (slice(0, 32), slice(32, 64)):
+            assert bn_statistics_loss(teacher, y[rows])[1] < 0.8 * bn_statistics_loss(teacher, x[rows])[1]
+        assert (teacher(y).argmax(1) == teacher(x).argmax(1)).float().mean() >= 0.9
+    assert torch.equal(refine_images(teacher, x, 15, lr=0.2, batch_size=32), y)
+
+
+def test_a_run_refines_its_reconstruction_images_only_when_asked(tmp_path, digits_teacher):
+    """``recon_refine`` > 0 hands the reconstruction other images (other roundings); 0, the default,
+    gives what the run gave before the switch existed."""
+    short = dict(epochs=1, iters_per_epoch=4, warmup_epochs=0, calib_epochs=1, batch_size=16, milestones=[],
+                 log_every=4, seed=0, recon_iters=10, recon_images=32, recon_at="end", diversity_images=0)
+    students = {}
+    for name, extra in (("default", {}), ("off", {"recon_refine": 0}), ("on", {"recon_refine": 5})):
+        list(run(preset("digits", **short, **extra), out=tmp_path / name))
+        students[name] = load_student(tmp_path / name).state_dict()
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(students["default"], students["off"]) and not same(students["default"], students["on"])
+
+
 def test_reconstruction_learns_the_activation_ranges_only_when_asked():
     """``act_lr`` > 0 moves the ranges inside the units (and fits the teacher at least as well as the
     roundings alone); the ranges are buffers again afterwards, so saving and export see a plain student."""
@@ -145,7 +186,8 @@ def test_reconstruction_learns_the_activation_ranges_only_when_asked():
 @pytest.mark.parametrize("field,value,message", [
     ("recon_act_lr", -0.1, "recon_act_lr must be"), ("recon_iters", -1, "recon_iters must be"), ("recon_images", 0, "recon_images must be"),
     ("recon_drop", 1.5, "recon_drop must be"), ("recon_drop", math.nan, "recon_drop must be"),
-    ("recon_at", "start", "recon_at must be one of")])
+    ("recon_at", "start", "recon_at must be one of"), ("recon_refine", -1, "recon_refine must be"),
+    ("recon_refine_lr", 0, "recon_refine_lr must be")])
 def test_bad_reconstruction_settings_are_refused(field, value, message):
     with pytest.raises(ConfigError, match=message):
         preset("digits", **{field: value})

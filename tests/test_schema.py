@@ -228,6 +228,8 @@ BOUNDS = {
     "recon_drop": ("-0.1", "1.5", "recon_drop must be in [0, 1]"),
     "recon_act_lr": ("-0.1", "1.5", "recon_act_lr must be in [0, 1]"),
     "recon_lr": ("0", "10.5", "recon_lr must be > 0 and <= 10"),
+    "recon_refine": ("-1", "10001", "recon_refine must be an integer >= 0 and <= 10**4"),
+    "recon_refine_lr": ("0", "10.5", "recon_refine_lr must be > 0 and <= 10"),
     "num_threads": ("0", "4097", "num_threads must be an integer >= 1 and <= 4096"),
     "log_every": ("0", "1000001", "log_every must be an integer >= 1 and <= 10**6"),
 }
