@@ -2,6 +2,8 @@
 
     python assets/build_showcase.py --qimera RUN --superposed RUN --gdfq RUN \
         --checkpoint resnet20-cifar10.th --data cifar10-dev [--per-class 50]
+    # one run replaced, the rest of the showcase kept as shipped (same teacher):
+    python assets/build_showcase.py --qimera RUN --checkpoint resnet20-cifar10.th
 
 Copies the ResNet-20 teacher (as .safetensors, with its licence), the three finished runs (Qimera+ as
 its preset has it, without superposed batches; the same recipe with them, whose generator the pages
@@ -79,13 +81,36 @@ def copy_run(src: Path, name: str, teacher_sha: str, superposed: bool | None = N
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--qimera", required=True, help="a finished Qimera+ run (the preset: no superposed batches)")
-    ap.add_argument("--superposed", required=True, help="the same recipe with superposed batches (p > 0)")
-    ap.add_argument("--gdfq", required=True, help="a finished GDFQ run of the same budget")
+    ap.add_argument("--qimera", help="a finished Qimera+ run (the preset: no superposed batches)")
+    ap.add_argument("--superposed", help="the same recipe with superposed batches (p > 0)")
+    ap.add_argument("--gdfq", help="a finished GDFQ run of the same budget")
     ap.add_argument("--checkpoint", required=True, help="the ResNet-20 checkpoint the runs used")
-    ap.add_argument("--data", required=True, help="an ImageFolder of CIFAR-10 test images")
+    ap.add_argument("--data", help="an ImageFolder of CIFAR-10 test images (needed unless runs are replaced "
+                                   "in a showcase that is already built)")
     ap.add_argument("--per-class", type=int, default=50)
     args = ap.parse_args()
+    given = {"cifar10-resnet20-qimera-w4a4": (args.qimera, False),
+             "cifar10-resnet20-qimera-superposed-w4a4": (args.superposed, True),
+             "cifar10-resnet20-gdfq-w4a4": (args.gdfq, None)}
+    given = {name: (src, sup) for name, (src, sup) in given.items() if src}
+    if not given:
+        ap.error("name at least one run (--qimera, --superposed, --gdfq)")
+    from qimera_engine import build_teacher
+    teacher = build_teacher("resnet20", checkpoint=args.checkpoint)
+    sha = state_dict_sha256(teacher.model)
+    if len(given) < 3:  # replace these runs only; the teacher, the sample and the other runs stay
+        if args.data:
+            ap.error("--data rebuilds the whole showcase: name all three runs with it")
+        if not (OUT / TEACHER).is_file() or state_dict_sha256_of(OUT / TEACHER) != sha:
+            raise SystemExit(f"{OUT} holds no showcase of this teacher: build it whole (all three runs and --data)")
+        for name, (src, superposed) in given.items():
+            open_run(src)  # a missing or unreadable run fails here, before anything shipped is removed
+            shutil.rmtree(OUT / "runs" / name, ignore_errors=True)
+            copy_run(Path(src), name, sha, superposed=superposed)
+        print(f"replaced {', '.join(given)} in {OUT}")
+        return
+    if not args.data:
+        ap.error("a whole rebuild needs --data")
     curves = OUT / "bit_widths.csv"  # assets/build_curves.py's rows outlive a rebuild of the runs
     kept = curves.read_bytes() if curves.is_file() else None
     if OUT.exists():
@@ -93,14 +118,10 @@ def main() -> None:
     (OUT / "teacher").mkdir(parents=True)
     if kept is not None:
         curves.write_bytes(kept)
-    from qimera_engine import build_teacher
-    teacher = build_teacher("resnet20", checkpoint=args.checkpoint)
     save_state_dict(load_state_dict_file(args.checkpoint), OUT / TEACHER)
     (OUT / "teacher" / "LICENSE-resnet20.txt").write_text(LICENCE)
-    sha = state_dict_sha256(teacher.model)
-    copy_run(Path(args.qimera), "cifar10-resnet20-qimera-w4a4", sha, superposed=False)
-    copy_run(Path(args.superposed), "cifar10-resnet20-qimera-superposed-w4a4", sha, superposed=True)
-    copy_run(Path(args.gdfq), "cifar10-resnet20-gdfq-w4a4", sha)
+    for name, (src, superposed) in given.items():
+        copy_run(Path(src), name, sha, superposed=superposed)
     for cls in sorted(p for p in Path(args.data).iterdir() if p.is_dir()):
         (OUT / SAMPLE / cls.name).mkdir(parents=True)
         for img in sorted(cls.iterdir())[: args.per_class]:
@@ -108,6 +129,12 @@ def main() -> None:
             Image.open(img).convert("RGB").save(OUT / SAMPLE / cls.name / f"{img.stem}.png", optimize=True)
     size = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"wrote {OUT} ({size / 2**20:.1f} MB)")
+
+
+def state_dict_sha256_of(path: Path) -> str:
+    """The sha256 of the weights in a state-dict file, as the teacher built from it has them."""
+    from qimera_engine import build_teacher
+    return state_dict_sha256(build_teacher("resnet20", checkpoint=str(path)).model)
 
 
 if __name__ == "__main__":

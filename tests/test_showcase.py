@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -241,3 +242,34 @@ def test_the_guided_tour_walks_the_shipped_run_in_seven_steps(showcase):
         assert any("Over several seeds at W4A4" in m.value and "qimera+ p=0 **" in m.value for m in at.markdown)
     at.button(key="tour_back").click().run()
     assert at.header[0].value == f"6. {TOUR_STEPS[5]}"
+
+
+def test_build_showcase_replaces_one_run_and_keeps_the_rest(tmp_path, monkeypatch):
+    """assets/build_showcase.py with one run named: that run is copied in again (paths made relative, the
+    shipped provenance written), the teacher, the sample and the other runs stay byte for byte; a showcase of
+    another teacher, or --data without all three runs, is refused before anything is removed."""
+    monkeypatch.syspath_prepend(str(ROOT / "assets"))
+    import build_showcase
+    out = tmp_path / "showcase"
+    shutil.copytree(SHOWCASE, out, ignore=shutil.ignore_patterns("cifar10-sample"))
+    monkeypatch.setattr(build_showcase, "OUT", out)
+    src = tmp_path / "src" / "a-new-run"
+    shutil.copytree(SHOWCASE / "runs" / "cifar10-resnet20-qimera-w4a4", src)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    teacher = str(SHOWCASE / "teacher" / "resnet20-cifar10.safetensors")
+    monkeypatch.setattr(sys, "argv", ["build_showcase.py", "--qimera", str(src), "--checkpoint", teacher])
+    build_showcase.main()
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert set(after) == set(before)
+    changed = {str(k) for k in after if after[k] != before[k]}
+    assert changed == {"runs/cifar10-resnet20-qimera-w4a4/shipped.json"}  # same files, new provenance
+    assert json.loads(after[Path("runs/cifar10-resnet20-qimera-w4a4/shipped.json")])["from"] == "a-new-run"
+    monkeypatch.setattr(sys, "argv", ["build_showcase.py", "--qimera", str(src), "--checkpoint", teacher,
+                                      "--data", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        build_showcase.main()
+    monkeypatch.setattr(build_showcase, "OUT", tmp_path / "empty")
+    monkeypatch.setattr(sys, "argv", ["build_showcase.py", "--qimera", str(src), "--checkpoint", teacher])
+    with pytest.raises(SystemExit, match="no showcase of this teacher"):
+        build_showcase.main()
+    assert (out / "runs" / "cifar10-resnet20-qimera-w4a4" / "config.json").is_file()
