@@ -95,18 +95,14 @@ def main() -> None:
     given = {name: (src, sup) for name, (src, sup) in given.items() if src}
     if not given:
         ap.error("name at least one run (--qimera, --superposed, --gdfq)")
-    from qimera_engine import build_teacher
-    teacher = build_teacher("resnet20", checkpoint=args.checkpoint)
-    sha = state_dict_sha256(teacher.model)
+    sha = teacher_sha256(args.checkpoint)
     if len(given) < 3:  # replace these runs only; the teacher, the sample and the other runs stay
         if args.data:
             ap.error("--data rebuilds the whole showcase: name all three runs with it")
-        if not (OUT / TEACHER).is_file() or state_dict_sha256_of(OUT / TEACHER) != sha:
+        if not (OUT / TEACHER).is_file() or teacher_sha256(OUT / TEACHER) != sha:
             raise SystemExit(f"{OUT} holds no showcase of this teacher: build it whole (all three runs and --data)")
         for name, (src, superposed) in given.items():
-            open_run(src)  # a missing or unreadable run fails here, before anything shipped is removed
-            shutil.rmtree(OUT / "runs" / name, ignore_errors=True)
-            copy_run(Path(src), name, sha, superposed=superposed)
+            replace_run(Path(src), name, sha, superposed)
         print(f"replaced {', '.join(given)} in {OUT}")
         return
     if not args.data:
@@ -131,10 +127,28 @@ def main() -> None:
     print(f"wrote {OUT} ({size / 2**20:.1f} MB)")
 
 
-def state_dict_sha256_of(path: Path) -> str:
-    """The sha256 of the weights in a state-dict file, as the teacher built from it has them."""
+def teacher_sha256(checkpoint) -> str:
+    """The sha256 of the ResNet-20 teacher built from a checkpoint (what a run's teacher.json records)."""
     from qimera_engine import build_teacher
-    return state_dict_sha256(build_teacher("resnet20", checkpoint=str(path)).model)
+    return state_dict_sha256(build_teacher("resnet20", checkpoint=str(checkpoint)).model)
+
+
+def replace_run(src: Path, name: str, teacher_sha: str, superposed: bool | None) -> None:
+    """``copy_run`` over a shipped run: the shipped one is set aside first and put back if the copy fails
+    (an unfinished run, the wrong kind, another teacher), so a refused run never costs the shipped one."""
+    dest = OUT / "runs" / name
+    aside = dest.with_name(name + ".replaced")
+    shutil.rmtree(aside, ignore_errors=True)
+    if dest.exists():
+        dest.rename(aside)
+    try:
+        copy_run(src, name, teacher_sha, superposed=superposed)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        if aside.exists():
+            aside.rename(dest)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 if __name__ == "__main__":

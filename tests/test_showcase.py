@@ -247,7 +247,8 @@ def test_the_guided_tour_walks_the_shipped_run_in_seven_steps(showcase):
 def test_build_showcase_replaces_one_run_and_keeps_the_rest(tmp_path, monkeypatch):
     """assets/build_showcase.py with one run named: that run is copied in again (paths made relative, the
     shipped provenance written), the teacher, the sample and the other runs stay byte for byte; a showcase of
-    another teacher, or --data without all three runs, is refused before anything is removed."""
+    another teacher, or --data without all three runs, is refused before anything is removed, and a run of the
+    wrong kind is refused with the shipped one kept as it was."""
     monkeypatch.syspath_prepend(str(ROOT / "assets"))
     import build_showcase
     out = tmp_path / "showcase"
@@ -268,6 +269,11 @@ def test_build_showcase_replaces_one_run_and_keeps_the_rest(tmp_path, monkeypatc
                                       "--data", str(tmp_path)])
     with pytest.raises(SystemExit):
         build_showcase.main()
+    superposed = str(SHOWCASE / "runs" / "cifar10-resnet20-qimera-superposed-w4a4")  # the wrong kind of run
+    monkeypatch.setattr(sys, "argv", ["build_showcase.py", "--qimera", superposed, "--checkpoint", teacher])
+    with pytest.raises(SystemExit, match="needs a run without them"):
+        build_showcase.main()
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == after  # nothing lost
     monkeypatch.setattr(build_showcase, "OUT", tmp_path / "empty")
     monkeypatch.setattr(sys, "argv", ["build_showcase.py", "--qimera", str(src), "--checkpoint", teacher])
     with pytest.raises(SystemExit, match="no showcase of this teacher"):
