@@ -144,8 +144,11 @@ def cmd_sweep(args) -> int:
     configs = sweep_configs(base, bits, methods, seeds)  # every setting checked before the first run
     out = check_file_out(args.out, args.force, "table")  # and where the table goes
     keys = ("method", "wbits", "abits", "seed", "fp_top1", "quant_top1", "best_top1", "seconds", "run")
+    if args.gpus_per_cell != 1.0 and args.ray is None:
+        raise ConfigError("--gpus-per-cell goes with --ray (without it the cells run one after another)")
     if args.ray is not None:
-        from .sweeps import ray_sweep
+        from .sweeps import check_gpus_per_cell, ray_sweep
+        check_gpus_per_cell(args.gpus_per_cell)
         root = args.runs_dir or str(out.with_suffix("")) + "-runs"
         done = {}
 
@@ -155,7 +158,8 @@ def cmd_sweep(args) -> int:
                   f"{summary.get('quant_top1')}", file=sys.stderr)
             done[i] = {k: summary.get(k) for k in keys}
             write_csv(out, [done[j] for j in sorted(done)])
-        summaries = ray_sweep(configs, root, None if args.ray == "local" else args.ray, on_done=on_done)
+        summaries = ray_sweep(configs, root, None if args.ray == "local" else args.ray, on_done=on_done,
+                              gpus_per_cell=args.gpus_per_cell)
         rows = [{k: s.get(k) for k in keys} for s in summaries]
     else:
         rows = []
@@ -278,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run each cell as a Ray task in a process of its own (pip install ray): on a local Ray "
                         "instance on this machine's CPUs, or on the cluster at ADDRESS (auto: the one this "
                         "machine belongs to); a worker that dies is retried and continues its cell")
+    s.add_argument("--gpus-per-cell", type=float, default=1.0, metavar="X",
+                   help="with --ray on GPUs: each cell's share of a GPU (default 1; 0.25 runs four cells on one "
+                        "GPU, which a small model's runs leave mostly idle)")
     s.add_argument("--runs-dir", help="with --ray: where each cell's run folder goes, on storage every worker "
                                       "reads (default: beside --out, OUT-runs/)")
     s.set_defaults(fn=cmd_sweep)

@@ -7,6 +7,7 @@ that had finished is only read. Ray is optional (``pip install ray``) and import
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -61,11 +62,12 @@ def cell_folders(configs: list[RunConfig], root: str | Path, prefix: str = "") -
 def ray_sweep(configs: list[RunConfig], runs_root: str | Path, address: str | None = None,
               max_retries: int = 3, on_done: Callable[[int, dict], None] | None = None, *,
               folders: list[str | Path] | None = None, on_failed: Callable[[int, str], None] | None = None,
-              should_stop: Callable[[], bool] | None = None) -> list[dict | None]:
+              should_stop: Callable[[], bool] | None = None, gpus_per_cell: float = 1.0) -> list[dict | None]:
     """Every config as a Ray task (``run_cell``) into ``runs_root``/``cell_name`` (or into ``folders``, one per
     config); returns the summaries in the order of ``configs``. ``address``: a running cluster's (``ray start
-    --head`` prints it), or None for a local one on this machine's CPUs. One CPU per cell, and one GPU where
-    the cluster has GPUs; a worker that dies is retried up to ``max_retries`` times. ``on_done(i, summary)``
+    --head`` prints it), or None for a local one on this machine's CPUs. One CPU per cell, and
+    ``gpus_per_cell`` GPUs where the cluster has GPUs (a fraction such as 0.25 lets four cells share one GPU,
+    which a small model's runs leave mostly idle); a worker that dies is retried up to ``max_retries`` times. ``on_done(i, summary)``
     as each cell finishes. A cell that fails for good raises, unless ``on_failed(i, message)`` is given: then
     it is reported there, its result is None and the other cells go on. When ``should_stop()`` turns true the
     cells still running are interrupted (each ends its current iteration and can be resumed) and the sweep
@@ -73,6 +75,7 @@ def ray_sweep(configs: list[RunConfig], runs_root: str | Path, address: str | No
 
     Call it from a process's main thread: a local Ray instance started from a thread that ends is ended
     with it (its processes are tied to the thread that started them)."""
+    check_gpus_per_cell(gpus_per_cell)
     try:
         import ray
     except ImportError as e:  # a one-line error on the command line, not a traceback
@@ -94,7 +97,7 @@ def ray_sweep(configs: list[RunConfig], runs_root: str | Path, address: str | No
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {**env, "OMP_NUM_THREADS": "1"}})
     try:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        gpus = gpus_per_cell if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=max_retries)(run_cell)
         pending = {task.remote(c.to_dict(), str(p)): i for i, (c, p) in enumerate(zip(configs, paths))}
         results: list[dict | None] = [None] * len(configs)
@@ -119,6 +122,14 @@ def ray_sweep(configs: list[RunConfig], runs_root: str | Path, address: str | No
     finally:
         if started_here:
             ray.shutdown()
+
+
+def check_gpus_per_cell(x: float) -> float:
+    """A share of a GPU per Ray task as Ray takes it: above 0, and a whole number from 1 up."""
+    if not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0 and (x <= 1 or float(x).is_integer())):
+        raise ConfigError(f"GPUs per cell must be a fraction in (0, 1] or a whole number (got {x!r}); "
+                          f"0.25 lets four cells share one GPU")
+    return float(x)
 
 
 def _interrupt(ray, refs: list, folders: list[Path], grace_s: float = 60.0) -> None:

@@ -206,3 +206,72 @@ def test_the_table_tool_collects_the_finished_cells_of_a_table_cut_short(tmp_pat
     p = subprocess.run(args[:-5] + ["--runs-dir", str(tmp_path / "none"), "--out", str(out), "--collect"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "no finished cells" in p.stderr
+
+
+class _OneGpuRay:
+    """Ray as ``ray_sweep`` calls it, on a cluster with ``gpus`` GPUs: records the tasks' resource options and
+    runs each task at once, in this process."""
+
+    def __init__(self, gpus: int):
+        self.gpus, self.options, self.results = gpus, [], {}
+
+    def is_initialized(self):
+        return True  # a cluster already joined: ray_sweep neither starts nor shuts one down
+
+    def cluster_resources(self):
+        return {"CPU": 2.0, **({"GPU": float(self.gpus)} if self.gpus else {})}
+
+    def remote(self, **options):
+        self.options.append(options)
+        fake = self
+
+        def wrap(fn):
+            class Task:
+                @staticmethod
+                def remote(*args):
+                    ref = len(fake.results)
+                    fake.results[ref] = fn(*args)
+                    return ref
+            return Task
+        return wrap
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        return self.results[ref]
+
+
+@pytest.mark.parametrize("gpus, share, expected", [(1, 0.25, 0.25), (1, 1.0, 1.0), (2, 2, 2.0), (0, 0.25, 0)])
+def test_a_ray_sweep_asks_for_its_share_of_a_gpu(tmp_path, monkeypatch, gpus, share, expected):
+    from qimera_engine import sweeps
+    from qimera_engine.config import preset
+    fake = _OneGpuRay(gpus)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(sweeps, "run_cell", lambda cfg, folder: {"seed": cfg["seed"], "folder": folder})
+    configs = [preset("digits", seed=s) for s in (0, 1, 2)]
+    out = sweeps.ray_sweep(configs, tmp_path / "runs", gpus_per_cell=share)
+    assert [o["seed"] for o in out] == [0, 1, 2]
+    assert fake.options == [{"num_cpus": 1, "num_gpus": expected, "max_retries": 3}]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, float("nan"), float("inf")])
+def test_a_gpu_share_ray_cannot_take_is_refused(tmp_path, monkeypatch, bad):
+    from qimera_engine import sweeps
+    from qimera_engine.config import ConfigError, preset
+    monkeypatch.setitem(sys.modules, "ray", _OneGpuRay(1))
+    with pytest.raises(ConfigError, match="GPUs per cell must be a fraction in"):
+        sweeps.ray_sweep([preset("digits")], tmp_path / "runs", gpus_per_cell=bad)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("extra, message", [([], "--gpus-per-cell goes with --ray"),
+                                            (["--ray"], "GPUs per cell must be a fraction in")])
+def test_sweep_gpus_per_cell_on_the_command_line(tmp_path, monkeypatch, capsys, extra, message):
+    from qimera_engine import cli
+    monkeypatch.setitem(sys.modules, "ray", None)  # refused before Ray is needed
+    code = cli.main(["sweep", "--preset", "digits", "--bits", "4", "--methods", "ptq", "--seeds", "0",
+                     "--out", str(tmp_path / "t.csv"), "--gpus-per-cell", "1.5", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "t.csv").exists()
