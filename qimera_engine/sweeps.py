@@ -66,9 +66,9 @@ def ray_sweep(configs: list[RunConfig], runs_root: str | Path, address: str | No
     """Every config as a Ray task (``run_cell``) into ``runs_root``/``cell_name`` (or into ``folders``, one per
     config); returns the summaries in the order of ``configs``. ``address``: a running cluster's (``ray start
     --head`` prints it), or None for a local one on this machine's CPUs. One CPU per cell, and
-    ``gpus_per_cell`` GPUs where the cluster has GPUs (a fraction such as 0.25 lets four cells share one GPU,
-    which a small model's runs leave mostly idle); a worker that dies is retried up to ``max_retries`` times. ``on_done(i, summary)``
-    as each cell finishes. A cell that fails for good raises, unless ``on_failed(i, message)`` is given: then
+    ``gpus_per_cell`` GPUs where the cluster has GPUs (a fraction such as 0.25 lets four cells share one
+    GPU, which a small model's runs leave mostly idle); a worker that dies is retried up to ``max_retries``
+    times. ``on_done(i, summary)`` as each cell finishes. A cell that fails for good raises, unless ``on_failed(i, message)`` is given: then
     it is reported there, its result is None and the other cells go on. When ``should_stop()`` turns true the
     cells still running are interrupted (each ends its current iteration and can be resumed) and the sweep
     returns what it has.
@@ -97,7 +97,11 @@ def ray_sweep(configs: list[RunConfig], runs_root: str | Path, address: str | No
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {**env, "OMP_NUM_THREADS": "1"}})
     try:
-        gpus = gpus_per_cell if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        have = ray.cluster_resources().get("GPU", 0)
+        gpus = gpus_per_cell if have >= 1 else 0
+        if gpus > have:  # Ray would wait for such a task for ever
+            raise ConfigError(f"each cell asks for {gpus:g} GPUs and the cluster has {have:g}: "
+                              f"lower --gpus-per-cell")
         task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=max_retries)(run_cell)
         pending = {task.remote(c.to_dict(), str(p)): i for i, (c, p) in enumerate(zip(configs, paths))}
         results: list[dict | None] = [None] * len(configs)
@@ -125,7 +129,7 @@ def ray_sweep(configs: list[RunConfig], runs_root: str | Path, address: str | No
 
 
 def check_gpus_per_cell(x: float) -> float:
-    """A share of a GPU per Ray task as Ray takes it: above 0, and a whole number from 1 up."""
+    """The GPUs one Ray task may ask for: a fraction in (0, 1] (tasks then share a GPU) or a whole number."""
     if not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0 and (x <= 1 or float(x).is_integer())):
         raise ConfigError(f"GPUs per cell must be a fraction in (0, 1] or a whole number (got {x!r}); "
                           f"0.25 lets four cells share one GPU")

@@ -208,7 +208,7 @@ def test_the_table_tool_collects_the_finished_cells_of_a_table_cut_short(tmp_pat
     assert p.returncode != 0 and "no finished cells" in p.stderr
 
 
-class _OneGpuRay:
+class _FakeRay:
     """Ray as ``ray_sweep`` calls it, on a cluster with ``gpus`` GPUs: records the tasks' resource options and
     runs each task at once, in this process."""
 
@@ -246,7 +246,7 @@ class _OneGpuRay:
 def test_a_ray_sweep_asks_for_its_share_of_a_gpu(tmp_path, monkeypatch, gpus, share, expected):
     from qimera_engine import sweeps
     from qimera_engine.config import preset
-    fake = _OneGpuRay(gpus)
+    fake = _FakeRay(gpus)
     monkeypatch.setitem(sys.modules, "ray", fake)
     monkeypatch.setattr(sweeps, "run_cell", lambda cfg, folder: {"seed": cfg["seed"], "folder": folder})
     configs = [preset("digits", seed=s) for s in (0, 1, 2)]
@@ -259,7 +259,7 @@ def test_a_ray_sweep_asks_for_its_share_of_a_gpu(tmp_path, monkeypatch, gpus, sh
 def test_a_gpu_share_ray_cannot_take_is_refused(tmp_path, monkeypatch, bad):
     from qimera_engine import sweeps
     from qimera_engine.config import ConfigError, preset
-    monkeypatch.setitem(sys.modules, "ray", _OneGpuRay(1))
+    monkeypatch.setitem(sys.modules, "ray", _FakeRay(1))
     with pytest.raises(ConfigError, match="GPUs per cell must be a fraction in"):
         sweeps.ray_sweep([preset("digits")], tmp_path / "runs", gpus_per_cell=bad)
     assert not (tmp_path / "runs").exists()
@@ -275,3 +275,13 @@ def test_sweep_gpus_per_cell_on_the_command_line(tmp_path, monkeypatch, capsys, 
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "t.csv").exists()
+
+
+def test_a_ray_sweep_asking_for_more_gpus_than_the_cluster_has_is_refused(tmp_path, monkeypatch):
+    from qimera_engine import sweeps
+    from qimera_engine.config import ConfigError, preset
+    fake = _FakeRay(1)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with pytest.raises(ConfigError, match="each cell asks for 2 GPUs and the cluster has 1: lower --gpus-per-cell"):
+        sweeps.ray_sweep([preset("digits")], tmp_path / "runs", gpus_per_cell=2)
+    assert fake.results == {}  # nothing was started
