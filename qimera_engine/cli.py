@@ -147,8 +147,7 @@ def cmd_sweep(args) -> int:
     if args.gpus_per_cell != 1.0 and args.ray is None:
         raise ConfigError("--gpus-per-cell goes with --ray (without it the cells run one after another)")
     if args.ray is not None:
-        from .sweeps import check_gpus_per_cell, ray_sweep
-        check_gpus_per_cell(args.gpus_per_cell)
+        from .sweeps import ray_sweep
         root = args.runs_dir or str(out.with_suffix("")) + "-runs"
         done = {}
 

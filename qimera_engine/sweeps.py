@@ -68,10 +68,10 @@ def ray_sweep(configs: list[RunConfig], runs_root: str | Path, address: str | No
     --head`` prints it), or None for a local one on this machine's CPUs. One CPU per cell, and
     ``gpus_per_cell`` GPUs where the cluster has GPUs (a fraction such as 0.25 lets four cells share one
     GPU, which a small model's runs leave mostly idle); a worker that dies is retried up to ``max_retries``
-    times. ``on_done(i, summary)`` as each cell finishes. A cell that fails for good raises, unless ``on_failed(i, message)`` is given: then
-    it is reported there, its result is None and the other cells go on. When ``should_stop()`` turns true the
-    cells still running are interrupted (each ends its current iteration and can be resumed) and the sweep
-    returns what it has.
+    times. ``on_done(i, summary)`` as each cell finishes. A cell that fails for good raises, unless
+    ``on_failed(i, message)`` is given: then it is reported there, its result is None and the other cells go
+    on. When ``should_stop()`` turns true the cells still running are interrupted (each ends its current
+    iteration and can be resumed) and the sweep returns what it has.
 
     Call it from a process's main thread: a local Ray instance started from a thread that ends is ended
     with it (its processes are tied to the thread that started them)."""
