@@ -175,7 +175,8 @@ class RunConfig:
         choices=GEN_AUGMENTS, label="Augment generated images", section="Generator")
     gen_epochs: int = setting(
         0, "0: the generator trains in every epoch (paper); N > 0: only in the first N epochs, then it is frozen and "
-        "goes on making the student's images from fresh noise (it skips its backward pass from then on).",
+        "goes on making the student's images from fresh noise (it skips its backward pass from then on, and its BN "
+        "running statistics stay as they were, so its diversity is measured once).",
         "[0, 100000]", cap=TIME, note="0: every epoch", label="Generator epochs", section="Generator")
 
     # --- losses (METHOD 7) ---

@@ -379,6 +379,11 @@ class Trainer:
                                           betas=tuple(cfg.g_betas))
             self.sched_g = torch.optim.lr_scheduler.MultiStepLR(self.opt_g, cfg.milestones, cfg.lr_gamma)
         self.generator_frozen = False  # set per epoch by begin_epoch (gen_epochs)
+        # a frozen generator keeps its BN running statistics too (momentum 0: its training-mode batches
+        # still normalise by their own statistics, so the images are the same), and is then the very
+        # generator of the epoch it froze after, down to the buffers that its eval-mode samples use
+        self._gen_bn_momenta = [(m, m.momentum) for m in (generator.modules() if generator else ())
+                                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.sampler = BatchSampler(num_classes, generator.embed_dim if generator else 1, cfg.superpose_p,
                                     cfg.superpose_k, cfg.coeff_sampler, cfg.dirichlet_alpha, cfg.fixed_coeffs,
                                     seed=cfg.seed, generator=rng.device, paired=cfg.ms_weight > 0,
@@ -578,6 +583,8 @@ class Trainer:
         calibrating = epoch < cfg.calib_epochs
         self.sampler.p = superpose_p(cfg, epoch)
         self.generator_frozen = 0 < cfg.gen_epochs <= epoch
+        for m, momentum in self._gen_bn_momenta:
+            m.momentum = 0.0 if self.generator_frozen else momentum
         set_calibration(self.student, calibrating)
         if self._last_mse_calibration(epoch):
             start_range_sampling(self.student, ACT_SAMPLE_BATCHES)
@@ -713,8 +720,8 @@ def _execute(parts: Parts, folder: Run | None, should_stop: Callable[[], bool], 
             best = max(best, result["top1"])
             row = _metrics_row(cfg, trainer, epoch, result, best, sums, calibrating, train_student,
                                time.perf_counter() - t_epoch)
-            if probe is not None:
-                row.update(probe())
+            if probe is not None:  # a frozen generator is the one measured after an earlier epoch
+                row.update(probe(unchanged=trainer.generator_frozen))
             rows.append(row)
             elapsed = elapsed_before + time.perf_counter() - t_start
             _save_epoch(folder, parts, trainer, epoch, best, fp_top1, elapsed, rows)
@@ -811,7 +818,9 @@ def reconstruct_as_configured(cfg: RunConfig, student: nn.Module, teacher: nn.Mo
 class DiversityProbe:
     """The generator's diversity after an epoch (``cfg.diversity_images``): the ``analysis.diversity`` figures
     of a fixed draw of plain samples, and of superposed ones as ``mix_*``, against the teacher's features of a
-    fixed draw of test images (taken once). Every draw has its own seed: the run's random streams are untouched."""
+    fixed draw of test images (taken once). Every draw has its own seed: the run's random streams are untouched.
+    The figures depend on the generator's weights and buffers alone, so for a generator that has not changed
+    since the last measurement (``unchanged``: frozen, ``gen_epochs``) they are that measurement's."""
 
     def __init__(self, parts: Parts):
         from .analysis import as_one_class, diversity, kth_radii, real_and_others
@@ -826,11 +835,14 @@ class DiversityProbe:
                 self.reference["images"] = len(other["labels"])
         self.mix = parts.generator.input_mode != "gdfq" and parts.teacher.num_classes > 1
         self.radii = kth_radii(self.real["features"], 5) if self.real is not None else None  # the same every epoch
+        self.last: dict | None = None
 
-    def __call__(self) -> dict:
+    def __call__(self, unchanged: bool = False) -> dict:
         from .analysis import diversity, synthetic_features
         if self.real is None:
             return {}
+        if unchanged and self.last is not None:
+            return dict(self.last)
         gen, teacher, cfg = self.parts.generator, self.parts.teacher, self.parts.cfg
         row = {}
         kinds = [("", False)] + ([("mix_", True)] if self.mix else [])
@@ -839,6 +851,7 @@ class DiversityProbe:
                                      k=max(2, cfg.superpose_k) if superposed else 1)
             figures = diversity(syn, self.real, real_radii=self.radii)
             row.update({prefix + key: round(figures[key], 4) for key in DIVERSITY_KEYS})
+        self.last = dict(row)
         return row
 
 

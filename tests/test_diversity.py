@@ -276,18 +276,43 @@ def test_gen_augment_mirrors_rows_and_rolls_the_batch(paired):
     assert len(rolls) == 1  # the same mirrors (the same draws come first), then one roll of at most 2 = 16 / 8 pixels
 
 
-def test_a_frozen_generator_learns_nothing_more(default_rows, tmp_path):
-    """gen_epochs=1: the generator trains in epoch 0 exactly as by default, then stays as it is; its losses
-    are still measured, and the run still trains the student."""
+def test_a_frozen_generator_learns_nothing_more(default_rows, tmp_path, monkeypatch):
+    """gen_epochs=1: the generator trains in epoch 0 exactly as by default, then stays as it is, down to
+    its BN running statistics; its losses are still measured, the run still trains the student (exactly as
+    it would with the statistics moving: its batches normalise by their own), and the diversity measured
+    after epoch 0 stands for the frozen epochs without being measured again."""
     from safetensors.torch import load_file
-    summary = run_to_end(preset("digits", **SHORT, gen_epochs=1), out=tmp_path / "frozen")
+    from qimera_engine import analysis
+    calls, measure = [], analysis.synthetic_features
+    monkeypatch.setattr(analysis, "synthetic_features", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    epochs = {**SHORT, "epochs": 3}
+    summary = run_to_end(preset("digits", **epochs, gen_epochs=1), out=tmp_path / "frozen")
+    assert len(calls) == 2  # plain and superposed samples, once: after epoch 0
     run_to_end(preset("digits", **{**SHORT, "epochs": 1}), out=tmp_path / "one")  # the generator after epoch 0
     rows = open_run(tmp_path / "frozen").metrics
     assert rows[0]["loss_g"] == default_rows[0]["loss_g"]  # epoch 0: as a run without the switch
-    assert rows[1]["loss_g"] > 0 and summary["epochs_done"] == 2 and rows[1]["student_trained"]
+    assert rows[1]["loss_g"] > 0 and summary["epochs_done"] == 3 and rows[1]["student_trained"]
     frozen, one = load_file(tmp_path / "frozen" / "generator.safetensors"), load_file(tmp_path / "one" / "generator.safetensors")
-    learnt = [k for k in frozen if "running" not in k and "num_batches" not in k]  # BN statistics still move
-    assert learnt and all(torch.equal(frozen[k], one[k]) for k in learnt)
+    kept = [k for k in frozen if "num_batches" not in k]
+    assert any("running" in k for k in kept) and all(torch.equal(frozen[k], one[k]) for k in kept)
+    measured = {k: v for k, v in rows[0].items() if "coverage" in k or "spread" in k or "precision" in k}
+    assert measured and all(row[k] == v for row in rows[1:] for k, v in measured.items())
+    assert summary["diversity"]["coverage"] == rows[0]["coverage"]
+    # the statistics' momentum changes nothing the student sees: the run with them moving, as before
+    from qimera_engine.train import Trainer
+    begin = Trainer.begin_epoch
+
+    def moving(self, epoch):
+        out = begin(self, epoch)
+        for m, momentum in self._gen_bn_momenta:
+            m.momentum = momentum
+        return out
+    monkeypatch.setattr(Trainer, "begin_epoch", moving)
+    run_to_end(preset("digits", **epochs, gen_epochs=1), out=tmp_path / "moving")
+    again = open_run(tmp_path / "moving").metrics
+    for got, want in zip(again, rows):
+        for key in ("top1", "loss_g", "ce_g", "bns", "loss_s", "kd", "ce_s"):
+            assert got[key] == want[key], key
     assert preset("digits", gen_epochs=1).label == "qimera+"
 
 
