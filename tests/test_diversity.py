@@ -310,6 +310,8 @@ def test_a_frozen_generator_learns_nothing_more(default_rows, tmp_path, monkeypa
     monkeypatch.setattr(Trainer, "begin_epoch", moving)
     run_to_end(preset("digits", **epochs, gen_epochs=1), out=tmp_path / "moving")
     again = open_run(tmp_path / "moving").metrics
+    moved = load_file(tmp_path / "moving" / "generator.safetensors")
+    assert any(not torch.equal(moved[k], one[k]) for k in kept if "running" in k)  # they did move there
     for got, want in zip(again, rows):
         for key in ("top1", "loss_g", "ce_g", "bns", "loss_s", "kd", "ce_s"):
             assert got[key] == want[key], key
