@@ -10,6 +10,11 @@ and prints one JSON line: precision, recall, density and coverage (Naeem et al. 
 plain and 1,000 superposed samples (K = 2) against 1,000 images of ``test_data``, their within-class
 spread against the real one, and the seconds it took. ``--save PATH`` keeps the generator's weights.
 Tune on a training split (``cifar10-val``), report on the test images.
+
+    python bench/screen_generator.py --run RUN --set test_data=folder:cifar10-dev
+
+measures the generator a run saved instead (its config, with the ``--set`` overrides; nothing is trained):
+a generator does not depend on the test images, so this gives its figures against another split.
 """
 from __future__ import annotations
 
@@ -24,8 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from qimera_engine.analysis import diversity, real_features, synthetic_features  # noqa: E402
-from qimera_engine.config import parse_overrides, preset  # noqa: E402
+from qimera_engine.config import RunConfig, parse_overrides, preset  # noqa: E402
 from qimera_engine.models import save_state_dict  # noqa: E402
+from qimera_engine.models.checkpoint import load_weights  # noqa: E402
+from qimera_engine.runs import Run, open_run  # noqa: E402
 from qimera_engine.runtime import keep_freed_memory  # noqa: E402
 from qimera_engine.train import Parts, Trainer, superpose_p  # noqa: E402
 
@@ -64,8 +71,14 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=1000, help="real and synthetic samples per measurement")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--save", type=Path, default=None, help="write the generator's weights here")
+    ap.add_argument("--run", type=Path, default=None,
+                    help="measure this run folder's saved generator instead of training one")
     args = ap.parse_args(argv)
-    cfg = preset(args.preset, seed=args.seed, **parse_overrides(args.set))
+    run = open_run(args.run) if args.run else None
+    if run is not None:
+        cfg = RunConfig.from_dict({**run.config.to_dict(), **parse_overrides(args.set)})
+    else:
+        cfg = preset(args.preset, seed=args.seed, **parse_overrides(args.set))
     if cfg.method in ("ptq", "real-data"):
         ap.error(f"method {cfg.method} trains no generator worth screening")
     if args.threads:
@@ -73,9 +86,14 @@ def main(argv=None) -> int:
     keep_freed_memory()
     t0 = time.perf_counter()
     parts = Parts.build(cfg.resolved())
-    train_generator(parts)
+    if run is not None:
+        load_weights(parts.generator, run.path / Run.GENERATOR)
+        source = {"run": str(run.path), "seed": cfg.seed}
+    else:
+        train_generator(parts)
+        source = {"preset": args.preset, "seed": args.seed}
     seconds = time.perf_counter() - t0
-    result = {"preset": args.preset, "seed": args.seed, "set": args.set, "train_seconds": round(seconds, 1),
+    result = {**source, "set": args.set, "train_seconds": round(seconds, 1) if run is None else 0.0,
               **measure(parts, args.images)}
     if args.save:
         save_state_dict(parts.generator, args.save)

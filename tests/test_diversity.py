@@ -329,3 +329,21 @@ def test_image_spread_is_the_mean_pixel_distance_between_two_images():
     assert image_spread(torch.cat([black, half]), plain) == pytest.approx(0.5 ** 0.5)
     with pytest.raises(ValueError, match="two images"):
         image_spread(black, plain)
+
+
+def test_screen_generator_measures_a_saved_run_as_the_run_did(tmp_path):
+    """bench/screen_generator.py --run: the saved generator's figures, measured again without training,
+    are the ones the run recorded after its last epoch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    summary = run_to_end(preset("digits", **{**SHORT, "epochs": 1}), out=tmp_path / "r")
+    script = Path(__file__).resolve().parents[1] / "bench" / "screen_generator.py"
+    p = subprocess.run([sys.executable, str(script), "--run", str(tmp_path / "r"), "--images", "200",
+                        "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout)
+    assert got["run"] == str(tmp_path / "r") and got["train_seconds"] == 0.0
+    for key in ("coverage", "precision", "recall", "spread_vs_real"):
+        assert got["plain"][key] == summary["diversity"][key], key
+        assert got["superposed"][key] == summary["diversity"]["mix_" + key], key
