@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from qimera_engine.analysis import diversity, real_features, synthetic_features  # noqa: E402
+from qimera_engine.analysis import generator_diversity, real_features  # noqa: E402
 from qimera_engine.config import RunConfig, parse_overrides, preset  # noqa: E402
 from qimera_engine.models import save_state_dict  # noqa: E402
 from qimera_engine.models.checkpoint import load_weights  # noqa: E402
@@ -54,13 +54,8 @@ def train_generator(parts: Parts) -> Trainer:
 def measure(parts: Parts, n: int = 1000, seed: int = 0) -> dict:
     """Diversity of ``parts.generator``'s plain and superposed samples against ``n`` test images."""
     real = real_features(parts.teacher, parts.test, n, seed)
-    out = {}
-    kinds = [("plain", False)] + ([("superposed", True)] if parts.generator.input_mode != "gdfq" else [])
-    for name, superposed in kinds:
-        syn = synthetic_features(parts.generator, parts.teacher, n, superposed, seed=seed,
-                                 k=max(2, parts.cfg.superpose_k) if superposed else 1)
-        out[name] = {k: round(v, 4) for k, v in diversity(syn, real).items()}
-    return out
+    kinds = generator_diversity(parts.generator, parts.teacher, real, n, parts.cfg.superpose_k, seed=seed)
+    return {name: {k: round(v, 4) for k, v in figures.items()} for name, figures in kinds.items()}
 
 
 def main(argv=None) -> int:

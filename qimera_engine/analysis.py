@@ -23,7 +23,7 @@ from .generator import Generator, generate_images, sample_coefficients, seeded_n
 
 __all__ = ["synthetic_features", "real_features", "real_and_others", "as_one_class", "LRUCache", "prepare_umap",
            "umap_ready", "project", "clear_projection_cache", "margin", "boundary_share", "knn_coverage", "kth_radii",
-           "prdc", "class_spread", "dominant_labels", "diversity", "generate_from_input", "latent_interpolation",
+           "prdc", "class_spread", "dominant_labels", "diversity", "generator_diversity", "generate_from_input", "latent_interpolation",
            "crossing_point", "decision_boundary", "path_strip", "normalise_coefficients", "mix_samples", "to_display",
            "image_spread"]
 
@@ -411,6 +411,21 @@ def diversity(synthetic: dict, real: dict | None = None, k: int = 5, real_radii:
         out.update(prdc(real["features"], synthetic["features"], k, real_radii=real_radii))
         out["spread_vs_real"] = own["spread"] / class_spread(real["features"], real["labels"])["spread"]
     return out
+
+
+def generator_diversity(generator: Generator, teacher, real: dict, n: int, superpose_k: int = 2, seed: int = 0,
+                        real_radii: np.ndarray | None = None) -> dict:
+    """``diversity`` of ``n`` plain samples of ``generator`` (``"plain"``) and, where it can mix classes (a
+    Qimera generator of several classes), of ``n`` superposed ones with K = max(2, ``superpose_k``)
+    (``"superposed"``), against ``real`` (a ``real_features`` result; ``real_radii`` its k-th neighbour
+    radii, when computed before). Samples are drawn from ``seed`` alone, as ``synthetic_features`` draws them."""
+    kinds = [("plain", False)]
+    if generator.input_mode != "gdfq" and generator.num_classes > 1:
+        kinds.append(("superposed", True))
+    return {name: diversity(synthetic_features(generator, teacher, n, superposed, seed=seed,
+                                               k=max(2, superpose_k) if superposed else 1),
+                            real, real_radii=real_radii)
+            for name, superposed in kinds}
 
 
 # --------------------------------------------------------------------------- the mixing path

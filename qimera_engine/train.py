@@ -833,24 +833,20 @@ class DiversityProbe:
                 figures = diversity(as_one_class(other), self.real)
                 self.reference = {key: round(figures[key], 4) for key in DIVERSITY_KEYS}
                 self.reference["images"] = len(other["labels"])
-        self.mix = parts.generator.input_mode != "gdfq" and parts.teacher.num_classes > 1
         self.radii = kth_radii(self.real["features"], 5) if self.real is not None else None  # the same every epoch
         self.last: dict | None = None
 
     def __call__(self, unchanged: bool = False) -> dict:
-        from .analysis import diversity, synthetic_features
+        from .analysis import generator_diversity
         if self.real is None:
             return {}
         if unchanged and self.last is not None:
             return dict(self.last)
-        gen, teacher, cfg = self.parts.generator, self.parts.teacher, self.parts.cfg
-        row = {}
-        kinds = [("", False)] + ([("mix_", True)] if self.mix else [])
-        for prefix, superposed in kinds:
-            syn = synthetic_features(gen, teacher, self.n, superposed, seed=0,
-                                     k=max(2, cfg.superpose_k) if superposed else 1)
-            figures = diversity(syn, self.real, real_radii=self.radii)
-            row.update({prefix + key: round(figures[key], 4) for key in DIVERSITY_KEYS})
+        parts = self.parts
+        kinds = generator_diversity(parts.generator, parts.teacher, self.real, self.n, parts.cfg.superpose_k,
+                                    seed=0, real_radii=self.radii)
+        row = {("mix_" if name == "superposed" else "") + key: round(figures[key], 4)
+               for name, figures in kinds.items() for key in DIVERSITY_KEYS}
         self.last = dict(row)
         return row
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from qimera_engine import preset, run_to_end
-from qimera_engine.analysis import class_spread, diversity, dominant_labels, knn_coverage, prdc
+from qimera_engine.analysis import (class_spread, diversity, dominant_labels, generator_diversity, knn_coverage, prdc,
+                                    synthetic_features)
 from qimera_engine.config import ConfigError
 from qimera_engine.generator import Generator, generate_images, sample_latents, seeded_pixel_noise
 from qimera_engine.losses import BNStatisticsLoss, generator_ce, mode_seeking, slack_gap, soft_cross_entropy
@@ -90,6 +91,25 @@ def test_diversity_uses_the_dominant_class():
     assert set(d) == {"spread", "spread_ratio", "precision", "recall", "density", "coverage", "spread_vs_real"}
     assert 0.7 < d["spread_vs_real"] < 1.3
     assert set(diversity(syn)) == {"spread", "spread_ratio"}  # data-free
+
+
+def test_generator_diversity_is_diversity_of_each_kind_of_sample():
+    """One function measures a generator for runs and for bench/screen_generator.py: plain samples, and
+    superposed ones (K = max(2, superpose_k)) only where the generator can mix classes."""
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    teacher = SimpleNamespace(model=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 6),
+                                                        torch.nn.ReLU(), torch.nn.Linear(6, 5)))
+    rng = np.random.default_rng(0)
+    real = {"features": rng.normal(size=(40, 6)).astype(np.float32), "labels": rng.integers(0, 5, 40)}
+    g = Generator(5, 8, 3, 16).eval()
+    got = generator_diversity(g, teacher, real, 30, superpose_k=3, seed=4)
+    assert got["plain"] == diversity(synthetic_features(g, teacher, 30, False, seed=4), real)
+    assert got["superposed"] == diversity(synthetic_features(g, teacher, 30, True, seed=4, k=3), real)
+    k2 = generator_diversity(g, teacher, real, 30, superpose_k=0, seed=4)["superposed"]
+    assert k2 == diversity(synthetic_features(g, teacher, 30, True, seed=4, k=2), real)
+    gdfq = Generator(5, 8, 3, 16, input_mode="gdfq").eval()
+    assert set(generator_diversity(gdfq, teacher, real, 30)) == {"plain"}
 
 
 # --------------------------------------------------------------------------- the pieces of the switches
