@@ -23,9 +23,9 @@ from .generator import Generator, generate_images, sample_coefficients, seeded_n
 
 __all__ = ["synthetic_features", "real_features", "real_and_others", "as_one_class", "LRUCache", "prepare_umap",
            "umap_ready", "project", "clear_projection_cache", "margin", "boundary_share", "knn_coverage", "kth_radii",
-           "prdc", "class_spread", "dominant_labels", "diversity", "generator_diversity", "generate_from_input", "latent_interpolation",
-           "crossing_point", "decision_boundary", "path_strip", "normalise_coefficients", "mix_samples", "to_display",
-           "image_spread"]
+           "prdc", "class_spread", "dominant_labels", "diversity", "generator_diversity", "generate_from_input",
+           "latent_interpolation", "crossing_point", "decision_boundary", "path_strip", "normalise_coefficients",
+           "mix_samples", "to_display", "image_spread"]
 
 GEN_CHUNK = 500  # images generated per call: bounds memory for large image sizes
 
