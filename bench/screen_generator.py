@@ -69,7 +69,10 @@ def main(argv=None) -> int:
     ap.add_argument("--run", type=Path, default=None,
                     help="measure this run folder's saved generator instead of training one")
     args = ap.parse_args(argv)
-    run = open_run(args.run) if args.run else None
+    try:
+        run = open_run(args.run) if args.run else None
+    except FileNotFoundError as e:
+        ap.error(str(e))
     if run is not None:
         cfg = RunConfig.from_dict({**run.config.to_dict(), **parse_overrides(args.set)})
     else:
