@@ -163,6 +163,11 @@ class RunConfig:
         0.0, "0: exact BN-statistics matching (paper); > 0: DSG's slack alignment: a batch mean (variance) counts only "
         "beyond this many running standard deviations (variances) from the teacher's.", "[0, 100]", cap=OVERFLOW,
         note="0: off", label="BN-statistics slack", section="Generator")
+    bns_superposed: float = setting(
+        1.0, "1: superposed batches match the teacher's BN statistics as plain ones do (paper); w in [0, 1): their "
+        "BN-statistics loss counts w times (0: superposed batches learn from the cross-entropy alone). The "
+        "statistics are those of single-class images, which a batch of mixed classes need not have.",
+        "[0, 1]", label="BN statistics on superposed batches", section="Generator")
     ce_g_margin: float = setting(
         0.0, "0: the generator's cross-entropy pushes every sample to certainty (paper); > 0: only while a sample's "
         "KL to its target exceeds this margin (0.1: stop near 90% confidence), as IntraQ's soft inception loss.",
@@ -427,7 +432,7 @@ PAPER_SETTINGS = {"weight_clip": "minmax", "act_calib": "ema", "lr_schedule": "s
                   "lowpass_d0": 0.0, "student_steps": 1, "act_learn": False, "kd_reduction": "mean",
                   "student_ema": 0.0, "recon_iters": 0, "superpose_ramp": 0, "superpose_start": 0,
                   "embed_norm": False,
-                  "block_noise": False, "ms_weight": 0.0, "bns_slack": 0.0, "ce_g_margin": 0.0,
+                  "block_noise": False, "ms_weight": 0.0, "bns_slack": 0.0, "bns_superposed": 1.0, "ce_g_margin": 0.0,
                   "gen_epochs": 0, "gen_augment": "none"}
 
 # --------------------------------------------------------------------------- checking a value

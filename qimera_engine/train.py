@@ -459,7 +459,8 @@ class Trainer:
         self.bns.active = False
         l_bns = self.bns.pop()
         ce_g = generator_ce(t_logits.float(), latent.targets, cfg.ce_g_margin)
-        loss_g = ce_g + cfg.bns_weight * l_bns
+        bns_weight = cfg.bns_weight * (cfg.bns_superposed if latent.superposed else 1.0)
+        loss_g = ce_g + bns_weight * l_bns
         if latent.paired:  # halves with the same conditions, different noise (the sampler pairs when ms_weight > 0)
             out = (feats[-1] if feats else x.flatten(1)).float()
             a, b = out.chunk(2)

@@ -256,7 +256,8 @@ def test_summary_holds_the_figures_and_the_real_reference(tmp_path):
 
 @pytest.mark.parametrize("switch", [dict(embed_norm=True), dict(block_noise=True), dict(ms_weight=1.0),
                                     dict(ms_weight=1.0, ms_space="feature"), dict(bns_slack=0.5),
-                                    dict(ce_g_margin=0.1), dict(gen_augment="flip"), dict(gen_augment="flip-shift")],
+                                    dict(ce_g_margin=0.1), dict(gen_augment="flip"), dict(gen_augment="flip-shift"),
+                                    dict(bns_superposed=0.0)],
                          ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
 def test_each_switch_changes_the_generator(switch, default_rows, tmp_path):
     summary = run_to_end(preset("digits", **SHORT, **switch), out=tmp_path / "r")
@@ -269,6 +270,25 @@ def test_each_switch_changes_the_generator(switch, default_rows, tmp_path):
     gen = json.loads((tmp_path / "r" / "generator.json").read_text())
     assert gen["block_noise"] == switch.get("block_noise", False)
     assert gen["embed_norm"] == switch.get("embed_norm", False)
+
+
+@pytest.mark.parametrize("superposed", [False, True])
+def test_bns_superposed_weighs_the_bn_statistics_of_superposed_batches_only(superposed):
+    """bns_superposed=w: a superposed batch's generator loss is CE + w * bns_weight * L_BNS, a plain batch's
+    keeps the full weight; the images, the teacher's logits and both loss terms are those of the default."""
+    from qimera_engine.train import Parts, Trainer
+    out = []
+    for w in (1.0, 0.25):
+        cfg = preset("digits", **SHORT, superpose_p=1.0 if superposed else 0.0, bns_superposed=w)
+        trainer = Trainer.from_parts(Parts.build(cfg))
+        with trainer.bn_hooks():
+            out.append(trainer.generator_step())
+    (a, b), weight = out, preset("digits").bns_weight
+    assert torch.equal(a.x, b.x) and torch.equal(a.t_logits, b.t_logits)
+    (loss_a, ce_a, bns_a), (loss_b, ce_b, bns_b) = a.g_losses, b.g_losses
+    assert torch.equal(ce_a, ce_b) and torch.equal(bns_a, bns_b) and bns_a > 0
+    assert torch.allclose(loss_a, ce_a + weight * bns_a)
+    assert torch.allclose(loss_b, ce_b + (0.25 if superposed else 1.0) * weight * bns_b)
 
 
 @pytest.mark.parametrize("paired", [False, True])
