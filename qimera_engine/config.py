@@ -172,6 +172,11 @@ class RunConfig:
         0.0, "0: the generator's cross-entropy pushes every sample to certainty (paper); > 0: only while a sample's "
         "KL to its target exceeds this margin (0.1: stop near 90% confidence), as IntraQ's soft inception loss.",
         "[0, 100]", cap=OVERFLOW, note="0: off", label="Generator CE margin", section="Generator")
+    ce_g_margin_superposed: float = setting(
+        0.0, "0: superposed batches take the generator CE margin of plain ones; m > 0: their margin is "
+        "ce_g_margin + m, so a mix need only roughly meet its coefficients (a sample near a decision boundary "
+        "cannot hold a precise mix for every noise vector).", "[0, 100]", cap=OVERFLOW, note="0: the same",
+        label="Extra CE margin on superposed batches", section="Generator")
     gen_augment: str = setting(
         "none", "none (paper); flip: mirror a random half of each generated batch before the teacher sees it (for "
         "images whose mirror image shows the same class, as CIFAR's); flip-shift: and roll the batch by up to 1/8 "
@@ -433,6 +438,7 @@ PAPER_SETTINGS = {"weight_clip": "minmax", "act_calib": "ema", "lr_schedule": "s
                   "student_ema": 0.0, "recon_iters": 0, "superpose_ramp": 0, "superpose_start": 0,
                   "embed_norm": False,
                   "block_noise": False, "ms_weight": 0.0, "bns_slack": 0.0, "bns_superposed": 1.0, "ce_g_margin": 0.0,
+                  "ce_g_margin_superposed": 0.0,
                   "gen_epochs": 0, "gen_augment": "none"}
 
 # --------------------------------------------------------------------------- checking a value

@@ -458,7 +458,8 @@ class Trainer:
                 hook.remove()
         self.bns.active = False
         l_bns = self.bns.pop()
-        ce_g = generator_ce(t_logits.float(), latent.targets, cfg.ce_g_margin)
+        margin = cfg.ce_g_margin + (cfg.ce_g_margin_superposed if latent.superposed else 0.0)
+        ce_g = generator_ce(t_logits.float(), latent.targets, margin)
         bns_weight = cfg.bns_weight * (cfg.bns_superposed if latent.superposed else 1.0)
         loss_g = ce_g + bns_weight * l_bns
         if latent.paired:  # halves with the same conditions, different noise (the sampler pairs when ms_weight > 0)

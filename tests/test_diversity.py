@@ -257,7 +257,7 @@ def test_summary_holds_the_figures_and_the_real_reference(tmp_path):
 @pytest.mark.parametrize("switch", [dict(embed_norm=True), dict(block_noise=True), dict(ms_weight=1.0),
                                     dict(ms_weight=1.0, ms_space="feature"), dict(bns_slack=0.5),
                                     dict(ce_g_margin=0.1), dict(gen_augment="flip"), dict(gen_augment="flip-shift"),
-                                    dict(bns_superposed=0.0)],
+                                    dict(bns_superposed=0.0), dict(ce_g_margin_superposed=0.5)],
                          ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
 def test_each_switch_changes_the_generator(switch, default_rows, tmp_path):
     summary = run_to_end(preset("digits", **SHORT, **switch), out=tmp_path / "r")
@@ -289,6 +289,27 @@ def test_bns_superposed_weighs_the_bn_statistics_of_superposed_batches_only(supe
     assert torch.equal(ce_a, ce_b) and torch.equal(bns_a, bns_b) and bns_a > 0
     assert torch.allclose(loss_a, ce_a + weight * bns_a)
     assert torch.allclose(loss_b, ce_b + (0.25 if superposed else 1.0) * weight * bns_b)
+
+
+@pytest.mark.parametrize("superposed", [False, True])
+def test_ce_g_margin_superposed_adds_to_the_margin_of_superposed_batches_only(superposed):
+    """ce_g_margin_superposed=m: a superposed batch's generator CE is taken with the margin ce_g_margin + m, a
+    plain batch's with ce_g_margin; the images and the teacher's logits are those of the default."""
+    from qimera_engine.train import Parts, Trainer
+    out = []
+    for m in (0.0, 0.3):
+        cfg = preset("digits", **SHORT, superpose_p=1.0 if superposed else 0.0, ce_g_margin=0.2,
+                     ce_g_margin_superposed=m)
+        trainer = Trainer.from_parts(Parts.build(cfg))
+        with trainer.bn_hooks():
+            out.append((trainer.generator_step(), cfg))
+    (a, cfg), (b, _) = out
+    assert torch.equal(a.x, b.x) and torch.equal(a.t_logits, b.t_logits)
+    want = generator_ce(b.t_logits.float(), b.targets, 0.5 if superposed else 0.2)
+    assert torch.allclose(b.g_losses[1], want)
+    assert torch.allclose(a.g_losses[1], generator_ce(a.t_logits.float(), a.targets, 0.2))
+    if superposed:
+        assert b.g_losses[1] < a.g_losses[1]
 
 
 @pytest.mark.parametrize("paired", [False, True])

@@ -190,6 +190,7 @@ BOUNDS = {
     "bns_slack": ("-0.1", "100.5", "bns_slack must be >= 0 and <= 100"),
     "ce_g_margin": ("-0.1", "101", "ce_g_margin must be >= 0 and <= 100"),
     "bns_superposed": ("-0.1", "1.1", "bns_superposed must be in [0, 1]"),
+    "ce_g_margin_superposed": ("-0.1", "101", "ce_g_margin_superposed must be >= 0 and <= 100"),
     "gen_epochs": ("-1", "100001", "gen_epochs must be an integer >= 0 and <= 100000"),
     "diversity_images": ("-1", "1000001", "diversity_images must be an integer >= 0 and <= 10**6"),
     "dm_width": ("0", "65537", "dm_width must be an integer >= 1 and <= 65536"),
