@@ -408,3 +408,10 @@ def test_screen_generator_measures_a_saved_run_as_the_run_did(tmp_path):
     for key in ("coverage", "precision", "recall", "spread_vs_real"):
         assert got["plain"][key] == summary["diversity"][key], key
         assert got["superposed"][key] == summary["diversity"]["mix_" + key], key
+    # and the share near the teacher's decision boundary, of the very samples measured
+    from qimera_engine.analysis import boundary_share, synthetic_features
+    from qimera_engine.artifacts import load_generator, load_teacher
+    generator, teacher = load_generator(tmp_path / "r"), load_teacher(tmp_path / "r")
+    for name, superposed in (("plain", False), ("superposed", True)):
+        probs = synthetic_features(generator, teacher, 200, superposed, k=2 if superposed else 1)["probs"]
+        assert got[name]["near_boundary"] == round(boundary_share(probs, 0.2), 4), name
