@@ -8,7 +8,8 @@ exactly the generator a run with the same seed and settings would end with (the 
 ``Trainer.generator_step``, its schedule and superposition dose per epoch), at about half a run's cost,
 and prints one JSON line: precision, recall, density and coverage (Naeem et al. 2020, k = 5) of 1,000
 plain and 1,000 superposed samples (K = 2) against 1,000 images of ``test_data``, their within-class
-spread against the real one, the share of each near the teacher's decision boundary, and the seconds it took. ``--save PATH`` keeps the generator's weights.
+spread against the real one, the share of each near the teacher's decision boundary, and the seconds it
+took. ``--save PATH`` keeps the generator's weights.
 Tune on a training split (``cifar10-val``), report on the test images.
 
     python bench/screen_generator.py --run RUN --set test_data=folder:cifar10-dev
@@ -28,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from qimera_engine.analysis import (boundary_share, generator_diversity, real_features,  # noqa: E402
-                                    synthetic_features)
+from qimera_engine.analysis import generator_diversity, real_features  # noqa: E402
 from qimera_engine.config import RunConfig, parse_overrides, preset  # noqa: E402
 from qimera_engine.models import save_state_dict  # noqa: E402
 from qimera_engine.models.checkpoint import load_weights  # noqa: E402
@@ -58,14 +58,10 @@ def train_generator(parts: Parts) -> Trainer:
 def measure(parts: Parts, n: int = 1000, seed: int = 0) -> dict:
     """Diversity of ``parts.generator``'s plain and superposed samples against ``n`` test images, and the
     share of each kind that sits near the teacher's decision boundary (``near_boundary``: top-1 minus top-2
-    probability under ``BOUNDARY``, the app's default threshold; the same samples, drawn again)."""
+    probability under ``BOUNDARY``, the app's default threshold)."""
     real = real_features(parts.teacher, parts.test, n, seed)
-    kinds = generator_diversity(parts.generator, parts.teacher, real, n, parts.cfg.superpose_k, seed=seed)
-    for name, figures in kinds.items():
-        superposed = name == "superposed"
-        probs = synthetic_features(parts.generator, parts.teacher, n, superposed, seed=seed,
-                                   k=max(2, parts.cfg.superpose_k) if superposed else 1)["probs"]
-        figures["near_boundary"] = boundary_share(probs, BOUNDARY)
+    kinds = generator_diversity(parts.generator, parts.teacher, real, n, parts.cfg.superpose_k, seed=seed,
+                                boundary=BOUNDARY)
     return {name: {k: round(v, 4) for k, v in figures.items()} for name, figures in kinds.items()}
 
 

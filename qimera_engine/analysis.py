@@ -414,18 +414,23 @@ def diversity(synthetic: dict, real: dict | None = None, k: int = 5, real_radii:
 
 
 def generator_diversity(generator: Generator, teacher, real: dict, n: int, superpose_k: int = 2, seed: int = 0,
-                        real_radii: np.ndarray | None = None) -> dict:
+                        real_radii: np.ndarray | None = None, boundary: float | None = None) -> dict:
     """``diversity`` of ``n`` plain samples of ``generator`` (``"plain"``) and, where it can mix classes (a
     Qimera generator of several classes), of ``n`` superposed ones with K = max(2, ``superpose_k``)
     (``"superposed"``), against ``real`` (a ``real_features`` result; ``real_radii`` its k-th neighbour
-    radii, when computed before). Samples are drawn from ``seed`` alone, as ``synthetic_features`` draws them."""
+    radii, when computed before). Samples are drawn from ``seed`` alone, as ``synthetic_features`` draws them.
+    With a ``boundary`` threshold each kind also gets ``near_boundary``: the ``boundary_share`` of its samples."""
     kinds = [("plain", False)]
     if generator.input_mode != "gdfq" and generator.num_classes > 1:
         kinds.append(("superposed", True))
-    return {name: diversity(synthetic_features(generator, teacher, n, superposed, seed=seed,
-                                               k=max(2, superpose_k) if superposed else 1),
-                            real, real_radii=real_radii)
-            for name, superposed in kinds}
+    out = {}
+    for name, superposed in kinds:
+        samples = synthetic_features(generator, teacher, n, superposed, seed=seed,
+                                     k=max(2, superpose_k) if superposed else 1)
+        out[name] = diversity(samples, real, real_radii=real_radii)
+        if boundary is not None:
+            out[name]["near_boundary"] = boundary_share(samples["probs"], boundary)
+    return out
 
 
 # --------------------------------------------------------------------------- the mixing path

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from qimera_engine import preset, run_to_end
-from qimera_engine.analysis import (class_spread, diversity, dominant_labels, generator_diversity, knn_coverage, prdc,
-                                    synthetic_features)
+from qimera_engine.analysis import (boundary_share, class_spread, diversity, dominant_labels, generator_diversity,
+                                    knn_coverage, prdc, synthetic_features)
 from qimera_engine.config import ConfigError
 from qimera_engine.generator import Generator, generate_images, sample_latents, seeded_pixel_noise
 from qimera_engine.losses import BNStatisticsLoss, generator_ce, mode_seeking, slack_gap, soft_cross_entropy
@@ -110,6 +110,11 @@ def test_generator_diversity_is_diversity_of_each_kind_of_sample():
     assert k2 == diversity(synthetic_features(g, teacher, 30, True, seed=4, k=2), real)
     gdfq = Generator(5, 8, 3, 16, input_mode="gdfq").eval()
     assert set(generator_diversity(gdfq, teacher, real, 30)) == {"plain"}
+    # with a boundary threshold: the same figures, and the share of the same samples near the boundary
+    near = generator_diversity(g, teacher, real, 30, superpose_k=3, seed=4, boundary=0.3)
+    for name, superposed, k in (("plain", False, 1), ("superposed", True, 3)):
+        probs = synthetic_features(g, teacher, 30, superposed, seed=4, k=k)["probs"]
+        assert near[name] == {**got[name], "near_boundary": boundary_share(probs, 0.3)}, name
 
 
 # --------------------------------------------------------------------------- the pieces of the switches
@@ -272,18 +277,21 @@ def test_each_switch_changes_the_generator(switch, default_rows, tmp_path):
     assert gen["embed_norm"] == switch.get("embed_norm", False)
 
 
+def first_generator_step(superposed: bool, **overrides):
+    """The first generator step of a short digits run whose batches are all superposed, or all plain."""
+    from qimera_engine.train import Parts, Trainer
+    cfg = preset("digits", **SHORT, superpose_p=1.0 if superposed else 0.0, **overrides)
+    trainer = Trainer.from_parts(Parts.build(cfg))
+    with trainer.bn_hooks():
+        return trainer.generator_step()
+
+
 @pytest.mark.parametrize("superposed", [False, True])
 def test_bns_superposed_weighs_the_bn_statistics_of_superposed_batches_only(superposed):
     """bns_superposed=w: a superposed batch's generator loss is CE + w * bns_weight * L_BNS, a plain batch's
     keeps the full weight; the images, the teacher's logits and both loss terms are those of the default."""
-    from qimera_engine.train import Parts, Trainer
-    out = []
-    for w in (1.0, 0.25):
-        cfg = preset("digits", **SHORT, superpose_p=1.0 if superposed else 0.0, bns_superposed=w)
-        trainer = Trainer.from_parts(Parts.build(cfg))
-        with trainer.bn_hooks():
-            out.append(trainer.generator_step())
-    (a, b), weight = out, preset("digits").bns_weight
+    a, b = (first_generator_step(superposed, bns_superposed=w) for w in (1.0, 0.25))
+    weight = preset("digits").bns_weight
     assert torch.equal(a.x, b.x) and torch.equal(a.t_logits, b.t_logits)
     (loss_a, ce_a, bns_a), (loss_b, ce_b, bns_b) = a.g_losses, b.g_losses
     assert torch.equal(ce_a, ce_b) and torch.equal(bns_a, bns_b) and bns_a > 0
@@ -295,15 +303,7 @@ def test_bns_superposed_weighs_the_bn_statistics_of_superposed_batches_only(supe
 def test_ce_g_margin_superposed_adds_to_the_margin_of_superposed_batches_only(superposed):
     """ce_g_margin_superposed=m: a superposed batch's generator CE is taken with the margin ce_g_margin + m, a
     plain batch's with ce_g_margin; the images and the teacher's logits are those of the default."""
-    from qimera_engine.train import Parts, Trainer
-    out = []
-    for m in (0.0, 0.3):
-        cfg = preset("digits", **SHORT, superpose_p=1.0 if superposed else 0.0, ce_g_margin=0.2,
-                     ce_g_margin_superposed=m)
-        trainer = Trainer.from_parts(Parts.build(cfg))
-        with trainer.bn_hooks():
-            out.append((trainer.generator_step(), cfg))
-    (a, cfg), (b, _) = out
+    a, b = (first_generator_step(superposed, ce_g_margin=0.2, ce_g_margin_superposed=m) for m in (0.0, 0.3))
     assert torch.equal(a.x, b.x) and torch.equal(a.t_logits, b.t_logits)
     want = generator_ce(b.t_logits.float(), b.targets, 0.5 if superposed else 0.2)
     assert torch.allclose(b.g_losses[1], want)
@@ -409,7 +409,6 @@ def test_screen_generator_measures_a_saved_run_as_the_run_did(tmp_path):
         assert got["plain"][key] == summary["diversity"][key], key
         assert got["superposed"][key] == summary["diversity"]["mix_" + key], key
     # and the share near the teacher's decision boundary, of the very samples measured
-    from qimera_engine.analysis import boundary_share, synthetic_features
     from qimera_engine.artifacts import load_generator, load_teacher
     generator, teacher = load_generator(tmp_path / "r"), load_teacher(tmp_path / "r")
     for name, superposed in (("plain", False), ("superposed", True)):
