@@ -34,6 +34,8 @@ VIEWPORT = {"width": 1400, "height": 1000}
 DEMO_TIMEOUT_S = 900   # a guard against a hang, not a speed check: the demo with its teacher took 50 s on
                        # the command line and 218 s in a watched browser tab on an idle AVX2-only 2-core machine
 PAGE_TIMEOUT_S = 60    # one page render, including loading a run's networks the first time
+SHOT_TIMEOUT_S = 240   # one screenshot: software-rendering a tall page (Boundary samples' path charts carry
+                       # images) took over 60 s on a 2-core machine with four training processes beside it
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -186,7 +188,7 @@ def screenshot(page, name: str) -> Path:
     out = SHOTS / f"{name}.png"
     page.set_viewport_size({"width": VIEWPORT["width"], "height": max(VIEWPORT["height"], int(height) + 40)})
     try:
-        page.screenshot(path=str(out), full_page=True)
+        page.screenshot(path=str(out), full_page=True, timeout=SHOT_TIMEOUT_S * 1000)
     finally:
         page.set_viewport_size(VIEWPORT)
     assert_painted(out, VIEWPORT["width"], VIEWPORT["height"])
@@ -209,7 +211,7 @@ def first_screen(page, out: Path) -> None:
     try:
         wait_rendered(page)
         page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
-        page.screenshot(path=str(out))
+        page.screenshot(path=str(out), timeout=SHOT_TIMEOUT_S * 1000)
     finally:
         page.set_viewport_size(VIEWPORT)
     assert_painted(out, 1280, 720)
@@ -388,7 +390,7 @@ def test_boundary_controls_and_images_in_one_screen(server, page, demo):
         boxes = [tiles.nth(i).bounding_box() for i in range(tiles.count())]
         assert len(boxes) >= 7 and min(min(b["width"], b["height"]) for b in boxes) >= 96, boxes
         SHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SHOTS / "boundary_samples_1280x720.png"))
+        page.screenshot(path=str(SHOTS / "boundary_samples_1280x720.png"), timeout=SHOT_TIMEOUT_S * 1000)
         assert_painted(SHOTS / "boundary_samples_1280x720.png", 1280, 720)
     finally:
         page.set_viewport_size(VIEWPORT)
@@ -516,7 +518,7 @@ def test_guided_tour_walks_seven_screens(server, page):
             page.mouse.move(0, 0)
             page.evaluate("() => document.activeElement?.blur()")
             out = SHOTS / f"guided_tour_{n}_1280x720.png"
-            page.screenshot(path=str(out))
+            page.screenshot(path=str(out), timeout=SHOT_TIMEOUT_S * 1000)
             assert_painted(out, 1280, 720)
             height = page.evaluate("() => Math.max(...['[data-testid=\"stMain\"]', '[data-testid=\"stAppViewContainer\"]']"
                                    ".map(s => document.querySelector(s)).filter(Boolean).map(e => e.scrollHeight))")
@@ -525,7 +527,7 @@ def test_guided_tour_walks_seven_screens(server, page):
             page.set_viewport_size({"width": 1280, "height": max(720, int(height) + 40)})
             try:
                 page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
-                page.screenshot(path=str(full), full_page=True)
+                page.screenshot(path=str(full), full_page=True, timeout=SHOT_TIMEOUT_S * 1000)
             finally:
                 page.set_viewport_size({"width": 1280, "height": 720})
             shots += [out, full]
