@@ -35,7 +35,7 @@ DEMO_TIMEOUT_S = 900   # a guard against a hang, not a speed check: the demo wit
                        # the command line and 218 s in a watched browser tab on an idle AVX2-only 2-core machine
 PAGE_TIMEOUT_S = 60    # one page render, including loading a run's networks the first time
 SHOT_TIMEOUT_S = 240   # one screenshot: software-rendering a tall page (Boundary samples' path charts carry
-                       # images) took over 60 s on a 2-core machine with four training processes beside it
+                       # images) took over 60 s on a 2-core machine with three training processes beside it
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
