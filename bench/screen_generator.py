@@ -29,16 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from qimera_engine.analysis import generator_diversity, real_features  # noqa: E402
+from qimera_engine.analysis import BOUNDARY_THRESHOLD, generator_diversity, real_features  # noqa: E402
 from qimera_engine.config import RunConfig, parse_overrides, preset  # noqa: E402
 from qimera_engine.models import save_state_dict  # noqa: E402
 from qimera_engine.models.checkpoint import load_weights  # noqa: E402
 from qimera_engine.runs import Run, open_run  # noqa: E402
 from qimera_engine.runtime import keep_freed_memory  # noqa: E402
 from qimera_engine.train import Parts, Trainer, superpose_p  # noqa: E402
-
-
-BOUNDARY = 0.2  # top-1 minus top-2 probability under which a sample counts as near the boundary
 
 
 def train_generator(parts: Parts) -> Trainer:
@@ -58,10 +55,10 @@ def train_generator(parts: Parts) -> Trainer:
 def measure(parts: Parts, n: int = 1000, seed: int = 0) -> dict:
     """Diversity of ``parts.generator``'s plain and superposed samples against ``n`` test images, and the
     share of each kind that sits near the teacher's decision boundary (``near_boundary``: top-1 minus top-2
-    probability under ``BOUNDARY``, the app's default threshold)."""
+    probability under ``BOUNDARY_THRESHOLD``, the app's default threshold)."""
     real = real_features(parts.teacher, parts.test, n, seed)
     kinds = generator_diversity(parts.generator, parts.teacher, real, n, parts.cfg.superpose_k, seed=seed,
-                                boundary=BOUNDARY)
+                                boundary=BOUNDARY_THRESHOLD)
     return {name: {k: round(v, 4) for k, v in figures.items()} for name, figures in kinds.items()}
 
 

@@ -2,6 +2,7 @@
 import pandas as pd
 import streamlit as st
 
+from qimera_engine.analysis import BOUNDARY_THRESHOLD
 from qimera_engine.ui import common, figures, paths
 from qimera_engine.ui.logic import (FEATURE_NUMBERS, dominant_class, feature_table, feature_verdict,
                                     generator_runs, hover_coefficients, selected_points)
@@ -79,7 +80,7 @@ sources, classes = result["sources"], result["classes"]
 left, right = st.columns([2, 1])  # wide enough for the table of numbers
 with right:
     st.markdown("**Near the decision boundary**")
-    threshold = st.slider("Margin threshold", 0.0, 1.0, 0.2, 0.01, key="f_threshold",
+    threshold = st.slider("Margin threshold", 0.0, 1.0, BOUNDARY_THRESHOLD, 0.01, key="f_threshold",
                           help="A sample counts as near the boundary when the teacher's top-1 minus top-2 "
                           "probability is below this.")
     k = int(st.number_input("Neighbours k (coverage)", 1, 50, 5, key="f_k",

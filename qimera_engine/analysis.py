@@ -22,10 +22,10 @@ from .evaluate import collect_features
 from .generator import Generator, generate_images, sample_coefficients, seeded_noise
 
 __all__ = ["synthetic_features", "real_features", "real_and_others", "as_one_class", "LRUCache", "prepare_umap",
-           "umap_ready", "project", "clear_projection_cache", "margin", "boundary_share", "knn_coverage", "kth_radii",
-           "prdc", "class_spread", "dominant_labels", "diversity", "generator_diversity", "generate_from_input",
-           "latent_interpolation", "crossing_point", "decision_boundary", "path_strip", "normalise_coefficients",
-           "mix_samples", "to_display", "image_spread"]
+           "umap_ready", "project", "clear_projection_cache", "margin", "BOUNDARY_THRESHOLD", "boundary_share",
+           "knn_coverage", "kth_radii", "prdc", "class_spread", "dominant_labels", "diversity", "generator_diversity",
+           "generate_from_input", "latent_interpolation", "crossing_point", "decision_boundary", "path_strip",
+           "normalise_coefficients", "mix_samples", "to_display", "image_spread"]
 
 GEN_CHUNK = 500  # images generated per call: bounds memory for large image sizes
 
@@ -292,6 +292,9 @@ def margin(probs) -> np.ndarray:
         return p[:, 0].copy()
     top2 = np.partition(p, -2, axis=1)[:, -2:]  # (N, 2): second largest, largest
     return top2[:, 1] - top2[:, 0]
+
+
+BOUNDARY_THRESHOLD = 0.2  # the default margin under which a sample counts as near the boundary (Feature space)
 
 
 def boundary_share(probs, threshold: float) -> float:

@@ -173,6 +173,11 @@ def open_selectbox(page, label: str, option):
     return box, item
 
 
+def shoot(page, out: Path, full_page: bool = False) -> None:
+    """``page.screenshot`` with a timeout of its own (``SHOT_TIMEOUT_S``), not the page's."""
+    page.screenshot(path=str(out), full_page=full_page, timeout=SHOT_TIMEOUT_S * 1000)
+
+
 def screenshot(page, name: str) -> Path:
     """A full-page screenshot. The app scrolls inside its main area, so the viewport is made as tall
     as the content for the shot, and set back afterwards."""
@@ -188,7 +193,7 @@ def screenshot(page, name: str) -> Path:
     out = SHOTS / f"{name}.png"
     page.set_viewport_size({"width": VIEWPORT["width"], "height": max(VIEWPORT["height"], int(height) + 40)})
     try:
-        page.screenshot(path=str(out), full_page=True, timeout=SHOT_TIMEOUT_S * 1000)
+        shoot(page, out, full_page=True)
     finally:
         page.set_viewport_size(VIEWPORT)
     assert_painted(out, VIEWPORT["width"], VIEWPORT["height"])
@@ -211,7 +216,7 @@ def first_screen(page, out: Path) -> None:
     try:
         wait_rendered(page)
         page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
-        page.screenshot(path=str(out), timeout=SHOT_TIMEOUT_S * 1000)
+        shoot(page, out)
     finally:
         page.set_viewport_size(VIEWPORT)
     assert_painted(out, 1280, 720)
@@ -390,7 +395,7 @@ def test_boundary_controls_and_images_in_one_screen(server, page, demo):
         boxes = [tiles.nth(i).bounding_box() for i in range(tiles.count())]
         assert len(boxes) >= 7 and min(min(b["width"], b["height"]) for b in boxes) >= 96, boxes
         SHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SHOTS / "boundary_samples_1280x720.png"), timeout=SHOT_TIMEOUT_S * 1000)
+        shoot(page, SHOTS / "boundary_samples_1280x720.png")
         assert_painted(SHOTS / "boundary_samples_1280x720.png", 1280, 720)
     finally:
         page.set_viewport_size(VIEWPORT)
@@ -518,7 +523,7 @@ def test_guided_tour_walks_seven_screens(server, page):
             page.mouse.move(0, 0)
             page.evaluate("() => document.activeElement?.blur()")
             out = SHOTS / f"guided_tour_{n}_1280x720.png"
-            page.screenshot(path=str(out), timeout=SHOT_TIMEOUT_S * 1000)
+            shoot(page, out)
             assert_painted(out, 1280, 720)
             height = page.evaluate("() => Math.max(...['[data-testid=\"stMain\"]', '[data-testid=\"stAppViewContainer\"]']"
                                    ".map(s => document.querySelector(s)).filter(Boolean).map(e => e.scrollHeight))")
@@ -527,7 +532,7 @@ def test_guided_tour_walks_seven_screens(server, page):
             page.set_viewport_size({"width": 1280, "height": max(720, int(height) + 40)})
             try:
                 page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
-                page.screenshot(path=str(full), full_page=True, timeout=SHOT_TIMEOUT_S * 1000)
+                shoot(page, full, full_page=True)
             finally:
                 page.set_viewport_size({"width": 1280, "height": 720})
             shots += [out, full]
