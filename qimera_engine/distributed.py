@@ -15,6 +15,7 @@ Rank 0 alone writes the run folder, evaluates and reports; the others follow it.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -179,7 +180,16 @@ def from_env(device: str = "auto") -> World:
         if gpu:
             torch.cuda.set_device(local % torch.cuda.device_count())
         dist.init_process_group(backend(gpu), timeout=datetime.timedelta(minutes=30))
+        atexit.register(close)
     return World(dist.get_rank(), dist.get_world_size(), local)
+
+
+def close() -> None:
+    """Leave the process group, if this process is in one. ``from_env`` has this run at exit for the group it
+    joins: a process that exits in it leaves gloo's threads to the interpreter's teardown, which can abort it
+    ("terminate called without an active exception", SIGABRT) after a run that succeeded."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 BACKENDS = ("nccl", "gloo")
@@ -241,4 +251,4 @@ def sync_batchnorm(module: nn.Module, world: World) -> nn.Module:
     return module
 
 
-__all__ = ["World", "SINGLE", "from_env", "run_device", "sync_batchnorm", "GlobalBatchNorm2d"]
+__all__ = ["World", "SINGLE", "from_env", "close", "run_device", "sync_batchnorm", "GlobalBatchNorm2d"]
