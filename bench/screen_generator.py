@@ -9,7 +9,8 @@ exactly the generator a run with the same seed and settings would end with (the 
 and prints one JSON line: precision, recall, density and coverage (Naeem et al. 2020, k = 5) of 1,000
 plain and 1,000 superposed samples (K = 2) against 1,000 images of ``test_data``, their within-class
 spread against the real one, the share of each near the teacher's decision boundary, and the seconds it
-took. ``--save PATH`` keeps the generator's weights.
+took. ``--save PATH`` keeps the generator's weights. ``--variety cat,dog``: also how different the images
+of eight noise seeds are (mixed and plain, against real images; ``bench/seed_variety.py``'s figures).
 Tune on a training split (``cifar10-val``), report on the test images.
 
     python bench/screen_generator.py --run RUN --set test_data=folder:cifar10-dev
@@ -36,6 +37,7 @@ from qimera_engine.models.checkpoint import load_weights  # noqa: E402
 from qimera_engine.runs import Run, open_run  # noqa: E402
 from qimera_engine.runtime import keep_freed_memory  # noqa: E402
 from qimera_engine.train import Parts, Trainer, superpose_p  # noqa: E402
+from seed_variety import variety  # noqa: E402  (this folder's)
 
 
 def train_generator(parts: Parts) -> Trainer:
@@ -70,6 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=1000, help="real and synthetic samples per measurement")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--save", type=Path, default=None, help="write the generator's weights here")
+    ap.add_argument("--variety", default=None, metavar="CLASS,CLASS",
+                    help="also the eight-seed variety of these two classes (bench/seed_variety.py)")
     ap.add_argument("--run", type=Path, default=None,
                     help="measure this run folder's saved generator instead of training one")
     args = ap.parse_args(argv)
@@ -97,6 +101,8 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t0
     result = {**source, "set": args.set, "train_seconds": round(seconds, 1) if run is None else 0.0,
               **measure(parts, args.images)}
+    if args.variety:
+        result["variety"] = variety(parts.generator, parts.teacher, parts.test, args.variety)
     if args.save:
         save_state_dict(parts.generator, args.save)
     print(json.dumps(result), flush=True)

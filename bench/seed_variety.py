@@ -13,6 +13,7 @@ half one class, half the other (``--coeffs``), and plain images of the first cla
 
 Beside them, the same figures for as many real test images of the first class (the run's own test
 data, when it is on this machine): how far apart real images of one class are. One JSON line per run.
+``bench/screen_generator.py --variety cat,dog`` adds the same figures for the generator it trains.
 """
 from __future__ import annotations
 
@@ -40,6 +41,24 @@ def spread(images: torch.Tensor, teacher) -> dict:
             "teacher says": len(set(probs.argmax(1).tolist()))}
 
 
+def variety(gen, teacher, test, classes: str = "cat,dog", coeffs: str = "0.5,0.5", n_seeds: int = 8) -> dict:
+    """The figures above for one generator: its ``n_seeds`` mixed and plain images, and as many real images
+    of the first class from ``test`` (a data set, or None). ``classes``: two names (or indices)."""
+    names = list(test.classes) if test is not None else [str(i) for i in range(teacher.num_classes)]
+    a, b = (names.index(c) if c in names else int(c) for c in classes.split(","))
+    seeds = list(range(n_seeds))
+    lam = torch.tensor([[float(c) for c in coeffs.split(",")]] * len(seeds))
+    row = {"classes": [names[a], names[b]], "seeds": len(seeds)}
+    if gen.input_mode != "gdfq":
+        row["mixed"] = spread(generate_images(gen, torch.tensor([[a, b]] * len(seeds)), lam, seeds), teacher)
+    row["plain"] = spread(generate_images(gen, torch.full((len(seeds), 1), a), torch.ones(len(seeds), 1), seeds),
+                          teacher)
+    if test is not None:
+        x, y = test.subset(min(len(test), 2000), 0)
+        row["real"] = spread(x[y == a][:len(seeds)], teacher)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="finished run folders")
@@ -54,21 +73,10 @@ def main() -> None:
         test = None
         try:
             test = load_data(run.config.test_data, InputSpec.of(teacher), "test")
-            names = list(test.classes)
         except (OSError, ValueError):
-            names = [str(i) for i in range(teacher.num_classes)]
-        a, b = (names.index(c) if c in names else int(c) for c in args.classes.split(","))
-        seeds = list(range(args.seeds))
-        lam = torch.tensor([[float(c) for c in args.coeffs.split(",")]] * len(seeds))
+            pass
         row = {"run": run.id, "method": run.config.method, "superpose_p": run.config.superpose_p,
-               "classes": [names[a], names[b]], "seeds": len(seeds)}
-        if gen.input_mode != "gdfq":
-            row["mixed"] = spread(generate_images(gen, torch.tensor([[a, b]] * len(seeds)), lam, seeds), teacher)
-        row["plain"] = spread(generate_images(gen, torch.full((len(seeds), 1), a), torch.ones(len(seeds), 1), seeds),
-                              teacher)
-        if test is not None:
-            x, y = test.subset(min(len(test), 2000), 0)
-            row["real"] = spread(x[y == a][:len(seeds)], teacher)
+               **variety(gen, teacher, test, args.classes, args.coeffs, args.seeds)}
         print(json.dumps(row), flush=True)
 
 

@@ -401,9 +401,16 @@ def test_screen_generator_measures_a_saved_run_as_the_run_did(tmp_path):
     summary = run_to_end(preset("digits", **{**SHORT, "epochs": 1}), out=tmp_path / "r")
     script = Path(__file__).resolve().parents[1] / "bench" / "screen_generator.py"
     p = subprocess.run([sys.executable, str(script), "--run", str(tmp_path / "r"), "--images", "200",
-                        "--threads", "1"], capture_output=True, text=True, timeout=300)
+                        "--threads", "1", "--variety", "3,8"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     got = json.loads(p.stdout)
+    # --variety: bench/seed_variety.py's figures for the same generator, eight seeds of classes 3 and 8
+    seeds = subprocess.run([sys.executable, str(script.with_name("seed_variety.py")), str(tmp_path / "r"),
+                            "--classes", "3,8"], capture_output=True, text=True, timeout=300)
+    assert seeds.returncode == 0, seeds.stderr
+    expected = json.loads(seeds.stdout)
+    assert got["variety"] == {k: expected[k] for k in ("classes", "seeds", "mixed", "plain", "real")}
+    assert got["variety"]["classes"] == ["3", "8"] and got["variety"]["plain"]["pixel"] > 0
     assert got["run"] == str(tmp_path / "r") and got["train_seconds"] == 0.0
     for key in ("coverage", "precision", "recall", "spread_vs_real"):
         assert got["plain"][key] == summary["diversity"][key], key
