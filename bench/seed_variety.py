@@ -41,11 +41,26 @@ def spread(images: torch.Tensor, teacher) -> dict:
             "teacher says": len(set(probs.argmax(1).tolist()))}
 
 
+def class_names(teacher, test) -> list[str]:
+    return list(test.classes) if test is not None else [str(i) for i in range(teacher.num_classes)]
+
+
+def class_pair(names: list[str], classes: str) -> tuple[int, int]:
+    """The indices of ``classes``, two names (or indices) separated by a comma; a clear error otherwise."""
+    picked = [c.strip() for c in classes.split(",")]
+    found = [names.index(c) if c in names else int(c) if c.isdigit() and int(c) < len(names) else None
+             for c in picked]
+    if len(picked) != 2 or None in found:
+        raise ValueError(f"classes {classes!r}: give two of {', '.join(names)} (or their indices), "
+                         "separated by a comma")
+    return found[0], found[1]
+
+
 def variety(gen, teacher, test, classes: str = "cat,dog", coeffs: str = "0.5,0.5", n_seeds: int = 8) -> dict:
     """The figures above for one generator: its ``n_seeds`` mixed and plain images, and as many real images
     of the first class from ``test`` (a data set, or None). ``classes``: two names (or indices)."""
-    names = list(test.classes) if test is not None else [str(i) for i in range(teacher.num_classes)]
-    a, b = (names.index(c) if c in names else int(c) for c in classes.split(","))
+    names = class_names(teacher, test)
+    a, b = class_pair(names, classes)
     seeds = list(range(n_seeds))
     lam = torch.tensor([[float(c) for c in coeffs.split(",")]] * len(seeds))
     row = {"classes": [names[a], names[b]], "seeds": len(seeds)}
