@@ -90,8 +90,11 @@ def main() -> None:
             test = load_data(run.config.test_data, InputSpec.of(teacher), "test")
         except (OSError, ValueError):
             pass
-        row = {"run": run.id, "method": run.config.method, "superpose_p": run.config.superpose_p,
-               **variety(gen, teacher, test, args.classes, args.coeffs, args.seeds)}
+        try:
+            figures = variety(gen, teacher, test, args.classes, args.coeffs, args.seeds)
+        except ValueError as e:
+            ap.error(f"--classes: {e}")
+        row = {"run": run.id, "method": run.config.method, "superpose_p": run.config.superpose_p, **figures}
         print(json.dumps(row), flush=True)
 
 
