@@ -90,11 +90,12 @@ def main() -> None:
             test = load_data(run.config.test_data, InputSpec.of(teacher), "test")
         except (OSError, ValueError):
             pass
-        try:
-            figures = variety(gen, teacher, test, args.classes, args.coeffs, args.seeds)
+        try:  # only the class names: another ValueError is not a --classes mistake
+            class_pair(class_names(teacher, test), args.classes)
         except ValueError as e:
             ap.error(f"--classes: {e}")
-        row = {"run": run.id, "method": run.config.method, "superpose_p": run.config.superpose_p, **figures}
+        row = {"run": run.id, "method": run.config.method, "superpose_p": run.config.superpose_p,
+               **variety(gen, teacher, test, args.classes, args.coeffs, args.seeds)}
         print(json.dumps(row), flush=True)
 
 
