@@ -49,13 +49,22 @@ class World:
     def _collective(self) -> bool:
         return self.size > 1
 
-    def rows(self, n: int) -> slice:
-        """This rank's rows of a global batch of ``n`` (which must split evenly)."""
+    def rows(self, n: int, paired: bool = False) -> slice | torch.Tensor:
+        """This rank's rows of a global batch of ``n`` (which must split evenly). ``paired``: a batch whose
+        second half pairs row by row with its first (mode seeking); this rank takes the same share of each
+        half, as an index, so that each pair stays on one rank."""
         if n % self.size:
             raise ValueError(f"a batch of {n} does not split evenly over {self.size} processes: "
                              f"choose a batch_size that {self.size} divides")
-        share = n // self.size
-        return slice(self.rank * share, (self.rank + 1) * share)
+        if not paired:
+            share = n // self.size
+            return slice(self.rank * share, (self.rank + 1) * share)
+        half = n // 2
+        if n % 2 or half % self.size:
+            raise ValueError(f"a batch of {n} pairs (mode seeking) does not split into whole pairs over {self.size} "
+                             f"processes: choose a batch_size that {2 * self.size} divides")
+        first = torch.arange(self.rank * (half // self.size), (self.rank + 1) * (half // self.size))
+        return torch.cat([first, first + half])
 
     # --- what the whole batch decides
 
@@ -107,12 +116,15 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t / self.size
 
-    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The global batch from each rank's slice, in rank order (the rows one process would hold)."""
+    def gather_rows(self, x: torch.Tensor, paired: bool = False) -> torch.Tensor:
+        """The global batch from each rank's rows (``rows(n, paired)``), in the order one process would hold it."""
         if not self._collective:
             return x
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous())
+        if paired:  # each rank holds its share of the first half, then the same share of the second
+            share = len(x) // 2
+            parts = [p[:share] for p in parts] + [p[share:] for p in parts]
         return torch.cat(parts)
 
     def any(self, flag: bool) -> bool:

@@ -116,10 +116,17 @@ def generator_ce(logits: torch.Tensor, targets: torch.Tensor, margin: float = 0.
 
 
 def mode_seeking(first: torch.Tensor, second: torch.Tensor, z_first: torch.Tensor, z_second: torch.Tensor,
-                 eps: float = 1e-5) -> torch.Tensor:
+                 eps: float = 1e-5, all_sum=None) -> torch.Tensor:
     """MSGAN's mode-seeking term: 1 / (mean |G(z1) - G(z2)| / mean |z1 - z2| + eps), for two halves of a
-    batch with the same conditions and different noise; small when different noise gives different outputs."""
-    ratio = (first - second).abs().mean() / (z_first - z_second).abs().mean()
+    batch with the same conditions and different noise; small when different noise gives different outputs.
+    ``all_sum`` (a run over several processes, ``distributed.World.all_sum``, each holding some of the pairs):
+    the means are over the pairs of every process."""
+    if all_sum is None:
+        ratio = (first - second).abs().mean() / (z_first - z_second).abs().mean()
+    else:
+        d, dz = (first - second).abs(), (z_first - z_second).abs()
+        sums = all_sum(torch.stack([d.sum(), dz.sum().to(d.dtype), d.new_tensor(d.numel()), d.new_tensor(dz.numel())]))
+        ratio = (sums[0] / sums[2]) / (sums[1] / sums[3])
     return 1.0 / (ratio + eps)
 
 

@@ -191,12 +191,11 @@ def _follow(cfg: RunConfig, world: World, should_stop: Callable[[], bool]) -> No
 def _check_distributable(cfg: RunConfig, world: World) -> None:
     """Settings a run over several processes does not compute as one process would, refused up front."""
     refused = [why for bad, why in (
-        (cfg.ms_weight > 0, "ms_weight > 0 (the mode-seeking term compares the halves of the whole batch)"),
         (cfg.student_train_mode, "student_train_mode (the student's BatchNorm would use each process's share)"),
     ) if bad]
     if refused:
         raise ValueError(f"a run over {world.size} processes cannot use {'; '.join(refused)}: run it in one process")
-    world.rows(cfg.batch_size)  # an uneven split is refused here
+    world.rows(cfg.batch_size, cfg.ms_weight > 0)  # an uneven split (or one that cuts a pair) is refused here
 
 
 _DONE = object()
@@ -335,6 +334,7 @@ class Batch:
     targets: torch.Tensor
     t_logits: torch.Tensor
     g_losses: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    paired: bool = False  # rows in pairs (mode seeking): a process's share is its share of each half
 
 
 class Trainer:
@@ -435,7 +435,7 @@ class Trainer:
         cfg = self.cfg
         latent: LatentBatch = self.sampler(cfg.batch_size, self.device)
         if self.world.distributed:  # every rank draws the global batch and keeps its share
-            latent = latent.take(self.world.rows(cfg.batch_size))
+            latent = latent.take(self.world.rows(cfg.batch_size, latent.paired))  # each pair on one rank
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
         frozen = self.generator_frozen  # (gen_epochs) its losses are still measured, nothing is learnt
@@ -466,21 +466,22 @@ class Trainer:
             out = (feats[-1] if feats else x.flatten(1)).float()
             a, b = out.chunk(2)
             za, zb = latent.noise.chunk(2)
-            loss_g = loss_g + cfg.ms_weight * mode_seeking(a, b, za, zb)
+            loss_g = loss_g + cfg.ms_weight * mode_seeking(
+                a, b, za, zb, all_sum=self.world.all_sum if self.world.distributed else None)
         if not frozen:
             self.opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             self.world.average_grads(self.generator.parameters())
             self.opt_g.step()
         x, t_logits = (x.detach().clone(), t_logits.detach().clone()) if self.graphs else (x.detach(), t_logits.detach())
-        return Batch(x, latent.targets, t_logits, (loss_g.detach(), ce_g.detach(), l_bns.detach()))
+        return Batch(x, latent.targets, t_logits, (loss_g.detach(), ce_g.detach(), l_bns.detach()), latent.paired)
 
     def _augment(self, x: torch.Tensor, paired: bool = False) -> torch.Tensor:
         """``gen_augment``: mirror a random half of the rows, and (flip-shift) roll the batch by up to 1/8 of its
         size. Drawn for the global batch, so every process of a distributed run draws the same numbers. In a
         paired batch (mode seeking) the two halves are mirrored alike: a pair differs by its noise alone."""
         n = self.cfg.batch_size
-        flip = (torch.rand(n, generator=self.rng.cpu) < 0.5)[self.world.rows(n)]
+        flip = (torch.rand(n, generator=self.rng.cpu) < 0.5)[self.world.rows(n, paired)]
         if paired:
             half = flip[:len(flip) // 2]
             flip = torch.cat([half, half])
@@ -517,7 +518,7 @@ class Trainer:
             with torch.no_grad():
                 t_logits = self.teacher(x)
         if self.recon_pool is not None:
-            self.recon_pool.append(self.world.gather_rows(x))
+            self.recon_pool.append(self.world.gather_rows(x, batch.paired))
         if not train:
             if calibrating:  # the forward pass calibrates the activation ranges
                 with torch.no_grad():

@@ -2,8 +2,8 @@
 
 Started once per rank with torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or with none
 for a one-process reference (``--as-if-distributed``: with the operations of a run over several processes).
-``--unsynced``: each process computes the BatchNorm moments of its own share
-(what a run without the synchronised moments would do), which the test expects to differ.
+``--unsynced``: each process computes the BatchNorm moments of its own share, and the mode-seeking means of its
+own pairs (what a run without the synchronised moments would do), which the test expects to differ.
 ``--adam-eps E``: Adam (here only the generator's) with eps E in place of its default (the same in every run compared).
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ import json
 
 import torch
 
-from qimera_engine import distributed
+from qimera_engine import distributed, train
 from qimera_engine.config import RunConfig
-from qimera_engine.losses import bn_statistics
+from qimera_engine.losses import bn_statistics, mode_seeking
 from qimera_engine.quant import act_quantizers
 from qimera_engine.train import Parts, Trainer
 
@@ -39,6 +39,7 @@ def main() -> None:
     if args.unsynced:
         distributed.World.moments = lambda self, x, shift: bn_statistics(x)
         distributed.GlobalBatchNorm2d.forward = torch.nn.BatchNorm2d.forward
+        train.mode_seeking = lambda a, b, za, zb, eps=1e-5, all_sum=None: mode_seeking(a, b, za, zb, eps)
     parts = Parts.build(cfg, world=world)
     trainer = Trainer.from_parts(parts, world)
     losses = []
