@@ -105,14 +105,20 @@ print("sum", int(t[0]), "rank", world.rank, flush=True)
 """
 
 
-def test_each_process_leaves_the_group_at_exit():
-    # without destroy_process_group a gloo rank that exits can abort in the interpreter's teardown (SIGABRT,
-    # "terminate called without an active exception"): one in five such exits did on a 2-core machine
+def two_ranks(script: str) -> list[str]:
+    """The output of ``script`` run as rank 0 and rank 1 of a two-process group; both must exit with 0."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", LEAVES], env=env_for(rank, 2, port), stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env_for(rank, 2, port), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for rank in range(2)]
     logs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
+    return logs
+
+
+def test_each_process_leaves_the_group_at_exit():
+    # without destroy_process_group a gloo rank that exits can abort in the interpreter's teardown (SIGABRT,
+    # "terminate called without an active exception"): one in five such exits did on a 2-core machine
+    logs = two_ranks(LEAVES)
     for rank, log in enumerate(logs):
         assert f"sum 2 rank {rank}" in log and "in a group at exit: False" in log, log
 
@@ -148,11 +154,7 @@ print("gathered", world.rank, world.gather_rows(mine, paired=True).flatten().tol
 def test_a_paired_batch_is_gathered_in_one_process_order():
     # the reconstruction keeps the images of the last epoch: gathered from pairs, they come back as one process
     # holds them
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", GATHERS], env=env_for(rank, 2, port), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-    logs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], logs
+    logs = two_ranks(GATHERS)
     whole = [float(10 * i) for i in range(12)]
     assert f"rows 0 {[0.0, 10.0, 20.0, 60.0, 70.0, 80.0]}" in logs[0], logs[0]
     assert f"rows 1 {[30.0, 40.0, 50.0, 90.0, 100.0, 110.0]}" in logs[1], logs[1]
