@@ -37,7 +37,7 @@ from qimera_engine.models.checkpoint import load_weights  # noqa: E402
 from qimera_engine.runs import Run, open_run  # noqa: E402
 from qimera_engine.runtime import keep_freed_memory  # noqa: E402
 from qimera_engine.train import Parts, Trainer, superpose_p  # noqa: E402
-from seed_variety import class_names, class_pair, variety  # noqa: E402  (this folder's)
+from seed_variety import refuse_unknown_classes, variety  # noqa: E402  (this folder's)
 
 
 def train_generator(parts: Parts) -> Trainer:
@@ -93,10 +93,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     parts = Parts.build(cfg.resolved())
     if args.variety:  # a class name that is not there is refused now, not after the training
-        try:
-            class_pair(class_names(parts.teacher, parts.test), args.variety)
-        except ValueError as e:
-            ap.error(f"--variety: {e}")
+        refuse_unknown_classes(ap, "--variety", parts.teacher, parts.test, args.variety)
     if run is not None:
         load_weights(parts.generator, run.path / Run.GENERATOR)
         source = {"run": str(run.path), "seed": cfg.seed}

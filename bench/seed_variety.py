@@ -56,6 +56,15 @@ def class_pair(names: list[str], classes: str) -> tuple[int, int]:
     return found[0], found[1]
 
 
+def refuse_unknown_classes(ap, flag: str, teacher, test, classes: str) -> None:
+    """A usage error from ``ap`` (exit status 2) naming the classes there are, unless ``classes`` (the value of
+    ``flag``) are two of them. Only the names: no other mistake is reported as one of ``flag``."""
+    try:
+        class_pair(class_names(teacher, test), classes)
+    except ValueError as e:
+        ap.error(f"{flag}: {e}")
+
+
 def variety(gen, teacher, test, classes: str = "cat,dog", coeffs: str = "0.5,0.5", n_seeds: int = 8) -> dict:
     """The figures above for one generator: its ``n_seeds`` mixed and plain images, and as many real images
     of the first class from ``test`` (a data set, or None). ``classes``: two names (or indices)."""
@@ -90,10 +99,7 @@ def main() -> None:
             test = load_data(run.config.test_data, InputSpec.of(teacher), "test")
         except (OSError, ValueError):
             pass
-        try:  # only the class names: another ValueError is not a --classes mistake
-            class_pair(class_names(teacher, test), args.classes)
-        except ValueError as e:
-            ap.error(f"--classes: {e}")
+        refuse_unknown_classes(ap, "--classes", teacher, test, args.classes)
         row = {"run": run.id, "method": run.config.method, "superpose_p": run.config.superpose_p,
                **variety(gen, teacher, test, args.classes, args.coeffs, args.seeds)}
         print(json.dumps(row), flush=True)
