@@ -159,6 +159,10 @@ class RunConfig:
     ms_space: str = setting("image", "Where mode seeking measures how different a pair is: the images, or the "
                                      "teacher's penultimate features.", choices=("image", "feature"),
                             label="Mode seeking on", section="Generator")
+    ms_pairs: str = setting("paired", "Which samples mode seeking compares: paired (MSGAN: the batch's second half "
+                                      "repeats the first half's conditions with other noise) or class (the samples "
+                                      "of one batch with the same classes, each condition drawn once).",
+                            choices=("paired", "class"), label="Mode seeking pairs", section="Generator")
     bns_slack: float = setting(
         0.0, "0: exact BN-statistics matching (paper); > 0: DSG's slack alignment: a batch mean (variance) counts only "
         "beyond this many running standard deviations (variances) from the teacher's.", "[0, 100]", cap=OVERFLOW,
@@ -327,7 +331,7 @@ class RunConfig:
         need(self.calib_epochs >= 1 or self.abits == 32,
              "calib_epochs must be >= 1 when abits < 32: the activation ranges are calibrated in those epochs "
              "(with 0, every activation would be quantized to a range of zero)")
-        need(self.ms_weight == 0 or self.batch_size % 2 == 0,
+        need(self.ms_weight == 0 or self.ms_pairs == "class" or self.batch_size % 2 == 0,
              f"ms_weight > 0 pairs the samples of each batch: batch_size must be even, got {self.batch_size}")
         need(self.recon_iters == 0 or self.student_ema == 0,
              "recon_iters and student_ema cannot be combined: the evaluated average of the weights would not "

@@ -31,7 +31,7 @@ from .evaluate import evaluate
 from .events import EpochEnd, Evaluated, Event, Finished, Log, Started, Step
 from .generator import BatchSampler, Generator, LatentBatch
 from .losses import (BNStatisticsLoss, ce_row_mask, generator_ce, kd_loss, low_pass, masked_soft_cross_entropy,
-                     mode_seeking, soft_cross_entropy)
+                     class_mode_seeking, mode_seeking, soft_cross_entropy)
 from .models import Teacher, classifier_layer, save_state_dict
 from .quant import (act_quantizers, enable_weight_clip, fit_ranges_mse, make_ranges_learnable, reconstruct,
                     refine_images, set_calibration, start_range_sampling)
@@ -195,6 +195,9 @@ def _check_distributable(cfg: RunConfig, world: World) -> None:
     ) if bad]
     if refused:
         raise ValueError(f"a run over {world.size} processes cannot use {'; '.join(refused)}: run it in one process")
+    if cfg.ms_weight > 0 and cfg.ms_pairs == "class":
+        raise ValueError(f"a run over {world.size} processes cannot use ms_pairs=class (its pairs span the "
+                         "processes' shares): use ms_pairs=paired, or run it in one process")
     world.rows(cfg.batch_size, cfg.ms_weight > 0)  # an uneven split (or one that cuts a pair) is refused here
 
 
@@ -386,7 +389,8 @@ class Trainer:
                                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.sampler = BatchSampler(num_classes, generator.embed_dim if generator else 1, cfg.superpose_p,
                                     cfg.superpose_k, cfg.coeff_sampler, cfg.dirichlet_alpha, cfg.fixed_coeffs,
-                                    seed=cfg.seed, generator=rng.device, paired=cfg.ms_weight > 0,
+                                    seed=cfg.seed, generator=rng.device,
+                                    paired=cfg.ms_weight > 0 and cfg.ms_pairs == "paired",
                                     pixel_shapes=generator.noise_shapes() if generator else None)
         self.classifier = classifier_layer(teacher) if cfg.ms_weight > 0 and cfg.ms_space == "feature" else None
         self.bns: BNStatisticsLoss | None = None
@@ -462,12 +466,15 @@ class Trainer:
         ce_g = generator_ce(t_logits.float(), latent.targets, margin)
         bns_weight = cfg.bns_weight * (cfg.bns_superposed if latent.superposed else 1.0)
         loss_g = ce_g + bns_weight * l_bns
-        if latent.paired:  # halves with the same conditions, different noise (the sampler pairs when ms_weight > 0)
+        if cfg.ms_weight > 0:
             out = (feats[-1] if feats else x.flatten(1)).float()
-            a, b = out.chunk(2)
-            za, zb = latent.noise.chunk(2)
-            loss_g = loss_g + cfg.ms_weight * mode_seeking(
-                a, b, za, zb, all_sum=self.world.all_sum if self.world.distributed else None)
+            if latent.paired:  # halves with the same conditions, different noise (ms_pairs=paired)
+                a, b = out.chunk(2)
+                za, zb = latent.noise.chunk(2)
+                loss_g = loss_g + cfg.ms_weight * mode_seeking(
+                    a, b, za, zb, all_sum=self.world.all_sum if self.world.distributed else None)
+            else:  # ms_pairs=class: the batch's own samples with the same labels
+                loss_g = loss_g + cfg.ms_weight * class_mode_seeking(out, latent.noise, latent.labels)
         if not frozen:
             self.opt_g.zero_grad(set_to_none=True)
             loss_g.backward()

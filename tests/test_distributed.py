@@ -174,6 +174,8 @@ def test_settings_a_split_run_cannot_compute_are_refused():
     _check_distributable(preset("digits", ms_weight=0.1, batch_size=32), world)  # whole pairs on each process
     with pytest.raises(ValueError, match="whole pairs"):
         _check_distributable(preset("digits", ms_weight=0.1, batch_size=34), world)
+    with pytest.raises(ValueError, match="ms_pairs=class"):  # its pairs would span the processes' shares
+        _check_distributable(preset("digits", ms_weight=0.1, ms_pairs="class", batch_size=32), world)
     with pytest.raises(ValueError, match="student_train_mode"):
         _check_distributable(preset("digits", student_train_mode=True), world)
 

@@ -13,7 +13,8 @@ from qimera_engine.analysis import (boundary_share, class_spread, diversity, dom
                                     knn_coverage, prdc, synthetic_features)
 from qimera_engine.config import ConfigError
 from qimera_engine.generator import Generator, generate_images, sample_latents, seeded_pixel_noise
-from qimera_engine.losses import BNStatisticsLoss, generator_ce, mode_seeking, slack_gap, soft_cross_entropy
+from qimera_engine.losses import (BNStatisticsLoss, class_mode_seeking, generator_ce, mode_seeking, slack_gap,
+                                  soft_cross_entropy)
 from qimera_engine.runs import open_run
 
 SHORT = dict(epochs=2, iters_per_epoch=6, warmup_epochs=1, calib_epochs=1, batch_size=16, milestones=[],
@@ -221,6 +222,46 @@ def test_mode_seeking_rewards_different_outputs():
 def test_mode_seeking_needs_an_even_batch():
     with pytest.raises(ConfigError, match="even"):
         preset("digits", ms_weight=1.0, batch_size=15)
+    preset("digits", ms_weight=1.0, ms_pairs="class", batch_size=15)  # class pairs build no pairs
+
+
+def test_class_mode_seeking_is_the_term_over_every_same_class_pair():
+    """Against the pairs enumerated one by one; on a batch whose halves share their labels (and no other
+    two samples do) it is ``mode_seeking`` of the halves."""
+    g = torch.Generator().manual_seed(0)
+    out, z = torch.randn(12, 7, generator=g, requires_grad=True), torch.randn(12, 1, 3, generator=g)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 3, 4, 2, 5, 6, 0])[:, None]
+    pairs = [(i, j) for i in range(12) for j in range(i + 1, 12) if labels[i, 0] == labels[j, 0]]
+    d = sum((out[i] - out[j]).abs().mean() for i, j in pairs) / len(pairs)
+    dz = sum((z[i] - z[j]).abs().mean() for i, j in pairs) / len(pairs)
+    got = class_mode_seeking(out, z, labels)
+    assert got.item() == pytest.approx((1 / (d / dz + 1e-5)).item(), rel=1e-5)
+    got.backward()
+    assert out.grad[[6, 7, 9, 10]].abs().sum() == 0 and out.grad[0].abs().sum() > 0  # only paired rows learn
+    halves = torch.arange(6).repeat(2)[:, None]
+    a, za = torch.randn(12, 7, generator=g), torch.randn(12, 1, 3, generator=g)
+    assert class_mode_seeking(a, za, halves).item() == pytest.approx(
+        mode_seeking(a[:6], a[6:], za[:6], za[6:]).item(), rel=1e-6)
+    two = torch.tensor([[0, 1], [0, 1], [1, 0]])  # superposed labels: a pair shares every slot
+    b = torch.randn(3, 7, generator=g)
+    assert class_mode_seeking(b, za[:3], two).item() == pytest.approx(
+        mode_seeking(b[:1], b[1:2], za[:1], za[1:2]).item(), rel=1e-6)
+
+
+def test_class_mode_seeking_without_a_pair_is_zero_and_learns_nothing():
+    out = torch.randn(3, 5, requires_grad=True)
+    term = class_mode_seeking(out, torch.randn(3, 1, 2), torch.tensor([[0], [1], [2]]))
+    term.backward()
+    assert term.item() == 0 and torch.equal(out.grad, torch.zeros_like(out))
+
+
+def test_class_pairs_keep_the_batch_of_a_run_without_mode_seeking():
+    """ms_pairs=class draws the very latents the run without mode seeking draws (one condition per sample),
+    so the first images are the same; only the generator's loss has the term added."""
+    plain, ms = first_generator_step(False), first_generator_step(False, ms_weight=1.0, ms_pairs="class")
+    assert torch.equal(plain.x, ms.x) and torch.equal(plain.targets, ms.targets) and not ms.paired
+    (loss_a, ce_a, bns_a), (loss_b, ce_b, bns_b) = plain.g_losses, ms.g_losses
+    assert torch.equal(ce_a, ce_b) and torch.equal(bns_a, bns_b) and loss_b > loss_a
 
 
 # --------------------------------------------------------------------------- short digits runs
@@ -260,7 +301,8 @@ def test_summary_holds_the_figures_and_the_real_reference(tmp_path):
 
 
 @pytest.mark.parametrize("switch", [dict(embed_norm=True), dict(block_noise=True), dict(ms_weight=1.0),
-                                    dict(ms_weight=1.0, ms_space="feature"), dict(bns_slack=0.5),
+                                    dict(ms_weight=1.0, ms_space="feature"), dict(ms_weight=1.0, ms_pairs="class"),
+                                    dict(bns_slack=0.5),
                                     dict(ce_g_margin=0.1), dict(gen_augment="flip"), dict(gen_augment="flip-shift"),
                                     dict(bns_superposed=0.0), dict(ce_g_margin_superposed=0.5)],
                          ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))

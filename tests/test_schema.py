@@ -258,6 +258,7 @@ OTHER_CASES = [
     ("pretrained-digits", ["pretrained=true"], "pretrained=true, but teacher 'digits-cnn' has no zoo weights"),
     ("ms-odd-batch", ["ms_weight=1", "batch_size=15"], "ms_weight > 0 pairs the samples of each batch"),
     ("ms-space", ["ms_space=latent"], "ms_space must be"),
+    ("ms-pairs", ["ms_pairs=all"], "ms_pairs must be one of ('paired', 'class')"),
     ("set-twice", ["epochs=2", "epochs=3"], "--set epochs is given twice ('2' and '3')"),
     ("set-twice-dashed", ["iters-per-epoch=2", "iters_per_epoch=3"], "--set iters_per_epoch is given twice"),
 ]
