@@ -134,17 +134,18 @@ def class_mode_seeking(out: torch.Tensor, noise: torch.Tensor, labels: torch.Ten
                        eps: float = 1e-5) -> torch.Tensor:
     """The mode-seeking term over every pair of one batch's samples with the same labels (in every slot),
     with no pairs built for it: 1 / (mean |G(z_i) - G(z_j)| / mean |z_i - z_j| + eps), the means over those
-    pairs, each pair's over its elements. For plain samples (one class each) a pair has the same condition
-    and different noise, as in ``mode_seeking``; the batch keeps one condition per sample. 0 when no two
-    samples share their labels. No host sync (a mask, not a list of pairs)."""
+    pairs and their elements. For plain samples (one class each) a pair has the same condition and
+    different noise, as in ``mode_seeking``; the batch keeps one condition per sample. 0 (with a zero
+    gradient) when no two samples share their labels. Lists the pairs on the host (one sync per batch)."""
     out, noise = out.flatten(1), noise.flatten(1).to(out.dtype)
     labels = labels.reshape(labels.shape[0], -1)
-    same = (labels[:, None, :] == labels[None, :, :]).all(-1).triu(1).to(out.dtype)
-    pairs = same.sum()
-    d = (torch.cdist(out, out, p=1) * same).sum() / (pairs.clamp_min(1) * out.shape[1])
-    dz = (torch.cdist(noise, noise, p=1) * same).sum() / (pairs.clamp_min(1) * noise.shape[1])
-    term = 1.0 / (d / dz.clamp_min(1e-12) + eps)
-    return torch.where(pairs > 0, term, torch.zeros_like(term))
+    i, j = torch.triu_indices(len(labels), len(labels), 1, device=labels.device)
+    same = (labels[i] == labels[j]).all(-1)
+    i, j = i[same], j[same]
+    if len(i) == 0:
+        return out.sum() * 0.0
+    ratio = (out[i] - out[j]).abs().mean() / (noise[i] - noise[j]).abs().mean()
+    return 1.0 / (ratio + eps)
 
 
 class BNStatisticsLoss:
