@@ -291,6 +291,10 @@ def _check_unchanged(folder: Run, st: dict, again: str) -> None:
     saved = st.get("config")
     if isinstance(saved, dict):
         now = folder.config.to_dict()
+        # a setting added by a later version, at its default, is what the run was trained with (every new
+        # setting defaults to the behaviour before it): an upgrade between two epochs does not strand a run
+        default = RunConfig().to_dict()
+        now = {k: v for k, v in now.items() if k in saved or k not in default or v != default[k]}
         if config_sha256(now) != st.get("config_sha256", config_sha256(saved)) or now != saved:
             diff = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
                     if saved.get(k) != now.get(k)]

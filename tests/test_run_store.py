@@ -234,6 +234,40 @@ def test_an_unchanged_run_still_resumes(copy_of, digits_teacher):
     assert (folder / "summary.json").read_text() == summary
 
 
+def _as_before(folder: Path, key: str) -> None:
+    """The run folder as a version without ``key`` wrote it: neither its config.json nor its resume state
+    names the setting."""
+    import torch
+    from qimera_engine.train import config_sha256
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg[key]
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    state = torch.load(folder / "state.pt", weights_only=True)
+    del state["config"][key]
+    state["config_sha256"] = config_sha256(state["config"])
+    torch.save(state, folder / "state.pt")
+
+
+def test_a_run_stopped_before_a_setting_was_added_resumes(copy_of, digits_teacher):
+    """A setting added since the run stopped holds its default, the behaviour the run was trained with, so
+    the run resumes (and ends where a whole run ends); a value other than the default is still refused."""
+    from qimera_engine import run_to_end
+    folder = copy_of()
+    _as_before(folder, "ms_pairs")
+    s = run_to_end(None, resume=folder)
+    whole = run_to_end(preset("digits", **SMALL), out=folder.parent / "whole")
+    assert s["epochs_done"] == 2 and s["quant_top1"] == whole["quant_top1"]
+
+
+def test_a_setting_added_since_is_refused_at_another_value(copy_of, digits_teacher):
+    from qimera_engine import run_to_end
+    folder = copy_of()
+    _as_before(folder, "ms_pairs")
+    _edit_config("ms_pairs", "class")(folder)
+    with pytest.raises(RunDamaged, match="ms_pairs None -> 'class'"):
+        run_to_end(None, resume=folder)
+
+
 def test_restart_takes_the_edited_config(copy_of, digits_teacher):
     """An edited config is refused on resume, but --restart starts the run again with it, on purpose."""
     from qimera_engine import run_to_end
