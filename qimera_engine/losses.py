@@ -137,15 +137,13 @@ def class_mode_seeking(out: torch.Tensor, noise: torch.Tensor, labels: torch.Ten
     pairs and their elements. For plain samples (one class each) a pair has the same condition and
     different noise, as in ``mode_seeking``; the batch keeps one condition per sample. 0 (with a zero
     gradient) when no two samples share their labels. Lists the pairs on the host (one sync per batch)."""
-    out, noise = out.flatten(1), noise.flatten(1).to(out.dtype)
     labels = labels.reshape(labels.shape[0], -1)
     i, j = torch.triu_indices(len(labels), len(labels), 1, device=labels.device)
     same = (labels[i] == labels[j]).all(-1)
     i, j = i[same], j[same]
     if len(i) == 0:
         return out.sum() * 0.0
-    ratio = (out[i] - out[j]).abs().mean() / (noise[i] - noise[j]).abs().mean()
-    return 1.0 / (ratio + eps)
+    return mode_seeking(out[i], out[j], noise[i], noise[j], eps)
 
 
 class BNStatisticsLoss:
