@@ -192,12 +192,11 @@ def _check_distributable(cfg: RunConfig, world: World) -> None:
     """Settings a run over several processes does not compute as one process would, refused up front."""
     refused = [why for bad, why in (
         (cfg.student_train_mode, "student_train_mode (the student's BatchNorm would use each process's share)"),
+        (cfg.ms_weight > 0 and cfg.ms_pairs == "class",
+         "ms_pairs=class (its pairs span the processes' shares; ms_pairs=paired keeps each pair on one process)"),
     ) if bad]
     if refused:
         raise ValueError(f"a run over {world.size} processes cannot use {'; '.join(refused)}: run it in one process")
-    if cfg.ms_weight > 0 and cfg.ms_pairs == "class":
-        raise ValueError(f"a run over {world.size} processes cannot use ms_pairs=class (its pairs span the "
-                         "processes' shares): use ms_pairs=paired, or run it in one process")
     world.rows(cfg.batch_size, cfg.ms_weight > 0)  # an uneven split (or one that cuts a pair) is refused here
 
 
@@ -294,7 +293,7 @@ def _check_unchanged(folder: Run, st: dict, again: str) -> None:
         # a setting added by a later version, at its default, is what the run was trained with (every new
         # setting defaults to the behaviour before it): an upgrade between two epochs does not strand a run
         default = RunConfig().to_dict()
-        now = {k: v for k, v in now.items() if k in saved or k not in default or v != default[k]}
+        now = {k: v for k, v in now.items() if k in saved or v != default[k]}
         if config_sha256(now) != st.get("config_sha256", config_sha256(saved)) or now != saved:
             diff = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
                     if saved.get(k) != now.get(k)]
