@@ -62,10 +62,15 @@ def record(cfg: RunConfig, out: Path, dtype: torch.dtype = torch.float16) -> Non
     targets = torch.empty(n, b, parts.teacher.num_classes)
     logits = torch.empty(n, b, parts.teacher.num_classes)
     t0 = time.perf_counter()
-    with trainer.bn_hooks():
-        for i in range(n):
-            batch = trainer.generator_step()
-            x[i], targets[i], logits[i] = batch.x, batch.targets, batch.t_logits
+    with trainer.bn_hooks():  # the generator's epochs as a run has them (superposition dose, gen_epochs)
+        for epoch in range(cfg.epochs):
+            trainer.begin_generator_epoch(epoch)
+            for it in range(cfg.iters_per_epoch):
+                i = epoch * cfg.iters_per_epoch + it
+                batch = trainer.generator_step()
+                x[i], targets[i], logits[i] = batch.x, batch.targets, batch.t_logits
+            if trainer.sched_g is not None:
+                trainer.sched_g.step()
     torch.save({"config": cfg.to_dict(), "x": x, "targets": targets, "logits": logits}, out)
     print(json.dumps({"recorded": n, "batch": b, "seconds": round(time.perf_counter() - t0, 1), "out": str(out)}))
 

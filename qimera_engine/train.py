@@ -594,16 +594,21 @@ class Trainer:
         sample of the activations, whose MSE-optimal clipping ``end_epoch`` applies."""
         cfg = self.cfg
         calibrating = epoch < cfg.calib_epochs
-        self.sampler.p = superpose_p(cfg, epoch)
-        self.generator_frozen = 0 < cfg.gen_epochs <= epoch
-        for m, momentum in self._gen_bn_momenta:
-            m.momentum = 0.0 if self.generator_frozen else momentum
+        self.begin_generator_epoch(epoch)
         set_calibration(self.student, calibrating)
         if self._last_mse_calibration(epoch):
             start_range_sampling(self.student, ACT_SAMPLE_BATCHES)
         if cfg.recon_iters > 0 and epoch == self.recon_epoch():  # its images, for the reconstruction
             self.recon_pool = collections.deque(maxlen=math.ceil(cfg.recon_images / cfg.batch_size))
         return calibrating, epoch >= cfg.warmup_epochs and cfg.method != "ptq"
+
+    def begin_generator_epoch(self, epoch: int) -> None:
+        """The generator's side of ``begin_epoch``: this epoch's dose of superposition, and the generator frozen
+        from ``gen_epochs`` on (its BN running statistics too)."""
+        self.sampler.p = superpose_p(self.cfg, epoch)
+        self.generator_frozen = 0 < self.cfg.gen_epochs <= epoch
+        for m, momentum in self._gen_bn_momenta:
+            m.momentum = 0.0 if self.generator_frozen else momentum
 
     def end_epoch(self, epoch: int) -> None:
         """Step the schedulers and freeze the activation ranges (clipped first, after the last

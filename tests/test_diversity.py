@@ -466,3 +466,33 @@ def test_screen_generator_measures_a_saved_run_as_the_run_did(tmp_path):
     for name, superposed in (("plain", False), ("superposed", True)):
         probs = synthetic_features(generator, teacher, 200, superposed, k=2 if superposed else 1)["probs"]
         assert got[name]["near_boundary"] == round(boundary_share(probs, 0.2), 4), name
+
+
+def test_screen_recipe_replays_a_run_with_a_frozen_generator_to_its_end(tmp_path):
+    """bench/screen_recipe.py: the batches recorded (exactly, --float32) with the run's generator epochs, the
+    generator frozen after one of three (gen_epochs) and a reconstruction after the last, replayed to the
+    student, end where the run ends; and the batches recorded without the freeze are other batches."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    settings = {**SHORT, "epochs": 3, "gen_epochs": 1, "recon_iters": 5, "num_threads": 1}
+    summary = run_to_end(preset("digits", **settings), out=tmp_path / "r")
+    script = Path(__file__).resolve().parents[1] / "bench" / "screen_recipe.py"
+
+    def record(out, **changes):
+        sets = [a for k, v in {**settings, **changes}.items() if k != "seed"
+                for a in ("--set", f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}")]
+        p = subprocess.run([sys.executable, str(script), "record", "--preset", "digits", "--seed", "0", *sets,
+                            "--float32", "--out", str(out)], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+
+    record(tmp_path / "rec.pt")
+    p = subprocess.run([sys.executable, str(script), "replay", str(tmp_path / "rec.pt")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["top1"] == round(summary["quant_top1"], 2)
+    record(tmp_path / "moving.pt", gen_epochs=0)
+    frozen, moving = (torch.load(tmp_path / f, weights_only=True)["x"] for f in ("rec.pt", "moving.pt"))
+    per_epoch = SHORT["iters_per_epoch"]
+    assert torch.equal(frozen[:per_epoch], moving[:per_epoch])  # epoch 0: the same generator steps
+    assert not torch.equal(frozen[per_epoch:], moving[per_epoch:])
