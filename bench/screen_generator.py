@@ -36,7 +36,7 @@ from qimera_engine.models import save_state_dict  # noqa: E402
 from qimera_engine.models.checkpoint import load_weights  # noqa: E402
 from qimera_engine.runs import Run, open_run  # noqa: E402
 from qimera_engine.runtime import keep_freed_memory  # noqa: E402
-from qimera_engine.train import Parts, Trainer, superpose_p  # noqa: E402
+from qimera_engine.train import Parts, Trainer  # noqa: E402
 from seed_variety import refuse_unknown_classes, variety  # noqa: E402  (this folder's)
 
 
@@ -45,11 +45,11 @@ def train_generator(parts: Parts) -> Trainer:
     trainer = Trainer.from_parts(parts)
     with trainer.bn_hooks():
         for epoch in range(min(cfg.epochs, cfg.gen_epochs) if cfg.gen_epochs else cfg.epochs):  # then frozen
-            trainer.sampler.p = superpose_p(cfg, epoch)
+            trainer.begin_generator_epoch(epoch)
             t0 = time.perf_counter()
             for _ in range(cfg.iters_per_epoch):
                 trainer.generator_step()
-            trainer.sched_g.step()
+            trainer.end_generator_epoch()
             print(f"epoch {epoch + 1}/{cfg.epochs}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return trainer
 

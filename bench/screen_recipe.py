@@ -69,8 +69,7 @@ def record(cfg: RunConfig, out: Path, dtype: torch.dtype = torch.float16) -> Non
                 i = epoch * cfg.iters_per_epoch + it
                 batch = trainer.generator_step()
                 x[i], targets[i], logits[i] = batch.x, batch.targets, batch.t_logits
-            if trainer.sched_g is not None:
-                trainer.sched_g.step()
+            trainer.end_generator_epoch()
     torch.save({"config": cfg.to_dict(), "x": x, "targets": targets, "logits": logits}, out)
     print(json.dumps({"recorded": n, "batch": b, "seconds": round(time.perf_counter() - t0, 1), "out": str(out)}))
 

@@ -610,6 +610,11 @@ class Trainer:
         for m, momentum in self._gen_bn_momenta:
             m.momentum = 0.0 if self.generator_frozen else momentum
 
+    def end_generator_epoch(self) -> None:
+        """The generator's side of ``end_epoch``: its learning-rate schedule moves on."""
+        if self.sched_g is not None:
+            self.sched_g.step()
+
     def end_epoch(self, epoch: int) -> None:
         """Step the schedulers and freeze the activation ranges (clipped first, after the last
         calibration epoch of ``act_calib="mse"``)."""
@@ -617,8 +622,7 @@ class Trainer:
             warnings.simplefilter("ignore", UserWarning)
             if self.cfg.lr_schedule == "step":
                 self.sched_s.step()
-        if self.sched_g is not None:
-            self.sched_g.step()
+        self.end_generator_epoch()
         if self._last_mse_calibration(epoch):
             fit_ranges_mse(self.student)
             self.world.share_module(self.student)  # rank 0's fit (from its share of the sampled activations)
