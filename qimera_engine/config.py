@@ -662,8 +662,8 @@ PRESETS: dict[str, dict] = {
     # in 6 paired full runs, 5 higher).
     # Mode seeking over the batch's same-class pairs (ms_weight=1, ms_pairs=class) widens the generator, and
     # two fewer student epochs take back what training on its wider samples cost (tuning split, 5 seeds:
-    # top-1 -0.08 against 8 epochs without it, plain coverage 0.685-0.757; dev split, 3 seeds: 79.61,
-    # coverage 0.71-0.76, in 0.85x the time).
+    # top-1 -0.08 against 8 epochs without it, plain coverage 0.685-0.757; dev split: 79.61 on seeds 0-2,
+    # coverage 0.71-0.76, 79.44 on seeds 0-4, seed 4 at 0.68; in 0.85x the time).
     "cifar10-resnet20-fast": dict(teacher="resnet20", test_data="cifar10", superpose_p=0.0,
                                   superpose_k=2, epochs=6, iters_per_epoch=200,
                                   batch_size=64, warmup_epochs=1, calib_epochs=1, milestones=[],
