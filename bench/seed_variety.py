@@ -7,6 +7,8 @@ half one class, half the other (``--coeffs``), and plain images of the first cla
 
 - ``pixel``: mean distance between two of the images, root-mean-square over pixels in [0, 1] display
   values (0: the same image; two unrelated photographs are typically 0.2-0.4 apart);
+- ``layout``: the same over the images' layouts (their means over a 4 x 4 grid of blocks): how far
+  apart they are in where their light, dark and coloured parts lie, whatever their detail;
 - ``feature``: mean distance between two images' teacher features (the penultimate layer that
   Feature space and the diversity figures use);
 - ``teacher says``: how many different classes the teacher reads among them.
@@ -36,7 +38,7 @@ from qimera_engine.generator import generate_images  # noqa: E402
 def spread(images: torch.Tensor, teacher) -> dict:
     feats, probs = collect_features(teacher.model, images)
     iu = np.triu_indices(len(images), 1)
-    return {"pixel": round(image_spread(images, teacher), 4),
+    return {"pixel": round(image_spread(images, teacher), 4), "layout": round(image_spread(images, teacher, grid=4), 4),
             "feature": round(float(torch.cdist(feats.float(), feats.float()).numpy()[iu].mean()), 3),
             "teacher says": len(set(probs.argmax(1).tolist()))}
 

@@ -156,8 +156,10 @@ class RunConfig:
         0.0, "0: off (paper); > 0: mode seeking (MSGAN): each batch pairs samples of the same classes with different "
         "noise and the generator is rewarded for making them differ, with this weight.", "[0, 1e6]", cap=OVERFLOW,
         note="0: off", label="Mode seeking weight", section="Generator")
-    ms_space: str = setting("image", "Where mode seeking measures how different a pair is: the images, or the "
-                                     "teacher's penultimate features.", choices=("image", "feature"),
+    ms_space: str = setting("image", "Where mode seeking measures how different a pair is: the images, the "
+                                     "teacher's penultimate features, or the images' layout (their means over a "
+                                     "4 x 4 grid of blocks: where the light, dark and coloured parts lie).",
+                            choices=("image", "feature", "layout"),
                             label="Mode seeking on", section="Generator")
     ms_pairs: str = setting("paired", "Which samples mode seeking compares: paired (MSGAN: the batch's second half "
                                       "repeats the first half's conditions with other noise) or class (the samples "

@@ -130,6 +130,13 @@ def mode_seeking(first: torch.Tensor, second: torch.Tensor, z_first: torch.Tenso
     return 1.0 / (ratio + eps)
 
 
+def layout(images: torch.Tensor, grid: int = 4) -> torch.Tensor:
+    """Each image's layout: its means over a ``grid`` x ``grid`` grid of blocks, per channel, flattened to
+    (N, C * grid * grid). Two images with the same layout have their light, dark and coloured parts in the
+    same places, whatever their detail (``ms_space=layout``)."""
+    return F.adaptive_avg_pool2d(images, grid).flatten(1)
+
+
 def class_mode_seeking(out: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor,
                        eps: float = 1e-5) -> torch.Tensor:
     """The mode-seeking term over every pair of one batch's samples with the same labels (in every slot),

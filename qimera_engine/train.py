@@ -31,7 +31,7 @@ from .evaluate import evaluate
 from .events import EpochEnd, Evaluated, Event, Finished, Log, Started, Step
 from .generator import BatchSampler, Generator, LatentBatch
 from .losses import (BNStatisticsLoss, ce_row_mask, generator_ce, kd_loss, low_pass, masked_soft_cross_entropy,
-                     class_mode_seeking, mode_seeking, soft_cross_entropy)
+                     class_mode_seeking, layout, mode_seeking, soft_cross_entropy)
 from .models import Teacher, classifier_layer, save_state_dict
 from .quant import (act_quantizers, enable_weight_clip, fit_ranges_mse, make_ranges_learnable, reconstruct,
                     refine_images, set_calibration, start_range_sampling)
@@ -470,7 +470,7 @@ class Trainer:
         bns_weight = cfg.bns_weight * (cfg.bns_superposed if latent.superposed else 1.0)
         loss_g = ce_g + bns_weight * l_bns
         if cfg.ms_weight > 0:
-            out = (feats[-1] if feats else x.flatten(1)).float()
+            out = (feats[-1] if feats else layout(x) if cfg.ms_space == "layout" else x.flatten(1)).float()
             if latent.paired:  # halves with the same conditions, different noise (ms_pairs=paired)
                 a, b = out.chunk(2)
                 za, zb = latent.noise.chunk(2)

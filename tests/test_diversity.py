@@ -302,6 +302,7 @@ def test_summary_holds_the_figures_and_the_real_reference(tmp_path):
 
 @pytest.mark.parametrize("switch", [dict(embed_norm=True), dict(block_noise=True), dict(ms_weight=1.0),
                                     dict(ms_weight=1.0, ms_space="feature"), dict(ms_weight=1.0, ms_pairs="class"),
+                                    dict(ms_weight=1.0, ms_pairs="class", ms_space="layout"),
                                     dict(bns_slack=0.5),
                                     dict(ce_g_margin=0.1), dict(gen_augment="flip"), dict(gen_augment="flip-shift"),
                                     dict(bns_superposed=0.0), dict(ce_g_margin_superposed=0.5)],
@@ -432,6 +433,23 @@ def test_image_spread_is_the_mean_pixel_distance_between_two_images():
     assert image_spread(torch.cat([black, half]), plain) == pytest.approx(0.5 ** 0.5)
     with pytest.raises(ValueError, match="two images"):
         image_spread(black, plain)
+
+
+def test_layout_is_each_images_block_means_and_its_spread_ignores_detail():
+    from types import SimpleNamespace
+    from qimera_engine.analysis import image_spread
+    from qimera_engine.losses import layout
+    x = torch.rand(3, 2, 8, 8)
+    want = torch.stack([torch.stack([x[n, c, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean() for c in range(2)
+                                     for i in range(4) for j in range(4)]) for n in range(3)])
+    assert torch.allclose(layout(x), want, atol=1e-6)
+    plain = SimpleNamespace(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    checker = (torch.arange(8)[:, None] + torch.arange(8)[None]) % 2  # detail only: every 2 x 2 block is half lit
+    fine = torch.stack([checker, 1 - checker]).float()[:, None].expand(2, 3, 8, 8)
+    assert image_spread(fine, plain) == pytest.approx(1.0) and image_spread(fine, plain, grid=4) == 0.0
+    left = torch.zeros(1, 3, 8, 8)
+    left[..., :4] = 1.0  # the light half on the left, then on the right: another layout
+    assert image_spread(torch.cat([left, left.flip(3)]), plain, grid=4) == pytest.approx(1.0)
 
 
 def test_screen_generator_measures_a_saved_run_as_the_run_did(tmp_path):
