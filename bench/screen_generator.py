@@ -9,7 +9,7 @@ exactly the generator a run with the same seed and settings would end with (the 
 and prints one JSON line: precision, recall, density and coverage (Naeem et al. 2020, k = 5) of 1,000
 plain and 1,000 superposed samples (K = 2) against 1,000 images of ``test_data``, their within-class
 spread against the real one, the share of each near the teacher's decision boundary, and the seconds it
-took. ``--save PATH`` keeps the generator's weights. ``--variety cat,dog``: also how different the images
+took. ``--save PATH.safetensors`` keeps the generator's weights. ``--variety cat,dog``: also how different the images
 of eight noise seeds are (mixed and plain, against real images; ``bench/seed_variety.py``'s figures).
 Tune on a training split (``cifar10-val``), report on the test images.
 
@@ -71,12 +71,15 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--images", type=int, default=1000, help="real and synthetic samples per measurement")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--save", type=Path, default=None, help="write the generator's weights here")
+    ap.add_argument("--save", type=Path, default=None,
+                    help="write the generator's weights here (safetensors: a path ending in .safetensors)")
     ap.add_argument("--variety", default=None, metavar="CLASS,CLASS",
                     help="also the eight-seed variety of these two classes (bench/seed_variety.py)")
     ap.add_argument("--run", type=Path, default=None,
                     help="measure this run folder's saved generator instead of training one")
     args = ap.parse_args(argv)
+    if args.save is not None and args.save.suffix != ".safetensors":  # the loaders read a .pt as a pickle
+        ap.error(f"--save {args.save}: the weights are written as safetensors; give a path ending in .safetensors")
     try:
         run = open_run(args.run) if args.run else None
     except FileNotFoundError as e:

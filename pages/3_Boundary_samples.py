@@ -75,7 +75,7 @@ with results:
     st.caption("Generated images are not photographs: the generator only learns images that the teacher "
                "classifies as asked and whose BatchNorm statistics match the teacher's, so they show the colours "
                "and textures the teacher relies on, rarely a recognisable object.")
-    st.caption(seed_sentence(out["spread"]))
+    st.caption(seed_sentence(out["spread"], out["layout"]))
 
 left, right = st.columns([2, 3])
 with left:

@@ -62,9 +62,9 @@ elif step == 1:  # what a generator makes
     st.image(out["grid"], width="stretch", caption="Generated, one per class (not photographs: the colours and "
              "textures the teacher relies on). The teacher reads them as: " + ", ".join(names[p] for p in out["teacher_pred"]) + ".")
 elif step == 2:  # real vs synthetic
-    spread = common.mixed_samples(path, stamp, (a,), (1.0,), tuple(range(8)))["spread"]
+    seeds = common.mixed_samples(path, stamp, (a,), (1.0,), tuple(range(8)))
     st.markdown((diversity_line(summary) or "This run did not measure how varied its samples are.") + " "
-                + seed_sentence(spread))
+                + seed_sentence(seeds["spread"], seeds["layout"]))
     left, right = st.columns(2)
     real = common.real_class_images(run, (a, b), 3, ncols=3)
     if real is not None:

@@ -816,6 +816,14 @@ def test_the_seeds_sentence_says_when_seeds_give_one_image():
     assert logic.seed_sentence(0.25).startswith("Each seed gives its own image: the mean distance between two of them "
                                                 "is 0.25")
     assert logic.seed_sentence(None) == ""
+    # far apart in pixels, close in layout: the details differ, the picture's light and dark parts do not move
+    assert logic.seed_sentence(0.25, 0.13).startswith("The seeds vary the details of one picture: the mean distance "
+                                                      "between two of them is 0.25 in pixel values")
+    assert "but only 0.13 in their layout" in logic.seed_sentence(0.25, 0.13)
+    assert logic.seed_sentence(0.05, 0.01).startswith("These seeds give nearly the same image")
+    assert logic.seed_sentence(0.25, 0.23).startswith("Each seed gives its own image: the mean distance")
+    assert logic.seed_sentence(0.25, 0.23).endswith("; 0.23 in their layout (their means over a 4 × 4 grid of "
+                                                    "blocks; real: about 0.3).")
 
 
 def test_home_shows_the_generator_whose_mixes_are_most_varied():

@@ -474,6 +474,9 @@ def test_screen_generator_measures_a_saved_run_as_the_run_did(tmp_path):
     bad = subprocess.run([sys.executable, str(script), "--run", str(tmp_path / "r"), "--variety", "cat,dog"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--variety: classes 'cat,dog': give two of 0, 1," in bad.stderr, bad.stderr
+    bad = subprocess.run([sys.executable, str(script), "--run", str(tmp_path / "r"), "--save", str(tmp_path / "g.pt")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "give a path ending in .safetensors" in bad.stderr, bad.stderr
     assert got["run"] == str(tmp_path / "r") and got["train_seconds"] == 0.0
     for key in ("coverage", "precision", "recall", "spread_vs_real"):
         assert got["plain"][key] == summary["diversity"][key], key

@@ -608,6 +608,7 @@ def mixed_samples(run_path: str, stamp: float, classes: tuple, coeffs: tuple, se
     teacher, gen, student = _networks(run_path, stamp)
     out = analysis.mix_samples(gen, teacher.model, student, list(classes), list(coeffs), list(seeds))
     out["spread"] = analysis.image_spread(out["images"], teacher) if len(seeds) > 1 else None
+    out["layout"] = analysis.image_spread(out["images"], teacher, grid=4) if len(seeds) > 1 else None
     out["grid"] = figures.image_grid(out.pop("images"), 4, mean=teacher.mean, std=teacher.std)
     return out
 
