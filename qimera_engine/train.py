@@ -98,12 +98,25 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
         stop: StopFlag = None, restart: bool = False) -> Iterator[Event]:
     """Execute a run (new, or ``resume`` an interrupted one) and yield its events.
 
+    A run with ``num_threads`` sets PyTorch's thread count for the process while it runs, and sets the
+    caller's count back when it ends, fails or is stopped (the next run or model in the process would
+    otherwise compute with it, and differ in float rounding).
+
     ``stop`` (a threading.Event or a callable) ends the run after the current iteration;
     everything up to the last completed epoch stays on disk and can be resumed. A run holds its
     folder's lock while it runs: a second writer gets ``RunLocked``. Resuming a folder whose resume
     state is missing or damaged refuses (``RunDamaged``) unless ``restart`` starts it again from
     epoch 0, which replaces its results.
     """
+    threads = torch.get_num_threads()
+    try:
+        yield from _run(config, out=out, resume=resume, stop=stop, restart=restart)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: RunConfig | None, *, out: str | Path | None, resume: str | Path | None, stop: StopFlag,
+         restart: bool) -> Iterator[Event]:
     if resume is not None:
         if config is not None or out is not None:
             raise ValueError("a resumed run keeps the settings and folder it was started with: give resume alone "
@@ -120,7 +133,7 @@ def run(config: RunConfig | None, *, out: str | Path | None = None, resume: str 
         cfg = config.resolved()
         if out is not None:
             check_out(out)  # say so before the work below
-    if cfg.num_threads:
+    if cfg.num_threads:  # process-wide: run() sets the caller's count back when the run ends
         torch.set_num_threads(cfg.num_threads)
     keep_freed_memory()
     should_stop = (stop.is_set if isinstance(stop, threading.Event) else stop) or (lambda: False)

@@ -70,10 +70,12 @@ def test_onnx_runtime_gives_the_engines_top1(runs, bits, tmp_path):
     theirs = onnx_session(path).run(None, {"images": x.numpy()})[0]
     # ONNX's QuantizeLinear divides by the scale where the engine multiplies by its reciprocal: a value
     # within one float ulp of a rounding boundary can get the neighbouring code (docs/benchmarks.md), which
-    # moves that image's logits by a step. All but such rare images agree to float rounding, and top-1
-    # to at most one image of the 450.
+    # moves that image's logits by a step. How many images hold such a value depends on the student: this
+    # short W4A4 run, trained in three processes with 2 or 1 threads (float rounding differs with the
+    # thread count), gave 0, 2 and 7 of the 450. All but those images agree to float rounding (a wrong
+    # export moves nearly all of them), and top-1 to at most one image of the 450.
     close = (np.abs(theirs - ours) < 1e-3 * max(1.0, np.abs(ours).max())).all(axis=1)
-    assert close.mean() >= 0.99, f"{(~close).sum()} of {len(close)} images differ"
+    assert close.mean() >= 0.97, f"{(~close).sum()} of {len(close)} images differ"
     assert abs((theirs.argmax(1) == y.numpy()).mean() - (ours.argmax(1) == y.numpy()).mean()) <= 1 / len(y) + 1e-9
 
 

@@ -206,3 +206,17 @@ def test_imagenet_sized_run_end_to_end(tmp_path):
     assert acc["n"] == 4 and acc["top1"] == pytest.approx(s["quant_top1"], abs=1e-3)  # what was reported
     gen = load_generator(run)
     assert gen.conditional_bn and gen.image_size == 224 and gen.embed_dim == 512
+
+
+def test_a_run_sets_the_callers_thread_count_back(tmp_path):
+    """num_threads holds while the run runs; afterwards (finished or refused) the process computes with the
+    thread count it had, so the next run in the process is not trained with another float rounding."""
+    before = torch.get_num_threads()
+    seen = []
+    other = 1 if before != 1 else 2
+    for _ in run(preset("digits", **TINY, num_threads=other), out=tmp_path / "r"):
+        seen.append(torch.get_num_threads())
+    assert set(seen) == {other} and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="nothing to resume"):
+        list(run(None, resume=tmp_path / "r"))
+    assert torch.get_num_threads() == before
