@@ -58,7 +58,8 @@ if shipped:
                else "trained on plain batches only: the classes are mixed here, at sampling")
     left.image(out["grid"], width="stretch",
                caption=f"Half {names[a]}, half {names[b]}: superposed samples of the shipped Qimera "
-                       f"run ({common.run_label(show)}; {trained}), eight noise seeds. {seed_sentence(out['spread'], out['layout'])}")
+                       f"run ({common.run_label(show)}; {trained}), eight noise seeds. "
+                       + seed_sentence(out["spread"], out["layout"]))
     real = common.real_class_images(show, (a, b), 4, ncols=4)  # as large as the generated ones
     if real is not None:  # what the teacher was trained on, for comparison (the generator never sees them)
         left.image(real, width="stretch", caption=f"Real CIFAR-10 test images: four {names[a]}s, four {names[b]}s. "
