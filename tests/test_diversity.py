@@ -264,6 +264,25 @@ def test_class_pairs_keep_the_batch_of_a_run_without_mode_seeking():
     assert torch.equal(ce_a, ce_b) and torch.equal(bns_a, bns_b) and loss_b > loss_a
 
 
+def test_layout_mode_seeking_compares_the_block_means():
+    """ms_space=layout: the same batch and term, with the image distance taken over losses.layout's block
+    means. The two terms' ratio, 1 / term - eps, is the mean image distance over the mean noise distance, so
+    their quotient is the pixel distance over the layout distance of the batch's same-class pairs."""
+    from qimera_engine.losses import layout
+    plain = first_generator_step(False)
+    img = first_generator_step(False, ms_weight=1.0, ms_pairs="class")
+    lay = first_generator_step(False, ms_weight=1.0, ms_pairs="class", ms_space="layout")
+    assert torch.equal(img.x, lay.x)
+    t_img, t_lay = (r.g_losses[0].double() - plain.g_losses[0].double() for r in (img, lay))
+    labels = img.targets.argmax(1)
+    i, j = torch.triu_indices(len(labels), len(labels), 1)
+    i, j = i[labels[i] == labels[j]], j[labels[i] == labels[j]]
+    d_img = (img.x[i] - img.x[j]).abs().mean().item()
+    d_lay = (layout(img.x)[i] - layout(img.x)[j]).abs().mean().item()
+    assert 0 < d_lay < d_img  # block means differ less than pixels do
+    assert ((1 / t_img - 1e-5) / (1 / t_lay - 1e-5)).item() == pytest.approx(d_img / d_lay, rel=1e-3)
+
+
 # --------------------------------------------------------------------------- short digits runs
 
 
