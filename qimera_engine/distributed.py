@@ -191,6 +191,12 @@ def from_env(device: str = "auto") -> World:
     if not dist.is_initialized():
         if gpu:
             torch.cuda.set_device(local % torch.cuda.device_count())
+        # torch.distributed.nn.functional's collectives take ``group=group.WORLD`` as a default argument, which
+        # is evaluated when the module is imported: imported after the group exists (the optimizer imports
+        # torch._dynamo, which imports it), ten defaults hold the group, ``close`` cannot free it, and gloo's
+        # threads live on into the interpreter's teardown, where they can abort the process. Imported first,
+        # the defaults are None.
+        from torch.distributed.nn import functional  # noqa: F401
         dist.init_process_group(backend(gpu), timeout=datetime.timedelta(minutes=30))
         atexit.register(close)
     return World(dist.get_rank(), dist.get_world_size(), local)
