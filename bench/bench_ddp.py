@@ -53,8 +53,9 @@ def measure(n: int, out: Path, device: str, args: list[str]) -> dict:
     start = time.perf_counter()
     done = subprocess.run(command(n, out, device, args), env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"{n} process(es) failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    if done.returncode != 0:  # the ranks' own errors come first, torchrun's report of them last: show both ends
+        err = done.stderr if len(done.stderr) <= 6000 else f"{done.stderr[:3000]}\n[...]\n{done.stderr[-3000:]}"
+        raise SystemExit(f"{n} process(es) failed (exit {done.returncode}):\n{err}")
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     rates = [float(r["images_per_s"]) for r in rows[1:]] or [float(rows[0]["images_per_s"])]

@@ -138,6 +138,8 @@ def _run(config: RunConfig | None, *, out: str | Path | None, resume: str | Path
     keep_freed_memory()
     should_stop = (stop.is_set if isinstance(stop, threading.Event) else stop) or (lambda: False)
     world = from_env(cfg.device)
+    if world.size > 1:  # on every rank, before any waits for rank 0: each refuses the same way and exits
+        _check_distributable(cfg, world)
     if not world.is_main:  # started by torchrun: rank 0 owns the folder and reports; this rank follows it
         _follow(cfg, world, should_stop)
         return

@@ -239,6 +239,21 @@ def test_torchrun_runs_the_digits_preset_into_one_folder(tmp_path, digits_teache
     assert abs(two["quant_top1"] - one["quant_top1"]) <= 0.5, (two["quant_top1"], one["quant_top1"])
 
 
+def test_every_process_refuses_a_batch_that_does_not_split(tmp_path):
+    # each rank checks the split before it waits for rank 0: before, rank 0 refused and rank 1, waiting for it at
+    # a barrier, died with gloo's "Connection closed by peer" traceback
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "qimera_engine", "quantize", "--preset", "digits", "--set",
+                               "batch_size=33", "--out", str(tmp_path / "run"), "--quiet"], env=env_for(rank, 2, port),
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    done = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, done):
+        assert p.returncode == 2 and "Traceback" not in err, err
+        assert "error: a batch of 33 does not split evenly over 2 processes" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_backend_is_nccl_on_gpus_gloo_on_cpus_or_as_the_environment_says(monkeypatch):
     from qimera_engine.distributed import backend
     monkeypatch.delenv("QIMERA_DIST_BACKEND", raising=False)
