@@ -1,6 +1,6 @@
 """How different are the images of one generator's noise seeds? The question Home's first exhibit raises.
 
-    python bench/seed_variety.py RUN [RUN ...] --classes cat,dog --seeds 8
+    python bench/seed_variety.py RUN [RUN ...] --classes cat,dog --seeds 8 [--grid seeds.png]
 
 For each run, the images its generator makes for ``--seeds`` noise seeds (0, 1, ...), as Home shows them:
 half one class, half the other (``--coeffs``), and plain images of the first class. Reported per set:
@@ -15,6 +15,7 @@ half one class, half the other (``--coeffs``), and plain images of the first cla
 
 Beside them, the same figures for as many real test images of the first class (the run's own test
 data, when it is on this machine): how far apart real images of one class are. One JSON line per run.
+``--grid FILE.png`` also writes the seeds' mixes, one row per run, to look at side by side.
 ``bench/screen_generator.py --variety cat,dog`` adds the same figures for the generator it trains.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from qimera_engine import InputSpec, load_data, load_generator, load_teacher, open_run  # noqa: E402
-from qimera_engine.analysis import image_spread  # noqa: E402
+from qimera_engine.analysis import image_spread, to_display  # noqa: E402
 from qimera_engine.evaluate import collect_features  # noqa: E402
 from qimera_engine.generator import generate_images  # noqa: E402
 
@@ -72,17 +73,33 @@ def variety(gen, teacher, test, classes: str = "cat,dog", coeffs: str = "0.5,0.5
     of the first class from ``test`` (a data set, or None). ``classes``: two names (or indices)."""
     names = class_names(teacher, test)
     a, b = class_pair(names, classes)
-    seeds = list(range(n_seeds))
-    lam = torch.tensor([[float(c) for c in coeffs.split(",")]] * len(seeds))
-    row = {"classes": [names[a], names[b]], "seeds": len(seeds)}
-    if gen.input_mode != "gdfq":
-        row["mixed"] = spread(generate_images(gen, torch.tensor([[a, b]] * len(seeds)), lam, seeds), teacher)
-    row["plain"] = spread(generate_images(gen, torch.full((len(seeds), 1), a), torch.ones(len(seeds), 1), seeds),
-                          teacher)
+    mixed, plain = seed_images(gen, a, b, coeffs, n_seeds)
+    row = {"classes": [names[a], names[b]], "seeds": n_seeds}
+    if mixed is not None:
+        row["mixed"] = spread(mixed, teacher)
+    row["plain"] = spread(plain, teacher)
     if test is not None:
         x, y = test.subset(min(len(test), 2000), 0)
-        row["real"] = spread(x[y == a][:len(seeds)], teacher)
+        row["real"] = spread(x[y == a][:n_seeds], teacher)
     return row
+
+
+def seed_images(gen, a: int, b: int, coeffs: str = "0.5,0.5", n_seeds: int = 8):
+    """The generator's images for noise seeds 0 .. n_seeds - 1: mixes of classes ``a`` and ``b`` at ``coeffs``
+    (None for a GDFQ generator, which takes one class), and plain images of ``a``."""
+    seeds = list(range(n_seeds))
+    lam = torch.tensor([[float(c) for c in coeffs.split(",")]] * n_seeds)
+    mixed = (generate_images(gen, torch.tensor([[a, b]] * n_seeds), lam, seeds) if gen.input_mode != "gdfq"
+             else None)
+    return mixed, generate_images(gen, torch.full((n_seeds, 1), a), torch.ones(n_seeds, 1), seeds)
+
+
+def grid_row(gen, teacher, test, classes: str, coeffs: str, n_seeds: int) -> np.ndarray:
+    """One row of the picture ``--grid`` writes: the seeds' mixes (plain images for a GDFQ generator) side by
+    side, in display values as the app draws them, (H, n_seeds * W, C) uint8."""
+    a, b = class_pair(class_names(teacher, test), classes)
+    mixed, plain = seed_images(gen, a, b, coeffs, n_seeds)
+    return np.concatenate(list(to_display(mixed if mixed is not None else plain, teacher)), axis=1)
 
 
 def main() -> None:
@@ -91,7 +108,12 @@ def main() -> None:
     ap.add_argument("--classes", default="cat,dog", help="two class names (or indices)")
     ap.add_argument("--coeffs", default="0.5,0.5")
     ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--grid", type=Path, default=None,
+                    help="also write a PNG with one row per run: its seeds' mixes side by side, as the app draws them")
     args = ap.parse_args()
+    if args.grid is not None and args.grid.suffix.lower() != ".png":
+        ap.error(f"--grid {args.grid}: give a path ending in .png")
+    rows = []
     torch.set_num_threads(1)
     for path in args.runs:
         run = open_run(path)
@@ -105,6 +127,14 @@ def main() -> None:
         row = {"run": run.id, "method": run.config.method, "superpose_p": run.config.superpose_p,
                **variety(gen, teacher, test, args.classes, args.coeffs, args.seeds)}
         print(json.dumps(row), flush=True)
+        if args.grid is not None:
+            rows.append(grid_row(gen, teacher, test, args.classes, args.coeffs, args.seeds))
+    if rows:
+        from PIL import Image
+        if len({r.shape for r in rows}) > 1:
+            raise SystemExit("--grid: the runs' images differ in size; give runs of one data set")
+        picture = np.concatenate(rows, axis=0)
+        Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture).save(args.grid)
 
 
 if __name__ == "__main__":

@@ -485,9 +485,20 @@ def test_screen_generator_measures_a_saved_run_as_the_run_did(tmp_path):
     got = json.loads(p.stdout)
     # --variety: bench/seed_variety.py's figures for the same generator, eight seeds of classes 3 and 8
     seeds = subprocess.run([sys.executable, str(script.with_name("seed_variety.py")), str(tmp_path / "r"),
-                            "--classes", "3,8"], capture_output=True, text=True, timeout=300)
+                            "--classes", "3,8", "--grid", str(tmp_path / "seeds.png")],
+                           capture_output=True, text=True, timeout=300)
     assert seeds.returncode == 0, seeds.stderr
     expected = json.loads(seeds.stdout)
+    # --grid: the eight mixes side by side, in display values, as the figures measured them
+    from PIL import Image
+    from qimera_engine.analysis import to_display
+    from qimera_engine.artifacts import load_generator, load_teacher
+    from qimera_engine.generator import generate_images
+    generator, teacher = load_generator(tmp_path / "r"), load_teacher(tmp_path / "r")
+    mixes = generate_images(generator, torch.tensor([[3, 8]] * 8), torch.full((8, 2), 0.5), list(range(8)))
+    want = np.concatenate(list(to_display(mixes, teacher)), axis=1)
+    got_grid = np.asarray(Image.open(tmp_path / "seeds.png"))
+    assert got_grid.shape[:2] == want.shape[:2] and np.array_equal(got_grid.reshape(want.shape), want)
     assert got["variety"] == {k: expected[k] for k in ("classes", "seeds", "mixed", "plain", "real")}
     assert got["variety"]["classes"] == ["3", "8"] and got["variety"]["plain"]["pixel"] > 0
     bad = subprocess.run([sys.executable, str(script), "--run", str(tmp_path / "r"), "--variety", "cat,dog"],
@@ -501,8 +512,6 @@ def test_screen_generator_measures_a_saved_run_as_the_run_did(tmp_path):
         assert got["plain"][key] == summary["diversity"][key], key
         assert got["superposed"][key] == summary["diversity"]["mix_" + key], key
     # and the share near the teacher's decision boundary, of the very samples measured
-    from qimera_engine.artifacts import load_generator, load_teacher
-    generator, teacher = load_generator(tmp_path / "r"), load_teacher(tmp_path / "r")
     for name, superposed in (("plain", False), ("superposed", True)):
         probs = synthetic_features(generator, teacher, 200, superposed, k=2 if superposed else 1)["probs"]
         assert got[name]["near_boundary"] == round(boundary_share(probs, 0.2), 4), name
