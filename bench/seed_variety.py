@@ -68,12 +68,16 @@ def refuse_unknown_classes(ap, flag: str, teacher, test, classes: str) -> None:
         ap.error(f"{flag}: {e}")
 
 
-def variety(gen, teacher, test, classes: str = "cat,dog", coeffs: str = "0.5,0.5", n_seeds: int = 8) -> dict:
+def variety(gen, teacher, test, classes: str = "cat,dog", coeffs: str = "0.5,0.5", n_seeds: int = 8,
+            shown: list | None = None) -> dict:
     """The figures above for one generator: its ``n_seeds`` mixed and plain images, and as many real images
-    of the first class from ``test`` (a data set, or None). ``classes``: two names (or indices)."""
+    of the first class from ``test`` (a data set, or None). ``classes``: two names (or indices). ``shown``: a
+    list that gets the measured images as ``--grid`` draws them (``grid_row``)."""
     names = class_names(teacher, test)
     a, b = class_pair(names, classes)
     mixed, plain = seed_images(gen, a, b, coeffs, n_seeds)
+    if shown is not None:
+        shown.append(grid_row(mixed if mixed is not None else plain, teacher))
     row = {"classes": [names[a], names[b]], "seeds": n_seeds}
     if mixed is not None:
         row["mixed"] = spread(mixed, teacher)
@@ -94,12 +98,10 @@ def seed_images(gen, a: int, b: int, coeffs: str = "0.5,0.5", n_seeds: int = 8):
     return mixed, generate_images(gen, torch.full((n_seeds, 1), a), torch.ones(n_seeds, 1), seeds)
 
 
-def grid_row(gen, teacher, test, classes: str, coeffs: str, n_seeds: int) -> np.ndarray:
+def grid_row(images: torch.Tensor, teacher) -> np.ndarray:
     """One row of the picture ``--grid`` writes: the seeds' mixes (plain images for a GDFQ generator) side by
     side, in display values as the app draws them, (H, n_seeds * W, C) uint8."""
-    a, b = class_pair(class_names(teacher, test), classes)
-    mixed, plain = seed_images(gen, a, b, coeffs, n_seeds)
-    return np.concatenate(list(to_display(mixed if mixed is not None else plain, teacher)), axis=1)
+    return np.concatenate(list(to_display(images, teacher)), axis=1)
 
 
 def main() -> None:
@@ -125,11 +127,9 @@ def main() -> None:
             pass
         refuse_unknown_classes(ap, "--classes", teacher, test, args.classes)
         row = {"run": run.id, "method": run.config.method, "superpose_p": run.config.superpose_p,
-               **variety(gen, teacher, test, args.classes, args.coeffs, args.seeds)}
+               **variety(gen, teacher, test, args.classes, args.coeffs, args.seeds, rows if args.grid else None)}
         print(json.dumps(row), flush=True)
-        if args.grid is not None:
-            rows.append(grid_row(gen, teacher, test, args.classes, args.coeffs, args.seeds))
-    if rows:
+    if args.grid is not None:
         from PIL import Image
         if len({r.shape for r in rows}) > 1:
             raise SystemExit("--grid: the runs' images differ in size; give runs of one data set")
