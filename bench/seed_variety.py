@@ -115,7 +115,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.grid is not None and args.grid.suffix.lower() != ".png":
         ap.error(f"--grid {args.grid}: give a path ending in .png")
-    rows = []
+    grid_rows = []
     torch.set_num_threads(1)
     for path in args.runs:
         run = open_run(path)
@@ -127,13 +127,14 @@ def main() -> None:
             pass
         refuse_unknown_classes(ap, "--classes", teacher, test, args.classes)
         row = {"run": run.id, "method": run.config.method, "superpose_p": run.config.superpose_p,
-               **variety(gen, teacher, test, args.classes, args.coeffs, args.seeds, rows if args.grid else None)}
+               **variety(gen, teacher, test, args.classes, args.coeffs, args.seeds,
+                         grid_rows if args.grid is not None else None)}
         print(json.dumps(row), flush=True)
     if args.grid is not None:
         from PIL import Image
-        if len({r.shape for r in rows}) > 1:
+        if len({r.shape for r in grid_rows}) > 1:
             raise SystemExit("--grid: the runs' images differ in size; give runs of one data set")
-        picture = np.concatenate(rows, axis=0)
+        picture = np.concatenate(grid_rows, axis=0)
         Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture).save(args.grid)
 
 
