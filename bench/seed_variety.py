@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from qimera_engine import InputSpec, load_data, load_generator, load_teacher, open_run  # noqa: E402
+from qimera_engine import CheckpointError, InputSpec, load_data, load_generator, load_teacher, open_run  # noqa: E402
 from qimera_engine.analysis import image_spread, to_display  # noqa: E402
 from qimera_engine.evaluate import collect_features  # noqa: E402
 from qimera_engine.generator import generate_images  # noqa: E402
@@ -104,6 +104,21 @@ def grid_row(images: torch.Tensor, teacher) -> np.ndarray:
     return np.concatenate(list(to_display(images, teacher)), axis=1)
 
 
+def open_finished(ap, path: str):
+    """The run at ``path``, its teacher and its generator; a folder that is not a run, or whose teacher or
+    generator cannot be loaded here, ends the script with one line saying which and why."""
+    run = None
+    try:
+        run = open_run(path)
+        return run, load_teacher(run), load_generator(run)
+    except (CheckpointError, OSError, ValueError) as e:
+        checkpoint = run.config.checkpoint if run is not None else None
+        hint = (f" (the run names its teacher's weights by a path relative to the folder it was started in:"
+                f" run this from there)" if isinstance(e, CheckpointError) and checkpoint
+                and not Path(checkpoint).is_absolute() and not Path(checkpoint).exists() else "")
+        ap.error(f"{path}: {e}{hint}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="finished run folders")
@@ -118,8 +133,7 @@ def main() -> None:
     grid_rows = []
     torch.set_num_threads(1)
     for path in args.runs:
-        run = open_run(path)
-        teacher, gen = load_teacher(run), load_generator(run)
+        run, teacher, gen = open_finished(ap, path)
         test = None
         try:
             test = load_data(run.config.test_data, InputSpec.of(teacher), "test")

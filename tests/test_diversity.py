@@ -500,6 +500,16 @@ def test_screen_generator_measures_a_saved_run_as_the_run_did(tmp_path):
     got_grid = np.asarray(Image.open(tmp_path / "seeds.png"))
     assert got_grid.shape[:2] == want.shape[:2] and np.array_equal(got_grid.reshape(want.shape), want)
     assert got["variety"] == {k: expected[k] for k in ("classes", "seeds", "mixed", "plain", "real")}
+    # a folder that is not a run, and a run whose teacher's weights (a relative path) are not found from here:
+    # one line each, with the reason, not a traceback
+    import shutil
+    shutil.copytree(tmp_path / "r", tmp_path / "moved")
+    config = json.loads((tmp_path / "moved" / "config.json").read_text())
+    (tmp_path / "moved" / "config.json").write_text(json.dumps({**config, "checkpoint": "weights-elsewhere.th"}))
+    for folder, says in ((tmp_path, "no run at"), (tmp_path / "moved", "relative to the folder it was started in")):
+        bad = subprocess.run([sys.executable, str(script.with_name("seed_variety.py")), str(folder)],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert got["variety"]["classes"] == ["3", "8"] and got["variety"]["plain"]["pixel"] > 0
     bad = subprocess.run([sys.executable, str(script), "--run", str(tmp_path / "r"), "--variety", "cat,dog"],
                          capture_output=True, text=True, timeout=300)
