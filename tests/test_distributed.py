@@ -222,9 +222,11 @@ def test_global_batchnorm_is_batchnorm_in_one_process():
 @pytest.mark.slow
 def test_torchrun_runs_the_digits_preset_into_one_folder(tmp_path, digits_teacher):
     """The README's command line: two processes, one run folder, the one-process run's top-1 within 0.5."""
+    env = env_for(0, 1, 0) | {"OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun leaves torchelastic_*
+
     def quantize(prefix: list[str], out: Path) -> dict:
         done = subprocess.run([*prefix, "-m", "qimera_engine", "quantize", "--preset", "digits", "--out", str(out),
-                               "--quiet"], env=env_for(0, 1, 0) | {"OMP_NUM_THREADS": "1"}, cwd=tmp_path,
+                               "--quiet"], env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -274,6 +276,7 @@ def test_the_process_count_benchmark_runs_one_and_two_processes(tmp_path, digits
     """bench/bench_ddp.py: the same short digits run plainly and under torchrun, a line and a figure each."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # torchrun's scratch folder (torchelastic_*) is left behind
     import bench_ddp
     results = bench_ddp.main(["--nproc", "1,2", "--out-dir", str(tmp_path / "b"), "--json", str(tmp_path / "r.json"),
                               "--", "--preset", "digits", "--set", "epochs=2", "--set", "iters_per_epoch=5"])
