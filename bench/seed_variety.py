@@ -107,16 +107,11 @@ def grid_row(images: torch.Tensor, teacher) -> np.ndarray:
 def open_finished(ap, path: str):
     """The run at ``path``, its teacher and its generator; a folder that is not a run, or whose teacher or
     generator cannot be loaded here, ends the script with one line saying which and why."""
-    run = None
     try:
         run = open_run(path)
         return run, load_teacher(run), load_generator(run)
     except (CheckpointError, OSError, ValueError) as e:
-        checkpoint = run.config.checkpoint if run is not None else None
-        hint = (f" (the run names its teacher's weights by a path relative to the folder it was started in:"
-                f" run this from there)" if isinstance(e, CheckpointError) and checkpoint
-                and not Path(checkpoint).is_absolute() and not Path(checkpoint).exists() else "")
-        ap.error(f"{path}: {e}{hint}")
+        ap.error(f"{path}: {e}")
 
 
 def main() -> None:

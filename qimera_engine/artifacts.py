@@ -6,7 +6,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from .generator import Generator
-from .models import Teacher, load_weights
+from .models import CheckpointError, Teacher, load_weights
 from .quant import QuantSpec, quantize_model
 from .runs import Run, open_run, read_json
 from .seeding import isolated_init
@@ -17,8 +17,14 @@ def load_teacher(run: Run | str | Path, device="cpu") -> Teacher:
     """The teacher the run was trained with (the exact weights, when the run recorded them)."""
     run = run if isinstance(run, Run) else open_run(run)
     cfg = run.config
-    teacher = get_teacher(cfg.teacher, cfg.teacher_data, cfg.checkpoint, cfg.pretrained, device=device,
-                          sha256=run.teacher_sha256)
+    try:
+        teacher = get_teacher(cfg.teacher, cfg.teacher_data, cfg.checkpoint, cfg.pretrained, device=device,
+                              sha256=run.teacher_sha256)
+    except CheckpointError as e:
+        if cfg.checkpoint and not Path(cfg.checkpoint).is_absolute() and not Path(cfg.checkpoint).exists():
+            raise CheckpointError(f"{e} (run {run.id} names its teacher's weights by a path relative to the folder "
+                                  "it was started in: open it from there)") from e
+        raise
     teacher.model.to(device)
     return teacher
 

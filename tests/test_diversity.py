@@ -506,7 +506,7 @@ def test_screen_generator_measures_a_saved_run_as_the_run_did(tmp_path):
     shutil.copytree(tmp_path / "r", tmp_path / "moved")
     config = json.loads((tmp_path / "moved" / "config.json").read_text())
     (tmp_path / "moved" / "config.json").write_text(json.dumps({**config, "checkpoint": "weights-elsewhere.th"}))
-    for folder, says in ((tmp_path, "no run at"), (tmp_path / "moved", "relative to the folder it was started in")):
+    for folder, says in ((tmp_path, "no run at"), (tmp_path / "moved", "relative to the folder it was started in: open it from there")):
         bad = subprocess.run([sys.executable, str(script.with_name("seed_variety.py")), str(folder)],
                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
