@@ -127,6 +127,12 @@ def test_build_curves_names_data_and_replaces_rows_of_the_same_run(monkeypatch):
     new = pd.DataFrame([dict.fromkeys(cols, 1) | {"run": "b", "method": "ptq+", "top1": 30.0}])
     merged = build_curves.merge(old, new)
     assert list(merged["run"]) == ["a", "b"] and list(merged["top1"]) == [10.0, 30.0] and list(merged.columns) == cols
+    # --drop: a replaced recipe's rows go (and a run id with no row is refused rather than passed over)
+    assert list(build_curves.merge(old, new.iloc[:0], drop=["a"])["run"]) == ["b"]
+    again = build_curves.merge(old, new, drop=["a", "b"])  # b's old row goes, its new row comes in
+    assert list(again["run"]) == ["b"] and list(again["top1"]) == [30.0]
+    with pytest.raises(SystemExit, match="no rows to drop for run.s. zz"):
+        build_curves.merge(old, new, drop=["zz"])
     # a shipped run (here a copy of one, as a table's skipped cell) is listed by Bit widths already: no row
     assert build_curves.rows_of([SHOWCASE / "runs" / "cifar10-resnet20-qimera-w4a4"], "any").empty
 
