@@ -146,6 +146,9 @@ def test_home_shows_cifar10_at_once(showcase):
     # the samples come from the generator whose superposed samples cover most (the preset's, trained on plain
     # batches: its runs' diversity figures say so); the run trained on superposed batches is named beside it
     assert "trained on plain batches only" in at.get("image")[0].proto.imgs[0].caption
+    # the eight seeds are different pictures, not the details of one (their 4 x 4 block means at least
+    # logic.SAME_LAYOUT_SPREAD apart): what the preset's layout mode seeking is for
+    assert "Each seed gives its own image" in at.get("image")[0].proto.imgs[0].caption
     superposed = json.loads((SHOWCASE / "runs" / "cifar10-resnet20-qimera-superposed-w4a4" / "summary.json").read_text())
     assert any(f"**with** superposed batches (p = 0.4) scores {superposed['quant_top1']:.2f}%" in m.value for m in at.markdown)
     assert any("of the real test images (coverage" in m.value for m in at.markdown)  # the diversity line, real vs real beside it
