@@ -116,7 +116,7 @@ def test_the_shipped_curves_are_of_the_shipped_teacher_and_named_data(monkeypatc
     assert build_curves.merge(table, table.iloc[:1]).equals(build_curves.merge(table, table.iloc[:0]))
 
 
-def test_build_curves_names_data_and_replaces_rows_of_the_same_run(monkeypatch):
+def test_build_curves_names_data_and_replaces_rows_of_the_same_run(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(ROOT / "assets"))
     import build_curves
     assert build_curves.named("folder:/somewhere/cifar10-dev") == "folder:cifar10-dev"
@@ -133,6 +133,16 @@ def test_build_curves_names_data_and_replaces_rows_of_the_same_run(monkeypatch):
     assert list(again["run"]) == ["b"] and list(again["top1"]) == [30.0]
     with pytest.raises(SystemExit, match="no rows to drop for run.s. zz"):
         build_curves.merge(old, new, drop=["zz"])
+    # the command line: --drop alone rewrites the file without those rows (comma-separated or repeated)
+    out = tmp_path / "curves.csv"
+    shutil.copy(SHOWCASE / "bit_widths.csv", out)
+    before = logic.shipped_curves(out)
+    gone = list(before["run"][:3])
+    build_curves.main(["--drop", ",".join(gone[:2]), "--drop", gone[2], "--out", str(out)])
+    after = logic.shipped_curves(out)
+    assert len(after) == len(before) - 3 and not after["run"].isin(gone).any()
+    with pytest.raises(SystemExit):  # nothing to add or drop
+        build_curves.main(["--out", str(out)])
     # a shipped run (here a copy of one, as a table's skipped cell) is listed by Bit widths already: no row
     assert build_curves.rows_of([SHOWCASE / "runs" / "cifar10-resnet20-qimera-w4a4"], "any").empty
 

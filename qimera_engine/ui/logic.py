@@ -71,8 +71,8 @@ def start_presets() -> dict[str, str]:
                                     "page's ResNet-20: the shipped one, or your data and weights)",
             "cifar10-resnet20-fast": "Qimera+: our recipe at three quarters of the CPU budget (clipped ranges, "
                                      "roundings reconstructed at the end, a varied generator whose noise seeds "
-                                     "differ in layout (mode seeking), frozen after 3 epochs, no superposed batches: at this budget they do not "
-                                     "pay): more accurate, faster",
+                                     "differ in layout (mode seeking), frozen after 3 epochs, no superposed "
+                                     "batches: at this budget they do not pay): more accurate, faster",
             "cifar10-resnet20": "The paper's CIFAR-10 setting (400 x 200 iterations; a GPU job)",
             "cifar100-resnet20": "The paper's CIFAR-100 setting",
             "imagenet-resnet18": "ImageNet ResNet-18 (zoo weights, an ImageNet folder)"}
