@@ -7,6 +7,8 @@ sees. What a batch decides as a whole is computed over the whole batch:
 - the moments of a BatchNorm's input: the generator's own BatchNorm layers (``sync_batchnorm``) and the
   teacher's BN-statistics loss (``World.moments``), all-reduced with a backward that reaches every rank;
 - the activation ranges the student calibrates (each batch's min and max, ``World.range``);
+- the mode-seeking term: over each rank's whole pairs (``ms_pairs=paired``: its means, ``World.all_sum``), or
+  over the global batch's samples of one class (``ms_pairs=class``: the batch gathered, ``World.all_rows``);
 - the gradients (``World.average_grads``, averaged as DistributedDataParallel averages them; a wrapper is not
   used because its buffer broadcast would replace the all-reduced range statistics with rank 0's).
 
@@ -126,6 +128,16 @@ class World:
             share = len(x) // 2
             parts = [p[:share] for p in parts] + [p[share:] for p in parts]
         return torch.cat(parts)
+
+    def all_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The global batch from each rank's rows of an unpaired batch (``rows(n)``), in one process's order, on
+        every rank and differentiable: each rank's rows get the sum of every rank's gradient of them (each rank's
+        loss depends on all of them), as ``all_sum`` gives it."""
+        if not self._collective:
+            return x
+        before, after = x.new_zeros((self.rank * len(x), *x.shape[1:])), x.new_zeros(
+            ((self.size - 1 - self.rank) * len(x), *x.shape[1:]))
+        return self.all_sum(torch.cat([before, x, after]))
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on one (a stop asked for on one rank stops them all)."""

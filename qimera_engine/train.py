@@ -205,14 +205,11 @@ def _follow(cfg: RunConfig, world: World, should_stop: Callable[[], bool]) -> No
 
 def _check_distributable(cfg: RunConfig, world: World) -> None:
     """Settings a run over several processes does not compute as one process would, refused up front."""
-    refused = [why for bad, why in (
-        (cfg.student_train_mode, "student_train_mode (the student's BatchNorm would use each process's share)"),
-        (cfg.ms_weight > 0 and cfg.ms_pairs == "class",
-         "ms_pairs=class (its pairs span the processes' shares; ms_pairs=paired keeps each pair on one process)"),
-    ) if bad]
-    if refused:
-        raise ValueError(f"a run over {world.size} processes cannot use {'; '.join(refused)}: run it in one process")
-    world.rows(cfg.batch_size, cfg.ms_weight > 0)  # an uneven split (or one that cuts a pair) is refused here
+    if cfg.student_train_mode:
+        raise ValueError(f"a run over {world.size} processes cannot use student_train_mode (the student's BatchNorm "
+                         "would use each process's share): run it in one process")
+    # an uneven split (or one that cuts a pair) is refused here
+    world.rows(cfg.batch_size, cfg.ms_weight > 0 and cfg.ms_pairs == "paired")
 
 
 _DONE = object()
@@ -492,7 +489,12 @@ class Trainer:
                 loss_g = loss_g + cfg.ms_weight * mode_seeking(
                     a, b, za, zb, all_sum=self.world.all_sum if self.world.distributed else None)
             else:  # ms_pairs=class: the batch's own samples with the same labels
-                loss_g = loss_g + cfg.ms_weight * class_mode_seeking(out, latent.noise, latent.labels)
+                noise, labels = latent.noise, latent.labels
+                if self.world.distributed:  # the pairs span the processes' shares: every process takes the
+                    # term over the global batch, and the gradient of each process's rows reaches it
+                    out, noise, labels = self.world.all_rows(out), self.world.gather_rows(noise), \
+                        self.world.gather_rows(labels)
+                loss_g = loss_g + cfg.ms_weight * class_mode_seeking(out, noise, labels)
         if not frozen:
             self.opt_g.zero_grad(set_to_none=True)
             loss_g.backward()

@@ -2,7 +2,7 @@
 
 Started once per rank with torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or with none
 for a one-process reference (``--as-if-distributed``: with the operations of a run over several processes).
-``--unsynced``: each process computes the BatchNorm moments of its own share, and the mode-seeking means of its
+``--unsynced``: each process computes the BatchNorm moments of its own share, and the mode-seeking term of its
 own pairs (what a run without the synchronised moments would do), which the test expects to differ.
 ``--adam-eps E``: Adam (here only the generator's) with eps E in place of its default (the same in every run compared).
 """
@@ -40,6 +40,8 @@ def main() -> None:
         distributed.World.moments = lambda self, x, shift: bn_statistics(x)
         distributed.GlobalBatchNorm2d.forward = torch.nn.BatchNorm2d.forward
         train.mode_seeking = lambda a, b, za, zb, eps=1e-5, all_sum=None: mode_seeking(a, b, za, zb, eps)
+        distributed.World.all_rows = lambda self, x: x  # class pairs: each process's own share only
+        distributed.World.gather_rows = lambda self, x, paired=False: x
     parts = Parts.build(cfg, world=world)
     trainer = Trainer.from_parts(parts, world)
     losses = []
