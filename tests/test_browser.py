@@ -4,8 +4,9 @@
 
 Starts its own server on 127.0.0.1 (a free port, an empty $QIMERA_HOME), runs the demo from Home,
 then visits every page, and saves a full-page screenshot of each page: to the folder named by
-$QIMERA_SCREENSHOTS (`QIMERA_SCREENSHOTS=docs/screenshots` refreshes the README's pictures), else to a
-temporary folder, so a test run leaves the working tree as it was.
+$QIMERA_SCREENSHOTS (`QIMERA_SCREENSHOTS=docs/screenshots` refreshes the README's pictures), else to
+`screenshots` in pytest's temporary folder of the session (pytest keeps the last three sessions' folders), so a
+test run leaves the working tree as it was and old screenshots do not pile up.
 Needs /usr/bin/chromium (apt-get install chromium) and the playwright package (pip install playwright;
 no `playwright install`: the system chromium is used). Without them the tests skip, except with
 CI=true, where they fail.
@@ -18,7 +19,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHOTS = Path(os.environ.get("QIMERA_SCREENSHOTS") or tempfile.mkdtemp(prefix="qimera-shots-"))
+# None: the server fixture sets it to a folder in pytest's temporary folder of the session
+SHOTS: Path | None = Path(os.environ["QIMERA_SCREENSHOTS"]) if os.environ.get("QIMERA_SCREENSHOTS") else None
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -97,8 +98,11 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    global SHOTS
     require_browser()
     tmp = tmp_path_factory.mktemp("browser")
+    if SHOTS is None:
+        SHOTS = tmp / "screenshots"
     log = tmp / "streamlit.log"
     proc, base = start_server(tmp / "home", log)
     try:
