@@ -452,16 +452,18 @@ class Trainer:
         if self.bns is None:
             raise RuntimeError("generator_step needs the BN-statistics hooks: call it inside `with trainer.bn_hooks():`")
         cfg = self.cfg
-        latent: LatentBatch = self.sampler(cfg.batch_size, self.device)
+        whole: LatentBatch = self.sampler(cfg.batch_size, self.device)
+        latent = whole
         if self.world.distributed:  # every rank draws the global batch and keeps its share
-            latent = latent.take(self.world.rows(cfg.batch_size, latent.paired))  # each pair on one rank
+            latent = whole.take(self.world.rows(cfg.batch_size, whole.paired))  # each pair on one rank
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
         frozen = self.generator_frozen  # (gen_epochs) its losses are still measured, nothing is learnt
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            return self._generator_step(latent, frozen)
+            return self._generator_step(latent, frozen, whole)
 
-    def _generator_step(self, latent: LatentBatch, frozen: bool) -> Batch:
+    def _generator_step(self, latent: LatentBatch, frozen: bool, whole: LatentBatch) -> Batch:
+        """``latent``: this process's share of ``whole``, the global batch (the same batch in one process)."""
         cfg = self.cfg
         x = self.gen_fwd(latent.labels, latent.coeffs, latent.noise, latent.pixel)
         if cfg.gen_augment != "none":
@@ -489,12 +491,9 @@ class Trainer:
                 loss_g = loss_g + cfg.ms_weight * mode_seeking(
                     a, b, za, zb, all_sum=self.world.all_sum if self.world.distributed else None)
             else:  # ms_pairs=class: the batch's own samples with the same labels
-                noise, labels = latent.noise, latent.labels
                 if self.world.distributed:  # the pairs span the processes' shares: every process takes the
-                    # term over the global batch, and the gradient of each process's rows reaches it
-                    out, noise, labels = self.world.all_rows(out), self.world.gather_rows(noise), \
-                        self.world.gather_rows(labels)
-                loss_g = loss_g + cfg.ms_weight * class_mode_seeking(out, noise, labels)
+                    out = self.world.all_rows(out)  # term over the global batch, and each one's rows get its gradient
+                loss_g = loss_g + cfg.ms_weight * class_mode_seeking(out, whole.noise, whole.labels)
         if not frozen:
             self.opt_g.zero_grad(set_to_none=True)
             loss_g.backward()

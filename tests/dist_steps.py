@@ -15,7 +15,7 @@ import torch
 
 from qimera_engine import distributed, train
 from qimera_engine.config import RunConfig
-from qimera_engine.losses import bn_statistics, mode_seeking
+from qimera_engine.losses import bn_statistics, class_mode_seeking, mode_seeking
 from qimera_engine.quant import act_quantizers
 from qimera_engine.train import Parts, Trainer
 
@@ -41,7 +41,9 @@ def main() -> None:
         distributed.GlobalBatchNorm2d.forward = torch.nn.BatchNorm2d.forward
         train.mode_seeking = lambda a, b, za, zb, eps=1e-5, all_sum=None: mode_seeking(a, b, za, zb, eps)
         distributed.World.all_rows = lambda self, x: x  # class pairs: each process's own share only
-        distributed.World.gather_rows = lambda self, x, paired=False: x
+        share = world.rows(cfg.batch_size)
+        train.class_mode_seeking = lambda out, noise, labels, eps=1e-5: class_mode_seeking(
+            out, noise[share], labels[share], eps)
     parts = Parts.build(cfg, world=world)
     trainer = Trainer.from_parts(parts, world)
     losses = []
