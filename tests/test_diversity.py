@@ -527,6 +527,39 @@ def test_screen_generator_measures_a_saved_run_as_the_run_did(tmp_path):
         assert got[name]["near_boundary"] == round(boundary_share(probs, 0.2), 4), name
 
 
+def test_coverage_draws_measures_the_saved_generator_again_on_other_sample_draws(tmp_path):
+    """bench/coverage_draws.py: draw 0 is the coverage the run recorded after its last epoch (plain and
+    superposed), the other draws are other samples, and the mean and deviation are those of the draws."""
+    import statistics
+    import subprocess
+    import sys
+    from pathlib import Path
+    summary = run_to_end(preset("digits", **{**SHORT, "epochs": 3, "diversity_images": 120}), out=tmp_path / "r")
+    script = Path(__file__).resolve().parents[1] / "bench" / "coverage_draws.py"
+    p = subprocess.run([sys.executable, str(script), str(tmp_path / "r"), "--draws", "3"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout)
+    recorded = summary["diversity"]
+    assert got["images"] == 120 and got["recorded"] == {"plain": recorded["coverage"],
+                                                        "superposed": recorded["mix_coverage"]}
+    for name, key in (("plain", "coverage"), ("superposed", "mix_coverage")):
+        draws = got[name]["draws"]
+        assert len(draws) == 3 and draws[0] == round(recorded[key], 4), (name, draws, recorded[key])
+        assert got[name]["mean"] == round(statistics.mean(draws), 4)
+        assert got[name]["std"] == round(statistics.stdev(draws), 4)
+    # draw 1: the saved generator's samples of seed 1 against the same real images
+    from qimera_engine import InputSpec, load_data, load_generator, load_teacher
+    from qimera_engine.analysis import real_and_others
+    teacher, generator = load_teacher(tmp_path / "r"), load_generator(tmp_path / "r")
+    real, _ = real_and_others(teacher, load_data("digits", InputSpec.of(teacher), "test"), 120, seed=0)
+    again = generator_diversity(generator, teacher, real, 120, 2, seed=1)
+    assert [got[name]["draws"][1] for name in ("plain", "superposed")] == [
+        round(again[name]["coverage"], 4) for name in ("plain", "superposed")]
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no run at" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
 def test_screen_recipe_replays_a_run_with_a_frozen_generator_to_its_end(tmp_path):
     """bench/screen_recipe.py: the batches recorded (exactly, --float32) with the run's generator epochs, the
     generator frozen after one of three (gen_epochs) and a reconstruction after the last, replayed to the
