@@ -31,6 +31,7 @@ from seed_variety import open_finished  # noqa: E402
 def coverage_draws(gen, teacher, test, draws: int, images: int, superpose_k: int = 2) -> dict:
     """Each kind of sample's coverage over ``draws`` sample draws of ``images`` each, against the first
     ``images`` of the real draw a run's probe makes (seed 0), with their mean and standard deviation."""
+    # as the probe takes them (its first half of a 2n draw), so that draw 0 is the run's own figure to the digit
     real, _ = real_and_others(teacher, test, images, seed=0)
     radii = kth_radii(real["features"], 5)
     per_draw: dict[str, list[float]] = {}
