@@ -194,6 +194,10 @@ class RunConfig:
         "goes on making the student's images from fresh noise (it skips its backward pass from then on, and its BN "
         "running statistics stay as they were, so its diversity is measured once).",
         "[0, 100000]", cap=TIME, note="0: every epoch", label="Generator epochs", section="Generator")
+    gen_average: int = setting(
+        0, "0: off; N > 0: the generator that gen_epochs freezes is the mean of its weights and BN statistics after "
+        "each training step of its last N epochs (as SWA), not its last step. N <= gen_epochs.", "[0, 100000]",
+        cap=TIME, note="0: off", label="Generator weight average (epochs)", section="Generator")
 
     # --- losses (METHOD 7) ---
     bns_weight: float = setting(0.1, "Weight of the BN-statistics loss in the generator's loss.", "[0, 1e6]",
@@ -335,6 +339,9 @@ class RunConfig:
              "(with 0, every activation would be quantized to a range of zero)")
         need(self.ms_weight == 0 or self.ms_pairs == "class" or self.batch_size % 2 == 0,
              f"ms_weight > 0 pairs the samples of each batch: batch_size must be even, got {self.batch_size}")
+        need(self.gen_average == 0 or 0 < self.gen_average <= self.gen_epochs,
+             f"gen_average={self.gen_average} averages the last epochs of the generator that gen_epochs freezes: "
+             f"set gen_epochs >= {self.gen_average} (it is {self.gen_epochs})")
         need(self.recon_iters == 0 or self.student_ema == 0,
              "recon_iters and student_ema cannot be combined: the evaluated average of the weights would not "
              "keep the learned roundings")
@@ -445,7 +452,7 @@ PAPER_SETTINGS = {"weight_clip": "minmax", "act_calib": "ema", "lr_schedule": "s
                   "embed_norm": False,
                   "block_noise": False, "ms_weight": 0.0, "bns_slack": 0.0, "bns_superposed": 1.0, "ce_g_margin": 0.0,
                   "ce_g_margin_superposed": 0.0,
-                  "gen_epochs": 0, "gen_augment": "none"}
+                  "gen_epochs": 0, "gen_average": 0, "gen_augment": "none"}
 
 # --------------------------------------------------------------------------- checking a value
 

@@ -402,6 +402,9 @@ class Trainer:
         # generator of the epoch it froze after, down to the buffers that its eval-mode samples use
         self._gen_bn_momenta = [(m, m.momentum) for m in (generator.modules() if generator else ())
                                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        # gen_average: the mean of the generator's states over its last epochs, copied into it when it freezes
+        self.gen_avg: GeneratorAverage | None = None
+        self._gen_epoch = 0
         self.sampler = BatchSampler(num_classes, generator.embed_dim if generator else 1, cfg.superpose_p,
                                     cfg.superpose_k, cfg.coeff_sampler, cfg.dirichlet_alpha, cfg.fixed_coeffs,
                                     seed=cfg.seed, generator=rng.device,
@@ -499,6 +502,8 @@ class Trainer:
             loss_g.backward()
             self.world.average_grads(self.generator.parameters())
             self.opt_g.step()
+            if self.gen_avg is not None:
+                self.gen_avg.update()
         x, t_logits = (x.detach().clone(), t_logits.detach().clone()) if self.graphs else (x.detach(), t_logits.detach())
         return Batch(x, latent.targets, t_logits, (loss_g.detach(), ce_g.detach(), l_bns.detach()), latent.paired)
 
@@ -622,14 +627,21 @@ class Trainer:
         """The generator's side of ``begin_epoch``: this epoch's dose of superposition, and the generator frozen
         from ``gen_epochs`` on (its BN running statistics too)."""
         self.sampler.p = superpose_p(self.cfg, epoch)
+        self._gen_epoch = epoch
         self.generator_frozen = 0 < self.cfg.gen_epochs <= epoch
+        if self.cfg.gen_average and self.generator is not None and epoch == self.cfg.gen_epochs - self.cfg.gen_average:
+            self.gen_avg = GeneratorAverage(self.generator)
         for m, momentum in self._gen_bn_momenta:
             m.momentum = 0.0 if self.generator_frozen else momentum
 
     def end_generator_epoch(self) -> None:
-        """The generator's side of ``end_epoch``: its learning-rate schedule moves on."""
+        """The generator's side of ``end_epoch``: its learning-rate schedule moves on, and a generator that freezes
+        after this epoch becomes its average (``gen_average``), so the epoch's diversity figures are the average's."""
         if self.sched_g is not None:
             self.sched_g.step()
+        if self.gen_avg is not None and self._gen_epoch == self.cfg.gen_epochs - 1:
+            self.gen_avg.apply()
+            self.gen_avg = None
 
     def end_epoch(self, epoch: int) -> None:
         """Step the schedulers and freeze the activation ranges (clipped first, after the last
@@ -670,6 +682,8 @@ class Trainer:
         if self.generator is not None:
             st.update(generator=self.generator.state_dict(), opt_g=self.opt_g.state_dict(),
                       sched_g=self.sched_g.state_dict())
+        if self.gen_avg is not None:  # not yet copied into the generator
+            st["generator_avg"] = self.gen_avg.state_dict()
         return st
 
     def load_state_dict(self, st: dict) -> None:
@@ -684,6 +698,9 @@ class Trainer:
             self.generator.load_state_dict(st["generator"])
             self.opt_g.load_state_dict(st["opt_g"])
             self.sched_g.load_state_dict(st["sched_g"])
+        if "generator_avg" in st:  # saved while the average was being taken
+            self.gen_avg = GeneratorAverage(self.generator)
+            self.gen_avg.load_state_dict(st["generator_avg"])
         self.rng.load_state(st)
         self.sampler.rng.setstate(_tuples(st["rng_sampler"]))
 
@@ -851,6 +868,44 @@ def reconstruct_as_configured(cfg: RunConfig, student: nn.Module, teacher: nn.Mo
                            bns_weight=cfg.bns_weight, margin=cfg.ce_g_margin)
     return reconstruct(student, teacher, images, cfg.recon_iters, drop=cfg.recon_drop, lr=cfg.recon_lr,
                        act_lr=cfg.recon_act_lr, seed=cfg.seed)
+
+
+class GeneratorAverage:
+    """``gen_average``: the running mean of a module's state after each optimizer step (its weights and its BN
+    running statistics, which the eval-mode samples use; integer buffers are the last step's), kept in float64."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.steps, self.state = module, 0, None
+
+    @torch.no_grad()
+    def update(self) -> None:
+        current = self.module.state_dict()
+        if self.state is None:
+            self.state = {k: v.detach().double() if v.dtype.is_floating_point else v.detach().clone()
+                          for k, v in current.items()}
+        else:
+            keep = self.steps / (self.steps + 1)
+            for k, v in current.items():
+                if v.dtype.is_floating_point:
+                    self.state[k].mul_(keep).add_(v.double(), alpha=1 - keep)
+                else:
+                    self.state[k].copy_(v)
+        self.steps += 1
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Copy the mean into the module in place (compiled forward passes keep their tensors)."""
+        if self.state is None:
+            return  # no step was taken
+        for k, v in self.module.state_dict().items():
+            v.copy_(self.state[k])
+
+    def state_dict(self) -> dict:
+        return {"state": self.state, "steps": self.steps}
+
+    def load_state_dict(self, st: dict) -> None:
+        device = next(self.module.parameters()).device
+        self.state, self.steps = {k: v.to(device) for k, v in st["state"].items()}, int(st["steps"])
 
 
 class DiversityProbe:

@@ -441,6 +441,65 @@ def test_a_frozen_generator_learns_nothing_more(default_rows, tmp_path, monkeypa
     assert preset("digits", gen_epochs=1).label == "qimera+"
 
 
+def test_generator_average_is_the_mean_of_the_states_after_each_step():
+    """GeneratorAverage against the mean by hand: every floating-point tensor (weights and BN running
+    statistics) averaged over the states after each update, integer buffers the last; apply writes it into
+    the very tensors of the module."""
+    from qimera_engine.train import GeneratorAverage
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    avg, seen = GeneratorAverage(m), []
+    for _ in range(30):
+        m(torch.randn(8, 3))  # moves the running statistics
+        with torch.no_grad():
+            m[0].weight.add_(torch.randn_like(m[0].weight))
+        avg.update()
+        seen.append({k: v.clone().double() for k, v in m.state_dict().items()})
+    weight = m[0].weight
+    avg.apply()
+    assert m[0].weight is weight
+    for k, v in m.state_dict().items():
+        if v.dtype.is_floating_point:
+            assert torch.allclose(v.double(), torch.stack([s[k] for s in seen]).mean(0), atol=1e-6), k
+    assert int(m[1].num_batches_tracked) == 30
+
+
+def test_gen_average_freezes_the_mean_and_resumes_to_the_same_generator(default_rows, tmp_path):
+    """gen_average=2 with gen_epochs=2 of three: the generator trains exactly as without it (epoch 0's losses
+    and figures, epoch 1's losses), the generator it freezes and saves is the mean of its states, not its last
+    step; the diversity is measured again on it after epoch 1 and stands for the frozen epoch; a run stopped
+    after epoch 0 (its state holds the mean so far) resumes to the same generator. More epochs to average than
+    the generator trains are refused."""
+    import threading
+    from safetensors.torch import load_file
+    from qimera_engine import run
+    from qimera_engine.events import EpochEnd
+    settings = {**SHORT, "epochs": 3, "gen_epochs": 2}
+    run_to_end(preset("digits", **settings), out=tmp_path / "last")
+    summary = run_to_end(preset("digits", **settings, gen_average=2), out=tmp_path / "avg")
+    last, avg = open_run(tmp_path / "last").metrics, open_run(tmp_path / "avg").metrics
+    assert last[0]["loss_g"] == avg[0]["loss_g"] == default_rows[0]["loss_g"]
+    assert last[0]["coverage"] == avg[0]["coverage"] and last[1]["loss_g"] == avg[1]["loss_g"]
+    g_last, g_avg = (load_file(tmp_path / f / "generator.safetensors") for f in ("last", "avg"))
+    assert all(not torch.equal(g_last[k], g_avg[k]) for k in g_avg if "weight" in k or "running" in k)
+    figures = ("coverage", "precision", "spread_vs_real", "mix_coverage")
+    assert [avg[1][k] for k in figures] != [last[1][k] for k in figures]
+    assert all(avg[2][k] == avg[1][k] for k in figures) and summary["diversity"]["coverage"] == avg[1]["coverage"]
+    stop = threading.Event()
+    for ev in run(preset("digits", **settings, gen_average=2), out=tmp_path / "cut", stop=stop):
+        if isinstance(ev, EpochEnd) and ev.epoch == 0:
+            stop.set()
+    assert torch.load(tmp_path / "cut" / "state.pt", weights_only=True)["generator_avg"]["steps"] == SHORT["iters_per_epoch"]
+    resumed = run_to_end(None, resume=tmp_path / "cut")
+    g_cut = load_file(tmp_path / "cut" / "generator.safetensors")
+    assert all(torch.equal(g_cut[k], g_avg[k]) for k in g_avg)
+    assert resumed["quant_top1"] == summary["quant_top1"]
+    for bad in (dict(gen_average=1), dict(gen_average=3, gen_epochs=2)):
+        with pytest.raises(ConfigError, match="gen_epochs"):
+            preset("digits", **bad)
+    assert preset("digits", gen_epochs=2, gen_average=1).label == "qimera+"
+
+
 def test_image_spread_is_the_mean_pixel_distance_between_two_images():
     from types import SimpleNamespace
     from qimera_engine.analysis import image_spread

@@ -192,6 +192,7 @@ BOUNDS = {
     "bns_superposed": ("-0.1", "1.1", "bns_superposed must be in [0, 1]"),
     "ce_g_margin_superposed": ("-0.1", "101", "ce_g_margin_superposed must be >= 0 and <= 100"),
     "gen_epochs": ("-1", "100001", "gen_epochs must be an integer >= 0 and <= 100000"),
+    "gen_average": ("-1", "100001", "gen_average must be an integer >= 0 and <= 100000"),
     "diversity_images": ("-1", "1000001", "diversity_images must be an integer >= 0 and <= 10**6"),
     "dm_width": ("0", "65537", "dm_width must be an integer >= 1 and <= 65536"),
     "superpose_p": ("-0.1", "1.01", "superpose_p must be in [0, 1]"),
