@@ -881,7 +881,7 @@ class GeneratorAverage:
     def update(self) -> None:
         current = self.module.state_dict()
         if self.state is None:
-            self.state = {k: v.detach().double() if v.dtype.is_floating_point else v.detach().clone()
+            self.state = {k: v.detach().to(torch.float64 if v.dtype.is_floating_point else v.dtype, copy=True)
                           for k, v in current.items()}
         else:
             keep = self.steps / (self.steps + 1)
@@ -905,7 +905,8 @@ class GeneratorAverage:
 
     def load_state_dict(self, st: dict) -> None:
         device = next(self.module.parameters()).device
-        self.state, self.steps = {k: v.to(device) for k, v in st["state"].items()}, int(st["steps"])
+        self.steps = int(st["steps"])
+        self.state = None if st["state"] is None else {k: v.to(device) for k, v in st["state"].items()}
 
 
 class DiversityProbe:

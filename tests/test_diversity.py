@@ -462,6 +462,12 @@ def test_generator_average_is_the_mean_of_the_states_after_each_step():
         if v.dtype.is_floating_point:
             assert torch.allclose(v.double(), torch.stack([s[k] for s in seen]).mean(0), atol=1e-6), k
     assert int(m[1].num_batches_tracked) == 30
+    d = torch.nn.Linear(2, 2).double()
+    kept = GeneratorAverage(d)
+    kept.update()
+    with torch.no_grad():
+        d.weight.add_(1.0)
+    assert not torch.equal(kept.state["weight"], d.weight)  # a copy, float64 tensors too
 
 
 def test_gen_average_freezes_the_mean_and_resumes_to_the_same_generator(default_rows, tmp_path):
