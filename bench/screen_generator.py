@@ -64,13 +64,18 @@ def measure(parts: Parts, n: int = 1000, seed: int = 0) -> dict:
     return {name: {k: round(v, 4) for k, v in figures.items()} for name, figures in kinds.items()}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def screen_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments that name the generator to train and how to measure it (shared with screen_averages.py)."""
     ap.add_argument("--preset", default="cifar10-resnet20-fast")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--images", type=int, default=1000, help="real and synthetic samples per measurement")
     ap.add_argument("--threads", type=int, default=None)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = screen_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     ap.add_argument("--save", type=Path, default=None,
                     help="write the generator's weights here (safetensors: a path ending in .safetensors)")
     ap.add_argument("--variety", default=None, metavar="CLASS,CLASS",

@@ -592,6 +592,35 @@ def test_screen_generator_measures_a_saved_run_as_the_run_did(tmp_path):
         assert got[name]["near_boundary"] == round(boundary_share(probs, 0.2), 4), name
 
 
+def test_screen_averages_measures_the_setting_and_the_last_step_as_screen_generator_does(tmp_path):
+    """bench/screen_averages.py: from one generator training, its last step and its gen_average=2 figures are
+    those of bench/screen_generator.py without and with the setting; the other averages are other generators;
+    a config that averages already is refused with a message."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sets = [a for k, v in {"epochs": 3, "gen_epochs": 2, "iters_per_epoch": 6, "batch_size": 16,
+                           "num_threads": 1}.items() for a in ("--set", f"{k}={v}")]
+
+    def screen(script, *extra):
+        p = subprocess.run([sys.executable, str(bench / script), "--preset", "digits", "--images", "100",
+                            *sets, *extra], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+    got = screen("screen_averages.py")
+    assert got["last"] == {k: v for k, v in screen("screen_generator.py").items() if k in ("plain", "superposed")}
+    one = screen("screen_generator.py", "--set", "gen_average=2")
+    assert got["gen_average=2"] == {k: v for k, v in one.items() if k in ("plain", "superposed")}
+    names = ("last", "gen_average=1", "gen_average=2", "ema_warmup_0.99", "ema_0.995_last2")
+    assert len({json.dumps(got[n], sort_keys=True) for n in names}) == len(names)
+    assert got["ema_warmup_0.95"] == got["ema_warmup_0.99"]  # 12 steps: the warm-up's decay stays under 0.6
+    bad = subprocess.run([sys.executable, str(bench / "screen_averages.py"), "--preset", "digits", *sets,
+                          "--set", "gen_average=1"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "gen_average=0" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
 def test_coverage_draws_measures_the_saved_generator_again_on_other_sample_draws(tmp_path):
     """bench/coverage_draws.py: draw 0 is the coverage the run recorded after its last epoch (plain and
     superposed), the other draws are other samples, and the mean and deviation are those of the draws."""
