@@ -3,7 +3,8 @@
 Two correct runs (another batch split, another thread count) differ in the last bits of a gradient, and
 from there they drift apart (see the test's comments). So the exact comparison is of the first iteration;
 over 20 iterations the run over two processes must stay with a one-process run ten times closer than a run
-without the synchronised moments does.
+without the synchronised moments does, or as close as two one-process runs stay to each other (within three
+times their drift, which is the host's).
 """
 from __future__ import annotations
 
@@ -93,12 +94,18 @@ def test_two_processes_compute_the_global_batch(tmp_path, digits_teacher, extra)
     assert gap(two, same_ops, 0) < 1e-5 and gap(two, plain, 0) < 1e-5, (gap(two, same_ops, 0), gap(two, plain, 0))
 
     # over 20 iterations: the two processes stay with a one-process run (the nearer of the one with the same
-    # operations and the ordinary one), ten times closer than a run without the synchronised moments
+    # operations and the ordinary one), ten times closer than a run without the synchronised moments, or as close
+    # as the two one-process runs stay to each other. How far two correct runs drift apart is the host's: on one
+    # 2-core EPYC the one-process runs, which differ only in the order of their operations, end 0.05 apart in the
+    # losses (two processes: 0.06; without the synchronised moments: 0.48), on a Xeon far less
     nearer = min((gaps(two, same_ops), gaps(two, plain)), key=lambda g: g["losses"])
     off = gaps(unsynced, plain)  # each process with its own share's moments and ranges
+    drift = gaps(same_ops, plain)  # two correct runs
     assert off["losses"] > 0.1 and off["ranges"] > 0.1 and off["student"] > 0.1, off
     for key in ("losses", "ranges", "student", "generator"):
-        assert nearer[key] < off[key] / 10, (key, nearer, off)
+        bound = max(off[key] / 10, 3 * drift[key])
+        assert off[key] > 2 * bound, (key, off, drift)  # else the host's drift hides a missing synchronisation
+        assert nearer[key] < bound, (key, nearer, off, drift)
 
 
 LEAVES = """
