@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from qimera_engine.config import parse_overrides, preset  # noqa: E402
 from qimera_engine.runtime import keep_freed_memory  # noqa: E402
-from qimera_engine.train import GeneratorAverage, Parts, Trainer  # noqa: E402
+from qimera_engine.train import GeneratorAverage, Parts, Trainer, blend_state, float64_state  # noqa: E402
 from screen_generator import measure, screen_arguments  # noqa: E402
 
 
@@ -43,25 +43,16 @@ class MovingAverage:
 
     def __init__(self, module, decay: float, start: int = 0, warmup: bool = False):
         self.module, self.decay, self.start, self.warmup, self.t = module, decay, start, warmup, 0
-        self.state = self._copy() if warmup else None
+        self.state = float64_state(module) if warmup else None
 
-    def _copy(self) -> dict:
-        return {k: v.detach().to(torch.float64 if v.dtype.is_floating_point else v.dtype, copy=True)
-                for k, v in self.module.state_dict().items()}
-
-    @torch.no_grad()
     def update(self, step: int) -> None:
         if step < self.start:
             return
         if self.state is None:
-            self.state = self._copy()
+            self.state = float64_state(self.module)
             return
-        d = min(self.decay, (1 + self.t) / (10 + self.t)) if self.warmup else self.decay
-        for k, v in self.module.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.state[k].mul_(d).add_(v.double(), alpha=1 - d)
-            else:
-                self.state[k].copy_(v)
+        blend_state(self.state, self.module, keep=min(self.decay, (1 + self.t) / (10 + self.t)) if self.warmup
+                    else self.decay)
         self.t += 1
 
 

@@ -870,6 +870,22 @@ def reconstruct_as_configured(cfg: RunConfig, student: nn.Module, teacher: nn.Mo
                        act_lr=cfg.recon_act_lr, seed=cfg.seed)
 
 
+def float64_state(module: nn.Module) -> dict:
+    """A copy of ``module``'s state, its floating tensors in float64 (a copy even where they are float64 already)."""
+    return {k: v.detach().to(torch.float64 if v.dtype.is_floating_point else v.dtype, copy=True)
+            for k, v in module.state_dict().items()}
+
+
+@torch.no_grad()
+def blend_state(state: dict, module: nn.Module, keep: float) -> None:
+    """``state`` <- keep * state + (1 - keep) * ``module``'s state, for its floating tensors; the others are copied."""
+    for k, v in module.state_dict().items():
+        if v.dtype.is_floating_point:
+            state[k].mul_(keep).add_(v.double(), alpha=1 - keep)
+        else:
+            state[k].copy_(v)
+
+
 class GeneratorAverage:
     """``gen_average``: the running mean of a module's state after each optimizer step (its weights and its BN
     running statistics, which the eval-mode samples use; integer buffers are the last step's), kept in float64."""
@@ -879,17 +895,10 @@ class GeneratorAverage:
 
     @torch.no_grad()
     def update(self) -> None:
-        current = self.module.state_dict()
         if self.state is None:
-            self.state = {k: v.detach().to(torch.float64 if v.dtype.is_floating_point else v.dtype, copy=True)
-                          for k, v in current.items()}
+            self.state = float64_state(self.module)
         else:
-            keep = self.steps / (self.steps + 1)
-            for k, v in current.items():
-                if v.dtype.is_floating_point:
-                    self.state[k].mul_(keep).add_(v.double(), alpha=1 - keep)
-                else:
-                    self.state[k].copy_(v)
+            blend_state(self.state, self.module, keep=self.steps / (self.steps + 1))
         self.steps += 1
 
     @torch.no_grad()
